@@ -1,0 +1,82 @@
+"""AttentionMetadata: what a model step needs to know about the flat batch's sequences.
+
+A step runs any mix of prefills and decodes as one flat batch of T tokens. Sequence ``b``
+contributes ``query_lens[b]`` tokens (the newest of its ``seq_lens[b]`` context tokens) and owns
+cache blocks ``block_tables[b]``. Kernels read these tensors; nothing here depends on a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flat batch over the paged KV cache.
+
+    Example:
+        >>> m = AttentionMetadata.build(block_tables=[[7], [2, 5]], seq_lens=[3, 20], query_lens=[3, 1],
+        ...                             block_size=16)
+        >>> m.slot_mapping.tolist(), m.cu_seqlens_q.tolist(), m.logits_indices.tolist()
+        ([112, 113, 114, 83], [0, 3, 4], [2, 3])
+    """
+
+    cu_seqlens_q: torch.Tensor  # (B + 1,) int32: query rows of sequence b are [cu[b], cu[b+1])
+    seq_lens: torch.Tensor  # (B,) int32: context length of each sequence *including* this step's tokens
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
+    slot_mapping: torch.Tensor  # (T,) int64: block * block_size + offset, -1 = padding token (not stored)
+    logits_indices: torch.Tensor  # (N,) int64: rows of the flat batch whose logits are wanted
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: Sequence[Sequence[int]],
+        seq_lens: Sequence[int],
+        query_lens: Sequence[int],
+        *,
+        block_size: int,
+        all_logits: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Lay out a step from host-side lists; logits for each sequence's last token unless ``all_logits``.
+
+        Example:
+            >>> AttentionMetadata.build([[0]], [1], [1], block_size=16).seq_lens.tolist()
+            [1]
+        """
+        if not len(block_tables) == len(seq_lens) == len(query_lens):
+            raise ValueError("block_tables, seq_lens and query_lens must have one entry per sequence")
+        slots: list[int] = []
+        cu = [0]
+        for table, seq_len, q_len in zip(block_tables, seq_lens, query_lens):
+            if not 0 <= q_len <= seq_len <= len(table) * block_size:
+                raise ValueError(
+                    f"need 0 <= query_len ({q_len}) <= seq_len ({seq_len}) <= blocks * block_size "
+                    f"({len(table)} * {block_size})"
+                )
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
+            cu.append(cu[-1] + q_len)
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [-1] * (width - len(t)) for t in block_tables]
+        if all_logits:
+            logits_rows = list(range(cu[-1]))
+        else:
+            logits_rows = [end - 1 for end, q_len in zip(cu[1:], query_lens) if q_len > 0]
+        return cls(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+        )

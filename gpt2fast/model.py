@@ -1,0 +1,125 @@
+"""GPT-2 forward over a flat batch of tokens and the paged KV cache; math lives in the ops.
+
+Parameter names are our canonical checkpoint layout (every loader maps onto them):
+``wte.weight (V, C)``, ``wpe.weight (P, C)``, ``h.{i}.ln_1.{weight,bias}``,
+``h.{i}.attn.c_attn.{weight (3C, C), bias}``, ``h.{i}.attn.c_proj.{weight (C, C), bias}``,
+``h.{i}.ln_2.*``, ``h.{i}.mlp.c_fc.{weight (F, C), bias}``, ``h.{i}.mlp.c_proj.{weight (C, F), bias}``,
+``ln_f.*``. Linear weights are ``(out, in)`` like ``nn.Linear``; the LM head is ``wte``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpt2fast.cache import KVCache
+from gpt2fast.config import GPT2Config
+from gpt2fast.metadata import AttentionMetadata
+from gpt2fast.ops import TORCH, Ops
+
+
+class Linear(nn.Module):
+    """Holds a ``(out, in)`` weight and a bias; the op that uses them is chosen by the model."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width))
+        self.bias = nn.Parameter(torch.empty(width))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c_attn = Linear(c, 3 * c)
+        self.c_proj = Linear(c, c)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: int, width: int) -> None:
+        super().__init__()
+        self.c_fc = Linear(c, width)
+        self.c_proj = Linear(width, c)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd)
+        self.attn = Attention(config.n_embd)
+        self.ln_2 = LayerNorm(config.n_embd)
+        self.mlp = MLP(config.n_embd, config.mlp_width)
+
+
+class GPT2(nn.Module):
+    """GPT-2 with pre-LN blocks and a tied LM head, computed by one backend's ops.
+
+    Example:
+        >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+        >>> model = GPT2(cfg).init_random(seed=0)
+        >>> cache = KVCache(cfg, num_blocks=1, block_size=4)
+        >>> meta = AttentionMetadata.build([[0]], [3], [3], block_size=4)
+        >>> model(torch.tensor([1, 2, 3]), torch.arange(3), cache, meta).shape
+        torch.Size([1, 11])
+    """
+
+    def __init__(self, config: GPT2Config, ops: Ops = TORCH) -> None:
+        super().__init__()
+        self.config, self.ops = config, ops
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd)
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Run one step; returns fp32 logits ``(N, V)`` for the rows in ``meta.logits_indices``.
+
+        ``input_ids``/``positions``: ``(T,)``. K/V of these tokens are written to the cache.
+        """
+        cfg, ops = self.config, self.ops
+        num_tokens = input_ids.shape[0]
+        eps = cfg.layer_norm_epsilon
+        residual = ops.embed(input_ids, positions, self.wte.weight, self.wpe.weight)  # (T, C)
+        mlp_out = None
+        for i, block in enumerate(self.h):
+            if mlp_out is None:
+                x = ops.layer_norm(residual, block.ln_1.weight, block.ln_1.bias, eps)
+            else:
+                x = ops.add_layer_norm(mlp_out, residual, block.ln_1.weight, block.ln_1.bias, eps)
+            qkv = ops.linear(x, block.attn.c_attn.weight, block.attn.c_attn.bias)  # (T, 3C)
+            q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)  # 3 x (T, H, D)
+            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
+            attn = ops.attention(q, cache.k[i], cache.v[i], meta, cfg.attn_scale(i))  # (T, H, D)
+            attn_out = ops.linear(attn.reshape(num_tokens, cfg.n_embd), block.attn.c_proj.weight, block.attn.c_proj.bias)
+            x = ops.add_layer_norm(attn_out, residual, block.ln_2.weight, block.ln_2.bias, eps)
+            hidden = ops.linear(x, block.mlp.c_fc.weight, block.mlp.c_fc.bias, gelu=True)  # (T, F)
+            mlp_out = ops.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)  # (T, C)
+        rows = meta.logits_indices
+        x = ops.add_layer_norm(mlp_out[rows], residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
+        return ops.lm_head(x, self.wte.weight)
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0) -> GPT2:
+        """Fill every parameter with seeded random values (GPT-2's init scale, non-zero biases).
+
+        Biases and LayerNorm parameters get random values too, so a bug that drops one shows.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        proj_std = 0.02 / (2 * self.config.n_layer) ** 0.5
+        for name, param in self.named_parameters():
+            if name.startswith("ln") or ".ln_" in name:
+                values = torch.randn(param.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0)
+            else:
+                std = proj_std if name.endswith("c_proj.weight") else 0.02
+                values = torch.randn(param.shape, generator=gen) * std
+            param.copy_(values.to(param.dtype))
+        return self

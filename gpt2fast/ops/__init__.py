@@ -1,0 +1,80 @@
+"""The op interface: the model calls ops only through an ``Ops`` table chosen once.
+
+Every backend provides the same functions with the signatures of ``ops/reference.py``.
+``get_ops("auto" | "torch" | "triton" | "cuda", device)`` picks one; an explicit request that
+cannot be met raises, ``"auto"`` falls back to what runs. The env var ``GPT2FAST_BACKEND``
+supplies the default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gpt2fast.ops import reference
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One backend's implementation of every op (see ``ops/reference.py`` for the contracts).
+
+    Example:
+        >>> get_ops("torch", torch.device("cpu")).name
+        'torch'
+    """
+
+    name: str
+    embed: Callable[..., torch.Tensor]
+    layer_norm: Callable[..., torch.Tensor]
+    add_layer_norm: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor]
+    write_kv: Callable[..., None]
+    attention: Callable[..., torch.Tensor]
+    lm_head: Callable[..., torch.Tensor]
+
+
+TORCH = Ops(
+    name="torch",
+    embed=reference.embed,
+    layer_norm=reference.layer_norm,
+    add_layer_norm=reference.add_layer_norm,
+    linear=reference.linear,
+    write_kv=reference.write_kv,
+    attention=reference.attention,
+    lm_head=reference.lm_head,
+)
+
+
+def default_backend() -> str:
+    """The backend named by ``GPT2FAST_BACKEND``, else ``"auto"``.
+
+    Example:
+        >>> default_backend() in BACKENDS
+        True
+    """
+    name = os.environ.get("GPT2FAST_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"GPT2FAST_BACKEND={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_ops(backend: str, device: torch.device) -> Ops:
+    """Resolve a backend name for ``device`` to its op table.
+
+    Example:
+        >>> get_ops("auto", torch.device("cpu")).name
+        'torch'
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ("auto", "torch"):
+        return TORCH
+    raise ValueError(
+        f"backend {backend!r} is not implemented yet (its kernels are still being written); "
+        "use backend='torch' or 'auto'"
+    )

@@ -1,0 +1,160 @@
+"""The executable spec of every op: plain PyTorch, math in fp32, one cast when storing.
+
+Every backend (``ops/triton``, ``ops/cuda.py``) implements these functions with the same
+signatures and is tested against them. Shapes use T = tokens in the flat batch, C = n_embd,
+H = heads, D = head_dim, V = vocab, NB = cache blocks, BS = block size.
+
+Weights of linear layers are stored ``(out_features, in_features)`` like ``torch.nn.Linear``, so the
+LM head (the token embedding, ``(V, C)``) is just another linear without bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gpt2fast.metadata import AttentionMetadata
+
+
+def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+    """Token plus position embedding: ``wte[input_ids] + wpe[positions]``.
+
+    Example:
+        >>> wte, wpe = torch.randn(10, 4), torch.randn(8, 4)
+        >>> embed(torch.tensor([3, 1]), torch.tensor([0, 1]), wte, wpe).shape
+        torch.Size([2, 4])
+    """
+    out = wte[input_ids].float() + wpe[positions].float()  # (T, C)
+    return out.to(wte.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with fp32 statistics.
+
+    Example:
+        >>> y = layer_norm(torch.randn(3, 5), torch.ones(5), torch.zeros(5), 1e-5)
+        >>> bool(y.mean(-1).abs().max() < 1e-6)
+        True
+    """
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    return y.to(x.dtype)
+
+
+def add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``residual += x`` (in place), then return ``LayerNorm(residual)``.
+
+    This is the pre-LN block boundary: the sub-block's output joins the residual stream and the
+    next sub-block reads its normalised value.
+
+    Example:
+        >>> res = torch.randn(2, 6); x = torch.randn(2, 6); expected = res + x
+        >>> y = add_layer_norm(x, res, torch.ones(6), torch.zeros(6), 1e-5)
+        >>> torch.equal(res, expected)
+        True
+    """
+    summed = residual.float() + x.float()  # (T, C)
+    residual.copy_(summed)
+    y = F.layer_norm(residual.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    return y.to(x.dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias``, then optionally tanh-GELU, then optionally ``+ residual``.
+
+    ``weight`` is ``(N, K)``; ``x`` is ``(T, K)``; the result is ``(T, N)`` in ``x.dtype``.
+
+    Example:
+        >>> x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+        >>> torch.allclose(linear(x, w, b), x @ w.T + b, atol=1e-6)
+        True
+    """
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # (T, N)
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each token's key and value into its cache slot; slot ``-1`` marks padding, skipped.
+
+    ``k``, ``v``: ``(T, H, D)``; caches: ``(NB, H, BS, D)``; ``slot = block * BS + offset``.
+
+    Example:
+        >>> kc = torch.zeros(2, 1, 4, 2); vc = torch.zeros_like(kc)
+        >>> write_kv(torch.ones(2, 1, 2), torch.ones(2, 1, 2), kc, vc, torch.tensor([5, -1]))
+        >>> kc[1, 0, 1].tolist(), float(kc.sum())
+        ([1.0, 1.0], 2.0)
+    """
+    block_size = k_cache.shape[2]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k[valid].to(k_cache.dtype)  # (n, H, D)
+    v_cache[blocks, :, offsets] = v[valid].to(v_cache.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of every query in the flat batch over its sequence's paged cache.
+
+    Sequence ``b`` owns queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, the last ones of its
+    ``seq_lens[b]`` context tokens, whose keys/values are already in the cache (``write_kv``
+    runs first). Query ``i`` of ``n`` sits at context position ``seq_lens[b] - n + i`` and sees
+    positions ``0..`` that one. Deliberately naive: one sequence at a time, gathering its blocks
+    through the block table.
+
+    ``q``: ``(T, H, D)``; returns ``(T, H, D)`` in ``q.dtype``.
+
+    Example:
+        >>> kc = torch.randn(4, 2, 16, 8); vc = torch.randn_like(kc)
+        >>> meta = AttentionMetadata.build([[0, 1]], [16], [3], block_size=16)
+        >>> attention(torch.randn(3, 2, 8), kc, vc, meta, 8**-0.5).shape
+        torch.Size([3, 2, 8])
+    """
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    out = torch.empty_like(q)
+    cu_seqlens = meta.cu_seqlens_q.tolist()
+    for b, context_len in enumerate(meta.seq_lens.tolist()):
+        start, end = cu_seqlens[b], cu_seqlens[b + 1]
+        num_q = end - start
+        if num_q == 0:
+            continue
+        num_blocks = -(-context_len // block_size)
+        blocks = meta.block_tables[b, :num_blocks].long()
+        k = k_cache[blocks].transpose(0, 1).reshape(n_head, -1, head_dim)[:, :context_len].float()  # (H, L, D)
+        v = v_cache[blocks].transpose(0, 1).reshape(n_head, -1, head_dim)[:, :context_len].float()  # (H, L, D)
+        qb = q[start:end].float().transpose(0, 1)  # (H, n, D)
+        scores = (qb @ k.transpose(1, 2)) * scale  # (H, n, L)
+        q_pos = torch.arange(context_len - num_q, context_len, device=q.device)
+        future = torch.arange(context_len, device=q.device)[None, :] > q_pos[:, None]  # (n, L)
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        out[start:end] = (probs @ v).transpose(0, 1).to(q.dtype)  # (n, H, D)
+    return out
+
+
+def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+    """Vocabulary projection with the tied token embedding; always returns fp32 logits ``(N, V)``.
+
+    Example:
+        >>> lm_head(torch.randn(2, 4), torch.randn(10, 4)).shape
+        torch.Size([2, 10])
+    """
+    return F.linear(x.float(), wte.float())
