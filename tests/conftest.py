@@ -1,0 +1,76 @@
+"""Shared fixtures: Hugging Face GPT-2 folders with random (never zero) weights, written to disk."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+# Configs the parity tests run on: tiny odd shapes plus the real 124M shape.
+TINY = dict(n_layer=3, n_embd=96, n_head=6, vocab_size=1000, n_positions=64)
+ODD = dict(n_layer=2, n_embd=60, n_head=5, vocab_size=777, n_positions=128, n_inner=100,
+           scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)
+GPT2_124M = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter with random values: biases and LayerNorms too, so none can be ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if "ln" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            elif name.endswith("wpe.weight"):
+                param.copy_(0.5 * noise)  # strong positions: greedy output varies instead of looping on one token
+            else:
+                param.copy_(0.05 * noise)
+    return model
+
+
+def hf_model(config: dict, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return randomize_(GPT2LMHeadModel(GPT2Config(**config)).eval(), seed)
+
+
+def save_hf(model, folder: Path, fmt: str) -> Path:
+    """Write ``model`` as a HF folder: ``safetensors``, ``sharded``, ``bin`` (transformers 4 style: the
+    LM model's state dict with the ``transformer.`` prefix and the tied head), or ``bin-hub`` (as the
+    real ``gpt2`` repo ships it: no prefix, with the causal-mask buffers)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(folder)
+    elif fmt == "sharded":
+        model.save_pretrained(folder, max_shard_size="50KB")
+        assert (folder / "model.safetensors.index.json").exists()
+    else:
+        model.config.save_pretrained(folder)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if fmt == "bin-hub":
+            state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+            n = model.config.n_positions
+            for i in range(model.config.n_layer):
+                state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+                state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Callable[..., tuple[object, Path]]:
+    """``hf_folder(config_dict, fmt="safetensors", seed=0)`` -> (HF model, folder); cached per session."""
+    cache: dict[str, tuple[object, Path]] = {}
+
+    def make(config: dict, fmt: str = "safetensors", seed: int = 0):
+        key = json.dumps([config, fmt, seed], sort_keys=True)
+        if key not in cache:
+            model = hf_model(config, seed)
+            folder = tmp_path_factory.mktemp("hf") / "model"
+            cache[key] = (model, save_hf(model, folder, fmt))
+        return cache[key]
+
+    return make
