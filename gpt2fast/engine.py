@@ -133,7 +133,11 @@ class LLM:
         else:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
-            ids = [self.config.eos_token_id]  # unconditional generation starts from <|endoftext|>
+            eos = self.config.eos_token_id
+            if eos >= self.config.vocab_size:
+                raise ValueError(f"empty prompt: unconditional generation starts from <|endoftext|> (id {eos}), "
+                                 f"which this model's {self.config.vocab_size}-token vocabulary lacks")
+            ids = [eos]  # unconditional generation starts from <|endoftext|>
         self._check_ids(ids)
         return ids
 

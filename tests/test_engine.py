@@ -1,0 +1,105 @@
+"""LLM: bad input gets a clear ValueError; generation ends for the right reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY
+
+from gpt2fast import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_folder):
+    return LLM(str(hf_folder(TINY)[1]), device="cpu")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda llm: llm.logits([5, 1000]), r"token id 1000 is outside the model's vocabulary \(0..999\)"),
+        (lambda llm: llm.logits([-1]), "token id -1 is outside"),
+        (lambda llm: llm.logits([]), "token_ids is empty"),
+        (lambda llm: llm.logits([1] * 65), "the prompt has 65 tokens; the model's context is 64"),
+        (lambda llm: llm.generate([1] * 65), "the prompt has 65 tokens"),
+        (lambda llm: llm.generate("Hello world"), "token id 15496 is outside"),  # GPT-2 BPE ids beyond a tiny vocab
+        (lambda llm: llm.generate([1.5, 2]), "a prompt must be a string or a list of token ids"),
+        (lambda llm: llm.generate([]), "no prompts given"),
+        (lambda llm: llm.generate([1], {"max_tokens": 3}), "params must be a SamplingParams"),
+        (lambda llm: llm.generate(""), "unconditional generation starts from <|endoftext|>"),
+    ],
+)
+def test_bad_input(tiny, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(backend="tpu"), "unknown backend 'tpu'"),
+        (dict(backend="triton"), "backend 'triton' is not implemented yet"),
+        (dict(dtype="int8"), "unsupported dtype 'int8'"),
+        (dict(device="tpu"), "unknown device 'tpu'|not supported"),
+        (dict(block_size=0), "block_size must be a positive integer"),
+    ],
+)
+def test_bad_construction(hf_folder, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(str(hf_folder(TINY)[1]), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(hf_folder):
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        LLM(str(hf_folder(TINY)[1]), device="cuda")
+
+
+def test_unconditional_generation_starts_from_endoftext():
+    llm = LLM('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}', device="cpu")
+    out = llm.generate("", SamplingParams(max_tokens=4, seed=3))[0]
+    assert out.prompt_token_ids == [50256]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_stops_at_the_end_token(hf_folder, tmp_path):
+    """With eos set to a token greedy decoding emits later, generation stops there with reason 'stop'."""
+    _, folder = hf_folder(TINY)
+    prompt = [4, 8, 15, 16, 23, 42]
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    tokens = LLM(str(folder), device="cpu").generate(prompt, greedy)[0].outputs[0].token_ids
+    k = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # first token not seen before
+    eos = tokens[k]
+    copy = shutil.copytree(folder, tmp_path / "eos")
+    config = json.loads((copy / "config.json").read_text()) | {"eos_token_id": eos}
+    (copy / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(copy), device="cpu")
+    out = llm.generate(prompt, greedy)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason) == (tokens[: k + 1], "stop")
+    assert out.text == llm.tokenizer.decode(tokens[:k])  # the end token is not text
+    ignoring = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert (ignoring.token_ids, ignoring.finish_reason) == (tokens, "length")
+
+
+def test_stops_at_the_context_limit(tiny):
+    out = tiny.generate([7] * 61, SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_cache_is_released_after_every_request(tiny):
+    tiny.generate([[1, 2, 3], [4] * 40], SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError):
+        tiny.generate([1] * 65)
+    tiny.pool.check()
+    assert tiny.pool.num_free == tiny.pool.num_blocks
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=40, seed=1234)
+    first = tiny.generate([[1, 2, 3], [9, 9]], params)
+    again = tiny.generate([[9, 9], [1, 2, 3]], params)
+    assert first[0].outputs[0].token_ids == again[1].outputs[0].token_ids
+    assert first[1].outputs[0].token_ids == again[0].outputs[0].token_ids
