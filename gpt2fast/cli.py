@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from gpt2fast.errors import CheckpointError
 
@@ -37,10 +36,10 @@ def generate(args: argparse.Namespace) -> None:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
-    if args.model.startswith("random:"):
-        warnings.warn(f"{args.model} has random weights: it produces gibberish. Use real weights for real text.",
-                      stacklevel=1)
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    if llm.is_random:
+        print(f"gpt2fast: warning: {args.model} has random weights: it produces gibberish. "
+              "Pass real weights (a Hub id, a Hugging Face or OpenAI folder) for real text.", file=sys.stderr)
     output = llm.generate(args.prompt, params)[0]
     print(args.prompt + output.outputs[0].text)
 

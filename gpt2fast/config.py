@@ -130,7 +130,7 @@ class GPT2Config:
         """
         missing = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"} - hparams.keys()
         if missing:
-            raise ValueError(f"hparams.json: missing {sorted(missing)}")
+            raise ValueError(f"missing {sorted(missing)}")
         return cls(
             n_layer=hparams["n_layer"],
             n_embd=hparams["n_embd"],
