@@ -191,7 +191,9 @@ class LLM:
             for i, (p, ids) in enumerate(zip(batch, encoded))
         ]
 
-    def _generate_one(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+    def _generate_one(
+        self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams
+    ) -> RequestOutput:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         eos = self.config.eos_token_id
         generated: list[int] = []

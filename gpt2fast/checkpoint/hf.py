@@ -18,7 +18,12 @@ from gpt2fast.errors import CheckpointError
 
 # Buffers older transformers versions saved beside the weights (the causal mask); not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def read_config(folder: Path) -> GPT2Config:
@@ -68,7 +73,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return _read_sharded(path)
         return _read_file(path)
     present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(_WEIGHT_FILES)}; the folder has {present})")
+    looked_for = ", ".join(_WEIGHT_FILES)
+    raise CheckpointError(f"{folder}: no weights found (looked for {looked_for}; the folder has {present})")
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:

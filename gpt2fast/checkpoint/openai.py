@@ -18,7 +18,12 @@ from gpt2fast.checkpoint.tf_bundle import find_checkpoint_prefix, read_tf_bundle
 from gpt2fast.config import GPT2Config
 from gpt2fast.errors import CheckpointError
 
-_TOP_LEVEL = {"model/wte": "wte.weight", "model/wpe": "wpe.weight", "model/ln_f/g": "ln_f.weight", "model/ln_f/b": "ln_f.bias"}
+_TOP_LEVEL = {
+    "model/wte": "wte.weight",
+    "model/wpe": "wpe.weight",
+    "model/ln_f/g": "ln_f.weight",
+    "model/ln_f/b": "ln_f.bias",
+}
 _LAYER = re.compile(r"model/h(\d+)/(.+)")
 _IN_LAYER = {
     "ln_1/g": "ln_1.weight",
