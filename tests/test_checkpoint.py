@@ -184,3 +184,16 @@ def test_bfloat16_checkpoint_loads(tiny_copy):
     edit_weights(tiny_copy, lambda state: state.update({k: v.bfloat16() for k, v in state.items()}))
     ckpt = load_checkpoint(str(tiny_copy))
     assert ckpt.state_dict["wte.weight"].dtype == torch.bfloat16
+
+
+def test_progress_bar_while_loading_a_big_checkpoint(hf_folder, monkeypatch, capsys):
+    """Checkpoints past the size threshold show a tqdm bar on stderr; small ones stay quiet."""
+    from gpt2fast.checkpoint import layout
+
+    _, folder = hf_folder(TINY)
+    monkeypatch.delenv("GPT2FAST_NO_PROGRESS", raising=False)
+    load_checkpoint(str(folder))
+    assert "loading model.safetensors" not in capsys.readouterr().err
+    monkeypatch.setattr(layout, "_PROGRESS_MIN_BYTES", 0)
+    load_checkpoint(str(folder))
+    assert "loading model.safetensors" in capsys.readouterr().err
