@@ -39,15 +39,20 @@ class GPT2Config:
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+            if not _is_int(getattr(self, name), minimum=1):
+                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+        if self.n_inner is not None and not _is_int(self.n_inner, minimum=1):
             raise ValueError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
-        if not isinstance(self.eos_token_id, int) or self.eos_token_id < 0:
+        if not _is_int(self.eos_token_id, minimum=0):
             raise ValueError(f"GPT2Config.eos_token_id must be a non-negative integer, got {self.eos_token_id!r}")
+        eps = self.layer_norm_epsilon
+        if not isinstance(eps, float | int) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPT2Config.{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -91,6 +96,8 @@ class GPT2Config:
             >>> GPT2Config.from_hf_dict({"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 100}).n_layer
             2
         """
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"config.json: model_type is {model_type!r}; gpt2fast loads only 'gpt2' checkpoints")
@@ -128,9 +135,13 @@ class GPT2Config:
             ...                                 "n_head": 12, "n_layer": 12}) == PRESETS["gpt2"]
             True
         """
+        if not isinstance(hparams, dict):
+            raise ValueError(f"must hold a JSON object, got {type(hparams).__name__}")
         missing = {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"} - hparams.keys()
         if missing:
             raise ValueError(f"missing {sorted(missing)}")
+        if not _is_int(hparams["n_vocab"], minimum=1):
+            raise ValueError(f"n_vocab must be a positive integer, got {hparams['n_vocab']!r}")
         return cls(
             n_layer=hparams["n_layer"],
             n_embd=hparams["n_embd"],
@@ -154,12 +165,17 @@ class GPT2Config:
             raise ValueError(f"model config is not valid JSON: {e}") from None
         if not isinstance(fields, dict):
             raise ValueError(f"model config JSON must be an object, got {type(fields).__name__}")
-        base = preset(fields.pop("preset")) if "preset" in fields else cls()
+        base = preset(str(fields.pop("preset"))) if "preset" in fields else cls()
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(fields) - known
         if unknown:
             raise ValueError(f"unknown GPT2Config field(s) {sorted(unknown)}; known: {sorted(known)}")
         return dataclasses.replace(base, **fields)
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    """A real int (bools are not) that is at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 PRESETS: dict[str, GPT2Config] = {

@@ -6,6 +6,7 @@ TensorFlow folder, or a Hugging Face Hub id (cache first, then the network).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ class Checkpoint:
     is_random: bool = False
 
 
-def load_checkpoint(source: str, *, seed: int = 0) -> Checkpoint:
+def load_checkpoint(source: str | os.PathLike, *, seed: int = 0) -> Checkpoint:
     """Load weights from any supported source.
 
     Example:
@@ -39,6 +40,12 @@ def load_checkpoint(source: str, *, seed: int = 0) -> Checkpoint:
         >>> ckpt.config.n_layer, ckpt.state_dict["wte.weight"].shape
         (2, torch.Size([100, 64]))
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise CheckpointError(f"model must be a folder, a Hub id or random:<preset>, got {source!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if source.startswith("random:"):
         return _random(source.removeprefix("random:"), seed)
     folder = Path(source).expanduser()

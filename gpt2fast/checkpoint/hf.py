@@ -7,6 +7,7 @@ Names may carry the ``transformer.`` prefix (``GPT2LMHeadModel``) or not (``GPT2
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ _WEIGHT_FILES = (
 
 
 def read_config(folder: Path) -> GPT2Config:
+    """The model shape from a Hugging Face ``config.json``, refusing what we cannot compute."""
     path = folder / "config.json"
     try:
         hf = json.loads(path.read_text())
@@ -82,6 +84,8 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: cannot read shard index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         path = index_path.parent / shard
@@ -100,7 +104,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap avoids a second copy of big files, but only the zip format (torch >= 1.6) supports it.
+        zip_format = zipfile.is_zipfile(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/... for bad archives
         raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
