@@ -193,8 +193,8 @@ def row_seed(seed: int, sample_index: int, step: int) -> int:
     """The Philox seed of one draw: SplitMix64 chained over (seed, sample_index, step), top 63 bits.
 
     ``h = sm(seed); h = sm(h ^ sample_index); h = sm(h ^ step); return h >> 1`` where ``sm`` is the
-    SplitMix64 finaliser. Every input bit reaches every output bit, and the result fits a
-    non-negative int64, which Triton takes as a seed (scalar argument or loaded from memory).
+    SplitMix64 finaliser, which spreads each input bit over the whole word. The result fits a
+    non-negative int64, which Triton takes as a seed (a scalar argument or loaded from memory).
 
     Example:
         >>> row_seed(1, 0, 0) == row_seed(1, 0, 0) != row_seed(1, 0, 1)
@@ -258,8 +258,8 @@ def philox_uniform(seeds: torch.Tensor, num_cols: int) -> torch.Tensor:
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise ``-log(-log(u))``; ``u == 0`` (Triton's rand can return it) is lifted to the
-    smallest normal float so the noise stays finite and a kept token can never lose to a masked one.
+    """Gumbel(0, 1) noise ``-log(-log(max(u, FLT_MIN)))``. Triton's rand can return 0; lifting it keeps
+    the noise finite, so a kept token's score never falls to -inf, where it would tie with masked ones.
 
     Example:
         >>> gumbel_from_uniform(torch.tensor([0.0, 0.5])).isfinite().tolist()
