@@ -1,24 +1,31 @@
-"""``LLM``: load a GPT-2 from any source and run it from Python.
+"""The runtime: ``Engine`` (requests in, one batched model step at a time) and ``LLM`` on top of it.
 
-v0 runs one sequence at a time through the paged KV cache: a prefill over the prompt, then one
-decode step per token, never recomputing earlier tokens. The runtime issue grows this into
-continuous batching behind the same names.
+``Engine`` is what a serving stack embeds: ``add_request``, ``step() -> [RequestOutput]``,
+``abort``, ``has_unfinished``. Each step the scheduler picks a flat batch mixing prefills and
+decodes over the paged KV cache, the model runs it once, and the sampler picks every sequence's
+next token with its own settings. ``LLM`` runs offline batches and streams.
 """
 
 from __future__ import annotations
 
+import codecs
+import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
-from gpt2fast.cache import BlockPool, KVCache, SequenceBlocks
+from gpt2fast.cache import BlockPool, BlockTable, KVCache
 from gpt2fast.checkpoint import load_checkpoint
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2
 from gpt2fast.ops import default_backend, get_ops
 from gpt2fast.outputs import CompletionOutput, RequestOutput
-from gpt2fast.sampling import SamplingParams, sample
+from gpt2fast.sampling import SampledToken, SampleRow, SamplingParams, sample_batch
+from gpt2fast.scheduler import Batch, Scheduler, Status
+from gpt2fast.scheduler import Sequence as Seq
 from gpt2fast.tokenizer import load_tokenizer
 
 _DTYPES = {
@@ -70,17 +77,56 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'float16' or 'bfloat16'")
 
 
-class LLM:
-    """A GPT-2 ready to run: weights on the device, the tokenizer, and a paged KV cache.
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
-    ``model`` is ``random:<preset or JSON>``, a Hugging Face folder, an OpenAI TensorFlow folder,
-    or a Hub id. ``seed`` seeds random weights only.
+
+@dataclass(eq=False)
+class _Sample:
+    """Output state of one sample: text decoded so far and why it ended."""
+
+    index: int
+    text: str = ""
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    seq: Seq | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    samples: list[_Sample]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache; one ``step()`` is one model forward.
+
+    KV cache size: ``kv_cache_tokens`` tokens, or ``kv_cache_memory_fraction`` of the device's
+    free memory (host memory on CPU); by default 90% of free GPU memory, or 8 full contexts on
+    CPU. It must hold at least one full-context sequence, so every request can finish.
+    A prompt plus ``max_tokens`` beyond the context is clamped: the sample ends there with
+    ``finish_reason="length"``.
 
     Example:
-        >>> llm = LLM('random:{"n_layer": 2, "n_embd": 64, "n_head": 4}')
-        >>> out = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0))
-        >>> len(out[0].outputs[0].token_ids)
-        3
+        >>> engine = Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
+        >>> engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0))
+        >>> while engine.has_unfinished():
+        ...     outputs = engine.step()
+        >>> outputs[0].finished, len(outputs[0].outputs[0].token_ids)
+        (True, 2)
     """
 
     def __init__(
@@ -91,10 +137,16 @@ class LLM:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "auto",
         block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        kv_cache_tokens: int | None = None,
+        kv_cache_memory_fraction: float | None = None,
+        enable_prefix_caching: bool = True,
         seed: int = 0,
     ) -> None:
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.block_size = _positive_int("block_size", block_size)
+        _positive_int("max_num_seqs", max_num_seqs)
+        _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         ops = get_ops(backend or default_backend(), self.device)
@@ -106,24 +158,47 @@ class LLM:
             raise ValueError(
                 f"the model has {config.vocab_size} tokens but its tokenizer only {self.tokenizer.n_vocab}"
             )
-        with torch.device("meta"):
-            self.model = GPT2(config, ops)
-        weights = {name: t.to(self.device, self.dtype) for name, t in checkpoint.state_dict.items()}
-        self.model.load_state_dict(weights, strict=True, assign=True)
-        self.block_size = block_size
-        blocks = -(-config.n_positions // block_size)  # room for one full-context sequence
-        self.cache = KVCache(config, blocks, block_size, self.dtype, self.device)
-        self.pool = BlockPool(blocks)
+        self.model = GPT2.from_state_dict(config, checkpoint.state_dict, ops, self.device, self.dtype)
+        num_blocks = self._num_blocks(kv_cache_tokens, kv_cache_memory_fraction)
+        self.cache = KVCache(config, num_blocks, block_size, self.dtype, self.device)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
+        self._requests: dict[str, _Request] = {}
+
+    def _num_blocks(self, tokens: int | None, fraction: float | None) -> int:
+        cfg, bs = self.config, self.block_size
+        if tokens is not None and fraction is not None:
+            raise ValueError("give kv_cache_tokens or kv_cache_memory_fraction, not both")
+        if fraction is not None and not (isinstance(fraction, float | int) and 0 < fraction <= 1):
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
+        if tokens is None:
+            if fraction is None and self.device.type == "cpu":
+                tokens = 8 * cfg.n_positions
+            else:
+                if self.device.type == "cuda":
+                    free = torch.cuda.mem_get_info(self.device)[0]
+                else:
+                    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                block_bytes = KVCache.bytes_per_block(cfg, bs, self.dtype)
+                tokens = int(free * (fraction or 0.9) // block_bytes) * bs
+        blocks = -(-_positive_int("kv_cache_tokens", tokens) // bs)
+        needed = -(-cfg.n_positions // bs)
+        if blocks < needed:
+            raise ValueError(f"a KV cache of {blocks} blocks of {bs} tokens cannot hold one full-context sequence "
+                             f"({cfg.n_positions} tokens, {needed} blocks); give it more room")
+        return blocks
 
     @property
     def backend(self) -> str:
         return self.model.ops.name
 
+    # ---- requests -------------------------------------------------------------------------------
+
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (text or ids), checked against the model; ``""`` means ``<|endoftext|>``.
 
         Example:
-            >>> LLM("random:distilgpt2").encode("Hello world")  # doctest: +SKIP
+            >>> Engine("random:distilgpt2").encode("Hello world")  # doctest: +SKIP
             [15496, 995]
         """
         if isinstance(prompt, str):
@@ -138,16 +213,201 @@ class LLM:
                 raise ValueError(f"empty prompt: unconditional generation starts from <|endoftext|> (id {eos}), "
                                  f"which this model's {self.config.vocab_size}-token vocabulary lacks")
             ids = [eos]  # unconditional generation starts from <|endoftext|>
-        self._check_ids(ids)
+        self.check_ids(ids)
         return ids
 
-    def _check_ids(self, ids: list[int]) -> None:
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Raise ValueError unless ``ids`` are ints inside the vocabulary and fit the context."""
         vocab, context = self.config.vocab_size, self.config.n_positions
+        not_int = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+        if not_int:
+            raise ValueError(f"token ids must be integers, got {not_int[0]!r}")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
         if len(ids) > context:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context} (n_positions)")
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request; its samples appear in ``step()`` outputs as tokens arrive."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} must be a string not already in use")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} samples cannot run at once with max_num_seqs={self.scheduler.max_num_seqs}")
+        ids = self.encode(prompt)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        samples = [_Sample(i, logprobs=[] if params.logprobs is not None else None,
+                           cumulative_logprob=0.0 if params.logprobs is not None else None) for i in range(params.n)]
+        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seed, samples)
+        first = Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size), fork_n=params.n)
+        samples[0].seq = first
+        self._requests[request_id] = request
+        self.scheduler.add(first)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise ValueError(f"unknown request id {request_id!r}")
+        for sample in request.samples:
+            if sample.seq is not None and sample.seq.status is not Status.FINISHED:
+                self.scheduler.finish(sample.seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model forward over the scheduled batch; outputs of every request that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not place any sequence; the KV cache is too small")
+            return []
+        self.cache.copy_blocks(batch.copies)
+        ready = [seq for i, seq in enumerate(batch.seqs) if batch.needs_logits(i)]
+        logits = self._forward(batch)  # (N, V), one row per sequence in `ready`
+        self.scheduler.step_done(batch)
+        rows, seqs, logit_rows = [], [], []
+        for row, seq in enumerate(ready):
+            for s in self._fork(seq):
+                request = self._requests[s.request_id]
+                rows.append(SampleRow(request.params, request.seed, s.sample_index, len(s.output_ids),
+                                      request.prompt_ids, s.output_ids))
+                seqs.append(s)
+                logit_rows.append(row)
+        sampled = sample_batch(logits[torch.tensor(logit_rows, device=logits.device)], rows) if rows else []
+        advanced: dict[str, _Request] = {}
+        for seq, token in zip(seqs, sampled):
+            request = self._requests[seq.request_id]
+            self._append(request, seq, token)
+            advanced[request.request_id] = request
+        outputs = [self._output(r) for r in advanced.values()]
+        for r in advanced.values():
+            if r.finished:
+                del self._requests[r.request_id]
+        return outputs
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        ids, positions = [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            ids += seq.token_ids[seq.num_computed:seq.num_computed + n]
+            positions += range(seq.num_computed, seq.num_computed + n)
+        meta = AttentionMetadata.build(
+            [s.table.blocks for s in batch.seqs], [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
+            batch.num_new, block_size=self.block_size, device=self.device,
+            needs_logits=[batch.needs_logits(i) for i in range(len(batch.seqs))],
+        )
+        return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                          self.cache, meta)
+
+    def _fork(self, seq: Seq) -> list[Seq]:
+        """A finished prompt of an ``n > 1`` request splits into its samples, sharing the prompt's blocks."""
+        if seq.fork_n == 1:
+            return [seq]
+        request = self._requests[seq.request_id]
+        family = [seq] + [self.scheduler.fork(seq, i) for i in range(1, seq.fork_n)]
+        seq.fork_n = 1
+        for sample, s in zip(request.samples, family):
+            sample.seq = s
+        return family
+
+    def _append(self, request: _Request, seq: Seq, token: SampledToken) -> None:
+        params, sample = request.params, request.samples[seq.sample_index]
+        seq.token_ids.append(token.token_id)
+        if sample.logprobs is not None:
+            sample.logprobs.append({token.token_id: token.logprob, **(token.top_logprobs or {})})
+            sample.cumulative_logprob += token.logprob
+        t = token.token_id
+        if t == self.config.eos_token_id and not params.ignore_eos:
+            sample.finish_reason = "stop"
+        elif params.stop_token_ids and t in params.stop_token_ids:
+            sample.finish_reason, sample.stop_reason = "stop", t
+        else:
+            if t != self.tokenizer.eot_token:  # the end token is not text, even when ignored
+                self._add_text(sample, params, sample.decoder.decode(self.tokenizer.decode_single_token_bytes(t)))
+            if sample.finish_reason is None and (len(seq.output_ids) >= params.max_tokens
+                                                 or len(seq.token_ids) >= self.config.n_positions):
+                sample.finish_reason = "length"
+        if sample.finish_reason is not None:
+            if sample.stop_reason is None or isinstance(sample.stop_reason, int):
+                self._add_text(sample, params, sample.decoder.decode(b"", final=True))
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _add_text(sample: _Sample, params: SamplingParams, delta: str) -> None:
+        """Append decoded text; a stop string (also one split across tokens) ends the sample, trimmed."""
+        if not delta:
+            return
+        start = len(sample.text)
+        sample.text += delta
+        for stop in params.stop_strings:
+            at = sample.text.find(stop, max(0, start - len(stop) + 1))
+            if at != -1:
+                sample.text = sample.text[:at]
+                sample.finish_reason, sample.stop_reason = "stop", stop
+                return
+
+    def _output(self, request: _Request) -> RequestOutput:
+        # While a stop string could still be completing, hold its possible start back from the visible text.
+        hold = max((len(s) for s in request.params.stop_strings), default=1) - 1
+        outputs = []
+        for sample in request.samples:
+            seq = sample.seq
+            text = sample.text if sample.finish_reason or not hold else sample.text[:-hold]
+            tokens = seq.output_ids if seq is not None and seq.num_prompt <= len(seq.token_ids) else []
+            outputs.append(CompletionOutput(sample.index, text, tokens, sample.finish_reason,
+                                            list(sample.logprobs) if sample.logprobs is not None else None,
+                                            sample.cumulative_logprob, sample.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished)
+
+    # ---- one pass, for verification ---------------------------------------------------------------
+
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits of every position of ``token_ids`` in one pass: ``(T, vocab)`` float32."""
+        if isinstance(token_ids, str) or not isinstance(token_ids, Sequence):
+            raise ValueError(f"token_ids must be a list of token ids, got {type(token_ids).__name__}")
+        ids = list(token_ids)
+        if not ids:
+            raise ValueError("token_ids is empty; logits need at least one token")
+        self.check_ids(ids)
+        table = BlockTable(self.block_size)
+        try:
+            table.reserve(self.pool, len(ids))
+            meta = AttentionMetadata.build([table.blocks], [len(ids)], [len(ids)], block_size=self.block_size,
+                                           all_logits=True, device=self.device)
+            return self.model(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device),
+                              self.cache, meta)
+        finally:
+            table.free(self.pool)
+
+
+class LLM:
+    """A GPT-2 ready to run from Python: offline batches, streaming, and full-sequence logits.
+
+    ``model`` is ``random:<preset or JSON>``, a Hugging Face folder, an OpenAI TensorFlow folder,
+    or a Hub id; keyword arguments go to ``Engine`` (backend, dtype, device, block_size, ...).
+
+    Example:
+        >>> llm = LLM('random:{"n_layer": 2, "n_embd": 64, "n_head": 4}')
+        >>> out = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0))
+        >>> len(out[0].outputs[0].token_ids)
+        3
+    """
+
+    def __init__(self, model: str, **engine_args) -> None:
+        self.engine = Engine(model, **engine_args)
+        self.tokenizer, self.config, self.model = self.engine.tokenizer, self.engine.config, self.engine.model
+        self.device, self.dtype, self.is_random = self.engine.device, self.engine.dtype, self.engine.is_random
+        self._next_id = 0
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Logits of every position of ``token_ids`` in one pass: ``(T, vocab)`` float32.
@@ -156,74 +416,93 @@ class LLM:
             >>> LLM('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}').logits([1, 2, 3]).shape
             torch.Size([3, 50257])
         """
-        ids = list(token_ids)
-        if not ids:
-            raise ValueError("token_ids is empty; logits need at least one token")
-        self._check_ids(ids)
-        seq = SequenceBlocks(self.pool, self.block_size)
-        try:
-            return self._step(seq, ids, all_logits=True)
-        finally:
-            seq.free()
+        return self.engine.logits(token_ids)
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); one ``RequestOutput`` per prompt, in order.
+        """Complete every prompt together (continuous batching); one ``RequestOutput`` per prompt, in order.
+
+        ``prompts``: a string, a list of token ids, or a list of either. ``params``: one for all,
+        or one per prompt. A progress bar shows for big batches (``use_tqdm``: default from 64 prompts).
 
         Example:
             >>> llm = LLM('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
             >>> [o.outputs[0].finish_reason for o in llm.generate(["a", "b"], SamplingParams(max_tokens=2))]
             ['length', 'length']
         """
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        batch = self._as_batch(prompts)
+        if isinstance(params, Sequence):
+            if len(params) != len(batch):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(batch)} prompts; give one or one each")
+            per_prompt = list(params)
+        else:
+            per_prompt = [params] * len(batch)
+        ids = self._add_all(batch, per_prompt)
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="prompt",
+                  disable=not (use_tqdm if use_tqdm is not None else len(ids) >= 64)) as bar:
+            try:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update()
+            finally:
+                for request_id in ids:
+                    if request_id not in results and request_id in self.engine._requests:
+                        self.engine.abort(request_id)
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion's text in pieces as tokens arrive (sample 0 of the request).
+
+        Example:
+            >>> llm = LLM('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
+            >>> pieces = list(llm.stream("Hi", SamplingParams(max_tokens=4, seed=0)))
+            >>> "".join(pieces) == llm.generate("Hi", SamplingParams(max_tokens=4, seed=0))[0].outputs[0].text
+            True
+        """
+        (request_id,) = self._add_all([prompt], [params])
+        sent = 0
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        text = out.outputs[0].text
+                        if len(text) > sent:
+                            yield text[sent:]
+                            sent = len(text)
+                        if out.finished:
+                            return
+        finally:
+            if request_id in self.engine._requests:  # the caller stopped early
+                self.engine.abort(request_id)
+
+    def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if not isinstance(prompts, str | Sequence):
+            raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; got {prompts!r}")
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and bool(prompts) and all(isinstance(t, int) for t in prompts)
         )
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise ValueError("no prompts given")
-        encoded = [self.encode(p) for p in batch]  # validate all before running any
-        return [
-            self._generate_one(str(i), p if isinstance(p, str) else None, ids, params)
-            for i, (p, ids) in enumerate(zip(batch, encoded))
-        ]
+        return batch
 
-    def _generate_one(
-        self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams
-    ) -> RequestOutput:
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        eos = self.config.eos_token_id
-        generated: list[int] = []
-        finish_reason = None
-        seq = SequenceBlocks(self.pool, self.block_size)
-        try:
-            new_tokens = ids
-            while finish_reason is None:
-                logits = self._step(seq, new_tokens)[0]  # (V,)
-                token = sample(logits, params, seed, sample_index=0, step=len(generated))
-                generated.append(token)
-                if token == eos and not params.ignore_eos:
-                    finish_reason = "stop"
-                elif len(generated) >= params.max_tokens or len(ids) + len(generated) >= self.config.n_positions:
-                    finish_reason = "length"
-                new_tokens = [token]
-        finally:
-            seq.free()
-        text_ids = generated[:-1] if finish_reason == "stop" else generated
-        text = self.tokenizer.decode(text_ids)
-        return RequestOutput(request_id, prompt, ids, [CompletionOutput(0, text, generated, finish_reason)], True)
-
-    def _step(self, seq: SequenceBlocks, new_tokens: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Append ``new_tokens`` to ``seq`` and run them through the model; logits of the last (or all)."""
-        start = seq.num_tokens
-        seq.append(len(new_tokens))
-        meta = AttentionMetadata.build(
-            [seq.blocks], [seq.num_tokens], [len(new_tokens)], block_size=self.block_size,
-            all_logits=all_logits, device=self.device,
-        )
-        input_ids = torch.tensor(new_tokens, dtype=torch.int64, device=self.device)
-        positions = torch.arange(start, seq.num_tokens, dtype=torch.int64, device=self.device)
-        return self.model(input_ids, positions, self.cache, meta)
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams | None]) -> list[str]:
+        # Validate everything before queuing anything, so a bad prompt leaves the engine untouched.
+        for prompt, p in zip(prompts, params):
+            self.engine.encode(prompt)
+            if p is not None and not isinstance(p, SamplingParams):
+                raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            ids.append(f"llm-{self._next_id}")
+            self._next_id += 1
+            self.engine.add_request(ids[-1], prompt, p)
+        return ids

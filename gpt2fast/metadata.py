@@ -45,9 +45,13 @@ class AttentionMetadata:
         *,
         block_size: int,
         all_logits: bool = False,
+        needs_logits: Sequence[bool] | None = None,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
-        """Lay out a step from host-side lists; logits for each sequence's last token unless ``all_logits``.
+        """Lay out a step from host-side lists.
+
+        Logits rows: every token if ``all_logits``; else the last token of each sequence with
+        ``needs_logits[b]`` (default: every sequence with tokens in this step).
 
         Example:
             >>> AttentionMetadata.build([[0]], [1], [1], block_size=16).seq_lens.tolist()
@@ -70,7 +74,8 @@ class AttentionMetadata:
         if all_logits:
             logits_rows = list(range(cu[-1]))
         else:
-            logits_rows = [end - 1 for end, q_len in zip(cu[1:], query_lens) if q_len > 0]
+            wanted = needs_logits if needs_logits is not None else [q > 0 for q in query_lens]
+            logits_rows = [end - 1 for end, want in zip(cu[1:], wanted) if want]
         return cls(
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),

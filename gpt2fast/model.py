@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gpt2fast.cache import KVCache
+from gpt2fast.checkpoint.layout import progress
 from gpt2fast.config import GPT2Config
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import TORCH, Ops
@@ -107,6 +108,30 @@ class GPT2(nn.Module):
         rows = meta.logits_indices
         x = ops.add_layer_norm(mlp_out[rows], residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
         return ops.lm_head(x, self.wte.weight)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: GPT2Config,
+        state: dict[str, torch.Tensor],
+        ops: Ops = TORCH,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> GPT2:
+        """Build on the meta device, then assign the weights (moved and cast; a progress bar for big ones).
+
+        Example:
+            >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+            >>> state = GPT2(cfg).init_random(seed=0).state_dict()
+            >>> GPT2.from_state_dict(cfg, state, dtype=torch.float16).wte.weight.dtype
+            torch.float16
+        """
+        with torch.device("meta"):
+            model = cls(config, ops)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weights = {name: t.to(device, dtype) for name, t in progress(state.items(), total, "loading weights")}
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model
 
     @torch.no_grad()
     def init_random(self, seed: int = 0) -> GPT2:

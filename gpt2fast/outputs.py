@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 @dataclass
 class CompletionOutput:
-    """One generated sample of a request.
+    """One generated sample of a request (cumulative: ``text`` and ``token_ids`` so far).
+
+    ``logprobs[i]`` maps token ids to log-probabilities under the model for generated token ``i``:
+    the chosen token plus the top ``SamplingParams.logprobs``. ``stop_reason`` is the stop string
+    or stop token id that ended the sample, if one did.
 
     Example:
         >>> CompletionOutput(index=0, text=" world", token_ids=[995], finish_reason="length").text
@@ -17,12 +21,19 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "length" (max_tokens or context limit), "stop" (end token), None while running
+    finish_reason: str | None  # "length" (max_tokens or context limit), "stop" (end/stop token or string), None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class RequestOutput:
-    """A request's prompt and its samples.
+    """A request's prompt and its samples, in sample order.
 
     Example:
         >>> out = RequestOutput("0", "Hello", [15496], [CompletionOutput(0, " world", [995], "length")], True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -29,7 +30,11 @@ def tiny(hf_folder):
         (lambda llm: llm.generate([1.5, 2]), "a prompt must be a string or a list of token ids"),
         (lambda llm: llm.generate([]), "no prompts given"),
         (lambda llm: llm.generate([1], {"max_tokens": 3}), "params must be a SamplingParams"),
-        (lambda llm: llm.generate(""), "unconditional generation starts from <|endoftext|>"),
+        (lambda llm: llm.generate(""), re.escape("unconditional generation starts from <|endoftext|>")),
+        (lambda llm: llm.logits([1.7]), "token ids must be integers, got 1.7"),
+        (lambda llm: llm.logits([True]), "token ids must be integers, got True"),
+        (lambda llm: llm.logits("abc"), "token_ids must be a list of token ids"),
+        (lambda llm: llm.generate(None), "prompts must be a string"),
     ],
 )
 def test_bad_input(tiny, call, message):
@@ -89,12 +94,24 @@ def test_stops_at_the_context_limit(tiny):
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
 
 
-def test_cache_is_released_after_every_request(tiny):
-    tiny.generate([[1, 2, 3], [4] * 40], SamplingParams(max_tokens=5))
-    with pytest.raises(ValueError):
-        tiny.generate([1] * 65)
-    tiny.pool.check()
-    assert tiny.pool.num_free == tiny.pool.num_blocks
+def test_generation_never_recomputes_earlier_tokens(tiny):
+    """One forward over the prompt, then exactly one new token per step; every block back afterwards."""
+    engine = tiny.engine
+    forward, computed = engine.model.forward, []
+
+    def counting_forward(input_ids, *args):
+        computed.append(len(input_ids))
+        return forward(input_ids, *args)
+
+    engine.model.forward = counting_forward
+    try:
+        out = tiny.generate([5] * 23, SamplingParams(max_tokens=9, temperature=0))[0]
+    finally:
+        del engine.model.forward
+    assert len(out.outputs[0].token_ids) == 9
+    assert computed == [23] + [1] * 8
+    engine.pool.check([])
+    assert engine.pool.num_free == engine.pool.num_blocks
 
 
 def test_seeded_sampling_is_reproducible(tiny):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
 from conftest import ODD
 
-from gpt2fast.cache import BlockPool, KVCache, SequenceBlocks
+from gpt2fast.cache import BlockPool, BlockTable, KVCache
 from gpt2fast.checkpoint import load_checkpoint
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2
@@ -19,16 +20,33 @@ PREFILL_LENS = [1, 15, 17]
 
 def build_model(folder) -> GPT2:
     ckpt = load_checkpoint(str(folder))
-    with torch.device("meta"):
-        model = GPT2(ckpt.config)
-    model.load_state_dict(ckpt.state_dict, assign=True)
-    return model
+    return GPT2.from_state_dict(ckpt.config, ckpt.state_dict)
+
+
+class SequenceBlocks:
+    """A block table plus its token count: the bookkeeping the scheduler does, done by hand."""
+
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        self.pool, self.table, self.num_tokens = pool, BlockTable(block_size), 0
+
+    @property
+    def blocks(self) -> list[int]:
+        return self.table.blocks
+
+    def append(self, n: int) -> None:
+        assert self.table.reserve(self.pool, self.num_tokens + n, self.num_tokens) == []
+        self.num_tokens += n
+
+    def free(self) -> None:
+        self.table.free(self.pool)
 
 
 def scrambled_pool(num_blocks: int, seed: int) -> BlockPool:
     """A pool that hands blocks out in random order, so block tables are not 0, 1, 2, ..."""
     pool = BlockPool(num_blocks)
-    random.Random(seed).shuffle(pool._free)
+    order = list(pool._free)
+    random.Random(seed).shuffle(order)
+    pool._free = OrderedDict.fromkeys(order)
     return pool
 
 
