@@ -1,7 +1,9 @@
-"""The ``gpt2fast`` command line.
+"""The ``gpt2fast`` command line, with the knobs of OpenAI's original GPT-2 sampling scripts.
 
 Example:
-    gpt2fast generate --model random:gpt2 --prompt "Hello" --max-tokens 20 --temperature 0.8 --top-k 40 --seed 1
+    gpt2fast generate --model random:gpt2 --prompt "Hello" --length 20 --temperature 0.8 --top-k 40 --seed 1
+    gpt2fast generate --model gpt2 --nsamples 4 --batch-size 2 --unconditional
+    gpt2fast generate --model gpt2                 # interactive: "Model prompt >>> "
 """
 
 from __future__ import annotations
@@ -11,18 +13,33 @@ import sys
 
 from gpt2fast.errors import CheckpointError
 
+INTERACTIVE_PROMPT = "Model prompt >>> "
+SEPARATOR = "=" * 40
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """Arguments of every subcommand.
+
+    Example:
+        >>> build_parser().parse_args(["generate", "--model", "random:gpt2", "--length", "5"]).max_tokens
+        5
+    """
     parser = argparse.ArgumentParser(prog="gpt2fast", description="Fast GPT-2 inference.")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="complete a prompt")
+    gen = commands.add_parser("generate", help="complete prompts, or sample unconditionally")
     gen.add_argument("--model", required=True, help="random:<preset>, a Hugging Face or OpenAI folder, or a Hub id")
-    gen.add_argument("--prompt", default="", help="text to complete; empty = unconditional (from <|endoftext|>)")
-    gen.add_argument("--max-tokens", type=int, default=50)
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="text to complete (without --prompt: ask interactively)")
+    source.add_argument("--prompt-file", help="read the prompt from this file")
+    source.add_argument("--unconditional", action="store_true", help="sample from <|endoftext|>")
+    gen.add_argument("--max-tokens", "--length", dest="max_tokens", type=int, default=50, help="tokens per sample")
+    gen.add_argument("--nsamples", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--batch-size", type=int, default=None, help="samples run at once (default: all)")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off; 40 is GPT-2's classic value")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated (one sample)")
     gen.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"])
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -30,22 +47,81 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
+    """``gpt2fast generate``: one prompt, a file, unconditional samples, or an interactive loop."""
     from gpt2fast.engine import LLM
     from gpt2fast.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-    )
-    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device)
+    batch_size = args.batch_size if args.batch_size is not None else args.nsamples
+    if not 1 <= batch_size <= args.nsamples or args.nsamples % batch_size:
+        raise ValueError(f"--batch-size must divide --nsamples ({args.nsamples}), got {batch_size}")
+    # One round per batch, as OpenAI's scripts do; a seeded run gives round r the seed seed + r.
+    rounds = [
+        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=None if args.seed is None else args.seed + r, n=batch_size)
+        for r in range(args.nsamples // batch_size)
+    ]
+    if args.stream and args.nsamples != 1:
+        raise ValueError("--stream prints one sample as it is generated; use it without --nsamples")
+    prompt_text = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt_text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e}") from None
+    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=batch_size)
     if llm.is_random:
         print(f"gpt2fast: warning: {args.model} has random weights: it produces gibberish. "
               "Pass real weights (a Hub id, a Hugging Face or OpenAI folder) for real text.", file=sys.stderr)
-    output = llm.generate(args.prompt, params)[0]
-    print(args.prompt + output.outputs[0].text)
+    if args.unconditional:
+        _complete(llm, "", rounds, args.stream)
+    elif prompt_text is not None:
+        _complete(llm, prompt_text, rounds, args.stream)
+    else:
+        _interactive(llm, rounds, args.stream)
+
+
+def _complete(llm, prompt: str, rounds: list, stream: bool) -> None:
+    if stream:
+        print(prompt, end="", flush=True)
+        for piece in llm.stream(prompt, rounds[0]):
+            print(piece, end="", flush=True)
+        print()
+        return
+    samples = [s for params in rounds for s in llm.generate(prompt, params)[0].outputs]
+    if len(samples) == 1:
+        print(prompt + samples[0].text)
+        return
+    for number, sample in enumerate(samples, 1):
+        print(f"{SEPARATOR} SAMPLE {number} {SEPARATOR}")
+        print(prompt + sample.text)
+    print(SEPARATOR * 2)
+
+
+def _interactive(llm, rounds: list, stream: bool) -> None:
+    """Ask for prompts until end of input, like OpenAI's interactive_conditional_samples.py."""
+    while True:
+        try:
+            prompt = input(INTERACTIVE_PROMPT)
+        except EOFError:
+            print()
+            return
+        if not prompt:
+            print("Prompt should not be empty!")
+            continue
+        try:
+            _complete(llm, prompt, rounds, stream)
+        except ValueError as e:  # one bad prompt does not end the session
+            print(f"gpt2fast: error: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 with a one-line message for bad input)."""
+    """Run the command line; returns the exit status (2 with a one-line message for bad input).
+
+    Example:
+        >>> main(["generate", "--model", "/no/such/folder", "--prompt", "hi"])
+        2
+    """
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
@@ -53,4 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"gpt2fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
