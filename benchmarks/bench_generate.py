@@ -49,28 +49,33 @@ def hf_twin(llm: LLM):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = llm.config
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                                    vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_inner=cfg.n_inner,
-                                    layer_norm_epsilon=cfg.layer_norm_epsilon))
+    hf = GPT2LMHeadModel(GPT2Config(
+        n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
+        n_positions=cfg.n_positions, n_inner=cfg.n_inner, layer_norm_epsilon=cfg.layer_norm_epsilon,
+        scale_attn_weights=cfg.scale_attn_weights, scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+    ))
     state = {"transformer." + name: (t.t() if is_transposed(name) else t) for name, t in llm.model.state_dict().items()}
-    hf.load_state_dict(state | {"lm_head.weight": state["transformer.wte.weight"]}, strict=False)
+    missing, unexpected = hf.load_state_dict(state | {"lm_head.weight": state["transformer.wte.weight"]}, strict=False)
+    assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)
     return hf.to(llm.device, llm.dtype).eval()
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def measure(generate, tokens: int, repeats: int) -> tuple[float, float]:
+def measure(generate, tokens: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """(prefill + first token seconds, seconds per decoded token)."""
     generate(2)  # warm-up
-    first = median_seconds(lambda: generate(1), repeats)
-    total = median_seconds(lambda: generate(1 + tokens), repeats)
+    first = median_seconds(lambda: generate(1), repeats, device)
+    total = median_seconds(lambda: generate(1 + tokens), repeats, device)
     return first, (total - first) / tokens
 
 
@@ -95,13 +100,14 @@ def main() -> None:
     def theirs(n: int) -> None:
         with torch.no_grad():
             hf.generate(prompt[None].to(llm.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        pad_token_id=0, attention_mask=torch.ones(1, args.prompt_len, dtype=torch.long))
+                        pad_token_id=0,
+                        attention_mask=torch.ones(1, args.prompt_len, dtype=torch.long, device=llm.device))
 
     with torch.no_grad():
         reference = hf(prompt[None].to(llm.device)).logits[0].float()
     rows = []
     for name, generate in [(f"gpt2fast[{llm.backend}]", ours), ("hf", theirs)]:
-        prefill_s, token_s = measure(generate, args.tokens, args.repeats)
+        prefill_s, token_s = measure(generate, args.tokens, args.repeats, llm.device)
         rows.append(dict(provider=name, prefill_ms=prefill_s * 1e3, decode_ms=token_s * 1e3, tok_s=1 / token_s,
                          pct_of_floor=100 * floor_s / token_s))
     rows[0]["max_abs_logit_diff_vs_hf"] = float((llm.logits(prompt.tolist()) - reference).abs().max())
