@@ -238,7 +238,7 @@ def _uint32_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for uint32 held in int64: fp32 in [0, 1)."""
     as_int32 = bits.to(torch.int32)  # keeps the low 32 bits: the int32 view Triton bitcasts to
     folded = as_int32 ^ (as_int32 >> 31)  # ~x where x < 0, else x: [0, 2**31)
-    return folded.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32, device=bits.device)
+    return folded.to(torch.float32) * torch.full((), _UINT_TO_UNIFORM, dtype=torch.float32, device=bits.device)
 
 
 def philox_uniform(seeds: torch.Tensor, num_cols: int) -> torch.Tensor:
@@ -273,8 +273,20 @@ def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _to_device(data: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host data (a list, a CPU tensor) as a tensor on ``device`` without a host-device sync.
+
+    ``torch.tensor(data, device="cuda")`` waits for the whole GPU queue (the forward pass included);
+    a copy from pinned memory with ``non_blocking=True`` just joins the queue.
+    """
+    host = torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _batch_column(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # (B, 1)
+    return _to_device(values, torch.float32, device)[:, None]  # (B, 1)
 
 
 def _token_pairs(
@@ -290,7 +302,7 @@ def _token_pairs(
                    for b, out in zip(batch_rows, per_row)]
     lengths = torch.tensor([t.numel() for t in per_row])  # (R,)
     batch_idx = torch.repeat_interleave(torch.tensor(batch_rows, dtype=torch.int64), lengths)  # (N,)
-    return batch_idx.to(device), torch.cat(per_row).to(device)
+    return _to_device(batch_idx, torch.int64, device), _to_device(torch.cat(per_row), torch.int64, device)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SampleRow], batch_rows: Sequence[int]) -> None:
@@ -347,8 +359,8 @@ def top_k_floor(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     if k_max == 0:
         return torch.full((logits.shape[0], 1), -math.inf, device=logits.device)
     top_values = torch.topk(logits, k_max, dim=-1).values  # (B, k_max), descending
-    kth_index = torch.tensor([[k - 1 if on else 0] for k, on in zip(top_k, active)], device=logits.device)  # (B, 1)
-    inactive = torch.tensor([[not on] for on in active], device=logits.device)  # (B, 1)
+    kth_index = _to_device([[k - 1 if on else 0] for k, on in zip(top_k, active)], torch.int64, logits.device)  # (B, 1)
+    inactive = _to_device([[not on] for on in active], torch.bool, logits.device)  # (B, 1)
     return top_values.gather(1, kth_index).masked_fill_(inactive, -math.inf)
 
 
@@ -394,7 +406,7 @@ def filter_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tens
     floor = top_k_floor(scaled, [p.top_k for p in params])  # (B, 1)
     nucleus = [b for b, p in enumerate(params) if p.top_p < 1]
     if nucleus:
-        idx = torch.tensor(nucleus, device=logits.device)
+        idx = _to_device(nucleus, torch.int64, logits.device)
         sub = scaled[idx]  # (R, V)
         sub_floor = top_p_floor(sub.masked_fill_(sub < floor[idx], -math.inf),
                                 _batch_column([params[b].top_p for b in nucleus], logits.device))  # (R, 1)
@@ -412,7 +424,7 @@ def gumbel_max_draw(filtered: torch.Tensor, rows: Sequence[SampleRow]) -> torch.
         >>> gumbel_max_draw(torch.tensor([[-math.inf, 0.0, -math.inf]]), [row]).tolist()
         [1]
     """
-    seeds = torch.tensor([row_seed(r.seed, r.sample_index, r.step) for r in rows], device=filtered.device)  # (B,)
+    seeds = _to_device([row_seed(r.seed, r.sample_index, r.step) for r in rows], torch.int64, filtered.device)  # (B,)
     if filtered.device.type != "cpu":
         return _gumbel_argmax(filtered, seeds[:, None], torch.arange(filtered.shape[-1], device=filtered.device))
     # On a CPU, ~64K elements at a time keep Philox's words in the L2 cache (2x faster at B=64, V=50257).
@@ -460,7 +472,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampledToken]:
     """Choose one token per row of ``logits`` ((B, V) float, any device), each row by its own settings.
 
-    The only host-device syncs are reading the chosen ids (and the logprobs, when asked for).
+    The only host-device syncs are reading the chosen ids (and the logprobs, when asked for): per-row
+    settings reach the device through pinned memory, asynchronously.
 
     Example:
         >>> logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
@@ -492,7 +505,7 @@ def _choose(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     token_ids = argmax_rows(logits)  # (B,)
     if drawn:
         sub_rows = [rows[b] for b in drawn]
-        idx = torch.tensor(drawn, device=logits.device)
+        idx = _to_device(drawn, torch.int64, logits.device)
         token_ids[idx] = gumbel_max_draw(filter_logits(logits[idx], sub_rows), sub_rows)
     return token_ids
 
@@ -502,7 +515,7 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[Sa
     out = [SampledToken(t) for t in token_ids.tolist()]
     wanted = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
     if len(wanted) < len(rows):
-        idx = torch.tensor(wanted, device=raw.device)
+        idx = _to_device(wanted, torch.int64, raw.device)
         raw, token_ids = raw[idx], token_ids[idx]
     logprobs = torch.log_softmax(raw, dim=-1)  # (L, V)
     chosen = logprobs.gather(1, token_ids[:, None])[:, 0].tolist()  # (L,)
