@@ -202,9 +202,8 @@ def row_seed(seed: int, sample_index: int, step: int) -> int:
         >>> 0 <= row_seed(2**64 - 1, 3, 10**6) < 2**63
         True
     """
-    for name, value in (("seed", seed), ("sample_index", sample_index), ("step", step)):
-        if not 0 <= value <= _MASK64:
-            raise ValueError(f"row_seed: {name} must be in [0, 2**64), got {value}")
+    if min(seed, sample_index, step) < 0 or max(seed, sample_index, step) > _MASK64:
+        raise ValueError(f"row_seed: seed, sample_index and step must be in [0, 2**64), got {seed, sample_index, step}")
     h = _splitmix64(seed)
     h = _splitmix64(h ^ sample_index)
     h = _splitmix64(h ^ step)
@@ -359,9 +358,9 @@ def top_k_floor(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     if k_max == 0:
         return torch.full((logits.shape[0], 1), -math.inf, device=logits.device)
     top_values = torch.topk(logits, k_max, dim=-1).values  # (B, k_max), descending
-    kth_index = _to_device([[k - 1 if on else 0] for k, on in zip(top_k, active)], torch.int64, logits.device)  # (B, 1)
-    inactive = _to_device([[not on] for on in active], torch.bool, logits.device)  # (B, 1)
-    return top_values.gather(1, kth_index).masked_fill_(inactive, -math.inf)
+    kth_index = _to_device([k - 1 if on else 0 for k, on in zip(top_k, active)], torch.int64, logits.device)  # (B,)
+    inactive = _to_device([not on for on in active], torch.bool, logits.device)  # (B,)
+    return top_values.gather(1, kth_index[:, None]).masked_fill_(inactive[:, None], -math.inf)  # (B, 1)
 
 
 def top_p_floor(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -427,7 +426,7 @@ def gumbel_max_draw(filtered: torch.Tensor, rows: Sequence[SampleRow]) -> torch.
     seeds = _to_device([row_seed(r.seed, r.sample_index, r.step) for r in rows], torch.int64, filtered.device)  # (B,)
     if filtered.device.type != "cpu":
         return _gumbel_argmax(filtered, seeds[:, None], torch.arange(filtered.shape[-1], device=filtered.device))
-    # On a CPU, ~64K elements at a time keep Philox's words in the L2 cache (2x faster at B=64, V=50257).
+    # On a CPU, ~64K elements at a time keep Philox's words in the L2 cache (1.5x faster at B=64, V=50257).
     n = max(1, _CPU_CHUNK_ELEMENTS // filtered.shape[-1])  # rows per chunk
     return torch.cat([_gumbel_argmax_cpu(filtered[i : i + n], seeds[i : i + n]) for i in range(0, len(rows), n)])
 

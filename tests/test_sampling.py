@@ -185,7 +185,6 @@ def expected_distribution(params: SamplingParams, output_ids: list[int]) -> np.n
 STAT_CASES = [
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.6),
-    SamplingParams(temperature=1.7),
     SamplingParams(top_k=4),
     SamplingParams(temperature=1.3, top_p=0.8),
     SamplingParams(temperature=0.9, min_p=0.15),
