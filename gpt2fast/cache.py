@@ -172,7 +172,9 @@ class BlockTable:
 
     Example:
         >>> pool = BlockPool(4); table = BlockTable(block_size=2)
-        >>> table.reserve(pool, num_tokens=3); table.blocks
+        >>> table.reserve(pool, num_tokens=3)  # no shared block was written into: nothing to copy
+        []
+        >>> table.blocks
         [0, 1]
     """
 

@@ -198,7 +198,7 @@ class Engine:
         """Token ids of a prompt (text or ids), checked against the model; ``""`` means ``<|endoftext|>``.
 
         Example:
-            >>> Engine("random:distilgpt2").encode("Hello world")  # doctest: +SKIP
+            >>> Engine('random:{"n_layer": 1, "n_embd": 8, "n_head": 2}').encode("Hello world")
             [15496, 995]
         """
         if isinstance(prompt, str):
@@ -280,7 +280,9 @@ class Engine:
                                       request.prompt_ids, s.output_ids))
                 seqs.append(s)
                 logit_rows.append(row)
-        sampled = sample_batch(logits[torch.tensor(logit_rows, device=logits.device)], rows) if rows else []
+        if len(logit_rows) != len(ready):  # a fork: its samples share their prompt's logits row
+            logits = logits.index_select(0, torch.tensor(logit_rows, device=logits.device))
+        sampled = sample_batch(logits, rows) if rows else []
         advanced: dict[str, _Request] = {}
         for seq, token in zip(seqs, sampled):
             request = self._requests[seq.request_id]
@@ -302,8 +304,8 @@ class Engine:
             batch.num_new, block_size=self.block_size, device=self.device,
             needs_logits=[batch.needs_logits(i) for i in range(len(batch.seqs))],
         )
-        return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                          self.cache, meta)
+        ids_and_positions = torch.tensor([ids, positions], device=self.device)  # (2, T)
+        return self.model(ids_and_positions[0], ids_and_positions[1], self.cache, meta)
 
     def _fork(self, seq: Seq) -> list[Seq]:
         """A finished prompt of an ``n > 1`` request splits into its samples, sharing the prompt's blocks."""

@@ -70,18 +70,22 @@ class AttentionMetadata:
             slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
             cu.append(cu[-1] + q_len)
         width = max((len(t) for t in block_tables), default=0)
-        padded = [list(t) + [-1] * (width - len(t)) for t in block_tables]
         if all_logits:
             logits_rows = list(range(cu[-1]))
         else:
             wanted = needs_logits if needs_logits is not None else [q > 0 for q in query_lens]
             logits_rows = [end - 1 for end, want in zip(cu[1:], wanted) if want]
+        # One host-to-device transfer per dtype: each tensor creation costs ~7 us, a decode step has few to spare.
+        int32 = torch.tensor(cu + list(seq_lens) + [b for t in block_tables for b in (*t, *[-1] * (width - len(t)))],
+                             dtype=torch.int32, device=device)
+        int64 = torch.tensor(slots + logits_rows, dtype=torch.int64, device=device)
+        num_seqs, num_tokens = len(seq_lens), len(slots)
         return cls(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=device),
+            cu_seqlens_q=int32[: num_seqs + 1],
+            seq_lens=int32[num_seqs + 1: 2 * num_seqs + 1],
+            block_tables=int32[2 * num_seqs + 1:].view(num_seqs, width),
+            slot_mapping=int64[:num_tokens],
+            logits_indices=int64[num_tokens:],
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
         )

@@ -5,7 +5,7 @@ row's own settings, in the order Hugging Face's ``generate`` applies them:
 
 1. penalties, on the raw logits: repetition (HF/CTRL, over prompt + output tokens), then
    presence and frequency (OpenAI, over output tokens). They apply in greedy mode too.
-2. greedy rows (``temperature == 0`` or ``top_k == 1``): argmax, ties to the lowest token id.
+2. greedy rows (``temperature < 1e-5`` or ``top_k == 1``): argmax, ties to the lowest token id.
 3. other rows: temperature -> top-k -> top-p -> min-p -> a Gumbel-max draw
    ``argmax(logits / T + g)``, ``g = -log(-log(u))``, which samples exactly from the softmax of
    the filtered logits without normalising them.
@@ -36,6 +36,10 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 # --------------------------------------------------------------------------------------------
 # SamplingParams
 # --------------------------------------------------------------------------------------------
+
+
+# Below this temperature sampling is greedy, as in vLLM: logits / T would overflow fp32 for tiny T.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax (of the penalised logits)."""
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

@@ -435,3 +435,11 @@ def test_logits_must_have_one_row_per_sample_row():
         sample_batch(torch.ones(10), [greedy_row()])
     assert sample_batch(torch.ones(0, 10), []) == []
     assert isinstance(sample_batch(torch.ones(1, 10) + 0.5, [greedy_row()])[0], SampledToken)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 9e-6])
+def test_tiny_temperatures_are_greedy_not_overflowed(temperature):
+    """logits / T overflows fp32 for tiny T; such rows must pick the argmax, not token 0."""
+    logits = torch.tensor([[1.0, 5.0, -2.0, 4.0]])
+    row = SampleRow(SamplingParams(temperature=temperature, seed=1), seed=1, sample_index=0, step=0)
+    assert sample_batch(logits, [row])[0].token_id == 1

@@ -29,8 +29,8 @@ def canonical_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
     Example:
         >>> shapes = canonical_shapes(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=4))
-        >>> shapes["h.0.attn.c_attn.weight"], len(shapes)
-        ((24, 8), 15)
+        >>> shapes["h.0.attn.c_attn.weight"], len(shapes)  # 2 embeddings + 12 per layer + final LayerNorm
+        ((24, 8), 16)
     """
     c, f = config.n_embd, config.mlp_width
     shapes: dict[str, tuple[int, ...]] = {
@@ -76,11 +76,11 @@ def assemble(entries: dict[str, Entry], config: GPT2Config, where: str) -> dict[
     ``where`` names the checkpoint in every error.
 
     Example:
-        >>> cfg = GPT2Config(n_layer=0, n_embd=2, n_head=1, vocab_size=3, n_positions=2)
-        >>> assemble({"wte.weight": Entry("wte", torch.ones(3, 2), False)}, cfg, "demo")
+        >>> cfg = GPT2Config(n_layer=1, n_embd=2, n_head=1, vocab_size=3, n_positions=2)
+        >>> assemble({"wte.weight": Entry("wte", torch.ones(3, 2), False)}, cfg, "demo")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        gpt2fast.errors.CheckpointError: demo: missing tensor(s) wpe.weight, ln_f.weight, ln_f.bias
+        gpt2fast.errors.CheckpointError: demo: missing tensor(s) wpe.weight, h.0.ln_1.weight, ... and 7 more
     """
     shapes = canonical_shapes(config)
     missing = [name for name in shapes if name not in entries]
