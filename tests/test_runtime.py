@@ -228,3 +228,22 @@ def test_abandoned_stream_frees_its_blocks(text_llm):
     next(stream)
     stream.close()
     assert_all_free(text_llm.engine)
+
+
+def test_progress_bar_for_big_offline_batches(text_llm, capsys):
+    text_llm.generate(["a", "b"], SamplingParams(max_tokens=2), use_tqdm=True)
+    assert "generating" in capsys.readouterr().err
+    text_llm.generate(["a", "b"], SamplingParams(max_tokens=2))  # small batches stay quiet by default
+    assert "generating" not in capsys.readouterr().err
+
+
+def test_pool_sized_from_tokens_or_a_memory_fraction():
+    model = 'random:{"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 64}'
+    assert Engine(model, kv_cache_tokens=100, block_size=16).pool.num_blocks == 7
+    by_fraction = Engine(model, kv_cache_memory_fraction=0.001, block_size=16)
+    bytes_per_block = 2 * 1 * 16 * 8 * 4  # K and V, 1 layer, 16 tokens, 8 wide, fp32
+    assert by_fraction.pool.num_blocks * bytes_per_block > 2**20, "0.1% of this machine's free memory is over 1 MiB"
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction must be in"):
+        Engine(model, kv_cache_memory_fraction=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        Engine(model, kv_cache_tokens=64, kv_cache_memory_fraction=0.5)
