@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel: without a GPU, turn the CPU
+# interpreter on here, before any test module imports triton (the gpt2fast.ops.triton kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Configs the parity tests run on: tiny odd shapes plus the real 124M shape.
 TINY = dict(n_layer=3, n_embd=96, n_head=6, vocab_size=1000, n_positions=64)
