@@ -1,0 +1,525 @@
+"""Causal attention over the paged KV cache in Triton: varlen flash prefill, split-K decode, probs.
+
+Same contract as :func:`gpt2fast.ops.reference.attention`: the keys/values of this step's tokens
+are already in the cache (``write_kv`` ran first); query ``i`` of ``n`` of sequence ``b`` sits at
+context position ``seq_lens[b] - n + i`` and sees positions ``0..`` that one.
+
+Three kernels, picked by :func:`attention` from the host-side ``meta.max_query_len``:
+
+* ``_attention_prefill_kernel`` (any step with a sequence of more than one query: prefill,
+  chunked prefill, prefix-cache hits, mixed prefill+decode). Grid
+  ``(num_seqs * cdiv(max_query_len, BLOCK_M), H)``: program ``(s * tiles + t, h)`` owns query
+  rows ``[t * BLOCK_M, (t + 1) * BLOCK_M)`` of sequence ``s`` and returns at once when the
+  sequence has fewer rows. It walks the context in key tiles of ``BLOCK_N`` positions, gathering
+  each position's page id from the block table (a tile may span several pages), stopping at the
+  tile's last causal position. ``tl.dot`` for QK^T and PV, online softmax in fp32 (exp2 with
+  ``scale * log2(e)`` folded in), one cast at the store.
+* ``_attention_decode_split_kernel`` + ``_attention_decode_merge_kernel`` (every sequence has at
+  most one query: ``max_query_len == 1``). Flash-decoding: grid ``(num_seqs, H, num_splits)``;
+  split ``s`` covers context positions ``[s * split_len, (s + 1) * split_len)`` with
+  ``split_len = pages_per_split * block_size`` and writes its partial (max, sum, acc) to an fp32
+  workspace; a split past the sequence's end writes the neutral partial (-inf, 0, 0). The merge
+  kernel (grid ``(num_seqs, H)``) rescales and sums the partials. With one query the scores are
+  a GEMV, so it uses broadcast-multiply-reduce in fp32 rather than ``tl.dot`` (no M >= 16 tile).
+* ``_attention_probs_kernel`` (:func:`attention_with_probs`, for inspection, not speed): the
+  prefill tiling done twice, a first pass for the row max and sum, a second that writes the
+  normalised probabilities and accumulates the output.
+
+**Split rule (graph-safe).** ``num_splits = clamp(cdiv(2 * 132, num_seqs * H), 1, max_blocks)``
+and ``pages_per_split = cdiv(max_blocks, num_splits)`` where ``max_blocks`` is the width of
+``block_tables``. Both depend only on tensor shapes (batch size, heads, table width), never on
+this step's lengths, so a CUDA graph captured for a batch-size bucket and a table width replays
+with any lengths. ``2 * 132`` asks for two waves' worth of programs on an H100's 132 SMs, so a
+batch of one sequence at GPT-2 124M (12 heads) uses 22 splits; from 22 sequences up the batch
+alone fills the GPU and there is one split (the merge then only divides by the sum).
+
+**tl.dot precision.** For fp16/bf16 the prefill operands stay in their storage dtype and the
+dot accumulates in fp32 (tensor cores, exact products); P is cast to the value dtype for PV, as
+in every flash attention (relative error 2^-11 (fp16) / 2^-8 (bf16) on P, inside the stated
+tolerances). For fp32 caches the tiles go through ``input_precision="ieee"``: the GPU default
+TF32 rounds operands to 10 mantissa bits (~1e-3 relative), which would break the fp32 ~1e-5
+contract; fp32 is the CPU/test dtype, not the GPU serving dtype, so accuracy wins over speed.
+(``input_precision`` is ignored for 16-bit operands.) The interpreter's bf16 ``tl.dot`` is wrong,
+so under ``TRITON_INTERPRET=1`` bf16 prefill tiles are upcast to fp32 (the ``DOT_FP32`` switch);
+the bf16 tensor-core path is therefore proven only by compiling it and by the ``gpu`` tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2fast.metadata import AttentionMetadata
+
+_NUM_SMS = 132  # H100 SXM; the split rule aims at two waves of programs on it
+# Prefill query rows per program; fp32 tiles (FMA dots, no tensor cores) spill at 64 on sm_80/sm_90.
+_BLOCK_M = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
+_BLOCK_N = 32  # key positions per inner-loop tile, gathered through the block table (max(_BLOCK_N, block_size))
+_NUM_WARPS = 4
+# The two-pass probs kernel: fp32 spills with 4 warps on sm_80, fp16/bf16 with 8.
+_PROBS_NUM_WARPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
+_MERGE_BLOCK_S = 16  # splits per merge-loop step: 16 x 64 fp32 partials over 2 warps, no spills
+_MERGE_NUM_WARPS = 2
+
+
+@triton.jit
+def _attention_prefill_kernel(
+    q_ptr,  # (T, H, D) queries, any strides (a view of the fused qkv is fine)
+    k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
+    v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
+    out_ptr,  # (T, H, D) output, any strides
+    cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
+    seq_lens_ptr,  # (B,) int32 context length including this step's queries
+    block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
+    scale,  # softmax scale (1 / sqrt(D) for GPT-2)
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    tiles_per_seq,  # cdiv(max_query_len, BLOCK_M)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache page
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # dot in fp32 with input_precision="ieee" (fp32 caches; bf16 under the interpreter)
+):
+    seq = tl.program_id(0) // tiles_per_seq
+    tile = tl.program_id(0) % tiles_per_seq
+    head = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    num_q = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= num_q:
+        return
+    context_len = tl.load(seq_lens_ptr + seq)
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query index within the sequence
+    row_ok = rows < num_q
+    q_pos = context_len - num_q + rows  # context position of each query (padding rows see everything)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp2 domain
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # Last key any valid row of this tile may see, +1; never past the context.
+    kv_end = tl.minimum(context_len - num_q + tl.minimum((tile + 1) * BLOCK_M, num_q), context_len)
+    table = block_tables_ptr + seq * stride_bt
+    for start in range(0, kv_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) context positions
+        pos_ok = pos < kv_end
+        page = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)  # (BLOCK_N,)
+        kv_off = page.to(tl.int64) * stride_kb + head * stride_kh + (pos % BLOCK_SIZE) * stride_kt
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N); "ieee": see top
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: position 0 is in the first tile of every row
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attention_decode_split_kernel(
+    q_ptr,  # (T, H, D) queries, at most one per sequence, any strides
+    k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
+    v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
+    part_ml_ptr,  # (B, H, num_splits, 2) fp32 workspace out: running max (log2 domain) and sum per split
+    part_acc_ptr,  # (B, H, num_splits, BLOCK_D) fp32 workspace out: unnormalised output per split
+    cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
+    seq_lens_ptr,  # (B,) int32 context lengths
+    block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
+    scale,  # softmax scale
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt,
+    stride_bt,
+    split_len,  # context positions per split: pages_per_split * BLOCK_SIZE
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    q_row = tl.load(cu_seqlens_ptr + seq)
+    has_query = tl.load(cu_seqlens_ptr + seq + 1) > q_row
+    context_len = tl.load(seq_lens_ptr + seq)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_mask = d < tl.where(has_query, HEAD_DIM, 0)  # row q_row may not exist when the sequence has no query
+    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + d * stride_qd, mask=q_mask, other=0.0)
+    q = q.to(tl.float32) * (scale * 1.4426950408889634)  # (BLOCK_D,), exp2 domain
+
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    split_start = split * split_len
+    split_end = tl.minimum(split_start + split_len, context_len)
+    split_end = tl.where(has_query, split_end, 0)  # a sequence without a query this step reads nothing
+    table = block_tables_ptr + seq * stride_bt
+    for start in range(split_start, split_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        pos_ok = pos < split_end
+        page = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kb + head * stride_kh + (pos % BLOCK_SIZE) * stride_kt
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1)  # (BLOCK_N,)
+        s = tl.where(pos_ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile holds a position < split_end
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    part = (seq * tl.num_programs(1) + head) * num_splits + split
+    tl.store(part_ml_ptr + part * 2, m_i)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i)
+    tl.store(part_acc_ptr + part * BLOCK_D + d, acc)
+
+
+@triton.jit
+def _attention_decode_merge_kernel(
+    part_ml_ptr,  # (B, H, num_splits, 2) fp32 partial max (log2 domain) and sum
+    part_acc_ptr,  # (B, H, num_splits, BLOCK_D) fp32 partial unnormalised outputs
+    out_ptr,  # (T, H, D) output, any strides
+    cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
+    num_splits,
+    stride_ot, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # splits merged per loop step (any num_splits works: registers stay bounded)
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(cu_seqlens_ptr + seq)
+    if tl.load(cu_seqlens_ptr + seq + 1) == q_row:
+        return
+    d = tl.arange(0, BLOCK_D)
+    first = (seq * tl.num_programs(1) + head) * num_splits
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        sp = start + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+        sp_ok = sp < num_splits
+        m = tl.load(part_ml_ptr + (first + sp) * 2, mask=sp_ok, other=float("-inf"))
+        l_s = tl.load(part_ml_ptr + (first + sp) * 2 + 1, mask=sp_ok, other=0.0)
+        part = tl.load(part_acc_ptr + (first + sp)[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
+        # Split 0 holds position 0, so m_new is finite from the first step on; empty splits weigh exp2(-inf) = 0.
+        m_new = tl.maximum(m_i, tl.max(m, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(m - m_new)  # (BLOCK_S,)
+        l_i = l_i * alpha + tl.sum(w * l_s, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, 0)
+        m_i = m_new
+    o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d * stride_od
+    tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _attention_probs_kernel(
+    q_ptr,  # (T, H, D) queries, any strides
+    k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
+    v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
+    out_ptr,  # (T, H, D) output, any strides
+    probs_ptr,  # (B, H, max_query_len, max_seq_len) fp32 out, zero-filled by the caller
+    cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
+    seq_lens_ptr,  # (B,) int32 context lengths
+    block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
+    scale,
+    stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt,
+    stride_ot, stride_oh, stride_od,
+    stride_bt,
+    stride_pb, stride_ph, stride_pq,
+    tiles_per_seq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    seq = tl.program_id(0) // tiles_per_seq
+    tile = tl.program_id(0) % tiles_per_seq
+    head = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    num_q = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= num_q:
+        return
+    context_len = tl.load(seq_lens_ptr + seq)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    row_ok = rows < num_q
+    q_pos = context_len - num_q + rows
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    qk_scale = scale * 1.4426950408889634
+    table = block_tables_ptr + seq * stride_bt
+
+    # Pass 1: row max and sum. Pass 2: normalised probabilities, stored and applied to V.
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, context_len, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pos_ok = pos < context_len
+        page = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kb + head * stride_kh + (pos % BLOCK_SIZE) * stride_kt
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    p_rows = probs_ptr + seq * stride_pb + head * stride_ph + rows[:, None] * stride_pq
+    for start in range(0, context_len, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pos_ok = pos < context_len
+        page = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kb + head * stride_kh + (pos % BLOCK_SIZE) * stride_kt
+        kv_mask = pos_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_ok[None, :], s, float("-inf"))
+        p = tl.exp2(s - m_i[:, None]) / l_i[:, None]  # (BLOCK_M, BLOCK_N), 0 above the diagonal
+        tl.store(p_rows + pos[None, :], p, mask=row_ok[:, None] & pos_ok[None, :])
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc += tl.dot(p, v, input_precision="ieee")
+    o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match in "
+                         "shape, strides and dtype")
+    if k_cache.dim() != 4 or k_cache.stride(3) != 1:
+        raise ValueError("caches must be (num_blocks, H, block_size, D) with a contiguous last dim")
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    if q.dtype not in _BLOCK_M:
+        raise ValueError(f"q has dtype {q.dtype}; the triton attention takes float32, float16 or bfloat16")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q ({q.dtype}) and the caches ({k_cache.dtype}) must share a dtype")
+    if q.dim() != 3 or q.shape[1:] != (n_head, head_dim):
+        raise ValueError(f"q must be (T, {n_head}, {head_dim}), got {tuple(q.shape)}")
+    return n_head, block_size, head_dim
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+
+
+def _block_n(block_size: int) -> int:
+    return max(_BLOCK_N, block_size)
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # The interpreter's bf16 tl.dot is wrong (error ~1e9 seen), so there bf16 tiles are upcast first.
+    interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting)
+
+
+def decode_splits(num_seqs: int, n_head: int, max_blocks: int) -> tuple[int, int]:
+    """``(num_splits, pages_per_split)`` for split-K decode; shapes only, so CUDA graphs replay.
+
+    Example:
+        >>> decode_splits(1, 12, 64), decode_splits(64, 12, 64), decode_splits(2, 12, 3)
+        ((22, 3), (1, 64), (3, 1))
+    """
+    wanted = triton.cdiv(2 * _NUM_SMS, max(num_seqs * n_head, 1))
+    num_splits = max(1, min(wanted, max_blocks))
+    pages_per_split = triton.cdiv(max(max_blocks, 1), num_splits)
+    return triton.cdiv(max(max_blocks, 1), pages_per_split), pages_per_split  # drop splits left empty by rounding
+
+
+def _prefill(q, k_cache, v_cache, meta, scale, out) -> None:
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    block_m = _BLOCK_M[q.dtype]
+    tiles = triton.cdiv(meta.max_query_len, block_m)
+    _attention_prefill_kernel[(meta.num_seqs * tiles, n_head)](
+        q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
+        *q.stride(), *k_cache.stride()[:3], *out.stride(), meta.block_tables.stride(0), tiles,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size, BLOCK_M=block_m,
+        BLOCK_N=_block_n(block_size), DOT_FP32=_dot_fp32(k_cache.dtype), num_warps=_NUM_WARPS,
+    )
+
+
+def _decode(q, k_cache, v_cache, meta, scale, out) -> None:
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    num_seqs, block_d = meta.num_seqs, _block_d(head_dim)
+    num_splits, pages_per_split = decode_splits(num_seqs, n_head, meta.block_tables.shape[1])
+    part_ml = torch.empty(num_seqs, n_head, num_splits, 2, dtype=torch.float32, device=q.device)
+    part_acc = torch.empty(num_seqs, n_head, num_splits, block_d, dtype=torch.float32, device=q.device)
+    _attention_decode_split_kernel[(num_seqs, n_head, num_splits)](
+        q, k_cache, v_cache, part_ml, part_acc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
+        *q.stride(), *k_cache.stride()[:3], meta.block_tables.stride(0), pages_per_split * block_size,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size),
+        num_warps=_NUM_WARPS,
+    )
+    _attention_decode_merge_kernel[(num_seqs, n_head)](
+        part_ml, part_acc, out, meta.cu_seqlens_q, num_splits, *out.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S, num_warps=_MERGE_NUM_WARPS,
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of every query over its sequence's paged cache; see :func:`gpt2fast.ops.reference.attention`.
+
+    ``q``: ``(T, H, D)`` with any strides; caches ``(num_blocks, H, block_size, D)``. Returns a new
+    ``(T, H, D)`` tensor in ``q.dtype``. Decode steps (``meta.max_query_len == 1``) take the split-K
+    path, everything else the varlen flash kernel.
+
+    Example (runs where Triton can: on CUDA, or on CPU under ``TRITON_INTERPRET=1``):
+        >>> import os
+        >>> from gpt2fast.ops import reference
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> if dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        ...     kc = torch.randn(4, 2, 16, 16, device=dev); vc = torch.randn_like(kc)
+        ...     meta = AttentionMetadata.build([[3, 1]], [20], [5], block_size=16, device=dev)
+        ...     q = torch.randn(5, 2, 16, device=dev)
+        ...     ok = torch.allclose(attention(q, kc, vc, meta, 0.25), reference.attention(q, kc, vc, meta, 0.25),
+        ...                         atol=1e-4)
+        ... else:
+        ...     ok = True
+        >>> ok
+        True
+    """
+    _check(q, k_cache, v_cache)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (T, H, D)
+    if q.shape[0] == 0 or meta.num_seqs == 0:
+        return out
+    if meta.max_query_len == 1:
+        _decode(q, k_cache, v_cache, meta, scale, out)
+    else:
+        _prefill(q, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+_PROBS_BLOCK_M = 16  # inspection path: small tiles keep the fp32 two-pass kernel in registers
+
+
+def attention_with_probs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` that also returns the softmax probabilities, for inspection (slow: two passes, fp32 dots).
+
+    Returns ``(out, probs)``: ``out`` ``(T, H, D)`` in ``q.dtype``; ``probs`` a padded fp32 tensor
+    ``(B, H, meta.max_query_len, meta.max_seq_len)`` where ``probs[b, h, i, j]`` is the weight query
+    ``i`` of sequence ``b`` gives context position ``j``; zero above the causal diagonal, for
+    ``i >= query_len[b]`` and for ``j >= seq_lens[b]``.
+
+    Example (runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``):
+        >>> import os
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> if dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        ...     kc = torch.randn(2, 1, 16, 16, device=dev); vc = torch.randn_like(kc)
+        ...     meta = AttentionMetadata.build([[1]], [4], [2], block_size=16, device=dev)
+        ...     out, probs = attention_with_probs(torch.randn(2, 1, 16, device=dev), kc, vc, meta, 0.25)
+        ...     shape, sums = tuple(probs.shape), probs.sum(-1).round(decimals=4).tolist()
+        ... else:
+        ...     shape, sums = (1, 1, 2, 4), [[[1.0, 1.0]]]
+        >>> shape, sums
+        ((1, 1, 2, 4), [[[1.0, 1.0]]])
+    """
+    n_head, block_size, head_dim = _check(q, k_cache, v_cache)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (T, H, D)
+    probs = torch.zeros(meta.num_seqs, n_head, meta.max_query_len, meta.max_seq_len, dtype=torch.float32,
+                        device=q.device)  # (B, H, max_q, max_L)
+    if q.shape[0] == 0 or meta.num_seqs == 0:
+        return out, probs
+    tiles = triton.cdiv(meta.max_query_len, _PROBS_BLOCK_M)
+    _attention_probs_kernel[(meta.num_seqs * tiles, n_head)](
+        q, k_cache, v_cache, out, probs, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
+        *q.stride(), *k_cache.stride()[:3], *out.stride(), meta.block_tables.stride(0), *probs.stride()[:3], tiles,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size, BLOCK_M=_PROBS_BLOCK_M,
+        BLOCK_N=_block_n(block_size), num_warps=_PROBS_NUM_WARPS[q.dtype],
+    )
+    return out, probs
+
+
+def _compile_variants() -> list[dict]:
+    """Every configuration the launchers above launch at GPT-2 shapes (all sizes have head_dim 64)."""
+    variants = []
+    head_dim = 64
+    block_d = _block_d(head_dim)
+    strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    for torch_dtype, dtype in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        ptr = f"*{dtype}"
+        tables = {"cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32"}
+        q_kv = {"q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr}
+        for block_size in (16, 32):
+            shape = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size))
+            variants.append(dict(
+                name=f"attention_prefill_{dtype}_bs{block_size}", fn=_attention_prefill_kernel,
+                signature={**q_kv, "out_ptr": ptr, **tables, "scale": "fp32",
+                           **strides("stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kt",
+                                     "stride_ot", "stride_oh", "stride_od", "stride_bt", "tiles_per_seq"),
+                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "DOT_FP32"),
+                                           "constexpr")},
+                constexprs={**shape, "BLOCK_M": _BLOCK_M[torch_dtype], "DOT_FP32": dtype == "fp32"},
+                num_warps=_NUM_WARPS,
+            ))
+            variants.append(dict(
+                name=f"attention_decode_split_{dtype}_bs{block_size}", fn=_attention_decode_split_kernel,
+                signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", **tables, "scale": "fp32",
+                           **strides("stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kt",
+                                     "stride_bt", "split_len"),
+                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N"), "constexpr")},
+                constexprs=shape, num_warps=_NUM_WARPS,
+            ))
+            variants.append(dict(
+                name=f"attention_probs_{dtype}_bs{block_size}", fn=_attention_probs_kernel,
+                signature={**q_kv, "out_ptr": ptr, "probs_ptr": "*fp32", **tables, "scale": "fp32",
+                           **strides("stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kt",
+                                     "stride_ot", "stride_oh", "stride_od", "stride_bt", "stride_pb", "stride_ph",
+                                     "stride_pq", "tiles_per_seq"),
+                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N"), "constexpr")},
+                constexprs={**shape, "BLOCK_M": _PROBS_BLOCK_M}, num_warps=_PROBS_NUM_WARPS[torch_dtype],
+            ))
+        variants.append(dict(
+            name=f"attention_decode_merge_{dtype}", fn=_attention_decode_merge_kernel,
+            signature={"part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": ptr, "cu_seqlens_ptr": "*i32",
+                       "num_splits": "i32", **strides("stride_ot", "stride_oh", "stride_od"),
+                       **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_S"), "constexpr")},
+            constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S), num_warps=_MERGE_NUM_WARPS,
+        ))
+    return variants
+
+
+# One entry per (kernel, dtype, block size) the launchers launch, for the AOT harness (aot.py).
+COMPILE_VARIANTS: list[dict] = _compile_variants()
