@@ -158,6 +158,14 @@ def test_non_contiguous_q(query_lens, dtype):
     check(*case, dtype)
 
 
+def test_q_strided_along_head_dim():
+    """A q whose last dim is not unit-stride is copied first (the kernels assume unit stride along D)."""
+    q, kc, vc, meta = make_case([20, 9], [4, 9], block_size=16, seed=15)
+    wide = torch.randn(q.shape[0], q.shape[1], 2 * q.shape[2], device=DEVICE)  # (T, H, 2*D)
+    wide[..., ::2] = q
+    check(wide[..., ::2], kc, vc, meta, torch.float32)
+
+
 def reference_probs(q, k_cache, v_cache, meta, scale):
     """(B, H, max_q, max_L) fp32: softmax of the masked, scaled QK^T, gathered naively through the block tables."""
     n_head, block_size, head_dim = k_cache.shape[1:]
@@ -175,10 +183,12 @@ def reference_probs(q, k_cache, v_cache, meta, scale):
     return probs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_attention_with_probs(dtype):
+@pytest.mark.parametrize("dtype, block_size", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 32)],
+                         ids=["fp32-bs16", "bf16-bs16", "fp32-bs32"])
+def test_attention_with_probs(dtype, block_size):
+    """Probs sum to 1, vanish above the diagonal and in the padding, equal softmax(masked QK^T * scale)."""
     seq_lens, query_lens = [17, 40, 5, 33], [17, 9, 1, 0]
-    q, kc, vc, meta = make_case(seq_lens, query_lens, block_size=16, dtype=dtype, seed=17)
+    q, kc, vc, meta = make_case(seq_lens, query_lens, block_size=block_size, dtype=dtype, seed=17)
     scale = 0.3
     out, probs = attention_with_probs(q, kc, vc, meta, scale)
     assert probs.shape == (4, 2, meta.max_query_len, meta.max_seq_len) and probs.dtype == torch.float32

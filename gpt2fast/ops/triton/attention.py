@@ -59,25 +59,27 @@ _NUM_SMS = 132  # H100 SXM; the split rule aims at two waves of programs on it
 _BLOCK_M = {torch.float32: 32, torch.float16: 64, torch.bfloat16: 64}
 _BLOCK_N = 32  # key positions per inner-loop tile, gathered through the block table (max(_BLOCK_N, block_size))
 _NUM_WARPS = 4
-# The two-pass probs kernel: fp32 spills with 4 warps on sm_80, fp16/bf16 with 8.
-_PROBS_NUM_WARPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
+# The two-pass fp32 probs kernel: 16 x 16 tiles over 8 warps are the shape seen spill-free for every
+# dtype on sm_80 and sm_90 (32-wide key tiles spilled a few bytes for some dtype/arch pairs).
+_PROBS_NUM_WARPS = 8
+_PROBS_BLOCK_N = 16
 _MERGE_BLOCK_S = 16  # splits per merge-loop step: 16 x 64 fp32 partials over 2 warps, no spills
 _MERGE_NUM_WARPS = 2
 
 
 @triton.jit
 def _attention_prefill_kernel(
-    q_ptr,  # (T, H, D) queries, any strides (a view of the fused qkv is fine)
+    q_ptr,  # (T, H, D) queries, unit stride along D (a view of the fused qkv is fine)
     k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
-    out_ptr,  # (T, H, D) output, any strides
+    out_ptr,  # (T, H, D) output, unit stride along D
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     seq_lens_ptr,  # (B,) int32 context length including this step's queries
     block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
     scale,  # softmax scale (1 / sqrt(D) for GPT-2)
-    stride_qt, stride_qh, stride_qd,
+    stride_qt, stride_qh,
     stride_kb, stride_kh, stride_kt,
-    stride_ot, stride_oh, stride_od,
+    stride_ot, stride_oh,
     stride_bt,
     tiles_per_seq,  # cdiv(max_query_len, BLOCK_M)
     HEAD_DIM: tl.constexpr,
@@ -101,7 +103,7 @@ def _attention_prefill_kernel(
     q_pos = context_len - num_q + rows  # context position of each query (padding rows see everything)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd
+    q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -135,13 +137,13 @@ def _attention_prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     out = acc / l_i[:, None]
-    o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od
+    o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _attention_decode_split_kernel(
-    q_ptr,  # (T, H, D) queries, at most one per sequence, any strides
+    q_ptr,  # (T, H, D) queries, at most one per sequence, unit stride along D
     k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
     part_ml_ptr,  # (B, H, num_splits, 2) fp32 workspace out: running max (log2 domain) and sum per split
@@ -150,7 +152,7 @@ def _attention_decode_split_kernel(
     seq_lens_ptr,  # (B,) int32 context lengths
     block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
     scale,  # softmax scale
-    stride_qt, stride_qh, stride_qd,
+    stride_qt, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_bt,
     split_len,  # context positions per split: pages_per_split * BLOCK_SIZE
@@ -169,7 +171,7 @@ def _attention_decode_split_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q_mask = d < tl.where(has_query, HEAD_DIM, 0)  # row q_row may not exist when the sequence has no query
-    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + d * stride_qd, mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + d, mask=q_mask, other=0.0)
     q = q.to(tl.float32) * (scale * 1.4426950408889634)  # (BLOCK_D,), exp2 domain
 
     m_i = float("-inf")
@@ -205,10 +207,10 @@ def _attention_decode_split_kernel(
 def _attention_decode_merge_kernel(
     part_ml_ptr,  # (B, H, num_splits, 2) fp32 partial max (log2 domain) and sum
     part_acc_ptr,  # (B, H, num_splits, BLOCK_D) fp32 partial unnormalised outputs
-    out_ptr,  # (T, H, D) output, any strides
+    out_ptr,  # (T, H, D) output, unit stride along D
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     num_splits,
-    stride_ot, stride_oh, stride_od,
+    stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,  # splits merged per loop step (any num_splits works: registers stay bounded)
@@ -236,24 +238,24 @@ def _attention_decode_merge_kernel(
         l_i = l_i * alpha + tl.sum(w * l_s, 0)
         acc = acc * alpha + tl.sum(w[:, None] * part, 0)
         m_i = m_new
-    o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d * stride_od
+    o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d
     tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
 def _attention_probs_kernel(
-    q_ptr,  # (T, H, D) queries, any strides
+    q_ptr,  # (T, H, D) queries, unit stride along D
     k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
-    out_ptr,  # (T, H, D) output, any strides
+    out_ptr,  # (T, H, D) output, unit stride along D
     probs_ptr,  # (B, H, max_query_len, max_seq_len) fp32 out, zero-filled by the caller
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     seq_lens_ptr,  # (B,) int32 context lengths
     block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
     scale,
-    stride_qt, stride_qh, stride_qd,
+    stride_qt, stride_qh,
     stride_kb, stride_kh, stride_kt,
-    stride_ot, stride_oh, stride_od,
+    stride_ot, stride_oh,
     stride_bt,
     stride_pb, stride_ph, stride_pq,
     tiles_per_seq,
@@ -276,7 +278,7 @@ def _attention_probs_kernel(
     q_pos = context_len - num_q + rows
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :] * stride_qd
+    q_ptrs = q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
     qk_scale = scale * 1.4426950408889634
     table = block_tables_ptr + seq * stride_bt
@@ -310,7 +312,7 @@ def _attention_probs_kernel(
         tl.store(p_rows + pos[None, :], p, mask=row_ok[:, None] & pos_ok[None, :])
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         acc += tl.dot(p, v, input_precision="ieee")
-    o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :] * stride_od
+    o_ptrs = out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -335,6 +337,8 @@ def _block_d(head_dim: int) -> int:
 
 
 def _block_n(block_size: int) -> int:
+    # Any tile width works (each position gathers its own page id); a page per tile at least keeps
+    # big pages from costing a page-id load per few positions.
     return max(_BLOCK_N, block_size)
 
 
@@ -363,7 +367,7 @@ def _prefill(q, k_cache, v_cache, meta, scale, out) -> None:
     tiles = triton.cdiv(meta.max_query_len, block_m)
     _attention_prefill_kernel[(meta.num_seqs * tiles, n_head)](
         q, k_cache, v_cache, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
-        *q.stride(), *k_cache.stride()[:3], *out.stride(), meta.block_tables.stride(0), tiles,
+        *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2], meta.block_tables.stride(0), tiles,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=_block_n(block_size), DOT_FP32=_dot_fp32(k_cache.dtype), num_warps=_NUM_WARPS,
     )
@@ -377,12 +381,12 @@ def _decode(q, k_cache, v_cache, meta, scale, out) -> None:
     part_acc = torch.empty(num_seqs, n_head, num_splits, block_d, dtype=torch.float32, device=q.device)
     _attention_decode_split_kernel[(num_seqs, n_head, num_splits)](
         q, k_cache, v_cache, part_ml, part_acc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
-        *q.stride(), *k_cache.stride()[:3], meta.block_tables.stride(0), pages_per_split * block_size,
+        *q.stride()[:2], *k_cache.stride()[:3], meta.block_tables.stride(0), pages_per_split * block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size),
         num_warps=_NUM_WARPS,
     )
     _attention_decode_merge_kernel[(num_seqs, n_head)](
-        part_ml, part_acc, out, meta.cu_seqlens_q, num_splits, *out.stride(),
+        part_ml, part_acc, out, meta.cu_seqlens_q, num_splits, *out.stride()[:2],
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S, num_warps=_MERGE_NUM_WARPS,
     )
 
@@ -396,9 +400,11 @@ def attention(
 ) -> torch.Tensor:
     """Causal attention of every query over its sequence's paged cache; see :func:`gpt2fast.ops.reference.attention`.
 
-    ``q``: ``(T, H, D)`` with any strides; caches ``(num_blocks, H, block_size, D)``. Returns a new
-    ``(T, H, D)`` tensor in ``q.dtype``. Decode steps (``meta.max_query_len == 1``) take the split-K
-    path, everything else the varlen flash kernel.
+    ``q``: ``(T, H, D)`` with any row/head strides (a view of the fused qkv; a non-unit stride along D
+    is copied first); caches ``(num_blocks, H, block_size, D)``. Returns a new ``(T, H, D)`` tensor in
+    ``q.dtype``. Decode steps (``meta.max_query_len == 1``) take the split-K path (it allocates its
+    fp32 partials with torch, from the graph's pool under CUDA-graph capture), everything else the
+    varlen flash kernel.
 
     Example (runs where Triton can: on CUDA, or on CPU under ``TRITON_INTERPRET=1``):
         >>> import os
@@ -416,6 +422,7 @@ def attention(
         True
     """
     _check(q, k_cache, v_cache)
+    q = q if q.stride(2) == 1 else q.contiguous()  # kernels take row/head strides, unit stride along D
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (T, H, D)
     if q.shape[0] == 0 or meta.num_seqs == 0:
         return out
@@ -457,6 +464,7 @@ def attention_with_probs(
         ((1, 1, 2, 4), [[[1.0, 1.0]]])
     """
     n_head, block_size, head_dim = _check(q, k_cache, v_cache)
+    q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (T, H, D)
     probs = torch.zeros(meta.num_seqs, n_head, meta.max_query_len, meta.max_seq_len, dtype=torch.float32,
                         device=q.device)  # (B, H, max_q, max_L)
@@ -465,19 +473,26 @@ def attention_with_probs(
     tiles = triton.cdiv(meta.max_query_len, _PROBS_BLOCK_M)
     _attention_probs_kernel[(meta.num_seqs * tiles, n_head)](
         q, k_cache, v_cache, out, probs, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
-        *q.stride(), *k_cache.stride()[:3], *out.stride(), meta.block_tables.stride(0), *probs.stride()[:3], tiles,
+        *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2], meta.block_tables.stride(0),
+        *probs.stride()[:3], tiles,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size, BLOCK_M=_PROBS_BLOCK_M,
-        BLOCK_N=_block_n(block_size), num_warps=_PROBS_NUM_WARPS[q.dtype],
+        BLOCK_N=_PROBS_BLOCK_N, num_warps=_PROBS_NUM_WARPS,
     )
     return out, probs
 
 
 def _compile_variants() -> list[dict]:
-    """Every configuration the launchers above launch at GPT-2 shapes (all sizes have head_dim 64)."""
+    """Every configuration the launchers above launch at GPT-2 shapes (all sizes have head_dim 64).
+
+    Keys as ``aot.py`` reads them: ``name, fn, signature, constexprs, num_warps, divisible_by_16``.
+    """
     variants = []
     head_dim = 64
     block_d = _block_d(head_dim)
     strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    # Strides the JIT sees as multiples of 16 at GPT-2 shapes (head_dim 64), so the AOT build vectorises alike.
+    qkv_strides = ("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt")
+    qkvo_strides = qkv_strides + ("stride_ot", "stride_oh")
     for torch_dtype, dtype in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         ptr = f"*{dtype}"
         tables = {"cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32"}
@@ -487,36 +502,39 @@ def _compile_variants() -> list[dict]:
             variants.append(dict(
                 name=f"attention_prefill_{dtype}_bs{block_size}", fn=_attention_prefill_kernel,
                 signature={**q_kv, "out_ptr": ptr, **tables, "scale": "fp32",
-                           **strides("stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kt",
-                                     "stride_ot", "stride_oh", "stride_od", "stride_bt", "tiles_per_seq"),
+                           **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
+                                     "stride_ot", "stride_oh", "stride_bt", "tiles_per_seq"),
                            **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N", "DOT_FP32"),
                                            "constexpr")},
                 constexprs={**shape, "BLOCK_M": _BLOCK_M[torch_dtype], "DOT_FP32": dtype == "fp32"},
-                num_warps=_NUM_WARPS,
+                num_warps=_NUM_WARPS, divisible_by_16=qkvo_strides,
             ))
             variants.append(dict(
                 name=f"attention_decode_split_{dtype}_bs{block_size}", fn=_attention_decode_split_kernel,
                 signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", **tables, "scale": "fp32",
-                           **strides("stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kt",
+                           **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
                                      "stride_bt", "split_len"),
                            **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N"), "constexpr")},
-                constexprs=shape, num_warps=_NUM_WARPS,
+                constexprs=shape, num_warps=_NUM_WARPS, divisible_by_16=qkv_strides + ("split_len",),
             ))
             variants.append(dict(
                 name=f"attention_probs_{dtype}_bs{block_size}", fn=_attention_probs_kernel,
                 signature={**q_kv, "out_ptr": ptr, "probs_ptr": "*fp32", **tables, "scale": "fp32",
-                           **strides("stride_qt", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_kt",
-                                     "stride_ot", "stride_oh", "stride_od", "stride_bt", "stride_pb", "stride_ph",
+                           **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
+                                     "stride_ot", "stride_oh", "stride_bt", "stride_pb", "stride_ph",
                                      "stride_pq", "tiles_per_seq"),
                            **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_M", "BLOCK_N"), "constexpr")},
-                constexprs={**shape, "BLOCK_M": _PROBS_BLOCK_M}, num_warps=_PROBS_NUM_WARPS[torch_dtype],
+                constexprs={**shape, "BLOCK_M": _PROBS_BLOCK_M, "BLOCK_N": _PROBS_BLOCK_N},
+                num_warps=_PROBS_NUM_WARPS,
+                divisible_by_16=qkvo_strides,
             ))
         variants.append(dict(
             name=f"attention_decode_merge_{dtype}", fn=_attention_decode_merge_kernel,
             signature={"part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": ptr, "cu_seqlens_ptr": "*i32",
-                       "num_splits": "i32", **strides("stride_ot", "stride_oh", "stride_od"),
+                       "num_splits": "i32", **strides("stride_ot", "stride_oh"),
                        **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_S"), "constexpr")},
             constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S), num_warps=_MERGE_NUM_WARPS,
+            divisible_by_16=("stride_ot", "stride_oh"),
         ))
     return variants
 
