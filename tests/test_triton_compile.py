@@ -1,0 +1,60 @@
+"""Every Triton kernel variant the launchers can launch compiles for sm_80 and sm_90 with no register
+spills and shared memory within the GPU's per-block limit.
+
+No GPU needed: ``gpt2fast.ops.triton.aot`` compiles with ``triton.compile(..., GPUTarget("cuda",
+arch, 32))`` and reads the cubin. This process runs the interpreter (conftest), so the compiling
+happens in a fresh process, once per kernel (all its variants, both arches) and is shared by
+that kernel's tests. Triton caches compiled kernels, so a second run is quick.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt2fast.ops.triton import available, unavailable_reason
+
+pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
+
+if available():
+    from gpt2fast.ops.triton.aot import ARCHES, SHARED_LIMIT, all_variants, compile_all
+
+    VARIANTS = {v["name"]: v for v in all_variants()}
+else:
+    ARCHES, VARIANTS = (), {}
+
+
+@pytest.fixture(scope="module")
+def resources():
+    """``resources(name, arch)`` -> ``compile_variant``'s dict; compiles a kernel's whole variant list at once."""
+    done: dict[tuple[str, int], dict] = {}
+
+    def get(name: str, arch: int) -> dict:
+        if (name, arch) not in done:
+            kernel = VARIANTS[name]["fn"]
+            siblings = [v for v in VARIANTS.values() if v["fn"] is kernel]
+            for row in compile_all(siblings, ARCHES):
+                done[row["name"], row["arch"]] = row
+        return done[name, arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_compiles_without_spills_within_shared_memory(resources, name, arch):
+    r = resources(name, arch)
+    assert (r["spill_stores"], r["spill_loads"]) == (0, 0), f"{name} spills on sm_{arch}: {r}"
+    assert r["registers"] <= 255
+    assert r["shared"] <= SHARED_LIMIT[arch], f"{name} needs {r['shared']} B of shared memory on sm_{arch}"
+
+
+def test_every_kernel_module_lists_variants():
+    from gpt2fast.ops.triton.aot import kernel_modules
+
+    modules = kernel_modules()
+    assert {"gpt2fast.ops.triton.layer_norm", "gpt2fast.ops.triton.embed", "gpt2fast.ops.triton.write_kv"} <= set(
+        modules
+    )
+    for variant in VARIANTS.values():
+        assert set(variant) >= {"name", "fn", "signature", "constexprs", "num_warps"}, variant["name"]
+        assert all(variant["signature"][k] == "constexpr" for k in variant["constexprs"]), variant["name"]
