@@ -19,19 +19,24 @@ Three kernels, picked by :func:`attention` from the host-side ``meta.max_query_l
   split ``s`` covers context positions ``[s * split_len, (s + 1) * split_len)`` with
   ``split_len = pages_per_split * block_size`` and writes its partial (max, sum, acc) to an fp32
   workspace; a split past the sequence's end writes the neutral partial (-inf, 0, 0). The merge
-  kernel (grid ``(num_seqs, H)``) rescales and sums the partials. With one query the scores are
-  a GEMV, so it uses broadcast-multiply-reduce in fp32 rather than ``tl.dot`` (no M >= 16 tile).
+  kernel (grid ``(num_seqs, H)``) rescales and sums the partials, 16 splits per loop step. With
+  one split (``WRITE_OUT``) the split kernel normalises and stores the output itself: no
+  workspace round trip, no second launch. With one query the scores are a GEMV, so it uses
+  broadcast-multiply-reduce in fp32 rather than ``tl.dot`` (no M >= 16 tile).
 * ``_attention_probs_kernel`` (:func:`attention_with_probs`, for inspection, not speed): the
   prefill tiling done twice, a first pass for the row max and sum, a second that writes the
   normalised probabilities and accumulates the output.
 
 **Split rule (graph-safe).** ``num_splits = clamp(cdiv(2 * 132, num_seqs * H), 1, max_blocks)``
-and ``pages_per_split = cdiv(max_blocks, num_splits)`` where ``max_blocks`` is the width of
-``block_tables``. Both depend only on tensor shapes (batch size, heads, table width), never on
-this step's lengths, so a CUDA graph captured for a batch-size bucket and a table width replays
-with any lengths. ``2 * 132`` asks for two waves' worth of programs on an H100's 132 SMs, so a
-batch of one sequence at GPT-2 124M (12 heads) uses 22 splits; from 22 sequences up the batch
-alone fills the GPU and there is one split (the merge then only divides by the sum).
+and ``pages_per_split = cdiv(max_blocks, num_splits)`` (then ``num_splits`` is recomputed as
+``cdiv(max_blocks, pages_per_split)`` so no split is empty for every sequence), where
+``max_blocks`` is the width of ``block_tables``. Both depend only on tensor shapes (batch size,
+heads, table width), never on this step's lengths, so a CUDA graph captured for a batch-size
+bucket replays with any lengths, provided the runner pads ``block_tables`` to a fixed width
+(``n_positions / block_size``: 64 for GPT-2 at block 16) rather than to this step's widest
+table as ``AttentionMetadata.build`` does. ``2 * 132`` asks for two waves of programs on an
+H100's 132 SMs, so one sequence at GPT-2 124M (12 heads, 64-page tables) runs 22 splits of 3
+pages; from 22 sequences up the batch alone fills the GPU, there is one split and no merge.
 
 **tl.dot precision.** For fp16/bf16 the prefill operands stay in their storage dtype and the
 dot accumulates in fp32 (tensor cores, exact products); P is cast to the value dtype for PV, as
@@ -148,18 +153,21 @@ def _attention_decode_split_kernel(
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
     part_ml_ptr,  # (B, H, num_splits, 2) fp32 workspace out: running max (log2 domain) and sum per split
     part_acc_ptr,  # (B, H, num_splits, BLOCK_D) fp32 workspace out: unnormalised output per split
+    out_ptr,  # (T, H, D) output, unit stride along D; written instead of the workspace when WRITE_OUT
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     seq_lens_ptr,  # (B,) int32 context lengths
     block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
     scale,  # softmax scale
     stride_qt, stride_qh,
     stride_kb, stride_kh, stride_kt,
+    stride_ot, stride_oh,
     stride_bt,
     split_len,  # context positions per split: pages_per_split * BLOCK_SIZE
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WRITE_OUT: tl.constexpr,  # one split (the batch alone fills the GPU): normalise and store, no merge launch
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -197,10 +205,15 @@ def _attention_decode_split_kernel(
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
-    part = (seq * tl.num_programs(1) + head) * num_splits + split
-    tl.store(part_ml_ptr + part * 2, m_i)
-    tl.store(part_ml_ptr + part * 2 + 1, l_i)
-    tl.store(part_acc_ptr + part * BLOCK_D + d, acc)
+    if WRITE_OUT:
+        o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d
+        l_i = tl.where(has_query, l_i, 1.0)  # an idle sequence stores nothing; avoid computing 0 / 0
+        tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        part = (seq * tl.num_programs(1) + head) * num_splits + split
+        tl.store(part_ml_ptr + part * 2, m_i)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i)
+        tl.store(part_acc_ptr + part * BLOCK_D + d, acc)
 
 
 @triton.jit
@@ -377,14 +390,19 @@ def _decode(q, k_cache, v_cache, meta, scale, out) -> None:
     n_head, block_size, head_dim = k_cache.shape[1:]
     num_seqs, block_d = meta.num_seqs, _block_d(head_dim)
     num_splits, pages_per_split = decode_splits(num_seqs, n_head, meta.block_tables.shape[1])
-    part_ml = torch.empty(num_seqs, n_head, num_splits, 2, dtype=torch.float32, device=q.device)
-    part_acc = torch.empty(num_seqs, n_head, num_splits, block_d, dtype=torch.float32, device=q.device)
+    write_out = num_splits == 1
+    workspace = 1 if write_out else num_seqs * n_head * num_splits  # 1: a valid, unused pointer
+    part_ml = torch.empty(workspace, 2, dtype=torch.float32, device=q.device)  # (B * H * splits, 2)
+    part_acc = torch.empty(workspace, block_d, dtype=torch.float32, device=q.device)  # (B * H * splits, BLOCK_D)
     _attention_decode_split_kernel[(num_seqs, n_head, num_splits)](
-        q, k_cache, v_cache, part_ml, part_acc, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
-        *q.stride()[:2], *k_cache.stride()[:3], meta.block_tables.stride(0), pages_per_split * block_size,
+        q, k_cache, v_cache, part_ml, part_acc, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
+        *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2], meta.block_tables.stride(0),
+        pages_per_split * block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size),
-        num_warps=_NUM_WARPS,
+        WRITE_OUT=write_out, num_warps=_NUM_WARPS,
     )
+    if write_out:
+        return
     _attention_decode_merge_kernel[(num_seqs, n_head)](
         part_ml, part_acc, out, meta.cu_seqlens_q, num_splits, *out.stride()[:2],
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S, num_warps=_MERGE_NUM_WARPS,
@@ -509,14 +527,19 @@ def _compile_variants() -> list[dict]:
                 constexprs={**shape, "BLOCK_M": _BLOCK_M[torch_dtype], "DOT_FP32": dtype == "fp32"},
                 num_warps=_NUM_WARPS, divisible_by_16=qkvo_strides,
             ))
-            variants.append(dict(
-                name=f"attention_decode_split_{dtype}_bs{block_size}", fn=_attention_decode_split_kernel,
-                signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", **tables, "scale": "fp32",
-                           **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
-                                     "stride_bt", "split_len"),
-                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N"), "constexpr")},
-                constexprs=shape, num_warps=_NUM_WARPS, divisible_by_16=qkv_strides + ("split_len",),
-            ))
+            for write_out in (False, True):
+                variants.append(dict(
+                    name=f"attention_decode_{'single' if write_out else 'split'}_{dtype}_bs{block_size}",
+                    fn=_attention_decode_split_kernel,
+                    signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": ptr, **tables,
+                               "scale": "fp32",
+                               **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
+                                         "stride_ot", "stride_oh", "stride_bt", "split_len"),
+                               **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N", "WRITE_OUT"),
+                                               "constexpr")},
+                    constexprs={**shape, "WRITE_OUT": write_out}, num_warps=_NUM_WARPS,
+                    divisible_by_16=qkvo_strides + ("split_len",),
+                ))
             variants.append(dict(
                 name=f"attention_probs_{dtype}_bs{block_size}", fn=_attention_probs_kernel,
                 signature={**q_kv, "out_ptr": ptr, "probs_ptr": "*fp32", **tables, "scale": "fp32",
