@@ -38,6 +38,23 @@ table as ``AttentionMetadata.build`` does. ``2 * 132`` asks for two waves of pro
 H100's 132 SMs, so one sequence at GPT-2 124M (12 heads, 64-page tables) runs 22 splits of 3
 pages; from 22 sequences up the batch alone fills the GPU, there is one split and no merge.
 
+**Napkin math (decode, GPT-2 124M: 12 heads x 64, fp16, 64-page tables at block 16; one layer).**
+Bytes = K and V of every context token (``2 * B * L * 12 * 64 * 2``) + q and out + tables + fp32
+partials written and read back (``2 * B * 12 * splits * 66 * 4``, only when splits > 1). At the
+H100's 3.35 TB/s:
+
+==========  =======  ==========  ==========  ========  ==========
+batch       context  splits      KV bytes    total     roofline
+==========  =======  ==========  ==========  ========  ==========
+1           128      22 (3 pg)   0.39 MB     0.54 MB   0.16 us
+1           1024     22 (3 pg)   3.15 MB     3.29 MB   0.98 us
+64          128      1           25.2 MB     25.4 MB   7.6 us
+64          1024     1           201.3 MB    201.5 MB  60.2 us
+==========  =======  ==========  ==========  ========  ==========
+
+At batch 1 the floor is far below two launches' latency (a few us): splits there buy parallelism,
+not bandwidth, and the 139 KB of partials is the price of a grid fixed by shapes.
+
 **tl.dot precision.** For fp16/bf16 the prefill operands stay in their storage dtype and the
 dot accumulates in fp32 (tensor cores, exact products); P is cast to the value dtype for PV, as
 in every flash attention (relative error 2^-11 (fp16) / 2^-8 (bf16) on P, inside the stated
