@@ -3,8 +3,9 @@ spills and shared memory within the GPU's per-block limit.
 
 No GPU needed: ``gpt2fast.ops.triton.aot`` compiles with ``triton.compile(..., GPUTarget("cuda",
 arch, 32))`` and reads the cubin. This process runs the interpreter (conftest), so the compiling
-happens in a fresh process, once per kernel (all its variants, both arches) and is shared by
-that kernel's tests. Triton caches compiled kernels, so a second run is quick.
+happens in a fresh process, once per kernel module (all its variants, both arches: one Python
+start-up per module, not per variant) and is shared by that module's tests. Triton caches
+compiled kernels, so a second run mostly pays for those start-ups and a ``ptxas -v`` per variant.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ else:
     ARCHES, VARIANTS = (), {}
 
 
+def _module(variant: dict) -> str:
+    kernel = variant["fn"]
+    return getattr(kernel, "fn", kernel).__module__  # JITFunction and the interpreter's object both wrap .fn
+
+
 @pytest.fixture(scope="module")
 def resources():
-    """``resources(name, arch)`` -> ``compile_variant``'s dict; compiles a kernel's whole variant list at once."""
+    """``resources(name, arch)`` -> ``compile_variant``'s dict; compiles a module's whole variant list at once."""
     done: dict[tuple[str, int], dict] = {}
 
     def get(name: str, arch: int) -> dict:
         if (name, arch) not in done:
-            kernel = VARIANTS[name]["fn"]
-            siblings = [v for v in VARIANTS.values() if v["fn"] is kernel]
+            module = _module(VARIANTS[name])
+            siblings = [v for v in VARIANTS.values() if _module(v) == module]
             for row in compile_all(siblings, ARCHES):
                 done[row["name"], row["arch"]] = row
         return done[name, arch]
