@@ -85,22 +85,30 @@ def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, w
     return out
 
 
-def _variant(index: str, dtype: str) -> dict:
+def _variant(index: str, dtype: str, unit_stride: bool) -> dict:
+    signature = dict(
+        ids_ptr=f"*{index}", pos_ptr=f"*{index}", wte_ptr=f"*{dtype}", wpe_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
+        ids_stride="i32", pos_stride="i32", wte_row_stride="i32", wpe_row_stride="i32", n_cols="i32",
+        BLOCK="constexpr",
+    )  # fmt: skip
+    constexprs = dict(BLOCK=BLOCK)
+    if unit_stride:  # the JIT turns an int argument equal to 1 into a constant
+        signature.update(ids_stride="constexpr", pos_stride="constexpr")
+        constexprs.update(ids_stride=1, pos_stride=1)
     return dict(
-        name=f"embed_{index}_{dtype}",
+        name=f"embed_{index}_{dtype}{'' if unit_stride else '_strided_ids'}",
         fn=_embed_kernel,
-        signature=dict(
-            ids_ptr=f"*{index}", pos_ptr=f"*{index}", wte_ptr=f"*{dtype}", wpe_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
-            ids_stride="i32", pos_stride="i32", wte_row_stride="i32", wpe_row_stride="i32", n_cols="i32",
-            BLOCK="constexpr",
-        ),  # fmt: skip
-        constexprs=dict(BLOCK=BLOCK),
+        signature=signature,
+        constexprs=constexprs,
         num_warps=NUM_WARPS,
         divisible_by_16=("wte_row_stride", "wpe_row_stride", "n_cols"),  # GPT-2 widths are multiples of 16
     )
 
 
-# every (index dtype, float dtype) the launcher accepts
+# every (index dtype, float dtype) the launcher accepts, with contiguous ids (the engine's case) or strided
 COMPILE_VARIANTS: list[dict] = [
-    _variant(index, dtype) for index in INDEX_TYPES.values() for dtype in FLOAT_TYPES.values()
+    _variant(index, dtype, unit_stride)
+    for unit_stride in (True, False)
+    for index in INDEX_TYPES.values()
+    for dtype in FLOAT_TYPES.values()
 ]
