@@ -1,0 +1,315 @@
+"""Linear ``y = x @ weight.T (+ bias) (-> tanh-GELU) (+ residual)`` with the epilogue fused.
+
+Same signature and semantics as ``ops.reference.linear``: ``x`` (T, K), ``weight`` (N, K) (out, in, like
+``nn.Linear``), result (T, N) in ``x.dtype``, fp32 accumulation, GPT-2's tanh-GELU, then ``+ residual``.
+
+Two shapes of work, chosen by the number of rows ``T``:
+
+- **prefill** (``T > DECODE_MAX_ROWS``): ``_linear_kernel``, ``tl.dot`` tiles of
+  ``BLOCK_M x BLOCK_N`` over the output, a K loop of ``BLOCK_K``, the epilogue applied to the fp32
+  accumulator before the single store. One tile config per dtype (fp32: 64x64x32, 4 warps;
+  fp16/bf16: 128x128x64, 8 warps; 3 pipeline stages): no autotuning until a GPU measures, so the
+  interpreter and every device run the same deterministic config.
+- **decode** (``T <= DECODE_MAX_ROWS`` = 16): memory-bound, the weight is the traffic. A two-phase
+  split-K GEMV without atomics: ``_linear_splitk_kernel`` gives each program a
+  ``BLOCK_N_DECODE`` (32) slice of the outputs times one K chunk, streams that weight slice once
+  (32 rows x 128 contiguous elements = 8 KB fp16 per step) against all T <= 16 rows (one ``tl.dot`` with
+  M padded to 16) and writes fp32 partials to a workspace ``(S, T, N)``; ``_linear_epilogue_kernel``
+  sums the S partials in a fixed order (deterministic, unlike atomics), applies the epilogue and
+  casts. The split S is the smallest that gives ~``TARGET_PROGRAMS`` (2 x 132 H100 SMs) programs,
+  in whole ``BLOCK_K`` steps: 768->768 runs 24 N-slices x 6 splits = 144 programs,
+  768->2304 72 x 3 = 216, 768->3072 96 x 3 = 288, 3072->768 24 x 8 = 192 -- every SM gets a
+  program, where one program per 32-wide N slice would leave 108 of 132 SMs idle at N=768.
+  The workspace read-back is S x T x N x 4 bytes (<= 0.4 MB at T=16): small next to the weight.
+  The split rule does not depend on the device, so results are the same bits everywhere.
+
+``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (the GPU default is TF32, whose
+10-bit mantissa would break the ~1e-5 agreement with the fp32 reference that CPU-dtype models rely on);
+fp16/bf16 inputs take the default tensor-core path (fp32 accumulation). The interpreter gets bf16
+``tl.dot`` wrong, so under ``TRITON_INTERPRET`` bf16 tiles are upcast to fp32 first (exact there).
+
+``x`` may have strided rows (``x[::2]``); ``weight``, ``bias`` and ``residual`` must have a contiguous
+last dim, and all tensors one dtype (fp32, fp16 or bf16). ``bias=None`` and ``residual=None`` are
+runtime flags (the epilogue is a few ops per output, so no compiled variant is spent on them); GELU is
+a ``tl.constexpr``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
+
+DECODE_MAX_ROWS = 16  # at most this many rows: the split-K GEMV path
+TARGET_PROGRAMS = 2 * 132  # split-K aims for two programs per H100 SM
+BLOCK_N_DECODE = 32
+BLOCK_K_DECODE = 128
+EPILOGUE_BLOCK = 256
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles, per element type
+PREFILL_TILES = {"fp32": (64, 64, 32, 4), "fp16": (128, 128, 64, 8), "bf16": (128, 128, 64, 8)}
+
+
+@triton.jit
+def _tanh_gelu(y):
+    """GPT-2's gelu_new on fp32: 0.5 y (1 + tanh(z)), z = sqrt(2/pi) (y + 0.044715 y^3).
+
+    With tanh(z) = 2 sigmoid(2z) - 1 (no libdevice in the interpreter) that is ``y * sigmoid(2z)``, which
+    also avoids the cancellation in ``1 + tanh(z)`` for large negative ``y``.
+    """
+    z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return y * tl.sigmoid(2.0 * z)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
+    w_ptr,  # (N, K) weight, contiguous
+    b_ptr,  # (N,) bias (HAS_BIAS; else any valid pointer, unread)
+    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
+    y_ptr,  # (M, N) output, contiguous
+    M,
+    N,
+    K,
+    x_row_stride,
+    res_row_stride,
+    HAS_BIAS,  # i32 0/1
+    HAS_RESIDUAL,  # i32 0/1
+    GELU: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot in fp32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    ks = tl.arange(0, BLOCK_K)  # (BK,)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
+    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN): weight.T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _tanh_gelu(acc)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :], mask=out_mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _linear_splitk_kernel(
+    x_ptr,  # (M, K) input rows, M <= 16, row stride x_row_stride, last dim contiguous
+    w_ptr,  # (N, K) weight, contiguous
+    part_ptr,  # (S, M, N) fp32 workspace: split s's partial sums
+    M,
+    N,
+    K,
+    x_row_stride,
+    k_per_split,  # K elements per split, a multiple of BLOCK_K
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, 16)  # (16,) tl.dot's smallest M; rows >= M are masked
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    ks = tl.arange(0, BLOCK_K)  # (BK,)
+    row_ok = rows < M
+    col_ok = cols < N
+    k_start = split * k_per_split
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (16, BK)
+    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN)
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (16, BK)
+        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]  # (16, BN)
+    tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _linear_epilogue_kernel(
+    part_ptr,  # (S, M, N) fp32 partial sums
+    b_ptr,  # (N,) bias (HAS_BIAS; else unread)
+    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
+    y_ptr,  # (M, N) output, contiguous
+    M,
+    N,
+    num_splits,
+    res_row_stride,
+    HAS_BIAS,  # i32 0/1
+    HAS_RESIDUAL,  # i32 0/1
+    GELU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    ok = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, num_splits):  # fixed order: the same bits every run
+        acc += tl.load(part_ptr + (s * M + row).to(tl.int64) * N + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if GELU:
+        acc = _tanh_gelu(acc)
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + row.to(tl.int64) * res_row_stride + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row.to(tl.int64) * N + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def decode_split(n: int, k: int) -> tuple[int, int]:
+    """``(num_splits, k_per_split)`` of the decode path for an ``(n, k)`` weight.
+
+    The fewest splits that reach ``TARGET_PROGRAMS`` programs over ``cdiv(n, 32)`` N slices, each split a
+    whole number of ``BLOCK_K_DECODE`` steps.
+
+    Example:
+        >>> [decode_split(n, k)[0] for n, k in ((768, 768), (2304, 768), (3072, 768), (768, 3072))]
+        [6, 3, 3, 8]
+    """
+    k_steps = triton.cdiv(k, BLOCK_K_DECODE)
+    wanted = max(1, min(k_steps, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n, BLOCK_N_DECODE))))
+    steps_per_split = triton.cdiv(k_steps, wanted)
+    return triton.cdiv(k_steps, steps_per_split), steps_per_split * BLOCK_K_DECODE
+
+
+def _check(x, weight, bias, residual) -> str:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear: x must be (T, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    etype = element_type(x.dtype, FLOAT_TYPES, "linear: x")
+    t, n = x.shape[0], weight.shape[0]
+    named = {"weight": weight, "bias": bias, "residual": residual}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise ValueError(f"linear: {name} has dtype {tensor.dtype}, x has {x.dtype}; they must match")
+    if x.stride(1) != 1 or weight.stride(1) != 1 or weight.stride(0) != weight.shape[1]:
+        raise ValueError("linear: x needs a contiguous last dim and weight must be contiguous")
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
+        raise ValueError(f"linear: bias must be a contiguous ({n},), got {tuple(bias.shape)}")
+    if residual is not None and (residual.shape != (t, n) or residual.stride(1) != 1):
+        raise ValueError(f"linear: residual must be ({t}, {n}) with a contiguous last dim, got {tuple(residual.shape)}")
+    return etype
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T + bias``, then optionally tanh-GELU, then optionally ``+ residual`` (as ``reference.linear``).
+
+    ``x``: (T, K) (rows may be strided); ``weight``: (N, K); ``bias``: (N,) or None; ``residual``:
+    (T, N) or None. Returns a new (T, N) tensor in ``x.dtype``.
+
+    Example (runs where ``available()``: a GPU, or ``TRITON_INTERPRET=1``):
+        >>> from gpt2fast.ops import reference
+        >>> from gpt2fast.ops.triton import available, default_device
+        >>> if available():
+        ...     x, w, b = (torch.randn(*s, device=default_device()) for s in ((3, 8), (5, 8), (5,)))
+        ...     assert torch.allclose(linear(x, w, b, gelu=True), reference.linear(x, w, b, gelu=True), atol=1e-5)
+    """
+    etype = _check(x, weight, bias, residual)
+    t, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device)  # (T, N)
+    if t == 0 or n == 0:
+        return y
+    ieee = etype == "fp32"
+    upcast = etype == "bf16" and interpreting()
+    b_arg = weight if bias is None else bias  # a valid pointer of the right type, never read
+    res_arg = y if residual is None else residual
+    res_stride = 0 if residual is None else residual.stride(0)
+    if t > DECODE_MAX_ROWS:
+        bm, bn, bk, warps = PREFILL_TILES[etype]
+        grid = (triton.cdiv(t, bm), triton.cdiv(n, bn))
+        _linear_kernel[grid](
+            x, weight, b_arg, res_arg, y, t, n, k, x.stride(0), res_stride, int(bias is not None),
+            int(residual is not None), GELU=gelu, IEEE=ieee, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps,
+        )
+        return y
+    splits, k_per_split = decode_split(n, k)
+    partials = torch.empty((splits, t, n), dtype=torch.float32, device=x.device)  # (S, T, N) workspace
+    _linear_splitk_kernel[(triton.cdiv(n, BLOCK_N_DECODE), splits)](
+        x, weight, partials, t, n, k, x.stride(0), k_per_split, IEEE=ieee, UPCAST=upcast,
+        BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE, num_warps=4,
+    )
+    _linear_epilogue_kernel[(t, triton.cdiv(n, EPILOGUE_BLOCK))](
+        partials, b_arg, res_arg, y, t, n, splits, res_stride, int(bias is not None), int(residual is not None),
+        GELU=gelu, BLOCK=EPILOGUE_BLOCK, num_warps=2,
+    )
+    return y
+
+
+def _variants() -> list[dict]:
+    out = []
+    for etype in ("fp32", "fp16", "bf16"):
+        ptr = "*" + etype
+        ieee = etype == "fp32"
+        bm, bn, bk, warps = PREFILL_TILES[etype]
+        for gelu in (False, True):
+            suffix = f"{etype}_{'gelu' if gelu else 'plain'}"
+            out.append(dict(
+                name=f"linear_{suffix}", fn=_linear_kernel,
+                signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32", K="i32",
+                               x_row_stride="i64", res_row_stride="i64", HAS_BIAS="i32", HAS_RESIDUAL="i32",
+                               GELU="constexpr", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
+                               BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                num_warps=warps, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride"),
+            ))
+            out.append(dict(
+                name=f"linear_epilogue_{suffix}", fn=_linear_epilogue_kernel,
+                signature=dict(part_ptr="*fp32", b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32",
+                               num_splits="i32", res_row_stride="i64", HAS_BIAS="i32", HAS_RESIDUAL="i32",
+                               GELU="constexpr", BLOCK="constexpr"),
+                constexprs=dict(GELU=gelu, BLOCK=EPILOGUE_BLOCK),
+                num_warps=2, divisible_by_16=("N", "res_row_stride"),
+            ))
+        out.append(dict(
+            name=f"linear_splitk_{etype}", fn=_linear_splitk_kernel,
+            signature=dict(x_ptr=ptr, w_ptr=ptr, part_ptr="*fp32", M="i32", N="i32", K="i32", x_row_stride="i64",
+                           k_per_split="i32", IEEE="constexpr", UPCAST="constexpr", BLOCK_N="constexpr",
+                           BLOCK_K="constexpr"),
+            constexprs=dict(IEEE=ieee, UPCAST=False, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE),
+            num_warps=4, divisible_by_16=("N", "K", "x_row_stride", "k_per_split"),
+        ))
+    return out
+
+
+# Every configuration linear() can launch: per dtype, the prefill tile and the epilogue with and
+# without GELU, and the split-K GEMV. GPT-2's widths (768, 2304, 3072, ... 6400) and strides are
+# multiples of 16, as the JIT will see them on the GPU.
+COMPILE_VARIANTS: list[dict] = _variants()
