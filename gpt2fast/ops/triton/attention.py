@@ -168,8 +168,8 @@ def _attention_decode_split_kernel(
     q_ptr,  # (T, H, D) queries, at most one per sequence, unit stride along D
     k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
-    part_ml_ptr,  # (B, H, num_splits, 2) fp32 workspace out: running max (log2 domain) and sum per split
-    part_acc_ptr,  # (B, H, num_splits, BLOCK_D) fp32 workspace out: unnormalised output per split
+    part_ml_ptr,  # (B * H * num_splits, 2) fp32 workspace out: running max (log2 domain) and sum per split
+    part_acc_ptr,  # (B * H * num_splits, BLOCK_D) fp32 workspace out: unnormalised output per split
     out_ptr,  # (T, H, D) output, unit stride along D; written instead of the workspace when WRITE_OUT
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     seq_lens_ptr,  # (B,) int32 context lengths
@@ -235,8 +235,8 @@ def _attention_decode_split_kernel(
 
 @triton.jit
 def _attention_decode_merge_kernel(
-    part_ml_ptr,  # (B, H, num_splits, 2) fp32 partial max (log2 domain) and sum
-    part_acc_ptr,  # (B, H, num_splits, BLOCK_D) fp32 partial unnormalised outputs
+    part_ml_ptr,  # (B * H * num_splits, 2) fp32 partial max (log2 domain) and sum
+    part_acc_ptr,  # (B * H * num_splits, BLOCK_D) fp32 partial unnormalised outputs
     out_ptr,  # (T, H, D) output, unit stride along D
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     num_splits,
