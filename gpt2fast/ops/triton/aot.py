@@ -16,7 +16,9 @@ come from:
 A variant is a dict ``name, fn, signature, constexprs, num_warps`` and optionally
 ``divisible_by_16`` (names of integer arguments the JIT would see as multiples of 16: GPT-2's
 widths and strides are). Pointers are always marked 16-byte aligned, as torch allocations are, so
-the compiled code vectorises like the code the JIT builds on the GPU.
+the compiled code vectorises like the code the JIT builds on the GPU. The JIT also turns an
+integer argument equal to 1 into a constant: a variant for that case lists it in ``constexprs``
+(``embed``'s unit-stride ids).
 
 A process that imported triton with ``TRITON_INTERPRET=1`` cannot compile (every ``@triton.jit``
 function in it, ``tl.sum``'s included, is an interpreter object), so there the compiling runs in
