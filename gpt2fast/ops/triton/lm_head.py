@@ -118,8 +118,10 @@ def _lm_head_kernel(
             seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)  # (BM,)
             u = tl.rand(seed[:, None], cols[None, :])  # (BM, BV), as sampling.philox_uniform
             g = -tl.log(-tl.log(tl.maximum(u, TINY)))
+            greedy = temp < GREEDY_T  # (BM,)
+            safe_t = tl.where(greedy, 1.0, temp)  # no 0 / 0 for greedy rows (their draw ignores it)
             # logits / T then + g, in the sampler's order (the same fp32 roundings)
-            scores = tl.where(temp[:, None] < GREEDY_T, acc, acc / temp[:, None] + g)
+            scores = tl.where(greedy[:, None], acc, acc / safe_t[:, None] + g)
         scores = tl.where(col_ok[None, :], scores, float("-inf"))
         best = tl.max(scores, axis=1)  # (BM,)
         best_id = tl.min(tl.where(scores == best[:, None], cols[None, :], V), axis=1)  # (BM,) lowest id
