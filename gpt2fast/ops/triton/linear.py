@@ -31,7 +31,9 @@ fp16/bf16 inputs take the default tensor-core path (fp32 accumulation). The inte
 ``x`` may have strided rows (``x[::2]``); ``weight``, ``bias`` and ``residual`` must have a contiguous
 last dim, and all tensors one dtype (fp32, fp16 or bf16). ``bias=None`` and ``residual=None`` are
 runtime flags (the epilogue is a few ops per output, so no compiled variant is spent on them); GELU is
-a ``tl.constexpr``.
+a ``tl.constexpr``. Those flags and the row count are ``do_not_specialize``: the JIT would otherwise turn
+an argument equal to 1 into a constant (and a multiple of 16 into an alignment hint), compiling other
+kernels per batch size than the ``COMPILE_VARIANTS`` checked ahead of time.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _tanh_gelu(y):
     return y * tl.sigmoid(2.0 * z)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
 def _linear_kernel(
     x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
     w_ptr,  # (N, K) weight, contiguous
@@ -115,7 +117,7 @@ def _linear_kernel(
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_splitk_kernel(
     x_ptr,  # (M, K) input rows, M <= 16, row stride x_row_stride, last dim contiguous
     w_ptr,  # (N, K) weight, contiguous
@@ -156,7 +158,7 @@ def _linear_splitk_kernel(
     tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "num_splits", "HAS_BIAS", "HAS_RESIDUAL"])
 def _linear_epilogue_kernel(
     part_ptr,  # (S, M, N) fp32 partial sums
     b_ptr,  # (N,) bias (HAS_BIAS; else unread)

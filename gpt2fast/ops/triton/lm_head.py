@@ -29,6 +29,9 @@ masked columns are never stored and score ``-inf``.
   ``(N, num_v_tiles)``; ``_argmax_merge_kernel`` (one program per row) takes the max over tiles
   and, among equal maxima, the lowest id: tiles ascend in id, so that is the global lowest id. Only
   ``8 x N x num_v_tiles`` bytes leave the first kernel instead of ``4 x N x V`` of logits.
+
+Row and tile counts are ``do_not_specialize`` (the JIT would make a 1 a constant: another kernel per
+batch size than the ``COMPILE_VARIANTS`` compiled ahead of time).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _tiles(etype: str, n: int) -> tuple[int, int, int, int]:
     return (block_m, *TILES[etype, block_m])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_v_tiles", "num_m_tiles"])
 def _lm_head_kernel(
     x_ptr,  # (N, C) hidden rows, row stride x_row_stride, last dim contiguous
     w_ptr,  # (V, C) tied token embedding, contiguous
@@ -130,7 +133,7 @@ def _lm_head_kernel(
         tl.store(idx_ptr + part, best_id, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles"])
 def _argmax_merge_kernel(
     val_ptr,  # (N, num_tiles) fp32 best score per vocab tile
     idx_ptr,  # (N, num_tiles) i32 its lowest token id; tiles ascend in id
