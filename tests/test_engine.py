@@ -46,7 +46,7 @@ def test_bad_input(tiny, call, message):
     "kwargs, message",
     [
         (dict(backend="tpu"), "unknown backend 'tpu'"),
-        (dict(backend="triton"), "backend 'triton' is not implemented yet"),
+        (dict(backend="cuda"), "backend 'cuda' is not implemented yet"),
         (dict(dtype="int8"), "unsupported dtype 'int8'"),
         (dict(device="tpu"), "unknown device 'tpu'|not supported"),
         (dict(block_size=0), "block_size must be a positive integer"),
@@ -120,3 +120,14 @@ def test_seeded_sampling_is_reproducible(tiny):
     again = tiny.generate([[9, 9], [1, 2, 3]], params)
     assert first[0].outputs[0].token_ids == again[1].outputs[0].token_ids
     assert first[1].outputs[0].token_ids == again[0].outputs[0].token_ids
+
+
+def test_triton_without_gpu_or_interpreter_is_refused(monkeypatch):
+    """On a CPU machine an explicit backend='triton' needs the interpreter; without it, a clear error."""
+    from gpt2fast.ops import get_ops
+    from gpt2fast.ops import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+        get_ops("triton", torch.device("cpu"))
+    assert get_ops("auto", torch.device("cpu")).name == "torch"

@@ -2,8 +2,8 @@
 
 Every backend provides the same functions with the signatures of ``ops/reference.py``.
 ``get_ops("auto" | "torch" | "triton" | "cuda", device)`` picks one; an explicit request that
-cannot be met raises, ``"auto"`` falls back to what runs. The env var ``GPT2FAST_BACKEND``
-supplies the default.
+cannot be met raises, ``"auto"`` falls back to what runs (Triton on CUDA, else the PyTorch
+reference). The env var ``GPT2FAST_BACKEND`` supplies the default.
 """
 
 from __future__ import annotations
@@ -70,11 +70,37 @@ def get_ops(backend: str, device: torch.device) -> Ops:
         >>> get_ops("auto", torch.device("cpu")).name
         'torch'
     """
+    from gpt2fast.ops import triton as triton_backend
+
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in ("auto", "torch"):
+    if backend == "torch" or (backend == "auto" and not (device.type == "cuda" and triton_backend.available())):
         return TORCH
-    raise ValueError(
-        f"backend {backend!r} is not implemented yet (its kernels are still being written); "
-        "use backend='torch' or 'auto'"
+    if backend in ("auto", "triton"):
+        if not triton_backend.available():
+            raise ValueError(triton_backend.unavailable_reason())
+        return triton_ops()
+    raise ValueError("backend 'cuda' is not implemented yet (its kernels are still being written); "
+                     "use backend='torch', 'triton' or 'auto'")
+
+
+def triton_ops() -> Ops:
+    """The Triton kernels' op table (imports triton; see ``gpt2fast.ops.triton``).
+
+    Example:
+        >>> from gpt2fast.ops import triton as t
+        >>> triton_ops().name if t.available() else "triton"
+        'triton'
+    """
+    from gpt2fast.ops.triton import attention, embed, layer_norm, linear, lm_head, write_kv
+
+    return Ops(
+        name="triton",
+        embed=embed.embed,
+        layer_norm=layer_norm.layer_norm,
+        add_layer_norm=layer_norm.add_layer_norm,
+        linear=linear.linear,
+        write_kv=write_kv.write_kv,
+        attention=attention.attention,
+        lm_head=lm_head.lm_head,
     )
