@@ -19,9 +19,10 @@ if available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (rows, K, N): rows <= 16 take the split-K decode path, more rows the tl.dot tiles. Odd and
-# GPT-2-like widths; (2, 768, 96) and (16, 300, 200) split K six and three ways.
-SHAPES = [(1, 96, 96), (3, 97, 131), (16, 300, 200), (2, 768, 96), (17, 96, 131), (111, 97, 131), (33, 200, 70)]
+# (rows, K, N): rows <= 64 take the split-K decode path (row tile 16, or 64 above 16 rows), more rows the
+# tl.dot tiles. Odd and GPT-2-like widths; (2, 768, 96) and (16, 300, 200) split K several ways.
+SHAPES = [(1, 96, 96), (3, 97, 131), (16, 300, 200), (2, 768, 96), (17, 96, 131), (64, 300, 70), (65, 200, 70),
+          (111, 97, 131)]
 ROWS_ONLY = [1, 3, 17, 111]
 EPILOGUES = {
     "bias": dict(bias=True),
@@ -75,7 +76,7 @@ def test_linear_half_matches_reference(rows, epilogue, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("rows", [3, 17])  # one per path
+@pytest.mark.parametrize("rows", [3, 17, 111])  # decode with row tiles 16 and 64, prefill
 def test_linear_strided_rows(rows, dtype):
     x, w, b, r = _inputs(rows, 96, 131, dtype, seed=7, strided=True)
     assert x.stride(0) == 2 * 96
@@ -90,6 +91,7 @@ def test_decode_split_fills_an_h100():
         assert -(-n // 32) * splits >= 132
         assert k_per_split * splits >= k > k_per_split * (splits - 1)  # no empty split
     assert decode_split(96, 96) == (1, 128)
+    assert decode_split(768, 768, block_k=32) == (8, 96)  # fp32 steps K by 32
 
 
 def test_linear_is_deterministic_and_empty_rows_work():

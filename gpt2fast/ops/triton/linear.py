@@ -10,17 +10,19 @@ Two shapes of work, chosen by the number of rows ``T``:
   accumulator before the single store. One tile config per dtype (fp32: 64x64x32, 4 warps;
   fp16/bf16: 128x128x64, 8 warps; 3 pipeline stages): no autotuning until a GPU measures, so the
   interpreter and every device run the same deterministic config.
-- **decode** (``T <= DECODE_MAX_ROWS`` = 16): memory-bound, the weight is the traffic. A two-phase
+- **decode** (``T <= DECODE_MAX_ROWS`` = 64): memory-bound, the weight is the traffic. A two-phase
   split-K GEMV without atomics: ``_linear_splitk_kernel`` gives each program a
   ``BLOCK_N_DECODE`` (32) slice of the outputs times one K chunk, streams that weight slice once
-  (32 rows x 128 contiguous elements = 8 KB fp16 per step) against all T <= 16 rows (one ``tl.dot`` with
-  M padded to 16) and writes fp32 partials to a workspace ``(S, T, N)``; ``_linear_epilogue_kernel``
+  (32 rows x 128 contiguous elements = 8 KB fp16 per step) against all T rows (one ``tl.dot`` with
+  M padded to 16, or 64 when T > 16) and writes fp32 partials to a workspace ``(S, T, N)``; ``_linear_epilogue_kernel``
   sums the S partials in a fixed order (deterministic, unlike atomics), applies the epilogue and
   casts. The split S is the smallest that gives ~``TARGET_PROGRAMS`` (2 x 132 H100 SMs) programs,
   in whole ``BLOCK_K`` steps: 768->768 runs 24 N-slices x 6 splits = 144 programs,
   768->2304 72 x 3 = 216, 768->3072 96 x 3 = 288, 3072->768 24 x 8 = 192 -- every SM gets a
   program, where one program per 32-wide N slice would leave 108 of 132 SMs idle at N=768.
-  The workspace read-back is S x T x N x 4 bytes (<= 0.4 MB at T=16): small next to the weight.
+  The partials are S x T x N x 4 bytes (0.2 MB at T=16, 0.6-1.6 MB at T=64), written and read back
+  at once: they stay in the 50 MB L2, so DRAM still moves about the weight alone. The prefill tiles
+  would give a 64-row decode batch only cdiv(768, 128) = 6 programs at N=768; split-K gives 144.
   The split rule does not depend on the device, so results are the same bits everywhere.
 
 ``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (the GPU default is TF32, whose
@@ -44,10 +46,12 @@ import triton.language as tl
 
 from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
 
-DECODE_MAX_ROWS = 16  # at most this many rows: the split-K GEMV path
+DECODE_MAX_ROWS = 64  # at most this many rows: the split-K GEMV path (row tile 16, or 64 above 16 rows)
 TARGET_PROGRAMS = 2 * 132  # split-K aims for two programs per H100 SM
 BLOCK_N_DECODE = 32
-BLOCK_K_DECODE = 128
+# K step of the decode GEMV: 128 contiguous fp16/bf16 (256 B per weight row); fp32 runs the FMA path of
+# an ieee tl.dot, which holds its operands in registers, so 32 (128 B) keeps it from spilling
+BLOCK_K_DECODE = {"fp32": 32, "fp16": 128, "bf16": 128}
 EPILOGUE_BLOCK = 256
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles, per element type
 PREFILL_TILES = {"fp32": (64, 64, 32, 4), "fp16": (128, 128, 64, 8), "bf16": (128, 128, 64, 8)}
@@ -119,7 +123,7 @@ def _linear_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _linear_splitk_kernel(
-    x_ptr,  # (M, K) input rows, M <= 16, row stride x_row_stride, last dim contiguous
+    x_ptr,  # (M, K) input rows, M <= BLOCK_M, row stride x_row_stride, last dim contiguous
     w_ptr,  # (N, K) weight, contiguous
     part_ptr,  # (S, M, N) fp32 workspace: split s's partial sums
     M,
@@ -129,23 +133,24 @@ def _linear_splitk_kernel(
     k_per_split,  # K elements per split, a multiple of BLOCK_K
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # 16 (tl.dot's smallest M) or 64; rows >= M are masked
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.arange(0, 16)  # (16,) tl.dot's smallest M; rows >= M are masked
+    rows = tl.arange(0, BLOCK_M)  # (BM,)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     ks = tl.arange(0, BLOCK_K)  # (BK,)
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
-    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (16, BK)
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
     w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN)
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         k_ok = (k0 + ks) < K
-        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (16, BK)
+        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
         b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
         if UPCAST:
             a = a.to(tl.float32)
@@ -154,7 +159,7 @@ def _linear_splitk_kernel(
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
-    part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]  # (16, BN)
+    part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]  # (BM, BN)
     tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -188,20 +193,20 @@ def _linear_epilogue_kernel(
     tl.store(y_ptr + row.to(tl.int64) * N + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def decode_split(n: int, k: int) -> tuple[int, int]:
-    """``(num_splits, k_per_split)`` of the decode path for an ``(n, k)`` weight.
+def decode_split(n: int, k: int, block_k: int = 128) -> tuple[int, int]:
+    """``(num_splits, k_per_split)`` of the decode path for an ``(n, k)`` weight, K stepped by ``block_k``.
 
     The fewest splits that reach ``TARGET_PROGRAMS`` programs over ``cdiv(n, 32)`` N slices, each split a
-    whole number of ``BLOCK_K_DECODE`` steps.
+    whole number of ``block_k`` steps (fp16/bf16: 128).
 
     Example:
         >>> [decode_split(n, k)[0] for n, k in ((768, 768), (2304, 768), (3072, 768), (768, 3072))]
         [6, 3, 3, 8]
     """
-    k_steps = triton.cdiv(k, BLOCK_K_DECODE)
+    k_steps = triton.cdiv(k, block_k)
     wanted = max(1, min(k_steps, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(n, BLOCK_N_DECODE))))
     steps_per_split = triton.cdiv(k_steps, wanted)
-    return triton.cdiv(k_steps, steps_per_split), steps_per_split * BLOCK_K_DECODE
+    return triton.cdiv(k_steps, steps_per_split), steps_per_split * block_k
 
 
 def _check(x, weight, bias, residual) -> str:
@@ -262,11 +267,11 @@ def linear(
             num_warps=warps,
         )
         return y
-    splits, k_per_split = decode_split(n, k)
+    splits, k_per_split = decode_split(n, k, BLOCK_K_DECODE[etype])
     partials = torch.empty((splits, t, n), dtype=torch.float32, device=x.device)  # (S, T, N) workspace
     _linear_splitk_kernel[(triton.cdiv(n, BLOCK_N_DECODE), splits)](
         x, weight, partials, t, n, k, x.stride(0), k_per_split, IEEE=ieee, UPCAST=upcast,
-        BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE, num_warps=4,
+        BLOCK_M=16 if t <= 16 else 64, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype], num_warps=4,
     )
     _linear_epilogue_kernel[(t, triton.cdiv(n, EPILOGUE_BLOCK))](
         partials, b_arg, res_arg, y, t, n, splits, res_stride, int(bias is not None), int(residual is not None),
@@ -300,14 +305,16 @@ def _variants() -> list[dict]:
                 constexprs=dict(GELU=gelu, BLOCK=EPILOGUE_BLOCK),
                 num_warps=2, divisible_by_16=("N", "res_row_stride"),
             ))
-        out.append(dict(
-            name=f"linear_splitk_{etype}", fn=_linear_splitk_kernel,
-            signature=dict(x_ptr=ptr, w_ptr=ptr, part_ptr="*fp32", M="i32", N="i32", K="i32", x_row_stride="i64",
-                           k_per_split="i32", IEEE="constexpr", UPCAST="constexpr", BLOCK_N="constexpr",
-                           BLOCK_K="constexpr"),
-            constexprs=dict(IEEE=ieee, UPCAST=False, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE),
-            num_warps=4, divisible_by_16=("N", "K", "x_row_stride", "k_per_split"),
-        ))
+        for block_m in (16, 64):
+            out.append(dict(
+                name=f"linear_splitk_{etype}_m{block_m}", fn=_linear_splitk_kernel,
+                signature=dict(x_ptr=ptr, w_ptr=ptr, part_ptr="*fp32", M="i32", N="i32", K="i32",
+                               x_row_stride="i64", k_per_split="i32", IEEE="constexpr", UPCAST="constexpr",
+                               BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                constexprs=dict(IEEE=ieee, UPCAST=False, BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE,
+                                BLOCK_K=BLOCK_K_DECODE[etype]),
+                num_warps=4, divisible_by_16=("N", "K", "x_row_stride", "k_per_split"),
+            ))
     return out
 
 
