@@ -129,3 +129,21 @@ def test_linear_gpt2_shapes_gpu(model, rows, dtype):
         x, w, b, r = _inputs(rows, k, n, dtype, seed=k + n)
         for spec in EPILOGUES.values():
             _check(x, w, b, r, dtype, spec)
+
+
+def _poisoned_empty(real_empty):
+    """``torch.empty`` that fills floats with NaN and ints with -7: an element a kernel forgets to write shows."""
+
+    def empty(*shape, dtype=None, **kwargs):
+        out = real_empty(*shape, dtype=dtype, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    return empty
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 200), (17, 97, 131), (65, 97, 131)], ids=str)
+def test_linear_writes_every_output_and_partial(shape, monkeypatch):
+    """Outputs and the split-K workspace start as NaN: a partial or output left unwritten would survive."""
+    x, w, b, r = _inputs(*shape, torch.float32, seed=11)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    _check(x, w, b, r, torch.float32, EPILOGUES["gelu_residual"])

@@ -122,6 +122,21 @@ def test_lm_head_full_gpt2_vocab_one_row():
     assert lm_head_argmax(x, wte).tolist() == [50256] == want.argmax(-1).tolist()
 
 
+def test_lm_head_writes_every_logit_and_partial(monkeypatch):
+    """Logits, per-tile partials and ids start as NaN / -7: anything left unwritten would show."""
+    real_empty = torch.empty
+
+    def poisoned(*shape, dtype=None, **kwargs):
+        out = real_empty(*shape, dtype=dtype, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    x, wte = _inputs(17, 96, 1001, torch.float32, seed=6)
+    want = reference.lm_head(x, wte)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    _assert_logits_close(lm_head(x, wte), want)
+    assert torch.equal(lm_head_argmax(x, wte), want.argmax(-1))
+
+
 def test_lm_head_input_checks():
     x, wte = _inputs(2, 96, 999, torch.float32)
     with pytest.raises(ValueError, match="must match"):
