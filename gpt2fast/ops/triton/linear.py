@@ -20,8 +20,10 @@ Two shapes of work, chosen by the number of rows ``T``:
   in whole ``BLOCK_K`` steps: 768->768 runs 24 N-slices x 6 splits = 144 programs,
   768->2304 72 x 3 = 216, 768->3072 96 x 3 = 288, 3072->768 24 x 8 = 192 -- every SM gets a
   program, where one program per 32-wide N slice would leave 108 of 132 SMs idle at N=768.
-  The partials are S x T x N x 4 bytes (0.2 MB at T=16, 0.6-1.6 MB at T=64), written and read back
-  at once: they stay in the 50 MB L2, so DRAM still moves about the weight alone. The prefill tiles
+  The partials are S x T x N x 4 bytes (<= 0.6 MB at T=16, 1.2-2.4 MB at T=64), written and read
+  back at once: they stay in the 50 MB L2, so DRAM still moves about the weight alone (at T=64 the L2
+  traffic of the partials is ~half the weight's bytes: a split rule that also weighs T is for a GPU to
+  measure). The prefill tiles
   would give a 64-row decode batch only cdiv(768, 128) = 6 programs at N=768; split-K gives 144.
   The split rule does not depend on the device, so results are the same bits everywhere.
 
