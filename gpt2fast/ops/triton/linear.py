@@ -70,6 +70,44 @@ def _tanh_gelu(y):
     return y * tl.sigmoid(2.0 * z)
 
 
+@triton.jit
+def x_times_w_t(
+    x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
+    w_ptr,  # (N, K) weight, contiguous
+    rows,  # (BM,) row ids of this tile
+    cols,  # (BN,) output columns (weight rows) of this tile
+    row_ok,  # (BM,) rows < M
+    col_ok,  # (BN,) cols < N
+    x_row_stride,
+    K,
+    k_begin,  # first k of this tile's range (a multiple of BLOCK_K)
+    k_end,  # end of the range; k >= K is masked
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
+    UPCAST: tl.constexpr,  # interpreter + bf16: dot in fp32 (the interpreter's bf16 dot is wrong)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The fp32 tile ``x[rows, k_begin:k_end] @ w[cols, k_begin:k_end].T`` (BM, BN), shared by every
+    projection kernel (linear prefill, linear split-K, the LM head)."""
+    ks = tl.arange(0, BLOCK_K)  # (BK,)
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
+    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN): w.T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
 def _linear_kernel(
     x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
@@ -95,23 +133,10 @@ def _linear_kernel(
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    ks = tl.arange(0, BLOCK_K)  # (BK,)
     row_ok = rows < M
     col_ok = cols < N
-    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
-    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN): weight.T
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, 0, K,
+                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -143,24 +168,11 @@ def _linear_splitk_kernel(
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)  # (BM,)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    ks = tl.arange(0, BLOCK_K)  # (BK,)
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
-    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
-    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start, k_start + k_per_split,
+                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
     part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]  # (BM, BN)
     tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
 

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
+from gpt2fast.ops.triton.linear import x_times_w_t
 from gpt2fast.sampling import GREEDY_BELOW
 
 MODE_LOGITS, MODE_ARGMAX, MODE_GUMBEL = 0, 1, 2
@@ -94,23 +95,10 @@ def _lm_head_kernel(
     pid_v = pid // num_m_tiles
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # (BV,) token ids
-    ks = tl.arange(0, BLOCK_K)  # (BK,)
     row_ok = rows < N
     col_ok = cols < V
-    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
-    w_tile = w_ptr + cols[None, :].to(tl.int64) * C + ks[:, None]  # (BK, BV): wte.T
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        k_ok = (k0 + ks) < C
-        a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BV)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+    acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, C, 0, C,
+                      IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV) fp32 logits
     if MODE == 0:
         out = out_ptr + rows[:, None].to(tl.int64) * V + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
