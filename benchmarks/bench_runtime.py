@@ -5,10 +5,12 @@ model with GPT-2's real vocabulary (the sampler's cost depends on it) and a tiny
 steps only (every request past its prompt), for each batch size and sampling mode. The parts are
 timed separately: scheduler, model forward, sampler, and the rest (metadata, bookkeeping, text).
 
-Two overhead figures: ``overhead`` is step minus forward in a real run; ``isolated`` is a step whose
-forward is replaced by returning the last logits. On this CPU they differ because torch's OpenMP
-threads keep spinning on both cores after a forward and slow whatever runs next; on a GPU the
-forward runs elsewhere, so ``isolated`` is the figure that carries over.
+"forward" is the model body plus the LM head op the engine chose (``lm_head`` for rows that need
+logits, else ``lm_head_argmax`` / ``lm_head_gumbel``, which pick the token themselves): the device's
+work. Two overhead figures: ``overhead`` is step minus forward in a real run; ``isolated`` is a step
+whose forward and LM head are replaced by returning fixed hidden rows, logits or token ids. On this
+CPU they differ because torch's OpenMP threads keep spinning on both cores after a forward and slow
+whatever runs next; on a GPU the forward runs elsewhere, so ``isolated`` is the figure that carries over.
 
 Run: python benchmarks/bench_runtime.py [--batch-sizes 1 64] [--steps 200]
 """
@@ -16,6 +18,7 @@ Run: python benchmarks/bench_runtime.py [--batch-sizes 1 64] [--steps 200]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections import defaultdict
@@ -27,6 +30,7 @@ from gpt2fast.engine import Engine
 from gpt2fast.sampling import SamplingParams
 
 MODEL = 'random:{"n_layer": 1, "n_embd": 64, "n_head": 2, "n_positions": 1024}'
+LM_HEADS = ("lm_head", "lm_head_argmax", "lm_head_gumbel")
 MODES = {
     "greedy": dict(temperature=0),
     "top-k sampled": dict(temperature=0.8, top_k=40, seed=1),
@@ -53,7 +57,9 @@ def measure(batch_size: int, mode: dict, steps: int) -> dict[str, float]:
         engine.add_request(str(i), [1 + i, 2, 3], SamplingParams(max_tokens=2 * steps + 10, ignore_eos=True, **mode))
     engine.step()  # the prefills
     times: dict[str, list[float]] = defaultdict(list)
-    engine._forward = timed(times, "forward", engine._forward)
+    engine._forward = timed(times, "body", engine._forward)
+    ops = engine.model.ops
+    engine.model.ops = dataclasses.replace(ops, **{n: timed(times, "lm_head", getattr(ops, n)) for n in LM_HEADS})
     engine.scheduler.schedule = timed(times, "scheduler", engine.scheduler.schedule)
     sample = engine_module.sample_batch
     engine_module.sample_batch = timed(times, "sampler", sample)
@@ -64,6 +70,8 @@ def measure(batch_size: int, mode: dict, steps: int) -> dict[str, float]:
             times["step"].append(time.perf_counter() - start)
     finally:
         engine_module.sample_batch = sample
+    times["forward"] = [b + h for b, h in zip(times.pop("body"), times.pop("lm_head"))]
+    times.setdefault("sampler", [0.0])  # greedy and temperature-only rows never reach the sampler
     overhead = [s - f for s, f in zip(times["step"], times["forward"])]
     result = {name: statistics.median(values) * 1e6 for name, values in times.items()}
     result["overhead"] = statistics.median(overhead) * 1e6
@@ -73,9 +81,18 @@ def measure(batch_size: int, mode: dict, steps: int) -> dict[str, float]:
 
 
 def isolated_step(engine: Engine, steps: int) -> float:
-    """Median microseconds of a decode step whose model forward just returns fixed logits."""
-    logits = torch.randn(len(engine.scheduler.running), engine.config.vocab_size)  # (B, V)
-    engine._forward = lambda batch: logits[: len(batch.seqs)]
+    """Median microseconds of a decode step whose model forward and LM head just return fixed tensors."""
+    batch, cfg = len(engine.scheduler.running), engine.config
+    hidden = torch.randn(batch, cfg.n_embd)  # (B, C)
+    logits = torch.randn(batch, cfg.vocab_size)  # (B, V)
+    token_ids = torch.randint(0, cfg.vocab_size, (batch,))  # (B,)
+    engine._forward = lambda batch: hidden[: len(batch.seqs)]
+    engine.model.ops = dataclasses.replace(
+        engine.model.ops,
+        lm_head=lambda x, wte: logits[: len(x)],
+        lm_head_argmax=lambda x, wte: token_ids[: len(x)],
+        lm_head_gumbel=lambda x, wte, temperature, seeds: token_ids[: len(x)],
+    )
     times = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -23,7 +23,7 @@ from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2
 from gpt2fast.ops import default_backend, get_ops
 from gpt2fast.outputs import CompletionOutput, RequestOutput
-from gpt2fast.sampling import SampledToken, SampleRow, SamplingParams, sample_batch
+from gpt2fast.sampling import SampledToken, SampleRow, SamplingParams, row_seed, sample_batch
 from gpt2fast.scheduler import Batch, Scheduler, Status
 from gpt2fast.scheduler import Sequence as Seq
 from gpt2fast.tokenizer import load_tokenizer
@@ -163,6 +163,7 @@ class Engine:
         self.cache = KVCache(config, num_blocks, block_size, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
+        self.max_blocks = -(-config.n_positions // block_size)  # every block table's width: shapes fixed per batch size
         self._requests: dict[str, _Request] = {}
 
     def _num_blocks(self, tokens: int | None, fraction: float | None) -> int:
@@ -270,7 +271,7 @@ class Engine:
             return []
         self.cache.copy_blocks(batch.copies)
         ready = [seq for i, seq in enumerate(batch.seqs) if batch.needs_logits(i)]
-        logits = self._forward(batch)  # (N, V), one row per sequence in `ready`
+        hidden = self._forward(batch)  # (N, C), one row per sequence in `ready`
         self.scheduler.step_done(batch)
         rows, seqs, logit_rows = [], [], []
         for row, seq in enumerate(ready):
@@ -280,9 +281,9 @@ class Engine:
                                       request.prompt_ids, s.output_ids))
                 seqs.append(s)
                 logit_rows.append(row)
-        if len(logit_rows) != len(ready):  # a fork: its samples share their prompt's logits row
-            logits = logits.index_select(0, torch.tensor(logit_rows, device=logits.device))
-        sampled = sample_batch(logits, rows) if rows else []
+        if len(logit_rows) != len(ready):  # a fork: its samples share their prompt's hidden row
+            hidden = hidden.index_select(0, torch.tensor(logit_rows, device=hidden.device))
+        sampled = self._sample(hidden, rows) if rows else []
         advanced: dict[str, _Request] = {}
         for seq, token in zip(seqs, sampled):
             request = self._requests[seq.request_id]
@@ -301,11 +302,30 @@ class Engine:
             positions += range(seq.num_computed, seq.num_computed + n)
         meta = AttentionMetadata.build(
             [s.table.blocks for s in batch.seqs], [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
-            batch.num_new, block_size=self.block_size, device=self.device,
+            batch.num_new, block_size=self.block_size, max_blocks=self.max_blocks, device=self.device,
             needs_logits=[batch.needs_logits(i) for i in range(len(batch.seqs))],
         )
         ids_and_positions = torch.tensor([ids, positions], device=self.device)  # (2, T)
-        return self.model(ids_and_positions[0], ids_and_positions[1], self.cache, meta)
+        return self.model.hidden(ids_and_positions[0], ids_and_positions[1], self.cache, meta)
+
+    def _sample(self, hidden: torch.Tensor, rows: list[SampleRow]) -> list[SampledToken]:
+        """Project ``hidden`` (N, C) and choose a token per row.
+
+        When no row needs a logits processor, the LM head picks the tokens itself (argmax, or a
+        Gumbel-max draw with the sampler's Philox noise, so the same token as ``sample_batch``) and
+        the (N, V) logits are never written; otherwise the logits go to ``sample_batch``.
+        """
+        ops, wte = self.model.ops, self.model.wte.weight
+        if any(r.params.needs_logits for r in rows):
+            return sample_batch(ops.lm_head(hidden, wte), rows)
+        if all(r.params.greedy for r in rows):
+            token_ids = ops.lm_head_argmax(hidden, wte)  # (N,)
+        else:
+            temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+            seeds = [row_seed(r.seed, r.sample_index, r.step) for r in rows]
+            token_ids = ops.lm_head_gumbel(hidden, wte, torch.tensor(temps, dtype=torch.float32, device=hidden.device),
+                                           torch.tensor(seeds, dtype=torch.int64, device=hidden.device))
+        return [SampledToken(t) for t in token_ids.tolist()]
 
     def _fork(self, seq: Seq) -> list[Seq]:
         """A finished prompt of an ``n > 1`` request splits into its samples, sharing the prompt's blocks."""
@@ -381,7 +401,7 @@ class Engine:
         try:
             table.reserve(self.pool, len(ids))
             meta = AttentionMetadata.build([table.blocks], [len(ids)], [len(ids)], block_size=self.block_size,
-                                           all_logits=True, device=self.device)
+                                           all_logits=True, max_blocks=self.max_blocks, device=self.device)
             return self.model(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device),
                               self.cache, meta)
         finally:

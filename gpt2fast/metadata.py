@@ -46,6 +46,7 @@ class AttentionMetadata:
         block_size: int,
         all_logits: bool = False,
         needs_logits: Sequence[bool] | None = None,
+        max_blocks: int | None = None,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
         """Lay out a step from host-side lists.
@@ -53,12 +54,22 @@ class AttentionMetadata:
         Logits rows: every token if ``all_logits``; else the last token of each sequence with
         ``needs_logits[b]`` (default: every sequence with tokens in this step).
 
+        ``block_tables`` is padded with -1 to ``max_blocks`` columns when given (the engine passes
+        ``n_positions / block_size``), else to the widest table. A fixed width keeps the decode
+        kernels' grids a function of the batch size alone, so a captured CUDA graph replays at any
+        context length.
+
         Example:
             >>> AttentionMetadata.build([[0]], [1], [1], block_size=16).seq_lens.tolist()
             [1]
+            >>> AttentionMetadata.build([[4]], [1], [1], block_size=16, max_blocks=3).block_tables.tolist()
+            [[4, -1, -1]]
         """
         if not len(block_tables) == len(seq_lens) == len(query_lens):
             raise ValueError("block_tables, seq_lens and query_lens must have one entry per sequence")
+        widest = max((len(t) for t in block_tables), default=0)
+        if max_blocks is not None and widest > max_blocks:
+            raise ValueError(f"a block table has {widest} blocks, more than max_blocks={max_blocks}")
         slots: list[int] = []
         cu = [0]
         for table, seq_len, q_len in zip(block_tables, seq_lens, query_lens):
@@ -69,7 +80,7 @@ class AttentionMetadata:
                 )
             slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
             cu.append(cu[-1] + q_len)
-        width = max((len(t) for t in block_tables), default=0)
+        width = widest if max_blocks is None else max_blocks
         if all_logits:
             logits_rows = list(range(cu[-1]))
         else:

@@ -86,6 +86,17 @@ class GPT2(nn.Module):
 
         ``input_ids``/``positions``: ``(T,)``. K/V of these tokens are written to the cache.
         """
+        return self.ops.lm_head(self.hidden(input_ids, positions, cache, meta), self.wte.weight)
+
+    @torch.no_grad()
+    def hidden(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Run one step up to the LM head: the final LayerNorm's output ``(N, C)`` for ``meta.logits_indices``.
+
+        The caller then projects it (``ops.lm_head``) or lets the LM head pick the token itself
+        (``ops.lm_head_argmax`` / ``ops.lm_head_gumbel``), which never writes the ``(N, V)`` logits.
+        """
         cfg, ops = self.config, self.ops
         num_tokens = input_ids.shape[0]
         eps = cfg.layer_norm_epsilon
@@ -106,8 +117,7 @@ class GPT2(nn.Module):
             hidden = ops.linear(x, block.mlp.c_fc.weight, block.mlp.c_fc.bias, gelu=True)  # (T, F)
             mlp_out = ops.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)  # (T, C)
         rows = meta.logits_indices
-        x = ops.add_layer_norm(mlp_out[rows], residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
-        return ops.lm_head(x, self.wte.weight)
+        return ops.add_layer_norm(mlp_out[rows], residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
 
     @classmethod
     def from_state_dict(

@@ -111,6 +111,21 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def needs_logits(self) -> bool:
+        """True when a logits processor (penalties, top-k/top-p/min-p, logprobs) must see the whole row.
+
+        Otherwise the token is the argmax or a plain temperature draw, which the LM head can pick
+        itself without writing the logits (``ops.lm_head_argmax`` / ``ops.lm_head_gumbel``).
+
+        Example:
+            >>> SamplingParams(temperature=0.8).needs_logits, SamplingParams(top_p=0.9).needs_logits
+            (False, True)
+        """
+        if self.has_penalties or self.logprobs is not None:
+            return True
+        return not self.greedy and (self.top_k > 1 or self.top_p < 1 or self.min_p > 0)
+
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -11,6 +12,8 @@ import torch
 from conftest import TINY
 
 from gpt2fast import LLM, SamplingParams
+from gpt2fast.metadata import AttentionMetadata
+from gpt2fast.sampling import SampleRow, sample_batch
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +100,17 @@ def test_stops_at_the_context_limit(tiny):
 def test_generation_never_recomputes_earlier_tokens(tiny):
     """One forward over the prompt, then exactly one new token per step; every block back afterwards."""
     engine = tiny.engine
-    forward, computed = engine.model.forward, []
+    hidden, computed = engine.model.hidden, []
 
-    def counting_forward(input_ids, *args):
+    def counting_hidden(input_ids, *args):
         computed.append(len(input_ids))
-        return forward(input_ids, *args)
+        return hidden(input_ids, *args)
 
-    engine.model.forward = counting_forward
+    engine.model.hidden = counting_hidden
     try:
         out = tiny.generate([5] * 23, SamplingParams(max_tokens=9, temperature=0))[0]
     finally:
-        del engine.model.forward
+        del engine.model.hidden
     assert len(out.outputs[0].token_ids) == 9
     assert computed == [23] + [1] * 8
     engine.pool.check([])
@@ -131,3 +134,67 @@ def test_triton_without_gpu_or_interpreter_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
         get_ops("triton", torch.device("cpu"))
     assert get_ops("auto", torch.device("cpu")).name == "torch"
+
+
+def spy_lm_head(monkeypatch, engine) -> list[str]:
+    """Record which LM-head op each step calls."""
+    ops, calls = engine.model.ops, []
+
+    def spy(name):
+        op = getattr(ops, name)
+        return lambda *args: (calls.append(name), op(*args))[1]
+
+    names = ("lm_head", "lm_head_argmax", "lm_head_gumbel")
+    monkeypatch.setattr(engine.model, "ops", dataclasses.replace(ops, **{n: spy(n) for n in names}))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "params, op",
+    [
+        ([SamplingParams(temperature=0)], "lm_head_argmax"),
+        ([SamplingParams(temperature=0.9, top_k=1)], "lm_head_argmax"),
+        ([SamplingParams(temperature=0.7)], "lm_head_gumbel"),
+        ([SamplingParams(temperature=0), SamplingParams(temperature=1.3, top_k=-1)], "lm_head_gumbel"),
+        ([SamplingParams(temperature=0.7, top_p=0.9)], "lm_head"),
+        ([SamplingParams(temperature=0.7, min_p=0.1)], "lm_head"),
+        ([SamplingParams(temperature=0.7, top_k=5)], "lm_head"),
+        ([SamplingParams(temperature=0, logprobs=0)], "lm_head"),
+        ([SamplingParams(temperature=0, repetition_penalty=1.2)], "lm_head"),
+        ([SamplingParams(temperature=0), SamplingParams(temperature=0.7, presence_penalty=0.5)], "lm_head"),
+    ],
+)
+def test_the_lm_head_picks_the_token_when_no_processor_needs_logits(tiny, monkeypatch, params, op):
+    calls = spy_lm_head(monkeypatch, tiny.engine)
+    params = [dataclasses.replace(p, max_tokens=3, seed=5) for p in params]
+    tiny.generate([[1, 2, 3]] * len(params), params)
+    assert calls == [op] * 3
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.9, seed=77), SamplingParams(temperature=0, seed=1)])
+def test_fused_choices_equal_the_sampler_on_full_sequence_logits(tiny, params):
+    """The fused draw of every step is the token ``sample_batch`` picks from a one-pass recomputation."""
+    prompt, steps = [3, 1, 4, 1, 5], 8
+    params = dataclasses.replace(params, max_tokens=steps, ignore_eos=True)
+    got = tiny.generate([prompt], params)[0].outputs[0].token_ids
+    expected: list[int] = []
+    for step in range(steps):
+        logits = tiny.logits(prompt + expected)[-1:]  # (1, V)
+        expected.append(sample_batch(logits, [SampleRow(params, params.seed, 0, step)])[0].token_id)
+    assert got == expected
+
+
+def test_block_tables_have_one_fixed_width(tiny, monkeypatch):
+    """Every step pads its block tables to n_positions / block_size, so decode grids depend on the batch size alone."""
+    engine, widths = tiny.engine, []
+    hidden = engine.model.hidden
+
+    def recording_hidden(input_ids, positions, cache, meta):
+        widths.append(meta.block_tables.shape[1])
+        return hidden(input_ids, positions, cache, meta)
+
+    monkeypatch.setattr(engine.model, "hidden", recording_hidden)
+    tiny.generate([[1] * 3, [2] * 40], SamplingParams(max_tokens=4, temperature=0))
+    assert widths and set(widths) == {-(-engine.config.n_positions // engine.block_size)}
+    with pytest.raises(ValueError, match="more than max_blocks=2"):
+        AttentionMetadata.build([[0, 1, 2]], [40], [1], block_size=16, max_blocks=2)

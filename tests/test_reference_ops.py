@@ -10,6 +10,7 @@ import torch
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import reference as ref
+from gpt2fast.sampling import SampleRow, SamplingParams, row_seed, sample_batch
 
 ROWS = [1, 3, 17, 111]
 WIDTHS = [3, 96, 768, 1600]
@@ -74,6 +75,37 @@ def test_embed_and_lm_head():
     logits = ref.lm_head(x, wte.bfloat16())
     assert logits.dtype == torch.float32
     np.testing.assert_allclose(logits.numpy(), np64(x) @ np64(wte.bfloat16()).T, atol=1e-4)
+
+
+def test_lm_head_argmax_is_the_float64_argmax_and_ties_go_low():
+    x, wte = rand(17, 12, seed=20), rand(301, 12, seed=21)
+    expected = (np64(x) @ np64(wte).T).argmax(-1)
+    assert ref.lm_head_argmax(x, wte).tolist() == expected.tolist()
+    tied = torch.eye(4)[[0, 2, 1, 2]]  # ids 1 and 3 tie for x = e2
+    assert ref.lm_head_argmax(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), tied).tolist() == [1]
+
+
+def test_lm_head_gumbel_draws_what_the_sampler_draws():
+    """Temperature-only rows: the same token as ``sample_batch`` on the logits, greedy rows take the argmax."""
+    temps = [0.0, 0.5, 1.0, 1.7, 1e-6, 0.9, 3.0]
+    x, wte = rand(len(temps), 16, seed=22), rand(997, 16, seed=23)
+    rows = [SampleRow(SamplingParams(temperature=t), 41 + b, b % 2, b) for b, t in enumerate(temps)]
+    seeds = torch.tensor([row_seed(r.seed, r.sample_index, r.step) for r in rows])
+    got = ref.lm_head_gumbel(x, wte, torch.tensor(temps), seeds)
+    assert got.tolist() == [t.token_id for t in sample_batch(ref.lm_head(x, wte), rows)]
+    argmax = ref.lm_head_argmax(x, wte)
+    assert got[0] == argmax[0] and got[4] == argmax[4]
+
+
+def test_lm_head_gumbel_frequencies_follow_the_softmax():
+    """4000 seeded draws from one row of 5 tokens at T = 0.8 land within 4 sigma of softmax(logits / T)."""
+    n, temperature = 4000, 0.8
+    x, wte = rand(1, 6, seed=24).expand(n, 6), rand(5, 6, seed=25)
+    probs = torch.softmax(ref.lm_head(x[:1], wte)[0].double() / temperature, -1)  # (5,)
+    draws = ref.lm_head_gumbel(x, wte, torch.full((n,), temperature), torch.arange(n) * 7919 + 3)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() < 4 * sigma + 1e-3).all(), (freq, probs)
 
 
 def dense_causal_attention64(q, k, v, scale):

@@ -41,6 +41,18 @@ def test_same_greedy_tokens_through_the_runtime(pair):
     assert [o.outputs[0].token_ids for o in fast.generate(prompts, params)] == expected
 
 
+def test_same_seeded_draws_through_the_fused_lm_head(pair):
+    """Temperature-only rows are drawn inside the Triton LM head (Gumbel-max), greedy rows there too;
+    a top-p row sends the batch through logits and the sampler. Every path matches the reference backend."""
+    reference, fast = pair
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 777, (n,), generator=gen).tolist() for n in (3, 20)]
+    for params in ([SamplingParams(max_tokens=5, temperature=0.8, seed=9), SamplingParams(max_tokens=5, temperature=0)],
+                   [SamplingParams(max_tokens=5, temperature=1.1, top_p=0.9, seed=3)] * 2):
+        expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+        assert [o.outputs[0].token_ids for o in fast.generate(prompts, params)] == expected
+
+
 def test_auto_stays_on_the_reference_without_cuda():
     if not torch.cuda.is_available():
         assert get_ops("auto", torch.device("cpu")).name == "torch"

@@ -36,6 +36,8 @@ class Ops:
     write_kv: Callable[..., None]
     attention: Callable[..., torch.Tensor]
     lm_head: Callable[..., torch.Tensor]
+    lm_head_argmax: Callable[..., torch.Tensor]
+    lm_head_gumbel: Callable[..., torch.Tensor]
 
 
 TORCH = Ops(
@@ -47,6 +49,8 @@ TORCH = Ops(
     write_kv=reference.write_kv,
     attention=reference.attention,
     lm_head=reference.lm_head,
+    lm_head_argmax=reference.lm_head_argmax,
+    lm_head_gumbel=reference.lm_head_gumbel,
 )
 
 
@@ -103,4 +107,6 @@ def triton_ops() -> Ops:
         write_kv=write_kv.write_kv,
         attention=attention.attention,
         lm_head=lm_head.lm_head,
+        lm_head_argmax=lm_head.lm_head_argmax,
+        lm_head_gumbel=lm_head.lm_head_gumbel,
     )

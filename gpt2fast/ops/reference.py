@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fast.metadata import AttentionMetadata
+from gpt2fast.sampling import GREEDY_BELOW, argmax_rows, gumbel_from_uniform, philox_uniform
 
 
 def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
@@ -158,3 +159,38 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
         torch.Size([2, 10])
     """
     return F.linear(x.float(), wte.float())
+
+
+def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+    """Greedy token ids ``argmax(lm_head(x, wte), -1)``: (N,) int64, ties to the lowest id.
+
+    Backends fuse this into the LM head so the (N, V) logits are never written.
+
+    Example:
+        >>> wte = torch.eye(3)[[0, 1, 1]]  # ids 1 and 2 tie
+        >>> lm_head_argmax(torch.tensor([[0.0, 1.0, 0.0]]), wte).tolist()
+        [1]
+    """
+    return argmax_rows(lm_head(x, wte)).to(x.device)
+
+
+def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``softmax(lm_head(x, wte) / T)`` by Gumbel-max: (N,) int64.
+
+    ``temperature``: (N,) fp32, rows below ``sampling.GREEDY_BELOW`` take the argmax; ``seeds``: (N,)
+    int64 Philox row seeds (``sampling.row_seed``). The noise of token ``v`` is
+    ``-log(-log(tl.rand(seed, v)))`` (``sampling.philox_uniform``), so a row draws what
+    ``sampling.sample_batch`` draws for a temperature-only row with that seed.
+
+    Example:
+        >>> x, wte = torch.randn(2, 4), torch.randn(9, 4)
+        >>> ids = lm_head_gumbel(x, wte, torch.tensor([0.0, 0.7]), torch.tensor([11, 12]))
+        >>> ids[0] == lm_head_argmax(x[:1], wte)[0]
+        tensor(True)
+    """
+    logits = lm_head(x, wte)  # (N, V)
+    greedy = temperature < GREEDY_BELOW  # (N,)
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # (N, V)
+    noise = gumbel_from_uniform(philox_uniform(seeds, logits.shape[-1]))  # (N, V)
+    drawn = argmax_rows(noise.add_(scaled)).to(x.device)  # (N,)
+    return torch.where(greedy, lm_head_argmax(x, wte), drawn)

@@ -32,10 +32,9 @@ and ``pages_per_split = cdiv(max_blocks, num_splits)`` (then ``num_splits`` is r
 ``cdiv(max_blocks, pages_per_split)`` so no split is empty for every sequence), where
 ``max_blocks`` is the width of ``block_tables``. Both depend only on tensor shapes (batch size,
 heads, table width), never on this step's lengths, so a CUDA graph captured for a batch-size
-bucket replays with any lengths, provided the runner pads ``block_tables`` to a fixed width
-(``n_positions / block_size``: 64 for GPT-2 at block 16) rather than to this step's widest
-table as ``AttentionMetadata.build`` does. ``2 * 132`` asks for two waves of programs on an
-H100's 132 SMs, so one sequence at GPT-2 124M (12 heads, 64-page tables) runs 22 splits of 3
+bucket replays with any lengths: the engine pads every ``block_tables`` to the fixed width
+``n_positions / block_size`` (64 for GPT-2 at block 16; ``AttentionMetadata.build(max_blocks=)``).
+``2 * 132`` asks for two waves of programs on an H100's 132 SMs, so one sequence at GPT-2 124M (12 heads, 64-page tables) runs 22 splits of 3
 pages; from 22 sequences up the batch alone fills the GPU, there is one split and no merge.
 
 **Napkin math (decode, GPT-2 124M: 12 heads x 64, fp16, 64-page tables at block 16; one layer).**
