@@ -15,7 +15,8 @@ from gpt2fast.ops.triton import available, unavailable_reason
 pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
 
 if available():
-    from gpt2fast.ops.triton.linear import DECODE_MAX_ROWS, decode_split, linear
+    from gpt2fast.ops.triton import linear as linear_module
+    from gpt2fast.ops.triton.linear import DECODE_MAX_ROWS, PREFILL_TILES, decode_split, linear, prefill_tile
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -82,6 +83,31 @@ def test_linear_strided_rows(rows, dtype):
     assert x.stride(0) == 2 * 96
     r = torch.randn(rows, 2 * 131, device=DEVICE).to(dtype)[:, :131]  # residual rows of stride 2N too
     _check(x, w, b, r, dtype, EPILOGUES["gelu_residual"])
+
+
+@pytest.mark.parametrize("tile", sorted(set(PREFILL_TILES["fp16"])) if available() else [], ids=str)
+def test_every_half_prefill_tile_matches_reference(tile, monkeypatch):
+    """Each tile the shape rule can pick, forced on a 111-row prefill with bias + GELU + residual."""
+    monkeypatch.setattr(linear_module, "prefill_tile", lambda etype, t, n: tile)
+    x, w, b, r = _inputs(111, 97, 131, torch.float16, seed=11)
+    _check(x, w, b, r, torch.float16, EPILOGUES["gelu_residual"])
+
+
+@pytest.mark.parametrize(
+    "t, n, tile",
+    [(2048, 3072, (128, 128)), (2048, 768, (64, 128)), (512, 2304, (64, 128)), (512, 768, (64, 64)),
+     (1024, 1600, (64, 128)), (100, 6400, (64, 64)), (4096, 1600, (128, 128))],
+)
+def test_prefill_tile_is_the_largest_that_gives_an_h100_one_program_per_sm(t, n, tile):
+    bm, bn, _, _ = prefill_tile("fp16", t, n)
+    assert (bm, bn) == tile
+    if tile != PREFILL_TILES["fp16"][-1][:2]:
+        assert -(-t // bm) * -(-n // bn) >= 132
+
+
+def test_prefill_tile_falls_back_to_the_smallest():
+    assert prefill_tile("bf16", 20, 96) == PREFILL_TILES["bf16"][-1]  # too small to fill: the smallest tile
+    assert prefill_tile("fp32", 4096, 4096) == PREFILL_TILES["fp32"][0]
 
 
 def test_decode_split_fills_an_h100():

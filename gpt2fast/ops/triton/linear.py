@@ -7,9 +7,14 @@ Two shapes of work, chosen by the number of rows ``T``:
 
 - **prefill** (``T > DECODE_MAX_ROWS``): ``_linear_kernel``, ``tl.dot`` tiles of
   ``BLOCK_M x BLOCK_N`` over the output, a K loop of ``BLOCK_K``, the epilogue applied to the fp32
-  accumulator before the single store. One tile config per dtype (fp32: 64x64x32, 4 warps;
-  fp16/bf16: 128x128x64, 8 warps; 3 pipeline stages): no autotuning until a GPU measures, so the
-  interpreter and every device run the same deterministic config.
+  accumulator before the single store. The tile is chosen per shape by :func:`prefill_tile`: the
+  largest of ``PREFILL_TILES[dtype]`` (fp16/bf16: 128x128, 64x128, 64x64, K step 64) that still
+  gives ``TARGET_PROGRAMS / 2`` (132, one per H100 SM) output tiles, else the smallest. A 128x128
+  tile is the efficient one for a long prompt (1024 x 3072: 192 tiles), but a 100-token prompt at
+  N = 768 would get only 6 programs of it; 64x64 gives it 24. A rule on shapes rather than
+  ``triton.autotune``: the same tile everywhere (interpreter, every GPU), so results are
+  reproducible bit for bit, and no timing run on the first call of each shape; measured
+  autotuning waits for a GPU to measure it on. fp32 (the CPU/test dtype) keeps one 64x64x32 tile.
 - **decode** (``T <= DECODE_MAX_ROWS`` = 64): memory-bound, the weight is the traffic. A two-phase
   split-K GEMV without atomics: ``_linear_splitk_kernel`` gives each program a
   ``BLOCK_N_DECODE`` (32) slice of the outputs times one K chunk, streams that weight slice once
@@ -55,8 +60,9 @@ BLOCK_N_DECODE = 32
 # an ieee tl.dot, which holds its operands in registers, so 32 (128 B) keeps it from spilling
 BLOCK_K_DECODE = {"fp32": 32, "fp16": 128, "bf16": 128}
 EPILOGUE_BLOCK = 256
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles, per element type
-PREFILL_TILES = {"fp32": (64, 64, 32, 4), "fp16": (128, 128, 64, 8), "bf16": (128, 128, 64, 8)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles per element type, largest first
+_HALF_TILES = ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4))
+PREFILL_TILES = {"fp32": ((64, 64, 32, 4),), "fp16": _HALF_TILES, "bf16": _HALF_TILES}
 
 
 @triton.jit
@@ -207,6 +213,21 @@ def _linear_epilogue_kernel(
     tl.store(y_ptr + row.to(tl.int64) * N + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+def prefill_tile(etype: str, t: int, n: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` for a ``(t, n)`` prefill output: the largest tile of
+    ``PREFILL_TILES[etype]`` giving at least one program per H100 SM, else the smallest.
+
+    Example:
+        >>> prefill_tile("fp16", 1024, 3072), prefill_tile("fp16", 512, 2304), prefill_tile("fp16", 100, 768)
+        ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4))
+    """
+    tiles = PREFILL_TILES[etype]
+    for bm, bn, bk, warps in tiles:
+        if triton.cdiv(t, bm) * triton.cdiv(n, bn) >= TARGET_PROGRAMS // 2:
+            return bm, bn, bk, warps
+    return tiles[-1]
+
+
 def decode_split(n: int, k: int, block_k: int = 128) -> tuple[int, int]:
     """``(num_splits, k_per_split)`` of the decode path for an ``(n, k)`` weight, K stepped by ``block_k``.
 
@@ -273,7 +294,7 @@ def linear(
     res_arg = y if residual is None else residual
     res_stride = 0 if residual is None else residual.stride(0)
     if t > DECODE_MAX_ROWS:
-        bm, bn, bk, warps = PREFILL_TILES[etype]
+        bm, bn, bk, warps = prefill_tile(etype, t, n)
         grid = (triton.cdiv(t, bm), triton.cdiv(n, bn))
         _linear_kernel[grid](
             x, weight, b_arg, res_arg, y, t, n, k, x.stride(0), res_stride, int(bias is not None),
@@ -299,18 +320,18 @@ def _variants() -> list[dict]:
     for etype in ("fp32", "fp16", "bf16"):
         ptr = "*" + etype
         ieee = etype == "fp32"
-        bm, bn, bk, warps = PREFILL_TILES[etype]
         for gelu in (False, True):
             suffix = f"{etype}_{'gelu' if gelu else 'plain'}"
-            out.append(dict(
-                name=f"linear_{suffix}", fn=_linear_kernel,
-                signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32", K="i32",
-                               x_row_stride="i64", res_row_stride="i64", HAS_BIAS="i32", HAS_RESIDUAL="i32",
-                               GELU="constexpr", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
-                               BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                num_warps=warps, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride"),
-            ))
+            for bm, bn, bk, warps in PREFILL_TILES[etype]:
+                out.append(dict(
+                    name=f"linear_{suffix}_{bm}x{bn}", fn=_linear_kernel,
+                    signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32",
+                                   K="i32", x_row_stride="i64", res_row_stride="i64", HAS_BIAS="i32",
+                                   HAS_RESIDUAL="i32", GELU="constexpr", IEEE="constexpr", UPCAST="constexpr",
+                                   BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                    constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                    num_warps=warps, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride"),
+                ))
             out.append(dict(
                 name=f"linear_epilogue_{suffix}", fn=_linear_epilogue_kernel,
                 signature=dict(part_ptr="*fp32", b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32",
@@ -332,7 +353,7 @@ def _variants() -> list[dict]:
     return out
 
 
-# Every configuration linear() can launch: per dtype, the prefill tile and the epilogue with and
+# Every configuration linear() can launch: per dtype, each prefill tile and the epilogue with and
 # without GELU, and the split-K GEMV. GPT-2's widths (768, 2304, 3072, ... 6400) and strides are
 # multiples of 16, as the JIT will see them on the GPU.
 COMPILE_VARIANTS: list[dict] = _variants()
