@@ -2,9 +2,8 @@
 
 Compiles each entry of every ``gpt2fast/ops/triton/*.py`` module's ``COMPILE_VARIANTS`` (the
 configurations its launcher can launch) with ``gpt2fast.ops.triton.aot`` and writes a Markdown
-table: registers per thread, spill stores/loads, shared memory per block, compile seconds. Then
-the napkin math of the memory-bound kernels at GPT-2 124M decode shapes: bytes one call reads and
-writes, and that over an H100's 3.35 TB/s.
+table: registers per thread, spill stores/loads, shared memory per block, compile seconds. The
+napkin math (bytes per call, roofline time) is ``gpt2fast.roofline``'s, in ``roofline.md``.
 
 Run: python benchmarks/triton_kernels.py [--out benchmarks/triton_kernels.md] [--arch 80 90]
 (run it without TRITON_INTERPRET; under the interpreter the compiling moves to a subprocess anyway)
@@ -22,21 +21,6 @@ import triton
 
 from gpt2fast.ops.triton.aot import ARCHES, SHARED_LIMIT, compile_all
 
-H100_BYTES_PER_S = 3.35e12
-# GPT-2 124M: width, heads, head_dim; fp16 activations, weights and cache; int64 ids and slots
-C, H, D, HALF, INDEX = 768, 12, 64, 2, 8
-
-
-def decode_bytes(tokens: int) -> dict[str, tuple[int, str]]:
-    """Bytes read + written by one call of each memory-bound kernel on ``tokens`` rows, with the sum spelled out."""
-    row = tokens * C * HALF
-    return {
-        "layer_norm": (2 * row + 2 * C * HALF, "read x, write y, read weight+bias"),
-        "add_layer_norm": (4 * row + 2 * C * HALF, "read x+residual, write residual+y, read weight+bias"),
-        "embed": (3 * row + 2 * tokens * INDEX, "read wte+wpe rows, write out, read ids+positions"),
-        "write_kv": (4 * tokens * H * D * HALF + tokens * INDEX, "read k+v, write k+v pages, read slots"),
-    }
-
 
 def resource_table(rows: list[dict]) -> list[str]:
     lines = [
@@ -48,18 +32,6 @@ def resource_table(rows: list[dict]) -> list[str]:
             f"| `{r['name']}` | sm_{r['arch']} | {r['num_warps']} | {r['registers']} | "
             f"{r['spill_stores']} / {r['spill_loads']} | {r['shared']} | {r['compile_s']:.2f} |"
         )
-    return lines
-
-
-def roofline_table() -> list[str]:
-    lines = [
-        "| kernel | batch | bytes per call | roofline at 3.35 TB/s | what moves |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for tokens in (1, 64):
-        for kernel, (num_bytes, what) in decode_bytes(tokens).items():
-            seconds = num_bytes / H100_BYTES_PER_S
-            lines.append(f"| {kernel} | {tokens} | {num_bytes:,} | {seconds * 1e9:.1f} ns | {what} |")
     return lines
 
 
@@ -82,13 +54,8 @@ def report(rows: list[dict], arches: tuple[int, ...]) -> str:
         "",
         *resource_table(rows),
         "",
-        "## Napkin math at GPT-2 124M decode shapes (fp16, C = 768, H = 12, D = 64)",
-        "",
-        "Bytes one call must read and write, over H100 HBM3 bandwidth. At these sizes every one of",
-        "these kernels is bound by launch latency (a few microseconds), not bandwidth: fusing them",
-        "(and CUDA graphs) is what pays, not faster loops.",
-        "",
-        *roofline_table(),
+        "The bytes each kernel moves per call at GPT-2 decode shapes, and its H100 roofline time, are in",
+        "`roofline.md` (`python -m gpt2fast.roofline`).",
         "",
     ]
     return "\n".join(lines)

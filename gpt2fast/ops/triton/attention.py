@@ -34,8 +34,9 @@ and ``pages_per_split = cdiv(max_blocks, num_splits)`` (then ``num_splits`` is r
 heads, table width), never on this step's lengths, so a CUDA graph captured for a batch-size
 bucket replays with any lengths: the engine pads every ``block_tables`` to the fixed width
 ``n_positions / block_size`` (64 for GPT-2 at block 16; ``AttentionMetadata.build(max_blocks=)``).
-``2 * 132`` asks for two waves of programs on an H100's 132 SMs, so one sequence at GPT-2 124M (12 heads, 64-page tables) runs 22 splits of 3
-pages; from 22 sequences up the batch alone fills the GPU, there is one split and no merge.
+``2 * 132`` asks for two waves of programs on an H100's 132 SMs, so one sequence at GPT-2 124M
+(12 heads, 64-page tables) runs 22 splits of 3 pages; from 22 sequences up the batch alone fills
+the GPU, there is one split and no merge.
 
 **Napkin math (decode, GPT-2 124M: 12 heads x 64, fp16, 64-page tables at block 16; one layer).**
 Bytes = K and V of every context token (``2 * B * L * 12 * 64 * 2``) + q and out + tables + fp32

@@ -1,0 +1,131 @@
+"""Napkin math for a decode step: bytes each kernel must move, launches, and the time that costs.
+
+A decode step of GPT-2 is memory-bound: every weight is read once per step whatever the batch, plus
+each sequence's K/V cache. This module counts, per kernel call of the Triton backend, the bytes
+that must cross DRAM (inputs read once, outputs written once) and, separately, the fp32 workspace
+our split-K designs write and read back (small enough to stay in an H100's 50 MB L2). Dividing by
+the memory bandwidth gives the roofline time each kernel is held against in ``benchmarks/``.
+
+Example:
+    >>> from gpt2fast.config import PRESETS
+    >>> step = decode_step(PRESETS["gpt2"], batch=1, context=128)
+    >>> round(sum(k.calls * k.dram_bytes for k in step) / 1e6)  # MB per decode step
+    253
+    >>> round(step_time(step) * 1e6)  # us at the H100's 3.35 TB/s
+    75
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from gpt2fast.config import PRESETS, GPT2Config
+
+H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+H100_SMS = 132
+INT32, INT64, FP32 = 4, 8, 4
+
+
+@dataclass(frozen=True)
+class KernelBytes:
+    """One kernel of a decode step: how often it runs per step and what one call moves."""
+
+    name: str
+    calls: int  # per step
+    dram_bytes: int  # per call: inputs read once + outputs written once
+    workspace_bytes: int = 0  # per call: fp32 partials written and read back (L2-resident)
+    launches: int = 1  # kernel launches per call
+
+    def seconds(self, bandwidth: float = H100_BANDWIDTH) -> float:
+        """Roofline time of one call."""
+        return self.dram_bytes / bandwidth
+
+
+def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int) -> KernelBytes:
+    """A decode linear (rows <= 64): split-K GEMV + epilogue, as ``ops/triton/linear.py`` launches it."""
+    from gpt2fast.ops.triton.linear import BLOCK_K_DECODE, decode_split
+
+    splits, _ = decode_split(n, k, BLOCK_K_DECODE["fp16"])
+    dram = size * (n * k + n + rows * k + rows * n)  # weight, bias, x, y
+    return KernelBytes(name, calls, dram, workspace_bytes=2 * splits * rows * n * FP32, launches=2)
+
+
+def decode_step(
+    config: GPT2Config, batch: int, context: int, dtype_bytes: int = 2, fused_choice: bool = True
+) -> list[KernelBytes]:
+    """Every kernel of one decode step of ``batch`` sequences at ``context`` tokens each (fp16: 2 bytes).
+
+    ``fused_choice``: the LM head picks the token (argmax / Gumbel-max) instead of writing fp32 logits.
+
+    Example:
+        >>> [k.name for k in decode_step(PRESETS["gpt2"], 1, 16)][:3]
+        ['embed', 'layer_norm', 'add_layer_norm']
+    """
+    from gpt2fast.ops.triton.attention import decode_splits
+    from gpt2fast.ops.triton.lm_head import _tiles
+
+    b, c, s, n_layer = batch, config.n_embd, dtype_bytes, config.n_layer
+    h, d, f, v = config.n_head, config.head_dim, config.mlp_width, config.vocab_size
+    max_blocks = -(-config.n_positions // 16)
+    splits, _ = decode_splits(b, h, max_blocks)
+    attn_workspace = 2 * b * h * splits * (d + 2) * FP32 if splits > 1 else 0
+    v_tiles = -(-v // _tiles("fp16", b)[1])
+    head_out = b * v_tiles * (FP32 + INT32) + b * INT64 if fused_choice else b * v * FP32
+    return [
+        KernelBytes("embed", 1, s * 3 * b * c + 2 * b * INT64),  # wte rows, wpe rows, out; ids + positions
+        KernelBytes("layer_norm", 1, s * (2 * b * c + 2 * c)),  # x, y, weight + bias
+        KernelBytes("add_layer_norm", 2 * n_layer, s * (4 * b * c + 2 * c)),  # x, residual in and out, y
+        _linear("linear qkv", n_layer, b, c, 3 * c, s),
+        KernelBytes("write_kv", n_layer, s * 4 * b * c + b * INT64),  # k, v in; k, v into pages; slots
+        KernelBytes("attention decode", n_layer,
+                    s * (2 * b * context * c + 2 * b * c) + INT32 * b * (max_blocks + 2),  # K, V, q, out, tables
+                    workspace_bytes=attn_workspace, launches=2 if splits > 1 else 1),
+        _linear("linear attn proj", n_layer, b, c, c, s),
+        _linear("linear fc + gelu", n_layer, b, c, f, s),
+        _linear("linear mlp proj", n_layer, b, f, c, s),
+        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out,
+                    launches=2 if fused_choice else 1),
+    ]
+
+
+def step_time(kernels: list[KernelBytes], bandwidth: float = H100_BANDWIDTH) -> float:
+    """Roofline seconds of a whole step: the sum of its kernels' DRAM bytes over the bandwidth."""
+    return sum(k.calls * k.seconds(bandwidth) for k in kernels)
+
+
+def table(config: GPT2Config, batch: int, context: int, bandwidth: float = H100_BANDWIDTH) -> str:
+    """A markdown table of one decode step, per kernel: calls, MB per call, L2 workspace, launches, roofline us.
+
+    Example:
+        >>> print(table(PRESETS["gpt2"], 1, 128).splitlines()[0])
+        | kernel | calls | MB / call | workspace KB / call | launches | us / call | us / step |
+    """
+    kernels = decode_step(config, batch, context)
+    lines = ["| kernel | calls | MB / call | workspace KB / call | launches | us / call | us / step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for k in kernels:
+        us = k.seconds(bandwidth) * 1e6
+        lines.append(f"| {k.name} | {k.calls} | {k.dram_bytes / 1e6:.3f} | {k.workspace_bytes / 1e3:.1f} | "
+                     f"{k.calls * k.launches} | {us:.2f} | {k.calls * us:.2f} |")
+    total = sum(k.calls * k.dram_bytes for k in kernels)
+    launches = sum(k.calls * k.launches for k in kernels)
+    lines.append(f"| **step** | | {total / 1e6:.1f} | | {launches} | | **{step_time(kernels, bandwidth) * 1e6:.1f}** |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Bytes and roofline time of one decode step, per kernel.")
+    parser.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--context", type=int, nargs="+", default=[128, 1024])
+    args = parser.parse_args(argv)
+    config = PRESETS[args.model]
+    for batch in args.batch:
+        for context in args.context:
+            print(f"\n### {args.model}, fp16, batch {batch}, context {context} (H100: 3.35 TB/s)\n")
+            print(table(config, batch, context))
+
+
+if __name__ == "__main__":
+    main()
