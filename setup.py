@@ -1,5 +1,91 @@
-"""Build script. Pure-Python for now; the CUDA extension ``gpt2fast._C`` joins here when its kernels land."""
+"""Build script: pure Python, plus the CUDA extension ``gpt2fast._C`` where nvcc builds it.
 
-from setuptools import setup
+``gpt2fast._C`` is ``csrc/bindings.cpp`` (and the kernel headers it includes) compiled by nvcc
+for sm_80 and sm_90 (``GPT2FAST_CUDA_ARCHS="80;90"`` overrides), linked with the static CUDA
+runtime, bound with pybind11 (no torch C++ API: our torch may be a CPU build).
 
-setup()
+``GPT2FAST_BUILD_CUDA`` decides whether it is built:
+  ``1``      always (fails when nvcc is missing),
+  ``0``      never,
+  unset      when nvcc is found *and* this machine has an NVIDIA GPU driver (``/dev/nvidia0`` or
+             ``nvidia-smi``). A machine with the toolkit but no GPU, like our CI, installs pure
+             Python: the nvcc + pybind11 compile costs about a minute on 2 cores there, for a
+             module nothing on that machine can load. Its tests still compile every kernel with
+             nvcc (the resource report) and run them emulated on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _cuda_build():
+    """gpt2fast/ops/cuda_build.py loaded from its path (importing the package would import torch)."""
+    spec = importlib.util.spec_from_file_location("_gpt2fast_cuda_build", ROOT / "gpt2fast" / "ops" / "cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def _has_gpu_driver() -> bool:
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
+def _build_cuda_reason() -> tuple[bool, str]:
+    """(build gpt2fast._C?, why)."""
+    mode = os.environ.get("GPT2FAST_BUILD_CUDA", "").strip()
+    nvcc = _cuda_build().nvcc_path()
+    if mode == "0":
+        return False, "GPT2FAST_BUILD_CUDA=0"
+    if mode == "1":
+        if nvcc is None:
+            raise SystemExit("GPT2FAST_BUILD_CUDA=1 but nvcc was not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+        return True, "GPT2FAST_BUILD_CUDA=1"
+    if mode:
+        raise SystemExit(f"GPT2FAST_BUILD_CUDA={mode!r}: use 1 (build gpt2fast._C), 0 (never) or leave it unset")
+    if nvcc is None:
+        return False, "nvcc not found"
+    if not _has_gpu_driver():
+        return False, "nvcc found but no NVIDIA GPU driver here; GPT2FAST_BUILD_CUDA=1 builds it anyway"
+    return True, f"nvcc ({nvcc}) and a GPU driver found"
+
+
+class NvccBuildExt(build_ext):
+    """Compiles and links each extension with one nvcc command (sources are CUDA C++, ``-x cu``)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11  # a build requirement (pyproject.toml), needed only here
+
+        cuda_build = _cuda_build()
+        archs = cuda_build.archs_from_env()
+        output = Path(self.get_ext_fullpath(ext.name))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        extra = [
+            "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo",
+            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-DGPT2FAST_MODULE_NAME=_C",
+        ]  # fmt: skip
+        command = cuda_build.nvcc_command(ROOT / ext.sources[0], output, archs, extra)
+        print(f"gpt2fast: building gpt2fast._C for sm_{', sm_'.join(map(str, archs))}:\n  {' '.join(command)}")
+        self.spawn(command)
+
+
+build, reason = _build_cuda_reason()
+if not build:
+    print(f"gpt2fast: installing pure Python, without the CUDA extension gpt2fast._C ({reason}). "
+          "backend='cuda' then runs its kernels only on CPU tensors, emulated (tests).")  # fmt: skip
+
+setup(
+    ext_modules=[Extension("gpt2fast._C", sources=["csrc/bindings.cpp"])] if build else [],
+    cmdclass={"build_ext": NvccBuildExt},
+)
