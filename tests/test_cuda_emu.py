@@ -10,6 +10,7 @@ with the real LayerNorm kernel in test_cuda_layer_norm.py.
 
 from __future__ import annotations
 
+import signal
 import struct
 import subprocess
 import sys
@@ -79,6 +80,12 @@ def test_partial_mask_aborts_with_a_message(built):
 def test_bad_emu_order_aborts(built):
     done = _run_aborting(built, "m.block_sum([1.0] * 32, True)", env={"EMU_ORDER": "5", "PATH": "/usr/bin:/bin"})
     assert done.returncode != 0 and "EMU_ORDER=5" in done.stderr, done.stderr
+
+
+def test_fiber_stack_overflow_hits_the_guard_page(built, emu):
+    emu.stack_overflow(10)  # shallow: fine
+    done = _run_aborting(built, "m.stack_overflow(1_000_000)")
+    assert done.returncode == -signal.SIGSEGV, (done.returncode, done.stderr[-2000:])
 
 
 def _expected_warp_ops(threads: int, width: int) -> list[list[int]]:

@@ -40,14 +40,21 @@ TOLERANCE = {
 
 
 @pytest.fixture(scope="session")
-def sanitized_build() -> Future:
-    """Starts the ASan+UBSan build (~30 s) in the background at the first test; the ASan tests come last."""
+def _background():
     with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool.submit(cuda_build.build_emulated, cuda_build.BINDINGS, "_C_emu_asan", sanitize=True)
+        yield pool
 
 
 @pytest.fixture(scope="session")
-def emu(sanitized_build):
+def sanitized_build(_background) -> Future:
+    """The ASan+UBSan build (~30 s cold), compiled in the background while the emulated tests run."""
+    return _background.submit(cuda_build.build_emulated, cuda_build.BINDINGS, "_C_emu_asan", sanitize=True)
+
+
+@pytest.fixture(scope="session")
+def emu(request):
+    if any("sanitized_build" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("sanitized_build")  # start it now; the ASan tests come last
     module = cuda.emulated_module()
     yield module
     module.set_order(-1)

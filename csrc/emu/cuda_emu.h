@@ -39,6 +39,9 @@
 // the orders above; memory-model effects (fences, volatile, L1 staleness) are invisible. Static
 // `__shared__` variables are not poisoned (they keep the previous block's values).
 //
+// `__noinline__` is left undefined (libstdc++ spells `__attribute__((__noinline__))`): write
+// `__attribute__((noinline))`, which nvcc accepts too.
+//
 // Environment: EMU_ORDER=0|1|2 (default 0; `emu::set_order` overrides it), EMU_SEED=<uint64>
 // (default 0; `emu::set_seed`). Build with -fno-strict-aliasing: kernels reinterpret `uint4`
 // vectors as half/bfloat16 lanes, which g++ would otherwise miscompile. x86-64 Linux only.

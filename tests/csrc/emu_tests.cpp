@@ -68,6 +68,15 @@ __global__ void ticket_kernel(int* counter, int* out) {
 // Reads dynamic shared memory nobody wrote: the emulator's 0xFF poison.
 __global__ void poison_kernel(unsigned* out) { out[threadIdx.x] = reinterpret_cast<const unsigned*>(dyn_smem)[threadIdx.x]; }
 
+// Recurses until the fiber's stack runs into its guard page (SIGSEGV, not a silent overwrite of
+// the neighbouring fiber's stack).
+__device__ __attribute__((noinline)) int recurse(int depth) {
+  volatile char pad[256];
+  pad[0] = static_cast<char>(depth);
+  return depth == 0 ? 0 : recurse(depth - 1) + pad[0];
+}
+__global__ void stack_overflow_kernel(int* out, int depth) { out[threadIdx.x] = recurse(depth); }
+
 // Linear index of every (block, thread) of a 3-D launch, with atomics across blocks.
 __global__ void index_kernel(int* out, float* sum, int* max) {
   const int threads = blockDim.x * blockDim.y * blockDim.z;
@@ -148,6 +157,12 @@ py::tuple indices(std::vector<unsigned> grid, std::vector<unsigned> block) {
   return py::make_tuple(out, sum, max);
 }
 
+void stack_overflow(int depth) {
+  std::vector<int> out(kWarpSize);
+  LAUNCH(dim3(1), dim3(kWarpSize), 0, nullptr, stack_overflow_kernel)(out.data(), depth);
+  check(cudaGetLastError());
+}
+
 std::string launch_error(unsigned threads, std::size_t smem) {
   std::vector<float> out(threads > 0 && threads <= 1024 ? threads : 1);
   LAUNCH(dim3(1), dim3(threads), smem, nullptr, early_return_kernel)(out.data());
@@ -167,5 +182,6 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
   m.def("tickets", &tickets, py::arg("blocks"), py::arg("threads"));
   m.def("poison", &poison, py::arg("threads"));
   m.def("indices", &indices, py::arg("grid"), py::arg("block"));
+  m.def("stack_overflow", &stack_overflow, py::arg("depth"));
   m.def("launch_error", &launch_error, py::arg("threads"), py::arg("smem"));
 }
