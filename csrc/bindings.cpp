@@ -55,33 +55,37 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
 
   m.def(
       "layer_norm",
-      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t out, int64_t rows,
-         int width, int64_t x_stride, float eps, int dtype, std::uintptr_t stream) {
-        check(gpt2fast::layer_norm(ptr(x), ptr(weight), ptr(bias), ptr(out), rows, width, x_stride, eps,
-                                   dtype_of(dtype), stream_of(stream)),
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t out,
+         int64_t rows, int width, int64_t x_stride, float eps, int dtype, std::uintptr_t stream) {
+        check(gpt2fast::layer_norm(ptr(x), ptr(weight), ptr(bias), ptr(out), rows, width, x_stride,
+                                   eps, dtype_of(dtype), stream_of(stream)),
               "layer_norm");
       },
-      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("width"),
-      py::arg("x_stride"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(), "out[r] = LayerNorm(x[r]); out contiguous (rows, width)");
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("rows"),
+      py::arg("width"), py::arg("x_stride"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out[r] = LayerNorm(x[r]); out contiguous (rows, width)");
 
   m.def(
       "add_layer_norm",
-      [](std::uintptr_t x, std::uintptr_t residual, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t out,
-         int64_t rows, int width, int64_t x_stride, int64_t res_stride, float eps, int dtype, std::uintptr_t stream) {
-        check(gpt2fast::add_layer_norm(ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(out), rows, width,
-                                       x_stride, res_stride, eps, dtype_of(dtype), stream_of(stream)),
+      [](std::uintptr_t x, std::uintptr_t residual, std::uintptr_t weight, std::uintptr_t bias,
+         std::uintptr_t out, int64_t rows, int width, int64_t x_stride, int64_t res_stride,
+         float eps, int dtype, std::uintptr_t stream) {
+        check(gpt2fast::add_layer_norm(ptr(x), ptr(residual), ptr(weight), ptr(bias), ptr(out),
+                                       rows, width, x_stride, res_stride, eps, dtype_of(dtype),
+                                       stream_of(stream)),
               "add_layer_norm");
       },
-      py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("rows"),
-      py::arg("width"), py::arg("x_stride"), py::arg("res_stride"), py::arg("eps"), py::arg("dtype"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+      py::arg("rows"), py::arg("width"), py::arg("x_stride"), py::arg("res_stride"), py::arg("eps"),
+      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "residual[r] += x[r]; out[r] = LayerNorm(residual[r])");
 
 #if defined(CUDA_EMU)
   m.attr("EMULATED") = true;
-  m.def("set_order", &emu::set_order, py::arg("order"),
-        "Thread order of later launches: 0 forward, 1 reverse, 2 shuffled; -1 reads EMU_ORDER again");
+  m.def(
+      "set_order", &emu::set_order, py::arg("order"),
+      "Thread order of later launches: 0 forward, 1 reverse, 2 shuffled; -1 reads EMU_ORDER again");
   m.def("order", &emu::order, "The thread order launches use now");
   m.def("set_seed", &emu::set_seed, py::arg("seed"), "Seed of the shuffled order (EMU_ORDER=2)");
 #else

@@ -81,7 +81,8 @@ inline bool is_aligned(const void* p, std::size_t bytes) {
 // True when rows of `width` elements at these row strides (in elements) can be read with
 // kVecBytes loads from every pointer given (nullptr entries are ignored).
 template <typename T>
-bool can_vectorize(std::initializer_list<const void*> ptrs, int width, std::initializer_list<int64_t> strides) {
+bool can_vectorize(std::initializer_list<const void*> ptrs, int width,
+                   std::initializer_list<int64_t> strides) {
   if (width % kVecElems<T> != 0) return false;
   for (int64_t s : strides) {
     if (s % kVecElems<T> != 0) return false;
@@ -113,7 +114,8 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
 // Butterfly: every lane ends with the same sum, added in the same order on every lane.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 

@@ -158,7 +158,8 @@ inline bool g_seed_set = false;
 inline uint64_t g_seed = 0;
 
 inline void set_order(int order) {
-  if (order < -1 || order > 2) fail("set_order(%d): use 0 (forward), 1 (reverse), 2 (shuffled)", order);
+  if (order < -1 || order > 2)
+    fail("set_order(%d): use 0 (forward), 1 (reverse), 2 (shuffled)", order);
   g_order_override = order;  // -1: read EMU_ORDER again
 }
 inline void set_seed(uint64_t seed) {
@@ -184,13 +185,13 @@ enum class Wait : uint8_t { kReady, kBarrier, kWarp, kDone };
 enum class WarpOp : uint8_t { kSync, kShfl, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll };
 
 struct Fiber {
-  void* sp = nullptr;       // saved stack pointer while switched out
-  char* stack = nullptr;    // lowest usable byte; the guard page lies just below
+  void* sp = nullptr;          // saved stack pointer while switched out
+  char* stack = nullptr;       // lowest usable byte; the guard page lies just below
   void* fake_stack = nullptr;  // ASan's fake-stack handle while switched out
   uint3 tid{};
   int linear = 0, lane = 0, warp = 0;
   Wait wait = Wait::kReady;
-  const char* what = "";    // the collective it waits at (for deadlock reports)
+  const char* what = "";  // the collective it waits at (for deadlock reports)
   std::source_location where{};
   WarpOp op = WarpOp::kSync;
   unsigned mask = 0;
@@ -231,13 +232,14 @@ struct Worker {
     if (n <= stack_slots) return;
     if (stacks) munmap(stacks, stack_slots * (kFiberStack + page()));
     const size_t slot = kFiberStack + page();
-    void* mem = mmap(nullptr, n * slot, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                     -1, 0);
+    void* mem = mmap(nullptr, n * slot, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED) fail("cannot map %zu fiber stacks", n);
     stacks = static_cast<char*>(mem);
     stack_slots = n;
     for (size_t i = 0; i < n; ++i) {
-      if (mprotect(stacks + i * slot, page(), PROT_NONE) != 0) fail("cannot protect a fiber stack guard page");
+      if (mprotect(stacks + i * slot, page(), PROT_NONE) != 0)
+        fail("cannot protect a fiber stack guard page");
     }
   }
   char* stack_of(size_t i) const { return stacks + i * (kFiberStack + page()) + page(); }
@@ -297,9 +299,9 @@ inline void init_fiber(Fiber& f, char* stack) {
 #endif
   f.stack = stack;
   auto** sp = reinterpret_cast<void**>(stack + kFiberStack);  // 16-byte aligned top
-  *--sp = nullptr;                                             // emu_fiber_main's return address
-  *--sp = reinterpret_cast<void*>(&emu_fiber_main);            // where emu_fiber_switch's ret goes
-  for (int i = 0; i < 6; ++i) *--sp = nullptr;                 // rbp rbx r12 r13 r14 r15
+  *--sp = nullptr;                                            // emu_fiber_main's return address
+  *--sp = reinterpret_cast<void*>(&emu_fiber_main);           // where emu_fiber_switch's ret goes
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;                // rbp rbx r12 r13 r14 r15
   f.sp = sp;
   f.wait = Wait::kReady;
   f.what = "";
@@ -315,17 +317,19 @@ inline uint64_t splitmix64(uint64_t& state) {
 
 // Prints every thread's state, grouped into runs of consecutive threads, then aborts.
 [[noreturn]] inline void report_deadlock(const Worker& w, int mode) {
-  std::fprintf(stderr,
-               "cuda_emu: deadlock in kernel %s, block (%u,%u,%u) of grid (%u,%u,%u), EMU_ORDER=%d: "
-               "no thread can run (a thread returned or skipped a collective its block or warp "
-               "still waits at)\n",
-               w.kernel, tls_block_idx.x, tls_block_idx.y, tls_block_idx.z, tls_grid_dim.x, tls_grid_dim.y,
-               tls_grid_dim.z, mode);
+  std::fprintf(
+      stderr,
+      "cuda_emu: deadlock in kernel %s, block (%u,%u,%u) of grid (%u,%u,%u), EMU_ORDER=%d: "
+      "no thread can run (a thread returned or skipped a collective its block or warp "
+      "still waits at)\n",
+      w.kernel, tls_block_idx.x, tls_block_idx.y, tls_block_idx.z, tls_grid_dim.x, tls_grid_dim.y,
+      tls_grid_dim.z, mode);
   const auto& fs = w.fibers;
   for (size_t i = 0; i < fs.size();) {
     size_t j = i + 1;
     auto same = [&](const Fiber& a, const Fiber& b) {
-      return a.wait == b.wait && std::strcmp(a.what, b.what) == 0 && a.where.line() == b.where.line();
+      return a.wait == b.wait && std::strcmp(a.what, b.what) == 0 &&
+             a.where.line() == b.where.line();
     };
     while (j < fs.size() && same(fs[i], fs[j])) ++j;
     if (fs[i].wait == Wait::kDone) {
@@ -355,7 +359,8 @@ inline void run_block(Worker& w, int mode, uint64_t block_seed) {
                   static_cast<unsigned>(i) / tls_block_dim.x % tls_block_dim.y,
                   static_cast<unsigned>(i) / (tls_block_dim.x * tls_block_dim.y)};
   }
-  for (size_t k = 0; k < w.warps.size(); ++k) w.warps[k].size = std::min(kWarpSize, n - static_cast<int>(k) * kWarpSize);
+  for (size_t k = 0; k < w.warps.size(); ++k)
+    w.warps[k].size = std::min(kWarpSize, n - static_cast<int>(k) * kWarpSize);
   w.barrier_arrived = w.barrier_count = 0;
   w.live = n;
 
@@ -387,10 +392,12 @@ inline void check_mask(unsigned mask, const char* what, std::source_location loc
   const Fiber& f = *tls_fiber;
   const unsigned existing = lanes_mask(tls_worker->warps[f.warp].size);
   if (mask != kFullMask && mask != existing) {
-    fail("%s(mask=0x%08x) at %s:%u in kernel %s, block (%u,%u,%u), thread %d: the emulator supports "
-         "full-warp masks only (0xffffffff%s)",
-         what, mask, base_name(loc.file_name()), loc.line(), tls_worker->kernel, tls_block_idx.x,
-         tls_block_idx.y, tls_block_idx.z, f.linear, existing == kFullMask ? "" : ", or the existing lanes");
+    fail(
+        "%s(mask=0x%08x) at %s:%u in kernel %s, block (%u,%u,%u), thread %d: the emulator supports "
+        "full-warp masks only (0xffffffff%s)",
+        what, mask, base_name(loc.file_name()), loc.line(), tls_worker->kernel, tls_block_idx.x,
+        tls_block_idx.y, tls_block_idx.z, f.linear,
+        existing == kFullMask ? "" : ", or the existing lanes");
   }
 }
 
@@ -401,11 +408,12 @@ inline void resolve_warp(Worker& w, int warp) {
   const int size = w.warps[warp].size;
   for (int l = 1; l < size; ++l) {
     if (lanes[l].op != lanes[0].op || lanes[l].width != lanes[0].width) {
-      fail("lanes 0 and %d of warp %d in kernel %s, block (%u,%u,%u) reached different warp collectives: "
-           "%s (%s:%u) and %s (%s:%u)",
-           l, warp, w.kernel, tls_block_idx.x, tls_block_idx.y, tls_block_idx.z, lanes[0].what,
-           base_name(lanes[0].where.file_name()), lanes[0].where.line(), lanes[l].what,
-           base_name(lanes[l].where.file_name()), lanes[l].where.line());
+      fail(
+          "lanes 0 and %d of warp %d in kernel %s, block (%u,%u,%u) reached different warp "
+          "collectives: %s (%s:%u) and %s (%s:%u)",
+          l, warp, w.kernel, tls_block_idx.x, tls_block_idx.y, tls_block_idx.z, lanes[0].what,
+          base_name(lanes[0].where.file_name()), lanes[0].where.line(), lanes[l].what,
+          base_name(lanes[l].where.file_name()), lanes[l].where.line());
     }
   }
   unsigned ballot = 0;
@@ -416,22 +424,39 @@ inline void resolve_warp(Worker& w, int warp) {
     const int seg = l & ~(width - 1);  // first lane of this lane's width-segment
     int src = l;
     switch (f.op) {
-      case WarpOp::kSync: break;
-      case WarpOp::kShfl: src = seg + (f.arg & (width - 1)); break;
-      case WarpOp::kShflXor: src = l ^ f.arg; src = src >= seg + width ? l : src; break;
-      case WarpOp::kShflUp: src = l - f.arg >= seg ? l - f.arg : l; break;
-      case WarpOp::kShflDown: src = l + f.arg < seg + width ? l + f.arg : l; break;
-      case WarpOp::kBallot: f.out = ballot; break;
-      case WarpOp::kAny: f.out = ballot != 0; break;
-      case WarpOp::kAll: f.out = ballot == lanes_mask(size); break;
+      case WarpOp::kSync:
+        break;
+      case WarpOp::kShfl:
+        src = seg + (f.arg & (width - 1));
+        break;
+      case WarpOp::kShflXor:
+        src = l ^ f.arg;
+        src = src >= seg + width ? l : src;
+        break;
+      case WarpOp::kShflUp:
+        src = l - f.arg >= seg ? l - f.arg : l;
+        break;
+      case WarpOp::kShflDown:
+        src = l + f.arg < seg + width ? l + f.arg : l;
+        break;
+      case WarpOp::kBallot:
+        f.out = ballot;
+        break;
+      case WarpOp::kAny:
+        f.out = ballot != 0;
+        break;
+      case WarpOp::kAll:
+        f.out = ballot == lanes_mask(size);
+        break;
     }
     if (f.op == WarpOp::kShfl || f.op == WarpOp::kShflXor || f.op == WarpOp::kShflUp ||
         f.op == WarpOp::kShflDown) {
       if (src < 0 || src >= size) {
-        fail("%s at %s:%u in kernel %s, block (%u,%u,%u): lane %d of warp %d reads lane %d, which does not "
-             "exist (the warp has %d lanes)",
-             f.what, base_name(f.where.file_name()), f.where.line(), w.kernel, tls_block_idx.x, tls_block_idx.y,
-             tls_block_idx.z, l, warp, src, size);
+        fail(
+            "%s at %s:%u in kernel %s, block (%u,%u,%u): lane %d of warp %d reads lane %d, which "
+            "does not exist (the warp has %d lanes)",
+            f.what, base_name(f.where.file_name()), f.where.line(), w.kernel, tls_block_idx.x,
+            tls_block_idx.y, tls_block_idx.z, l, warp, src, size);
       }
       f.out = lanes[src].in;
     }
@@ -439,17 +464,18 @@ inline void resolve_warp(Worker& w, int warp) {
   for (int l = 0; l < size; ++l) lanes[l].wait = Wait::kReady;
 }
 
-inline uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* what,
-                                std::source_location loc) {
+inline uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
+                                const char* what, std::source_location loc) {
   if (tls_fiber == nullptr) fail("%s called outside a kernel", what);
   check_mask(mask, what, loc);
   if (width < 1 || width > kWarpSize || (width & (width - 1)) != 0) {
-    fail("%s at %s:%u: width %d is not a power of two in 1..32", what, base_name(loc.file_name()), loc.line(),
-         width);
+    fail("%s at %s:%u: width %d is not a power of two in 1..32", what, base_name(loc.file_name()),
+         loc.line(), width);
   }
   Worker& w = *tls_worker;
   Fiber& f = *tls_fiber;
-  f.op = op, f.mask = mask, f.in = value, f.arg = arg, f.width = width, f.what = what, f.where = loc;
+  f.op = op, f.mask = mask, f.in = value, f.arg = arg, f.width = width;
+  f.what = what, f.where = loc;
   WarpState& ws = w.warps[f.warp];
   if (++ws.arrived == ws.size) {
     ws.arrived = 0;
@@ -497,7 +523,8 @@ T from_bits(uint64_t bits) {
 
 // ---- launches -----------------------------------------------------------------------------------
 
-inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Entry entry, const void* closure);
+inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Entry entry,
+                     const void* closure);
 
 // `LAUNCH(grid, block, smem, stream, kernel)(args...)` under CUDA_EMU: converts the arguments to
 // the kernel's parameter types once (as a launch copies them), then runs every block.
@@ -508,7 +535,8 @@ struct Launch {
   size_t smem;
   void (*kernel)(Params...);
 
-  Launch(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(Params...))
+  Launch(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t,
+         void (*kernel)(Params...))
       : name(name), grid(grid), block(block), smem(smem), kernel(kernel) {}
 
   template <typename... Args>
@@ -531,14 +559,16 @@ struct Launch {
 // initialiser is deliberate: without one, g++ 12 with -fPIC calls a missing TLS init function
 // through address 0 when another declaration is `extern`.
 inline unsigned char emu_dyn_smem_first_byte() { return 0xFF; }
-alignas(16) inline thread_local unsigned char dyn_smem[emu::kMaxDynSmem] = {emu_dyn_smem_first_byte()};
+alignas(16) inline thread_local unsigned char dyn_smem[emu::kMaxDynSmem] = {
+    emu_dyn_smem_first_byte()};
 
 namespace emu {
 
-inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Entry entry, const void* closure) {
+inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Entry entry,
+                     const void* closure) {
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
-  if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
+  if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
     tls_last_error = cudaErrorInvalidConfiguration;
     return;
   }
@@ -548,7 +578,8 @@ inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Ent
   }
   Worker& w = worker();
   Worker* outer_worker = tls_worker;
-  if (outer_worker != nullptr) fail("kernel %s launched from inside kernel %s", kernel, outer_worker->kernel);
+  if (outer_worker != nullptr)
+    fail("kernel %s launched from inside kernel %s", kernel, outer_worker->kernel);
   tls_worker = &w;
   w.entry = entry, w.closure = closure, w.kernel = kernel;
   tls_grid_dim = grid;
@@ -589,53 +620,65 @@ constexpr int warpSize = emu::kWarpSize;
 inline void __syncthreads(std::source_location loc = std::source_location::current()) {
   emu::block_barrier(0, "__syncthreads", loc);
 }
-inline int __syncthreads_count(int pred, std::source_location loc = std::source_location::current()) {
+inline int __syncthreads_count(int pred,
+                               std::source_location loc = std::source_location::current()) {
   return emu::block_barrier(pred, "__syncthreads_count", loc);
 }
 inline int __syncthreads_and(int pred, std::source_location loc = std::source_location::current()) {
-  return emu::block_barrier(pred, "__syncthreads_and", loc) == static_cast<int>(emu::tls_worker->fibers.size());
+  return emu::block_barrier(pred, "__syncthreads_and", loc) ==
+         static_cast<int>(emu::tls_worker->fibers.size());
 }
 inline int __syncthreads_or(int pred, std::source_location loc = std::source_location::current()) {
   return emu::block_barrier(pred, "__syncthreads_or", loc) != 0;
 }
-inline void __syncwarp(unsigned mask = emu::kFullMask, std::source_location loc = std::source_location::current()) {
+inline void __syncwarp(unsigned mask = emu::kFullMask,
+                       std::source_location loc = std::source_location::current()) {
   emu::warp_collective(emu::WarpOp::kSync, mask, 0, 0, emu::kWarpSize, "__syncwarp", loc);
 }
-inline unsigned __activemask() { return emu::lanes_mask(emu::tls_worker->warps[emu::tls_fiber->warp].size); }
+inline unsigned __activemask() {
+  return emu::lanes_mask(emu::tls_worker->warps[emu::tls_fiber->warp].size);
+}
 
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
               std::source_location loc = std::source_location::current()) {
-  return emu::from_bits<T>(
-      emu::warp_collective(emu::WarpOp::kShfl, mask, emu::to_bits(var), src_lane, width, "__shfl_sync", loc));
+  return emu::from_bits<T>(emu::warp_collective(emu::WarpOp::kShfl, mask, emu::to_bits(var),
+                                                src_lane, width, "__shfl_sync", loc));
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
                   std::source_location loc = std::source_location::current()) {
-  return emu::from_bits<T>(emu::warp_collective(emu::WarpOp::kShflXor, mask, emu::to_bits(var), lane_mask, width,
-                                                "__shfl_xor_sync", loc));
+  return emu::from_bits<T>(emu::warp_collective(emu::WarpOp::kShflXor, mask, emu::to_bits(var),
+                                                lane_mask, width, "__shfl_xor_sync", loc));
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
                  std::source_location loc = std::source_location::current()) {
   return emu::from_bits<T>(emu::warp_collective(emu::WarpOp::kShflUp, mask, emu::to_bits(var),
-                                                static_cast<int>(delta), width, "__shfl_up_sync", loc));
+                                                static_cast<int>(delta), width, "__shfl_up_sync",
+                                                loc));
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
                    std::source_location loc = std::source_location::current()) {
   return emu::from_bits<T>(emu::warp_collective(emu::WarpOp::kShflDown, mask, emu::to_bits(var),
-                                                static_cast<int>(delta), width, "__shfl_down_sync", loc));
+                                                static_cast<int>(delta), width, "__shfl_down_sync",
+                                                loc));
 }
-inline unsigned __ballot_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
-  return static_cast<unsigned>(
-      emu::warp_collective(emu::WarpOp::kBallot, mask, pred != 0, 0, warpSize, "__ballot_sync", loc));
+inline unsigned __ballot_sync(unsigned mask, int pred,
+                              std::source_location loc = std::source_location::current()) {
+  return static_cast<unsigned>(emu::warp_collective(emu::WarpOp::kBallot, mask, pred != 0, 0,
+                                                    warpSize, "__ballot_sync", loc));
 }
-inline int __any_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
-  return static_cast<int>(emu::warp_collective(emu::WarpOp::kAny, mask, pred != 0, 0, warpSize, "__any_sync", loc));
+inline int __any_sync(unsigned mask, int pred,
+                      std::source_location loc = std::source_location::current()) {
+  return static_cast<int>(
+      emu::warp_collective(emu::WarpOp::kAny, mask, pred != 0, 0, warpSize, "__any_sync", loc));
 }
-inline int __all_sync(unsigned mask, int pred, std::source_location loc = std::source_location::current()) {
-  return static_cast<int>(emu::warp_collective(emu::WarpOp::kAll, mask, pred != 0, 0, warpSize, "__all_sync", loc));
+inline int __all_sync(unsigned mask, int pred,
+                      std::source_location loc = std::source_location::current()) {
+  return static_cast<int>(
+      emu::warp_collective(emu::WarpOp::kAll, mask, pred != 0, 0, warpSize, "__all_sync", loc));
 }
 
 // Atomics: blocks run one at a time, but launches may come from several host threads.
@@ -711,9 +754,15 @@ inline __half htanh(__half a) { return __float2half_rn(tanhf(__half2float(a))); 
 inline __half __hfma(__half a, __half b, __half c) {
   return __float2half_rn(fmaf(__half2float(a), __half2float(b), __half2float(c)));
 }
-inline __half2 h2exp(__half2 a) { return __halves2half2(hexp(__low2half(a)), hexp(__high2half(a))); }
-inline __nv_bfloat16 hexp(__nv_bfloat16 a) { return __float2bfloat16_rn(expf(__bfloat162float(a))); }
-inline __nv_bfloat16 htanh(__nv_bfloat16 a) { return __float2bfloat16_rn(tanhf(__bfloat162float(a))); }
+inline __half2 h2exp(__half2 a) {
+  return __halves2half2(hexp(__low2half(a)), hexp(__high2half(a)));
+}
+inline __nv_bfloat16 hexp(__nv_bfloat16 a) {
+  return __float2bfloat16_rn(expf(__bfloat162float(a)));
+}
+inline __nv_bfloat16 htanh(__nv_bfloat16 a) {
+  return __float2bfloat16_rn(tanhf(__bfloat162float(a)));
+}
 inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
   return __float2bfloat16_rn(fmaf(__bfloat162float(a), __bfloat162float(b), __bfloat162float(c)));
 }
@@ -728,17 +777,25 @@ inline cudaError_t cudaGetLastError() {
 inline cudaError_t cudaPeekAtLastError() { return emu::tls_last_error; }
 inline const char* cudaGetErrorName(cudaError_t err) {
   switch (err) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    default: return "cudaError (emulated)";
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    default:
+      return "cudaError (emulated)";
   }
 }
 inline const char* cudaGetErrorString(cudaError_t err) {
   switch (err) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    default: return "unknown error (emulated)";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    default:
+      return "unknown error (emulated)";
   }
 }

@@ -19,16 +19,16 @@ constexpr int kLayerNormMaxWidth = 8192;
 
 template <typename T, int kVec, int kItems, bool kResidual>
 __global__ void __launch_bounds__(1024) layer_norm_kernel(
-    const T* __restrict__ x,       // [rows, width], rows x_stride elements apart
-    T* __restrict__ residual,      // [rows, width], rows res_stride apart; += x in place (kResidual only)
+    const T* __restrict__ x,       // [rows, width], rows x_stride apart
+    T* __restrict__ residual,      // [rows, width], rows res_stride apart; += x (kResidual)
     const T* __restrict__ weight,  // [width]
     const T* __restrict__ bias,    // [width]
     T* __restrict__ out,           // [rows, width], contiguous
     int64_t x_stride, int64_t res_stride, int width, float eps) {
   const int64_t row = blockIdx.x;
   const int num_vecs = width / kVec;
-  const T* x_row = x + row * x_stride;
-  float v[kItems][kVec];  // this thread's slice of the row, in fp32
+  const T* x_row = x + row * x_stride;  // [width]
+  float v[kItems][kVec];                // this thread's slice of the row, in fp32
 
   float sum = 0.0f;
 #pragma unroll
@@ -39,11 +39,12 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(
     if (j >= num_vecs) continue;
     load_floats<T, kVec>(x_row + j * kVec, v[i]);
     if constexpr (kResidual) {
-      T* res = residual + row * res_stride + j * kVec;
+      T* res = residual + row * res_stride + j * kVec;  // [kVec]
       float r[kVec];
       load_floats<T, kVec>(res, r);
+      // normalise the sum as stored (rounded to T), like the reference normalises `residual`
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) v[i][k] = to_float(from_float<T>(r[k] + v[i][k]));  // as stored
+      for (int k = 0; k < kVec; ++k) v[i][k] = to_float(from_float<T>(r[k] + v[i][k]));
       store_floats<T, kVec>(res, v[i]);
     }
 #pragma unroll
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(
   // IEEE sqrt and division, not rsqrtf: this runs once per row and keeps fp32 within ~1 ulp.
   const float rstd = 1.0f / sqrtf(block_sum(squares) / width + eps);
 
-  T* out_row = out + row * width;
+  T* out_row = out + row * width;  // [width]
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int j = threadIdx.x + i * blockDim.x;
@@ -82,9 +83,9 @@ __global__ void __launch_bounds__(1024) layer_norm_kernel(
 // Only item counts a width up to kLayerNormMaxWidth can need are instantiated (fp16 vectors: 1;
 // fp32 vectors: 1, 2; scalar: 1, 2, 4, 8), so every compiled variant is one that can run.
 template <typename T, int kVec, bool kResidual>
-cudaError_t launch_layer_norm_rows(const T* x, T* residual, const T* weight, const T* bias, T* out, int rows,
-                                   int width, int64_t x_stride, int64_t res_stride, float eps,
-                                   cudaStream_t stream) {
+cudaError_t launch_layer_norm_rows(const T* x, T* residual, const T* weight, const T* bias, T* out,
+                                   int rows, int width, int64_t x_stride, int64_t res_stride,
+                                   float eps, cudaStream_t stream) {
   constexpr int kMaxItems = ceil_div(kLayerNormMaxWidth / kVec, 1024);
   const int num_vecs = width / kVec;
   const int items = num_vecs <= 1024 ? 1 : num_vecs <= 2048 ? 2 : num_vecs <= 4096 ? 4 : 8;
@@ -110,57 +111,62 @@ cudaError_t launch_layer_norm_rows(const T* x, T* residual, const T* weight, con
 }
 
 template <typename T, bool kResidual>
-cudaError_t launch_layer_norm_typed(const void* x, void* residual, const void* weight, const void* bias, void* out,
-                                    int64_t rows, int width, int64_t x_stride, int64_t res_stride, float eps,
+cudaError_t launch_layer_norm_typed(const void* x, void* residual, const void* weight,
+                                    const void* bias, void* out, int64_t rows, int width,
+                                    int64_t x_stride, int64_t res_stride, float eps,
                                     cudaStream_t stream) {
   const auto* xt = static_cast<const T*>(x);
   auto* rt = static_cast<T*>(residual);
   const auto* wt = static_cast<const T*>(weight);
   const auto* bt = static_cast<const T*>(bias);
   auto* ot = static_cast<T*>(out);
-  if (can_vectorize<T>({x, residual, weight, bias, out}, width, {x_stride, kResidual ? res_stride : 0})) {
-    return launch_layer_norm_rows<T, kVecElems<T>, kResidual>(xt, rt, wt, bt, ot, static_cast<int>(rows), width,
-                                                              x_stride, res_stride, eps, stream);
+  if (can_vectorize<T>({x, residual, weight, bias, out}, width,
+                       {x_stride, kResidual ? res_stride : 0})) {
+    return launch_layer_norm_rows<T, kVecElems<T>, kResidual>(
+        xt, rt, wt, bt, ot, static_cast<int>(rows), width, x_stride, res_stride, eps, stream);
   }
-  return launch_layer_norm_rows<T, 1, kResidual>(xt, rt, wt, bt, ot, static_cast<int>(rows), width, x_stride,
-                                                 res_stride, eps, stream);
+  return launch_layer_norm_rows<T, 1, kResidual>(xt, rt, wt, bt, ot, static_cast<int>(rows), width,
+                                                 x_stride, res_stride, eps, stream);
 }
 
 template <bool kResidual>
-cudaError_t launch_layer_norm(const void* x, void* residual, const void* weight, const void* bias, void* out,
-                              int64_t rows, int width, int64_t x_stride, int64_t res_stride, float eps, DType dtype,
-                              cudaStream_t stream) {
-  if (rows < 0 || rows > 0x7fffffff || width < 1 || width > kLayerNormMaxWidth || x_stride < width ||
-      (kResidual && res_stride < width)) {
+cudaError_t launch_layer_norm(const void* x, void* residual, const void* weight, const void* bias,
+                              void* out, int64_t rows, int width, int64_t x_stride,
+                              int64_t res_stride, float eps, DType dtype, cudaStream_t stream) {
+  if (rows < 0 || rows > 0x7fffffff || width < 1 || width > kLayerNormMaxWidth ||
+      x_stride < width || (kResidual && res_stride < width)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      return launch_layer_norm_typed<float, kResidual>(x, residual, weight, bias, out, rows, width, x_stride,
-                                                       res_stride, eps, stream);
+      return launch_layer_norm_typed<float, kResidual>(x, residual, weight, bias, out, rows, width,
+                                                       x_stride, res_stride, eps, stream);
     case DType::kFloat16:
-      return launch_layer_norm_typed<__half, kResidual>(x, residual, weight, bias, out, rows, width, x_stride,
-                                                        res_stride, eps, stream);
+      return launch_layer_norm_typed<__half, kResidual>(x, residual, weight, bias, out, rows, width,
+                                                        x_stride, res_stride, eps, stream);
     case DType::kBFloat16:
-      return launch_layer_norm_typed<__nv_bfloat16, kResidual>(x, residual, weight, bias, out, rows, width,
-                                                               x_stride, res_stride, eps, stream);
+      return launch_layer_norm_typed<__nv_bfloat16, kResidual>(
+          x, residual, weight, bias, out, rows, width, x_stride, res_stride, eps, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 // out[r] = LN(x[r]) for `rows` rows of `width`; x rows x_stride elements apart, out contiguous.
-inline cudaError_t layer_norm(const void* x, const void* weight, const void* bias, void* out, int64_t rows,
-                              int width, int64_t x_stride, float eps, DType dtype, cudaStream_t stream) {
-  return launch_layer_norm<false>(x, nullptr, weight, bias, out, rows, width, x_stride, 0, eps, dtype, stream);
+inline cudaError_t layer_norm(const void* x, const void* weight, const void* bias, void* out,
+                              int64_t rows, int width, int64_t x_stride, float eps, DType dtype,
+                              cudaStream_t stream) {
+  return launch_layer_norm<false>(x, nullptr, weight, bias, out, rows, width, x_stride, 0, eps,
+                                  dtype, stream);
 }
 
 // residual[r] += x[r] (rounded to the dtype), then out[r] = LN(residual[r]).
-inline cudaError_t add_layer_norm(const void* x, void* residual, const void* weight, const void* bias, void* out,
-                                  int64_t rows, int width, int64_t x_stride, int64_t res_stride, float eps,
-                                  DType dtype, cudaStream_t stream) {
-  return launch_layer_norm<true>(x, residual, weight, bias, out, rows, width, x_stride, res_stride, eps, dtype,
-                                 stream);
+inline cudaError_t add_layer_norm(const void* x, void* residual, const void* weight,
+                                  const void* bias, void* out, int64_t rows, int width,
+                                  int64_t x_stride, int64_t res_stride, float eps, DType dtype,
+                                  cudaStream_t stream) {
+  return launch_layer_norm<true>(x, residual, weight, bias, out, rows, width, x_stride, res_stride,
+                                 eps, dtype, stream);
 }
 
 }  // namespace gpt2fast

@@ -38,7 +38,9 @@ __global__ void early_return_kernel(float* out) {
 }
 
 // Every thread reads one element past its own: the last one reads past the end of x.
-__global__ void read_past_end_kernel(const float* x, float* out) { out[threadIdx.x] = x[threadIdx.x + 1]; }
+__global__ void read_past_end_kernel(const float* x, float* out) {
+  out[threadIdx.x] = x[threadIdx.x + 1];
+}
 
 // Each lane reports what every warp collective gives it (out: [kinds, threads]).
 __global__ void warp_ops_kernel(int* out, int width) {
@@ -55,7 +57,8 @@ __global__ void warp_ops_kernel(int* out, int width) {
   out[6 * n + t] = __all_sync(kFullMask, lane < 31);
   out[7 * n + t] = __syncthreads_count(t % 4 == 0);
   __syncwarp();
-  out[8 * n + t] = static_cast<int>(__float_as_uint(__shfl_sync(kFullMask, static_cast<float>(t) + 0.5f, 0)));
+  out[8 * n + t] =
+      static_cast<int>(__float_as_uint(__shfl_sync(kFullMask, static_cast<float>(t) + 0.5f, 0)));
 }
 
 __global__ void partial_mask_kernel(int* out) { out[threadIdx.x] = __shfl_sync(0x0000ffffu, 1, 0); }
@@ -66,7 +69,9 @@ __global__ void ticket_kernel(int* counter, int* out) {
 }
 
 // Reads dynamic shared memory nobody wrote: the emulator's 0xFF poison.
-__global__ void poison_kernel(unsigned* out) { out[threadIdx.x] = reinterpret_cast<const unsigned*>(dyn_smem)[threadIdx.x]; }
+__global__ void poison_kernel(unsigned* out) {
+  out[threadIdx.x] = reinterpret_cast<const unsigned*>(dyn_smem)[threadIdx.x];
+}
 
 // Recurses until the fiber's stack runs into its guard page (SIGSEGV, not a silent overwrite of
 // the neighbouring fiber's stack).
@@ -92,7 +97,8 @@ __global__ void index_kernel(int* out, float* sum, int* max) {
 namespace {
 
 void check(cudaError_t err) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("launch failed: ") + cudaGetErrorName(err));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("launch failed: ") + cudaGetErrorName(err));
 }
 
 std::vector<float> block_sum(const std::vector<float>& x, bool with_sync) {
@@ -111,7 +117,8 @@ void early_return(int threads) {
 }
 
 std::vector<float> read_past_end(int threads) {
-  auto x = std::make_unique<float[]>(threads);  // exactly `threads` elements: ASan's redzone follows
+  auto x =
+      std::make_unique<float[]>(threads);  // exactly `threads` elements: ASan's redzone follows
   for (int i = 0; i < threads; ++i) x[i] = static_cast<float>(i);
   std::vector<float> out(threads);
   LAUNCH(dim3(1), dim3(threads), 0, nullptr, read_past_end_kernel)(x.get(), out.data());
@@ -151,8 +158,8 @@ py::tuple indices(std::vector<unsigned> grid, std::vector<unsigned> block) {
   std::vector<int> out(total, -1);
   float sum = 0.0f;
   int max = -1;
-  LAUNCH(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, nullptr, index_kernel)(
-      out.data(), &sum, &max);
+  LAUNCH(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), 0, nullptr,
+         index_kernel)(out.data(), &sum, &max);
   check(cudaGetLastError());
   return py::make_tuple(out, sum, max);
 }
