@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,21 @@ WARP = 32
 
 
 @pytest.fixture(scope="module")
-def built() -> Path:
+def _background():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def sanitized(_background) -> Future:
+    """The ASan+UBSan build of the test kernels, compiled in the background while the other tests run."""
+    return _background.submit(cuda_build.build_emulated, SOURCE, "emu_tests", sanitize=True)
+
+
+@pytest.fixture(scope="module")
+def built(request) -> Path:
+    if any("sanitized" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("sanitized")  # start it now; the sanitizer tests come last
     return cuda_build.build_emulated(SOURCE, "emu_tests")
 
 
@@ -41,6 +56,7 @@ def emu(built):
 
 
 def _run_aborting(path: Path, call: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``call`` on the module at ``path`` (as ``m``) in a fresh Python; prints 'returned normally' if it did."""
     script = (
         "import importlib.util, sys\n"
         "spec = importlib.util.spec_from_file_location('emu_tests', sys.argv[1])\n"
@@ -151,3 +167,27 @@ def test_three_dimensional_indices_and_atomics(emu):
                                                 (64, 300 * 1024, "cudaErrorInvalidValue")])  # fmt: skip
 def test_bad_launch_configuration_sets_the_last_error(emu, threads, smem, error):
     assert emu.launch_error(threads, smem) == error
+
+
+# ---- under ASan + UBSan (libasan preloaded in a subprocess) ----------------------------------------
+
+
+def test_asan_reports_a_read_past_a_heap_buffer(sanitized):
+    done = _run_aborting(sanitized.result(), "m.read_past_end(64)", env=cuda_build.sanitizer_env())
+    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-3000:]
+    assert "read_past_end_kernel" in done.stderr and "returned normally" not in done.stdout
+
+
+def test_asan_reports_a_read_past_the_dynamic_shared_memory(sanitized):
+    in_bounds = "assert m.smem_read(0) == [0xFFFFFFFF] * 32"  # the whole launch's smem, poisoned
+    fine = _run_aborting(sanitized.result(), in_bounds, env=cuda_build.sanitizer_env())
+    assert fine.returncode == 0 and "returned normally" in fine.stdout, fine.stderr[-3000:]
+    done = _run_aborting(sanitized.result(), "m.smem_read(1)", env=cuda_build.sanitizer_env())
+    assert "AddressSanitizer: use-after-poison" in done.stderr, done.stderr[-3000:]
+    assert "smem_read_kernel" in done.stderr and "returned normally" not in done.stdout
+
+
+def test_ubsan_reports_a_misaligned_vector_load(sanitized):
+    done = _run_aborting(sanitized.result(), "m.misaligned_vector_load()", env=cuda_build.sanitizer_env())
+    assert "runtime error: reference binding to misaligned address" in done.stderr, done.stderr[-3000:]
+    assert "16 byte alignment" in done.stderr and "returned normally" not in done.stdout

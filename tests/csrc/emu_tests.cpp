@@ -42,6 +42,18 @@ __global__ void read_past_end_kernel(const float* x, float* out) {
   out[threadIdx.x] = x[threadIdx.x + 1];
 }
 
+// Reads `offset` words into a launch's dynamic shared memory of one word per thread.
+__global__ void smem_read_kernel(unsigned* out, int offset) {
+  out[threadIdx.x] = reinterpret_cast<const unsigned*>(dyn_smem)[threadIdx.x + offset];
+}
+
+// A 16-byte load from a pointer one float past a 16-byte boundary (the bug can_vectorize prevents).
+__global__ void misaligned_vector_kernel(const float* x, float* out) {
+  float v[4];
+  gpt2fast::load_floats<float, 4>(x + 1, v);
+  out[threadIdx.x] = v[0];
+}
+
 // Each lane reports what every warp collective gives it (out: [kinds, threads]).
 __global__ void warp_ops_kernel(int* out, int width) {
   const int n = blockDim.x;
@@ -126,6 +138,20 @@ std::vector<float> read_past_end(int threads) {
   return out;
 }
 
+std::vector<unsigned> smem_read(int offset) {
+  std::vector<unsigned> out(kWarpSize);
+  LAUNCH(dim3(1), dim3(kWarpSize), kWarpSize * sizeof(unsigned), nullptr, smem_read_kernel)(
+      out.data(), offset);
+  check(cudaGetLastError());
+  return out;
+}
+
+void misaligned_vector_load() {
+  std::vector<float> x(8 * kWarpSize, 1.0f), out(kWarpSize);
+  LAUNCH(dim3(1), dim3(kWarpSize), 0, nullptr, misaligned_vector_kernel)(x.data(), out.data());
+  check(cudaGetLastError());
+}
+
 std::vector<int> warp_ops(int threads, int width) {
   std::vector<int> out(9 * threads, -1);
   LAUNCH(dim3(1), dim3(threads), 0, nullptr, warp_ops_kernel)(out.data(), width);
@@ -184,6 +210,8 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
   m.def("block_sum", &block_sum, py::arg("x"), py::arg("with_sync"));
   m.def("early_return", &early_return, py::arg("threads"));
   m.def("read_past_end", &read_past_end, py::arg("threads"));
+  m.def("smem_read", &smem_read, py::arg("offset"));
+  m.def("misaligned_vector_load", &misaligned_vector_load);
   m.def("warp_ops", &warp_ops, py::arg("threads"), py::arg("width"));
   m.def("partial_mask", &partial_mask);
   m.def("tickets", &tickets, py::arg("blocks"), py::arg("threads"));
