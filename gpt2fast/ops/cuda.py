@@ -13,6 +13,7 @@ full extra read and write of the activations.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -99,6 +100,11 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current while launching: the CUDA runtime launches on the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _dtype_code(module: ModuleType, dtype: torch.dtype) -> int:
     return getattr(module, FLOAT_DTYPES[dtype])
 
@@ -179,8 +185,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if rows == 0:
         return out
     module = module_for(x.device)
-    module.layer_norm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, width, _row_stride(x),
-                      float(eps), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+    with _on(x.device):
+        module.layer_norm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, width,
+                          _row_stride(x), float(eps), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
     return out
 
 
@@ -204,7 +211,8 @@ def add_layer_norm(
     if rows == 0:
         return out
     module = module_for(x.device)
-    module.add_layer_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
-                          rows, width, _row_stride(x), _row_stride(residual), float(eps), _dtype_code(module, x.dtype),
-                          _stream(x.device))  # fmt: skip
+    with _on(x.device):
+        module.add_layer_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                              rows, width, _row_stride(x), _row_stride(residual), float(eps),
+                              _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
     return out
