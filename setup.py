@@ -27,6 +27,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# what bindings.cpp includes: a change rebuilds gpt2fast._C, and an sdist carries them
+HEADERS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cuh", ".h"))
 
 
 def _cuda_build():
@@ -86,6 +88,6 @@ if not build:
           "backend='cuda' then runs its kernels only on CPU tensors, emulated (tests).")  # fmt: skip
 
 setup(
-    ext_modules=[Extension("gpt2fast._C", sources=["csrc/bindings.cpp"])] if build else [],
+    ext_modules=[Extension("gpt2fast._C", sources=["csrc/bindings.cpp"], depends=HEADERS)] if build else [],
     cmdclass={"build_ext": NvccBuildExt},
 )
