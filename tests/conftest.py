@@ -80,3 +80,45 @@ def hf_folder(tmp_path_factory) -> Callable[..., tuple[object, Path]]:
         return cache[key]
 
     return make
+
+
+# ---- CUDA kernels on the CPU: the emulated module (csrc/ built by g++ against csrc/emu) ----------
+
+
+def _sanitized_run() -> bool:
+    return os.environ.get("GPT2FAST_EMU_SANITIZE", "0") == "1"
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The emulated CUDA module (built on first use, cached); the ASan+UBSan build under GPT2FAST_EMU_SANITIZE=1."""
+    from gpt2fast.ops import cuda
+
+    module = cuda.emulated_module()
+    yield module
+    module.set_order(-1)
+
+
+# Thread orders each emulated kernel test runs in: forward and reverse (a missing __syncthreads shows in
+# at least one). The sanitized run (slow, -O0) runs forward only: it looks for memory errors, not races.
+EMU_ORDERS = [0] if _sanitized_run() else [0, 1]
+
+
+@pytest.fixture(params=EMU_ORDERS, ids=lambda o: f"order{o}")
+def order(request, emu) -> int:
+    emu.set_order(request.param)
+    yield request.param
+    emu.set_order(-1)
+
+
+@pytest.fixture
+def poisoned_cuda_outputs(monkeypatch):
+    """Every tensor ``gpt2fast.ops.cuda`` allocates for a kernel starts as NaN (floats) or -1 (integers),
+    so an element the kernel fails to write cannot pass. Use with ``pytest.mark.usefixtures``."""
+    from gpt2fast.ops import cuda
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(cuda, "_empty", poisoned)

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +28,6 @@ EPS = 1e-5
 ROWS = [1, 3, 17, 111]
 WIDTHS = [3, 96, 97, 768, 1600]  # odd widths take the scalar path; 96/768/1600 the 16-byte vectors
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ORDERS = [0, 1]  # forward, reverse: a missing __syncthreads shows in at least one
 # dtype -> tolerance vs the fp32-upcast reference. fp32: the same math in another summation order.
 # fp16/bf16: both round one fp32 result once, so they differ only where the two fp32 values straddle
 # a rounding boundary: one ulp of an O(1..4) output (fp16 ulp <= 2**-8, bf16 <= 2**-5 at 4).
@@ -40,37 +39,14 @@ TOLERANCE = {
 
 
 @pytest.fixture(scope="session")
-def _background():
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="session")
-def sanitized_build(_background) -> Future:
-    """The ASan+UBSan build (~30 s cold), compiled in the background while the emulated tests run."""
-    return _background.submit(cuda_build.build_emulated, cuda_build.BINDINGS, "_C_emu_asan", sanitize=True)
-
-
-@pytest.fixture(scope="session")
-def emu(request):
-    if any("sanitized_build" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("sanitized_build")  # start it now; the ASan tests come last
-    module = cuda.emulated_module()
-    yield module
-    module.set_order(-1)
-
-
-@pytest.fixture(params=ORDERS, ids=lambda o: f"order{o}")
-def order(request, emu) -> int:
-    emu.set_order(request.param)
-    yield request.param
-    emu.set_order(-1)
+def sanitized_build() -> Path:
+    """The ASan+UBSan build of the bindings (~25 s cold, then cached)."""
+    return cuda_build.build_emulated(cuda_build.BINDINGS, "_C_emu_asan", sanitize=True)
 
 
 @pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
+def _poisoned(poisoned_cuda_outputs):
     """Every ``out`` the wrappers allocate starts as NaN, so an element the kernel skips cannot pass."""
-    monkeypatch.setattr(cuda, "_alloc_out", lambda x: torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device))
 
 
 def _inputs(rows: int, width: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
@@ -219,7 +195,7 @@ def _run_sanitized(path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_layer_norm_under_asan_and_ubsan(sanitized_build):
-    done = _run_sanitized(sanitized_build.result(), "1")
+    done = _run_sanitized(sanitized_build, "1")
     assert done.returncode == 0, done.stderr[-4000:]
     errors = json.loads(done.stdout.splitlines()[-1])
     for case, (max_error, residual_exact) in errors.items():
@@ -228,7 +204,7 @@ def test_layer_norm_under_asan_and_ubsan(sanitized_build):
 
 
 def test_asan_reports_a_read_past_the_end(sanitized_build):
-    done = _run_sanitized(sanitized_build.result(), "0", "overflow")
+    done = _run_sanitized(sanitized_build, "0", "overflow")
     assert done.returncode != 0 and "no report" not in done.stdout
     assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-4000:]
     assert "layer_norm_kernel" in done.stderr  # the report names the emulated kernel

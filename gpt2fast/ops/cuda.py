@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -45,13 +46,21 @@ def compiled_module() -> ModuleType:
         ) from err
 
 
-def emulated_module(sanitize: bool = False) -> ModuleType:
+SANITIZE_ENV = "GPT2FAST_EMU_SANITIZE"
+
+
+def emulated_module(sanitize: bool | None = None) -> ModuleType:
     """The CPU-emulated module (see ``cuda_build.emulated_module``); ``set_order(k)`` picks its thread order.
+
+    ``sanitize=None`` reads ``$GPT2FAST_EMU_SANITIZE``: ``1`` gives the ASan+UBSan build, so the whole
+    CUDA test suite can run sanitized in a process started with ``cuda_build.sanitizer_env()``.
 
     Example:
         >>> emulated_module().EMULATED  # doctest: +SKIP
         True
     """
+    if sanitize is None:
+        sanitize = os.environ.get(SANITIZE_ENV, "0") == "1"
     return cuda_build.emulated_module(sanitize)
 
 
@@ -109,9 +118,14 @@ def _dtype_code(module: ModuleType, dtype: torch.dtype) -> int:
     return getattr(module, FLOAT_DTYPES[dtype])
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every tensor a wrapper allocates for a kernel to fill (a seam: tests poison them with NaN / -1)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _alloc_out(x: torch.Tensor) -> torch.Tensor:
-    """The output of a row op (a seam: tests replace it to poison every output with NaN)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (T, C)
+    """The output of a row op: like ``x``, contiguous."""
+    return _empty(tuple(x.shape), x.dtype, x.device)  # (T, C)
 
 
 def _row_stride(t: torch.Tensor) -> int:

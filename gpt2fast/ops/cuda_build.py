@@ -513,8 +513,22 @@ def main(argv: list[str] | None = None) -> int:
         sanitize = "--sanitize" in args
         print(build_emulated(BINDINGS, "_C_emu_asan" if sanitize else "_C_emu", sanitize=sanitize))
         return 0
-    print("usage: python -m gpt2fast.ops.cuda_build report | emu [--sanitize]", file=sys.stderr)
+    if args[:1] == ["sanitized-pytest"]:
+        return sanitized_pytest(args[1:])
+    print("usage: python -m gpt2fast.ops.cuda_build report | emu [--sanitize] | sanitized-pytest [pytest args]",
+          file=sys.stderr)
     return 2
+
+
+def sanitized_pytest(pytest_args: list[str]) -> int:
+    """Run pytest in a process with libasan preloaded and ``GPT2FAST_EMU_SANITIZE=1``: every emulated CUDA
+    kernel test then runs on the ASan+UBSan build (a memory error aborts the run with ASan's report).
+
+    Example (CI): ``python -m gpt2fast.ops.cuda_build sanitized-pytest tests/test_cuda_layer_norm.py -q``
+    """
+    build_emulated(BINDINGS, "_C_emu_asan", sanitize=True)  # build before the sanitizer slows the compiler's parent
+    env = sanitizer_env() | {"GPT2FAST_EMU_SANITIZE": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env).returncode
 
 
 if __name__ == "__main__":
