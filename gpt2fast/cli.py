@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"])
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                     help="run decode steps eagerly on CUDA (default: one CUDA graph per batch-size bucket)")
     return parser
 
 
@@ -69,7 +71,8 @@ def generate(args: argparse.Namespace) -> None:
                 prompt_text = f.read()
         except OSError as e:
             raise ValueError(f"cannot read --prompt-file: {e}") from None
-    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=batch_size)
+    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=batch_size,
+              cuda_graphs=args.cuda_graphs)
     if llm.is_random:
         print(f"gpt2fast: warning: {args.model} has random weights: it produces gibberish. "
               "Pass real weights (a Hub id, a Hugging Face or OpenAI folder) for real text.", file=sys.stderr)

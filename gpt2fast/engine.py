@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from gpt2fast.cache import BlockPool, BlockTable, KVCache
 from gpt2fast.checkpoint import load_checkpoint
+from gpt2fast.decode_runner import DecodeRunner
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2
 from gpt2fast.ops import default_backend, get_ops
@@ -118,7 +119,9 @@ class Engine:
     free memory (host memory on CPU); by default 90% of free GPU memory, or 8 full contexts on
     CPU. It must hold at least one full-context sequence, so every request can finish.
     A prompt plus ``max_tokens`` beyond the context is clamped: the sample ends there with
-    ``finish_reason="length"``.
+    ``finish_reason="length"``. ``cuda_graphs`` (default: on for CUDA) runs plain decode steps
+    through ``DecodeRunner``'s static buffers, replayed as one CUDA graph per batch-size bucket; on a
+    CPU ``cuda_graphs=True`` runs the same runner eagerly (how the tests check it).
 
     Example:
         >>> engine = Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
@@ -142,6 +145,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         kv_cache_memory_fraction: float | None = None,
         enable_prefix_caching: bool = True,
+        cuda_graphs: bool | None = None,
         seed: int = 0,
     ) -> None:
         self.block_size = _positive_int("block_size", block_size)
@@ -164,6 +168,12 @@ class Engine:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
         self.max_blocks = -(-config.n_positions // block_size)  # every block table's width: shapes fixed per batch size
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        # Decode steps through static buffers: CUDA graphs on CUDA, the same runner eagerly elsewhere (tests).
+        self.decode_runner = DecodeRunner(self.model, self.cache, max_num_seqs) if cuda_graphs else None
         self._requests: dict[str, _Request] = {}
 
     def _num_blocks(self, tokens: int | None, fraction: float | None) -> int:
@@ -270,20 +280,12 @@ class Engine:
                 raise RuntimeError("the scheduler could not place any sequence; the KV cache is too small")
             return []
         self.cache.copy_blocks(batch.copies)
-        ready = [seq for i, seq in enumerate(batch.seqs) if batch.needs_logits(i)]
-        hidden = self._forward(batch)  # (N, C), one row per sequence in `ready`
-        self.scheduler.step_done(batch)
-        rows, seqs, logit_rows = [], [], []
-        for row, seq in enumerate(ready):
-            for s in self._fork(seq):
-                request = self._requests[s.request_id]
-                rows.append(SampleRow(request.params, request.seed, s.sample_index, len(s.output_ids),
-                                      request.prompt_ids, s.output_ids))
-                seqs.append(s)
-                logit_rows.append(row)
-        if len(logit_rows) != len(ready):  # a fork: its samples share their prompt's hidden row
-            hidden = hidden.index_select(0, torch.tensor(logit_rows, device=hidden.device))
-        sampled = self._sample(hidden, rows) if rows else []
+        if self.decode_runner is not None and self._plain_decode(batch):
+            seqs = batch.seqs
+            sampled = self._decode_static(seqs)
+            self.scheduler.step_done(batch)
+        else:
+            seqs, sampled = self._step_dynamic(batch)
         advanced: dict[str, _Request] = {}
         for seq, token in zip(seqs, sampled):
             request = self._requests[seq.request_id]
@@ -294,6 +296,44 @@ class Engine:
             if r.finished:
                 del self._requests[r.request_id]
         return outputs
+
+    def _row(self, seq: Seq) -> SampleRow:
+        request = self._requests[seq.request_id]
+        return SampleRow(request.params, request.seed, seq.sample_index, len(seq.output_ids), request.prompt_ids,
+                         seq.output_ids)
+
+    def _step_dynamic(self, batch: Batch) -> tuple[list[Seq], list[SampledToken]]:
+        """Any step (prefills, chunks, decodes, forks): metadata built to this batch's shapes."""
+        ready = [seq for i, seq in enumerate(batch.seqs) if batch.needs_logits(i)]
+        hidden = self._forward(batch)  # (N, C), one row per sequence in `ready`
+        self.scheduler.step_done(batch)
+        rows, seqs, logit_rows = [], [], []
+        for row, seq in enumerate(ready):
+            for s in self._fork(seq):
+                rows.append(self._row(s))
+                seqs.append(s)
+                logit_rows.append(row)
+        if len(logit_rows) != len(ready):  # a fork: its samples share their prompt's hidden row
+            hidden = hidden.index_select(0, torch.tensor(logit_rows, device=hidden.device))
+        return seqs, self._sample(hidden, rows) if rows else []
+
+    @staticmethod
+    def _plain_decode(batch: Batch) -> bool:
+        """Every sequence adds its one newest token and samples the next: the shape a CUDA graph replays."""
+        return all(n == 1 and seq.pending == 1 and seq.fork_n == 1 for seq, n in zip(batch.seqs, batch.num_new))
+
+    def _decode_static(self, seqs: list[Seq]) -> list[SampledToken]:
+        """A plain decode step through the static-buffer runner (a CUDA graph replay on CUDA)."""
+        rows = [self._row(seq) for seq in seqs]
+        token_ids = [seq.token_ids[-1] for seq in seqs]
+        positions = [len(seq.token_ids) - 1 for seq in seqs]
+        tables = [seq.table.blocks for seq in seqs]
+        if any(r.params.needs_logits for r in rows):
+            hidden = self.decode_runner.run(token_ids, positions, tables, mode="hidden")  # (b, C)
+            return sample_batch(self.model.ops.lm_head(hidden, self.model.wte.weight), rows)
+        temps, seeds = self._fused_choice(rows)
+        chosen = self.decode_runner.run(token_ids, positions, tables, mode="tokens", temperature=temps, seeds=seeds)
+        return [SampledToken(t) for t in chosen.tolist()]
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         ids, positions = [], []
@@ -321,11 +361,16 @@ class Engine:
         if all(r.params.greedy for r in rows):
             token_ids = ops.lm_head_argmax(hidden, wte)  # (N,)
         else:
-            temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
-            seeds = [row_seed(r.seed, r.sample_index, r.step) for r in rows]
+            temps, seeds = self._fused_choice(rows)
             token_ids = ops.lm_head_gumbel(hidden, wte, torch.tensor(temps, dtype=torch.float32, device=hidden.device),
                                            torch.tensor(seeds, dtype=torch.int64, device=hidden.device))
         return [SampledToken(t) for t in token_ids.tolist()]
+
+    @staticmethod
+    def _fused_choice(rows: list[SampleRow]) -> tuple[list[float], list[int]]:
+        """Per-row temperature (0: greedy) and Philox row seed, as ``ops.lm_head_gumbel`` takes them."""
+        temps = [0.0 if r.params.greedy else r.params.temperature for r in rows]
+        return temps, [row_seed(r.seed, r.sample_index, r.step) for r in rows]
 
     def _fork(self, seq: Seq) -> list[Seq]:
         """A finished prompt of an ``n > 1`` request splits into its samples, sharing the prompt's blocks."""
