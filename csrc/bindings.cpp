@@ -13,6 +13,7 @@
 #include <string>
 
 #include "kernels/layer_norm.cuh"
+#include "kernels/sampling.cuh"
 
 #ifndef GPT2FAST_MODULE_NAME
 #define GPT2FAST_MODULE_NAME _C
@@ -80,6 +81,24 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::arg("rows"), py::arg("width"), py::arg("x_stride"), py::arg("res_stride"), py::arg("eps"),
       py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "residual[r] += x[r]; out[r] = LayerNorm(residual[r])");
+
+  m.attr("SAMPLING_GREEDY_BELOW") = gpt2fast::kGreedyBelow;
+  m.def(
+      "sample_top_k_top_p",
+      [](std::uintptr_t logits, std::uintptr_t temperature, std::uintptr_t top_k,
+         std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seeds, std::uintptr_t out,
+         int64_t rows, int vocab, std::uintptr_t stream) {
+        check(gpt2fast::sample_top_k_top_p(
+                  ptr<const float>(logits), ptr<const float>(temperature),
+                  ptr<const int32_t>(top_k), ptr<const float>(top_p), ptr<const float>(min_p),
+                  ptr<const int64_t>(seeds), ptr<int64_t>(out), rows, vocab, stream_of(stream)),
+              "sample_top_k_top_p");
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+      py::arg("min_p"), py::arg("seeds"), py::arg("out"), py::arg("rows"), py::arg("vocab"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "out[r] = the token sample_batch draws for fp32 logits row r (temperature, top-k, top-p, "
+      "min-p; min_p 0 = off for every row)");
 
 #if defined(CUDA_EMU)
   m.attr("EMULATED") = true;

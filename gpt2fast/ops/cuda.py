@@ -230,3 +230,226 @@ def add_layer_norm(
                               rows, width, _row_stride(x), _row_stride(residual), float(eps),
                               _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
     return out
+
+
+# ---- sample_top_k_top_p ----
+
+
+def _check_sampling(logits: torch.Tensor, settings: dict[str, tuple[torch.Tensor | None, torch.dtype]]) -> None:
+    """``logits`` (B, V) fp32 contiguous; each setting (B,) of its dtype, contiguous, on the same device."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    if logits.dtype != torch.float32:
+        raise ValueError(f"logits has dtype {logits.dtype}; the CUDA sampler takes float32 logits")
+    if logits.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"logits is on {logits.device}: the CUDA kernels take CUDA tensors (or CPU tensors, emulated)")
+    rows, vocab = logits.shape
+    if not 1 <= vocab < 2**31 or rows >= 2**31:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}; the CUDA sampler takes 1 <= V < 2**31, B < 2**31")
+    if not logits.is_contiguous():
+        raise ValueError(f"logits must be contiguous (strides {logits.stride()})")
+    for name, (t, dtype) in settings.items():
+        if t is None:
+            continue
+        if t.shape != (rows,):
+            raise ValueError(f"{name} must be ({rows},), one per row of logits, got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, must be {dtype}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
+        if rows > 1 and t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous (stride {t.stride(0)})")
+        if t.data_ptr() % t.element_size():
+            raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its dtype")
+
+
+def sample_top_k_top_p(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    min_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row, the one ``sampling.sample_batch`` picks for rows without penalties or logprobs.
+
+    ``logits``: (B, V) float32, contiguous. Per row, (B,) each: ``temperature`` float32 (``< 1e-5``:
+    argmax, ties to the lowest id, also when ``top_k == 1``), ``top_k`` int32 (``<= 0`` or ``>= V``: off),
+    ``top_p`` float32 in (0, 1] (1: off), ``seeds`` int64 = ``sampling.row_seed(seed, sample_index, step)``,
+    ``min_p`` float32 (``<= 0`` or None: off). Returns (B,) int64 token ids. Temperature -> top-k ->
+    top-p (of the top-k survivors) -> min-p -> Gumbel-max with the runtime's Philox noise, as
+    ``sampling.filter_logits`` + ``gumbel_max_draw``; the top-p mass is fp32 in another order than torch's,
+    so a row whose nucleus boundary lies within ~1e-6 of ``top_p`` may keep one token more or less
+    (csrc/kernels/sampling.cuh). Logits may hold ``-inf`` (never drawn), not NaN or ``+inf``. Settings are
+    not range-checked here (that would cost a device sync): ``SamplingParams`` validates them.
+
+    Example (on CPU this builds the emulated module with g++ on first use):
+        >>> from gpt2fast.sampling import SampleRow, SamplingParams, row_seed, sample_batch
+        >>> logits = torch.randn(2, 50)
+        >>> params = [SamplingParams(temperature=0.8, top_k=10), SamplingParams(top_p=0.5)]
+        >>> rows = [SampleRow(p, seed=7, sample_index=0, step=3) for p in params]
+        >>> ids = sample_top_k_top_p(logits, torch.tensor([0.8, 1.0]), torch.tensor([10, 0], dtype=torch.int32),
+        ...                          torch.tensor([1.0, 0.5]), torch.tensor([row_seed(7, 0, 3)] * 2))  # doctest: +SKIP
+        >>> ids.tolist() == [t.token_id for t in sample_batch(logits, rows)]  # doctest: +SKIP
+        True
+    """
+    _check_sampling(logits, {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int32),
+                             "top_p": (top_p, torch.float32), "seeds": (seeds, torch.int64),
+                             "min_p": (min_p, torch.float32)})  # fmt: skip
+    rows, vocab = logits.shape
+    out = _empty((rows,), torch.int64, logits.device)  # (B,)
+    if rows == 0:
+        return out
+    module = module_for(logits.device)
+    with _on(logits.device):
+        module.sample_top_k_top_p(logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(),
+                                  0 if min_p is None else min_p.data_ptr(), seeds.data_ptr(), out.data_ptr(),
+                                  rows, vocab, _stream(logits.device))  # fmt: skip
+    return out
+
+
+# ---- linear ----
+
+LINEAR_MAX_ROWS = 16  # csrc/kernels/linear.cuh kGemvMaxRows (the modules export it: LINEAR_MAX_ROWS)
+
+
+def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...], op: str) -> None:
+    """``t`` has ``shape``, ``x``'s dtype and device, a contiguous last dim and an element-aligned pointer."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be {shape}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, x has {x.dtype}: the CUDA {op} takes one dtype")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        raise ValueError(f"{name} has row stride {t.stride(0)} < width {t.shape[1]}: its rows overlap")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(-1)})")
+    if t.data_ptr() % t.element_size():
+        raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its {t.element_size()}-byte dtype")
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None) -> None:  # fmt: skip
+    if x.dim() != 2:
+        raise ValueError(f"x must be (T, K), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; the CUDA kernels take float32, float16 or bfloat16")
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"x is on {x.device}: the CUDA kernels take CUDA tensors (or CPU tensors, emulated)")
+    rows, k_in = x.shape
+    if rows > LINEAR_MAX_ROWS:
+        raise ValueError(
+            f"x has {rows} rows: the CUDA GEMV covers decode batches of at most {LINEAR_MAX_ROWS} rows "
+            "(larger batches belong to the Triton linear)"
+        )
+    if weight.dim() != 2 or weight.shape[1] != k_in:
+        raise ValueError(f"weight must be (N, {k_in}) (nn.Linear's (out, in)), got {tuple(weight.shape)}")
+    n_out = weight.shape[0]
+    if n_out >= 2**31 or k_in >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)}: the CUDA linear takes N and K below 2**31")
+    _check_operand("x", x, x, (rows, k_in), "linear")
+    _check_operand("weight", weight, x, (n_out, k_in), "linear")
+    if n_out > 1 and weight.stride(0) != k_in:
+        raise ValueError(f"weight must be contiguous (row stride {weight.stride(0)}, K = {k_in})")
+    if bias is not None:
+        _check_operand("bias", bias, x, (n_out,), "linear")
+    if residual is not None:
+        _check_operand("residual", residual, x, (rows, n_out), "linear")
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode linear ``x @ weight.T + bias``, then optionally tanh-GELU, then optionally ``+ residual`` (see
+    ``reference.linear``), as one GEMV launch (csrc/kernels/linear.cuh).
+
+    ``x``: ``(T, K)`` with ``T <= 16`` (ValueError above: larger batches are the Triton linear's), rows may be
+    strided; ``weight``: ``(N, K)`` contiguous; ``bias``: ``(N,)`` or None; ``residual``: ``(T, N)`` or None.
+    Returns a contiguous ``(T, N)`` in ``x.dtype``; fp32 accumulation, deterministic (no atomics).
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        >>> y = linear(x, w, b, gelu=True)  # doctest: +SKIP
+        >>> torch.allclose(y, reference.linear(x, w, b, gelu=True), atol=1e-5)  # doctest: +SKIP
+        True
+    """
+    _check_linear(x, weight, bias, residual)
+    rows, k_in = x.shape
+    n_out = weight.shape[0]
+    out = _empty((rows, n_out), x.dtype, x.device)  # (T, N)
+    if rows == 0 or n_out == 0:
+        return out
+    module = module_for(x.device)
+    with _on(x.device):
+        module.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                      0 if residual is None else residual.data_ptr(), out.data_ptr(), rows, n_out, k_in,
+                      _row_stride(x), n_out if residual is None else _row_stride(residual), bool(gelu),
+                      _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+    return out
+
+
+# ---- embed ----
+
+INDEX_BYTES = {torch.int64: 8, torch.int32: 4}
+
+
+def _check_embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> None:
+    if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and positions must be (T,), got {tuple(input_ids.shape)}, {tuple(positions.shape)}"
+        )
+    if input_ids.dtype not in INDEX_BYTES:
+        raise ValueError(f"input_ids has dtype {input_ids.dtype}; the CUDA embed takes int64 or int32")
+    if positions.dtype != input_ids.dtype:
+        raise ValueError(f"positions has dtype {positions.dtype}, input_ids {input_ids.dtype}: use one index dtype")
+    if wte.dim() != 2 or wpe.dim() != 2 or wte.shape[1] != wpe.shape[1]:
+        raise ValueError(f"wte (V, C) and wpe (P, C) disagree: {tuple(wte.shape)}, {tuple(wpe.shape)}")
+    if wte.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"wte has dtype {wte.dtype}; the CUDA kernels take float32, float16 or bfloat16")
+    if wte.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"wte is on {wte.device}: the CUDA kernels take CUDA tensors (or CPU tensors, emulated)")
+    if wte.shape[1] >= 2**31:
+        raise ValueError(f"wte has width {wte.shape[1]}; the CUDA embed takes widths below 2**31")
+    _check_operand("wpe", wpe, wte, tuple(wpe.shape), "embed")
+    _check_operand("wte", wte, wte, tuple(wte.shape), "embed")
+    for name, t in (("input_ids", input_ids), ("positions", positions)):
+        if t.device != wte.device:
+            raise ValueError(f"{name} is on {t.device}, wte on {wte.device}")
+        if t.data_ptr() % t.element_size():
+            raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its dtype")
+
+
+def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+    """Token plus position embedding ``wte[input_ids] + wpe[positions]``, added in fp32 (see ``reference.embed``).
+
+    ``input_ids``, ``positions``: ``(T,)`` int64 (or both int32), may be strided; ``wte`` ``(V, C)`` and ``wpe``
+    ``(P, C)``: one float dtype, contiguous last dim. Returns a contiguous ``(T, C)`` in ``wte.dtype``. Ids are
+    not checked on the host (that would sync with the GPU every step; the engine checks prompts): a token
+    whose id or position is out of range gets a row of NaN, and nothing out of bounds is read.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> wte, wpe = torch.randn(10, 4), torch.randn(8, 4)
+        >>> ids, pos = torch.tensor([3, 1, 3]), torch.tensor([0, 1, 2])
+        >>> torch.equal(embed(ids, pos, wte, wpe), reference.embed(ids, pos, wte, wpe))  # doctest: +SKIP
+        True
+    """
+    _check_embed(input_ids, positions, wte, wpe)
+    tokens, width = input_ids.shape[0], wte.shape[1]
+    out = _empty((tokens, width), wte.dtype, wte.device)  # (T, C)
+    if tokens == 0 or width == 0:
+        return out
+    module = module_for(wte.device)
+    with _on(wte.device):
+        module.embed(input_ids.data_ptr(), positions.data_ptr(), wte.data_ptr(), wpe.data_ptr(), out.data_ptr(),
+                     tokens, input_ids.stride(0), positions.stride(0), INDEX_BYTES[input_ids.dtype], wte.shape[0],
+                     wpe.shape[0], width, _row_stride(wte), _row_stride(wpe), _dtype_code(module, wte.dtype),
+                     _stream(wte.device))  # fmt: skip
+    return out

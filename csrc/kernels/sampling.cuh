@@ -1,0 +1,271 @@
+// sampling.cuh — top-k / top-p / min-p sampling from fp32 logits without sorting the vocabulary:
+// the same token as gpt2fast.sampling.sample_batch for rows without penalties or logprobs.
+//
+// One block per row (up to 1024 threads, >= 16 tokens each), every pass a strided sweep over the
+// row with a deterministic block reduction (fixed order: no float atomics, so a seeded row draws
+// the same token every run). FlashInfer's idea without its rejection loop: a floor is found by
+// bisection on the fp32 value's order-preserving uint32 key, so it is exact in <= 32 passes.
+//   1. argmax of the raw logits (ties -> lowest id): the greedy answer (T < 1e-5 or top_k == 1)
+//      and the row max m = max / T.
+//   2. top-k floor: the largest key t with count(key(logit) >= t) >= k is the k-th largest raw
+//      logit (ties counted); x -> fl(x / T) is monotone, so fl(kth / T) is the k-th largest scaled
+//      logit, which is the reference's floor bit for bit. Division only once per row here.
+//   3. top-p floor (over the top-k survivors s >= kfloor): a token v stays iff the softmax mass of
+//      the survivors strictly above it is < p — exactly the reference's rule (its sorted prefix,
+//      ties with the floor kept). That mass falls as s_v rises, so the kept set is
+//      {key(s_v) >= t*}; t* = the smallest key with sum_{key(s) > t*} exp(s - m) < p * Z, by
+//      bisection (one pass for Z, then <= 32).
+//   4. min-p floor m + logf(min_p); then one pass drawing Gumbel noise from Philox-4x32-10 on
+//      counter (token id, 0, 0, 0) and key (seed lo, seed hi) — triton.language.rand's stream,
+//      bit for bit — and argmax(s + g) over the kept tokens, ties to the lowest id.
+// Exactness: temperature, top-k, ties and the draw are bit-exact. The top-p mass is fp32 sums in
+// a different order than torch's softmax + cumsum (whose exp differs by device anyway: CPU
+// vectorised, CUDA logf/expf), so a row whose nucleus boundary has mass within ~1e-6 of p can
+// differ from the reference; min-p can differ when a logit lies within 1 ulp of m + log(min_p)
+// (logf vs torch.log). Logits must not hold NaN or +inf; top_p in (0, 1].
+//
+// Napkin math (GPT-2 124M, V = 50257, fp32 logits as the sampler takes them): one call moves
+// B * V * 4 bytes of logits plus 32 bytes of settings per row from HBM: 0.20 MB at B = 1
+// (0.06 us at 3.35 TB/s) and 12.9 MB at B = 64 (3.8 us). The ~66 sweeps re-read a row 0.2 MB from
+// L1/L2 (12.9 MB per row), so this kernel is bound by one SM's cache bandwidth and the per-token
+// fp32 divide/exp, not HBM: expect tens of us per row (rows run in parallel up to 132 SMs), far
+// from the HBM floor. Rows with top-k only skip step 3 (~34 sweeps); greedy rows take 1 sweep.
+// Next step if it shows in a profile: several pivots per sweep (8 -> 11 sweeps instead of 32).
+#pragma once
+
+#include <algorithm>
+
+#include "../common.cuh"
+
+namespace gpt2fast {
+
+// sampling.GREEDY_BELOW: below this temperature a row is greedy (logits / T would overflow).
+constexpr float kGreedyBelow = 1e-5f;
+constexpr int kSamplingMinTokensPerThread = 16;
+
+// ---- Philox-4x32-10, as triton.language.random (and gpt2fast.sampling.philox_uniform) ---------
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr float kUintToUniform = 4.6566127342e-10f;  // largest x with (2**31 - 1) * x < 1 in fp32
+constexpr float kFloatMin = 1.17549435e-38f;          // FLT_MIN
+
+// Word c0 of Philox-4x32-10 on counter (offset, 0, 0, 0) and key (seed lo, seed hi).
+__device__ __forceinline__ uint32_t philox_first_word(uint64_t seed, uint32_t offset) {
+  uint32_t c0 = offset, c1 = 0, c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t prod_a = static_cast<uint64_t>(c0) * kPhiloxRoundA;
+    const uint64_t prod_b = static_cast<uint64_t>(c2) * kPhiloxRoundB;
+    c0 = static_cast<uint32_t>(prod_b >> 32) ^ c1 ^ k0;
+    c2 = static_cast<uint32_t>(prod_a >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(prod_b);
+    c3 = static_cast<uint32_t>(prod_a);
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return c0;
+}
+
+// Triton's uint_to_uniform_float: the int32 view, ~x where negative, times the scale: [0, 1).
+__device__ __forceinline__ float uint_to_uniform(uint32_t bits) {
+  int32_t x = static_cast<int32_t>(bits);
+  x ^= x >> 31;
+  return static_cast<float>(x) * kUintToUniform;
+}
+
+// -log(-log(max(u, FLT_MIN))): finite for every u Philox gives, like sampling.gumbel_from_uniform.
+__device__ __forceinline__ float gumbel_noise(uint64_t seed, int token) {
+  const float u = fmaxf(uint_to_uniform(philox_first_word(seed, static_cast<uint32_t>(token))),
+                        kFloatMin);
+  return -logf(-logf(u));
+}
+
+// ---- order-preserving keys: a < b (as floats, -0 == +0, no NaN) iff key(a) < key(b) ------------
+__device__ __forceinline__ uint32_t ordered_key(float f) {
+  uint32_t bits = __float_as_uint(f);
+  if (bits == 0x80000000u) bits = 0u;  // -0 ties with +0, as in the reference
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_to_float(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// ---- block reductions (every thread calls; every thread gets the same answer) -------------------
+
+struct ArgMax {
+  float value;
+  int index;
+};
+
+// b wins over a when larger, or equal with a lower index (ties -> lowest id, like torch.argmax).
+__device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
+  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+}
+
+__device__ __forceinline__ ArgMax warp_argmax(ArgMax a) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const ArgMax other{__shfl_xor_sync(kFullMask, a.value, offset),
+                       __shfl_xor_sync(kFullMask, a.index, offset)};
+    a = better(a, other);
+  }
+  return a;
+}
+
+__device__ __forceinline__ ArgMax block_argmax(ArgMax a) {
+  __shared__ float values[kWarpSize];
+  __shared__ int indices[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  a = warp_argmax(a);
+  if (lane == 0) {
+    values[warp] = a.value;
+    indices[warp] = a.index;
+  }
+  __syncthreads();
+  a = lane < num_warps ? ArgMax{values[lane], indices[lane]} : ArgMax{-INFINITY, 0x7fffffff};
+  a = warp_argmax(a);
+  __syncthreads();
+  return a;
+}
+
+__device__ __forceinline__ int block_count(int c) {
+  __shared__ int partials[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    c += __shfl_xor_sync(kFullMask, c, offset);
+  if (lane == 0) partials[warp] = c;
+  __syncthreads();
+  c = lane < num_warps ? partials[lane] : 0;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    c += __shfl_xor_sync(kFullMask, c, offset);
+  __syncthreads();
+  return c;
+}
+
+// ---- the passes over one row -------------------------------------------------------------------
+
+__device__ ArgMax row_argmax(const float* __restrict__ x, int vocab) {
+  ArgMax best{-INFINITY, 0x7fffffff};
+  for (int v = threadIdx.x; v < vocab; v += blockDim.x) best = better(best, ArgMax{x[v], v});
+  return block_argmax(best);
+}
+
+// The k-th largest value of the row, ties counted (1 < k < vocab): the largest key t with
+// count(key >= t) >= k is an element's key. count(key >= 0) = vocab >= k holds from the start.
+__device__ float kth_largest(const float* __restrict__ x, int vocab, int k, uint32_t max_key) {
+  uint32_t lo = 0, hi = max_key;
+  while (lo < hi) {  // block-uniform: lo, hi and the counts are the same in every thread
+    const uint32_t mid = lo + static_cast<uint32_t>((uint64_t{hi} - lo + 1) / 2);
+    int count = 0;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) count += ordered_key(x[v]) >= mid;
+    if (block_count(count) >= k) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return key_to_float(lo);
+}
+
+// Sum of exp(s - m) over the survivors (s >= kfloor) whose key is > above, s = x / t.
+__device__ float mass_above(const float* __restrict__ x, int vocab, float t, float kfloor, float m,
+                            uint32_t above) {
+  float sum = 0.0f;
+  for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+    const float s = x[v] / t;
+    if (s >= kfloor && ordered_key(s) > above) sum += expf(s - m);
+  }
+  return block_sum(sum);
+}
+
+// The key t* of top-p: survivors with key(s) >= t* are the nucleus. t* is the smallest key with
+// mass_above(t*) < p * Z (true at key(m): nothing is above the max), searched in [key(kfloor),
+// key(m)]: below key(kfloor) every survivor is kept anyway.
+__device__ uint32_t nucleus_key(const float* __restrict__ x, int vocab, float t, float kfloor,
+                                float m, float p) {
+  const float bound = p * mass_above(x, vocab, t, kfloor, m, 0u);  // p * Z (key 0 is below -inf)
+  uint32_t lo = ordered_key(kfloor), hi = ordered_key(m);
+  while (lo < hi) {  // block-uniform, as in kth_largest
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (mass_above(x, vocab, t, kfloor, m, mid) < bound) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// argmax(s + g) over the kept tokens; the others score -inf (and tie at the lowest id if all do).
+__device__ ArgMax gumbel_argmax(const float* __restrict__ x, int vocab, float t, float floor,
+                                uint32_t floor_key, uint64_t seed) {
+  ArgMax best{-INFINITY, 0x7fffffff};
+  for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+    const float s = x[v] / t;
+    const bool kept = s >= floor && ordered_key(s) >= floor_key;
+    best = better(best, ArgMax{kept ? s + gumbel_noise(seed, v) : -INFINITY, v});
+  }
+  return block_argmax(best);
+}
+
+__global__ void __launch_bounds__(1024) sample_top_k_top_p_kernel(
+    const float* __restrict__ logits,       // [rows, vocab], contiguous
+    const float* __restrict__ temperature,  // [rows]; < kGreedyBelow: argmax
+    const int32_t* __restrict__ top_k,      // [rows]; <= 0 or >= vocab: off; 1: argmax
+    const float* __restrict__ top_p,        // [rows]; in (0, 1], 1: off
+    const float* __restrict__ min_p,        // [rows]; <= 0: off; nullptr: off for every row
+    const int64_t* __restrict__ seeds,      // [rows]; sampling.row_seed, in [0, 2**63)
+    int64_t* __restrict__ out,              // [rows]: token ids
+    int vocab) {
+  const int64_t row = blockIdx.x;
+  const float* x = logits + row * vocab;  // [vocab]
+  const ArgMax top = row_argmax(x, vocab);
+  const float t = temperature[row];
+  const int k = top_k[row];
+  if (t < kGreedyBelow || k == 1) {  // block-uniform
+    if (threadIdx.x == 0) out[row] = top.index;
+    return;
+  }
+  const float m = top.value / t;  // the scaled max: fl(x / t) is monotone in x
+  float floor = -INFINITY;        // the top-k and min-p floors, in scaled logits
+  if (k > 1 && k < vocab) floor = kth_largest(x, vocab, k, ordered_key(top.value)) / t;
+  uint32_t floor_key = 0;  // the top-p floor, as a key
+  const float p = top_p[row];
+  if (p < 1.0f && m > -INFINITY) floor_key = nucleus_key(x, vocab, t, floor, m, p);
+  const float mp = min_p != nullptr ? min_p[row] : 0.0f;
+  if (mp > 0.0f) floor = fmaxf(floor, m + logf(mp));
+  const uint64_t seed = static_cast<uint64_t>(seeds[row]);
+  const ArgMax drawn = gumbel_argmax(x, vocab, t, floor, floor_key, seed);
+  if (threadIdx.x == 0) out[row] = drawn.index;
+}
+
+// ---- launcher ----------------------------------------------------------------------------------
+
+// out[r] = the token sample_batch picks for row r (see the kernel's arguments for the settings).
+// Threads per row: one per kSamplingMinTokensPerThread tokens, whole warps, 32..1024.
+inline cudaError_t sample_top_k_top_p(const float* logits, const float* temperature,
+                                      const int32_t* top_k, const float* top_p, const float* min_p,
+                                      const int64_t* seeds, int64_t* out, int64_t rows, int vocab,
+                                      cudaStream_t stream) {
+  if (rows < 0 || rows > 0x7fffffff || vocab < 1) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  const int64_t per_thread = kSamplingMinTokensPerThread;
+  const int warps = static_cast<int>(std::clamp<int64_t>(
+      (vocab + per_thread * kWarpSize - 1) / (per_thread * kWarpSize), 1, 1024 / kWarpSize));
+  const int threads = warps * kWarpSize;
+  LAUNCH(dim3(static_cast<unsigned>(rows)), dim3(threads), 0, stream, sample_top_k_top_p_kernel)(
+      logits, temperature, top_k, top_p, min_p, seeds, out, vocab);
+  return cudaGetLastError();
+}
+
+}  // namespace gpt2fast
