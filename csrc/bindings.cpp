@@ -12,8 +12,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/attention.cuh"
 #include "kernels/layer_norm.cuh"
 #include "kernels/sampling.cuh"
+#include "kernels/write_kv.cuh"
 
 #ifndef GPT2FAST_MODULE_NAME
 #define GPT2FAST_MODULE_NAME _C
@@ -99,6 +101,50 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "out[r] = the token sample_batch draws for fp32 logits row r (temperature, top-k, top-p, "
       "min-p; min_p 0 = off for every row)");
+
+  m.attr("ATTENTION_HEAD_DIM") = gpt2fast::kAttentionHeadDim;
+  m.def(
+      "write_kv",
+      [](std::uintptr_t k, std::uintptr_t v, std::uintptr_t k_cache, std::uintptr_t v_cache,
+         std::uintptr_t slots, int64_t tokens, int n_head, int head_dim, int block_size,
+         int64_t k_tok, int64_t k_head, int64_t v_tok, int64_t v_head, int64_t c_block,
+         int64_t c_head, int64_t c_slot, int src_dtype, int cache_dtype, std::uintptr_t stream) {
+        check(gpt2fast::write_kv(ptr(k), ptr(v), ptr(k_cache), ptr(v_cache),
+                                 ptr<const int64_t>(slots), tokens, n_head, head_dim, block_size,
+                                 k_tok, k_head, v_tok, v_head, c_block, c_head, c_slot,
+                                 dtype_of(src_dtype), dtype_of(cache_dtype), stream_of(stream)),
+              "write_kv");
+      },
+      py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+      py::arg("tokens"), py::arg("n_head"), py::arg("head_dim"), py::arg("block_size"),
+      py::arg("k_tok"), py::arg("k_head"), py::arg("v_tok"), py::arg("v_head"), py::arg("c_block"),
+      py::arg("c_head"), py::arg("c_slot"), py::arg("src_dtype"), py::arg("cache_dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "cache[slot / BS, h, slot % BS, :] = k[t, h, :] (and v) for every t with slot >= 0");
+
+  m.def(
+      "attention_decode",
+      [](std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
+         std::uintptr_t cu_seqlens, std::uintptr_t seq_lens, std::uintptr_t block_tables,
+         std::uintptr_t part_ml, std::uintptr_t part_acc, std::uintptr_t out, int num_seqs,
+         int n_head, int head_dim, int block_size, int max_blocks, int num_splits,
+         int pages_per_split, int64_t q_tok, int64_t q_head, float scale, int dtype,
+         std::uintptr_t stream) {
+        check(gpt2fast::attention_decode(
+                  ptr(q), ptr(k_cache), ptr(v_cache), ptr<const int>(cu_seqlens),
+                  ptr<const int>(seq_lens), ptr<const int>(block_tables), ptr<float>(part_ml),
+                  ptr<float>(part_acc), ptr(out), num_seqs, n_head, head_dim, block_size,
+                  max_blocks, num_splits, pages_per_split, q_tok, q_head, scale, dtype_of(dtype),
+                  stream_of(stream)),
+              "attention_decode");
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens"),
+      py::arg("seq_lens"), py::arg("block_tables"), py::arg("part_ml"), py::arg("part_acc"),
+      py::arg("out"), py::arg("num_seqs"), py::arg("n_head"), py::arg("head_dim"),
+      py::arg("block_size"), py::arg("max_blocks"), py::arg("num_splits"),
+      py::arg("pages_per_split"), py::arg("q_tok"), py::arg("q_head"), py::arg("scale"),
+      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "paged decode attention (split-K over the block table, then merge when num_splits > 1)");
 
 #if defined(CUDA_EMU)
   m.attr("EMULATED") = true;

@@ -20,6 +20,7 @@ from types import ModuleType
 
 import torch
 
+from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import cuda_build
 
 FLOAT_DTYPES = {torch.float32: "DTYPE_FLOAT32", torch.float16: "DTYPE_FLOAT16", torch.bfloat16: "DTYPE_BFLOAT16"}
@@ -229,6 +230,182 @@ def add_layer_norm(
         module.add_layer_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
                               rows, width, _row_stride(x), _row_stride(residual), float(eps),
                               _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+    return out
+
+
+# ---- write_kv ----
+
+# (k/v dtype, cache dtype) pairs csrc/kernels/write_kv.cuh takes: the same dtype, or fp32 into a 16-bit cache
+WRITE_KV_DTYPE_PAIRS = (
+    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+)  # fmt: skip
+
+
+def _stride(t: torch.Tensor, dim: int) -> int:
+    """``t.stride(dim)``, or 0 where the dim has one element (its stride is arbitrary and would only
+    keep a kernel off its vector path)."""
+    return t.stride(dim) if t.shape[dim] > 1 else 0
+
+
+def _check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"tensors on different devices: {', '.join(f'{n} on {d}' for n, d in devices.items())}")
+    if first.type not in ("cuda", "cpu"):
+        raise ValueError(f"tensors are on {first}: the CUDA kernels take CUDA tensors (or CPU tensors, emulated)")
+    return first
+
+
+def _check_elements_aligned(tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.data_ptr() % t.element_size():
+            raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its "
+                             f"{t.element_size()}-byte dtype")  # fmt: skip
+
+
+def _check_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"k and v must be (T, H, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be (NB, H, BS, D), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if (k_cache.shape[1], k_cache.shape[3]) != tuple(k.shape[1:]):
+        raise ValueError(f"cache heads/head_dim {tuple(k_cache.shape)} do not match k {tuple(k.shape)}")
+    _check_same_device(dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping))
+    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be int64 (T,) = ({k.shape[0]},), got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")  # fmt: skip
+    if k.shape[0] > 1 and slot_mapping.stride(0) != 1:
+        raise ValueError("slot_mapping must be contiguous")
+    if v.dtype != k.dtype or v_cache.dtype != k_cache.dtype or (k.dtype, k_cache.dtype) not in WRITE_KV_DTYPE_PAIRS:
+        raise ValueError(f"k/v {k.dtype}/{v.dtype} into caches {k_cache.dtype}/{v_cache.dtype}: the CUDA write_kv "
+                         "takes one dtype, or float32 into a float16/bfloat16 cache")  # fmt: skip
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError(f"k_cache and v_cache strides differ: {k_cache.stride()} vs {v_cache.stride()}")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (head_dim), stride {t.stride(-1)}")
+    if k.shape[0] >= 2**31 or k.shape[1] * k.shape[2] >= 2**31:
+        raise ValueError(f"k has shape {tuple(k.shape)}: the CUDA write_kv takes fewer than 2**31 tokens and H * D")
+    _check_elements_aligned(dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping))
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store each token's key and value into its cache slot; slot ``-1`` is skipped (see ``reference.write_kv``).
+
+    ``k``, ``v``: ``(T, H, D)``, token/head strides free (views of the fused ``(T, 3, H, D)`` qkv), last dim
+    contiguous; caches ``(NB, H, BS, D)`` with a contiguous last dim, the dtype of ``k`` or fp16/bf16 from fp32;
+    ``slot_mapping``: ``(T,)`` int64. Slots are not bounds-checked on the device. 16-byte vectors when every
+    pointer and stride allows, else scalar.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> kc = torch.zeros(2, 1, 4, 2); vc = torch.zeros_like(kc)
+        >>> write_kv(torch.ones(2, 1, 2), torch.ones(2, 1, 2), kc, vc, torch.tensor([5, -1]))  # doctest: +SKIP
+        >>> kc[1, 0, 1].tolist(), float(kc.sum())  # doctest: +SKIP
+        ([1.0, 1.0], 2.0)
+    """
+    _check_write_kv(k, v, k_cache, v_cache, slot_mapping)
+    tokens, n_head, head_dim = k.shape
+    if tokens == 0 or k_cache.numel() == 0:
+        return
+    module = module_for(k.device)
+    with _on(k.device):
+        module.write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+                        tokens, n_head, head_dim, k_cache.shape[2], _stride(k, 0), _stride(k, 1), _stride(v, 0),
+                        _stride(v, 1), _stride(k_cache, 0), _stride(k_cache, 1), _stride(k_cache, 2),
+                        _dtype_code(module, k.dtype), _dtype_code(module, k_cache.dtype),
+                        _stream(k.device))  # fmt: skip
+
+
+# ---- attention ----
+
+ATTENTION_HEAD_DIM = 64  # csrc/kernels/attention.cuh kAttentionHeadDim (the modules export ATTENTION_HEAD_DIM)
+
+
+def _check_attention(q, k_cache, v_cache, meta: AttentionMetadata) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} {k_cache.dtype} and v_cache {tuple(v_cache.shape)} "
+                         f"{v_cache.dtype} must be (NB, H, BS, D) of one shape and dtype")  # fmt: skip
+    n_head, _, head_dim = k_cache.shape[1:]
+    if head_dim != ATTENTION_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim}: the CUDA attention kernel takes head_dim {ATTENTION_HEAD_DIM} only")
+    if q.dim() != 3 or q.shape[1:] != (n_head, head_dim):
+        raise ValueError(f"q must be (T, {n_head}, {head_dim}), got {tuple(q.shape)}")
+    if q.dtype not in FLOAT_DTYPES or q.dtype != k_cache.dtype:
+        raise ValueError(f"q ({q.dtype}) and the caches ({k_cache.dtype}) must share one dtype of float32, "
+                         "float16 or bfloat16")  # fmt: skip
+    tables = dict(cu_seqlens_q=meta.cu_seqlens_q, seq_lens=meta.seq_lens, block_tables=meta.block_tables)
+    _check_same_device(dict(q=q, k_cache=k_cache, v_cache=v_cache, **tables))
+    num_seqs = meta.num_seqs
+    width = meta.block_tables.shape[-1] if meta.block_tables.dim() else 0
+    shapes = dict(cu_seqlens_q=[num_seqs + 1], seq_lens=[num_seqs], block_tables=[num_seqs, width])
+    for name, t in tables.items():
+        if t.dtype != torch.int32 or list(t.shape) != shapes[name] or not t.is_contiguous():
+            raise ValueError(f"meta.{name} must be a contiguous int32 tensor of shape {tuple(shapes[name])}, got "
+                             f"{t.dtype} {tuple(t.shape)} with strides {t.stride()}")  # fmt: skip
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (NB, H, BS, D), got strides {t.stride()}")
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not 16-byte aligned (the kernel reads "
+                             "16-byte vectors)")  # fmt: skip
+    if q.stride(2) != 1:
+        raise ValueError(f"q must be contiguous in its last dim (head_dim), stride {q.stride(2)}")
+    if q.shape[0] >= 2**31 or num_seqs >= 2**31 or n_head > 65535:
+        raise ValueError(f"q {tuple(q.shape)} with {num_seqs} sequences is too large for the CUDA attention grid")
+    _check_elements_aligned(dict(q=q))
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Paged attention of a decode step (every sequence has at most one query; see ``reference.attention``).
+
+    ``q``: ``(T, H, 64)``, token/head strides free, last dim contiguous; caches ``(NB, H, BS, 64)`` contiguous
+    in ``q.dtype``. Returns a new ``(T, H, 64)``; rows of sequences without a query are not written.
+    Split-K over the block table with the Triton backend's split rule (``decode_splits``: shapes only, so
+    CUDA graphs replay), fp32 partials in a workspace from ``_empty``, merged by a second launch when
+    there is more than one split. Steps with a longer query (prefill) raise ValueError: route them to
+    another backend.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> kc = torch.randn(4, 2, 16, 64); vc = torch.randn_like(kc)
+        >>> meta = AttentionMetadata.build([[3, 1], [2]], [20, 5], [1, 1], block_size=16)
+        >>> q = torch.randn(2, 2, 64)
+        >>> torch.allclose(attention(q, kc, vc, meta, 0.125), reference.attention(q, kc, vc, meta, 0.125),
+        ...                atol=1e-5)  # doctest: +SKIP
+        True
+    """
+    from gpt2fast.ops.triton.attention import decode_splits  # the one split rule (imports triton)
+
+    _check_attention(q, k_cache, v_cache, meta)
+    if meta.max_query_len > 1:
+        raise ValueError(f"meta.max_query_len is {meta.max_query_len}: the CUDA attention kernel covers decode steps "
+                         "only (at most one query per sequence); run prefill on another backend")  # fmt: skip
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    num_seqs, max_blocks = meta.num_seqs, meta.block_tables.shape[1]
+    out = _empty(tuple(q.shape), q.dtype, q.device)  # (T, H, D)
+    if q.shape[0] == 0 or num_seqs == 0:
+        return out
+    num_splits, pages_per_split = decode_splits(num_seqs, n_head, max_blocks)
+    parts = num_seqs * n_head * num_splits if num_splits > 1 else 1  # 1: a valid pointer the kernel never uses
+    part_ml = _empty((parts, 2), torch.float32, q.device)  # (B * H * splits, 2) max (log2 domain), sum
+    part_acc = _empty((parts, head_dim), torch.float32, q.device)  # (B * H * splits, D) unnormalised out
+    module = module_for(q.device)
+    with _on(q.device):
+        module.attention_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(),
+                                meta.seq_lens.data_ptr(), meta.block_tables.data_ptr(), part_ml.data_ptr(),
+                                part_acc.data_ptr(), out.data_ptr(), num_seqs, n_head, head_dim, block_size,
+                                max_blocks, num_splits, pages_per_split, _stride(q, 0), _stride(q, 1), float(scale),
+                                _dtype_code(module, q.dtype), _stream(q.device))  # fmt: skip
     return out
 
 

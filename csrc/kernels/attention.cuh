@@ -1,0 +1,294 @@
+// attention.cuh — paged decode attention (flash-decoding: split-K over the block table + merge),
+// the contract of reference.attention for decode steps (every sequence has at most one query).
+//
+// Split kernel, grid (num_seqs, H, num_splits), 128 threads = 4 warps. Split s of sequence b
+// covers context positions [s * split_len, min((s + 1) * split_len, seq_lens[b])), split_len =
+// pages_per_split * BS (the split rule is decode_splits() in gpt2fast/ops/triton/attention.py:
+// shapes only, so a CUDA graph replays at any length). A warp is kKeysPerWarp groups of
+// kLanesPerKey lanes: a group owns one key at a time, each lane 16 bytes of its K and V rows
+// (D = 64: 8 lanes x 8 fp16/bf16, 16 lanes x 4 fp32), so a warp reads 4 (2) whole 128-byte rows
+// per load and every load is one coalesced 16-byte vector. The score is the lane's 8-element dot
+// with q (pre-scaled by scale * log2 e: exp2 domain) summed over the group by xor shuffles; every
+// lane keeps the online-softmax state (max m, sum l, acc for its d-slice) of its group's keys, in
+// fp32, kUnroll = 4 keys per loop step so that 8 16-byte loads are in flight per lane. After
+// the loop the groups merge by xor shuffles, the warps through shared memory, and the split has
+// one (m, l, acc[D]). With one split the kernel stores acc / l (no workspace, no second launch);
+// otherwise it writes (m, l, acc) to the fp32 workspace and the merge kernel (grid (num_seqs, H),
+// D threads) rescales and sums the splits. A split past the context writes the neutral (-inf, 0,
+// 0); a sequence with no query this step reads nothing and its output row is never written. No
+// thread returns before the barrier (loop bounds are warp-uniform; the stores are predicated).
+//
+// Napkin math (GPT-2 124M decode: 12 heads x 64, fp16, 64-page tables at block 16; one layer):
+// K and V of every context token, 2 * B * L * 12 * 64 * 2 bytes, + q and out + tables + the fp32
+// partials (B * 12 * splits * 66 * 4 written and read back, L2-resident) when splits > 1.
+//   batch 1,  L = 1024: 22 splits x 3 pages: 3.15 MB KV + 0.14 MB partials -> 0.98 us at 3.35 TB/s
+//                       (264 blocks: two waves on 132 SMs; launch latency dominates at this size)
+//   batch 64, L = 1024: 1 split: 201.3 MB -> 60.1 us (768 blocks, no merge launch)
+//   batch 64, L = 128:  1 split: 25.2 MB -> 7.5 us
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "../common.cuh"
+
+namespace gpt2fast {
+
+constexpr int kAttentionHeadDim = 64;  // every GPT-2 size; the kernels are templated on it
+constexpr int kAttentionWarps = 4;
+constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
+constexpr int kAttentionUnroll = 4;  // keys per group per loop step: 8 16-byte loads in flight
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Online-softmax state (m, l, acc) absorbs another (m2, l2, acc2); an empty state has m = -inf
+// and weighs 0 (never exp2(-inf - -inf) = NaN).
+template <int N>
+__device__ __forceinline__ void merge_softmax_state(float& m, float& l, float (&acc)[N], float m2,
+                                                    float l2, const float (&acc2)[N]) {
+  const float m_new = fmaxf(m, m2);
+  const float a = m == -INFINITY ? 0.0f : exp2f(m - m_new);
+  const float b = m2 == -INFINITY ? 0.0f : exp2f(m2 - m_new);
+  l = l * a + l2 * b;
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = acc[i] * a + acc2[i] * b;
+  m = m_new;
+}
+
+template <typename T, int kHeadDim, int kBlockSize>  // kBlockSize 0: the runtime block_size
+__global__ void __launch_bounds__(kAttentionThreads) attention_decode_split_kernel(
+    const T* __restrict__ q,                // [T, H, D], strides (q_tok, q_head, 1)
+    const T* __restrict__ k_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned
+    const T* __restrict__ v_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned
+    const int* __restrict__ cu_seqlens,     // [B + 1] query rows of sequence b: [cu[b], cu[b+1])
+    const int* __restrict__ seq_lens,       // [B] context length including this step's query
+    const int* __restrict__ block_tables,   // [B, max_blocks] page ids, -1 padded
+    float* __restrict__ part_ml,            // [B, H, num_splits, 2] (max, sum); unused at 1 split
+    float* __restrict__ part_acc,           // [B, H, num_splits, D]; unused at 1 split
+    T* __restrict__ out,                    // [T, H, D] contiguous
+    int block_size_arg, int max_blocks, int split_len, int64_t q_tok, int64_t q_head,
+    float scale_log2) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int kLanesPerKey = kHeadDim / kVec;
+  constexpr int kKeysPerWarp = kWarpSize / kLanesPerKey;
+  constexpr int kKeysPerStep = kAttentionWarps * kKeysPerWarp * kAttentionUnroll;
+  static_assert(kHeadDim % kVec == 0 && kWarpSize % kLanesPerKey == 0, "a K row spans whole lanes");
+  static_assert(kHeadDim <= kAttentionThreads, "one thread per output element in the epilogue");
+  const int block_size = kBlockSize > 0 ? kBlockSize : block_size_arg;
+  const int seq = blockIdx.x, head = blockIdx.y, split = blockIdx.z;
+  const int n_head = gridDim.y, num_splits = gridDim.z;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int group = lane / kLanesPerKey;     // which of the warp's keys this lane reads
+  const int d0 = (lane % kLanesPerKey) * kVec;  // this lane's slice [d0, d0 + kVec) of D
+
+  const int q_row = cu_seqlens[seq];
+  const bool has_query = cu_seqlens[seq + 1] > q_row;
+  const int split_start = split * split_len;
+  const int context_end = has_query ? seq_lens[seq] : 0;  // no query: read nothing
+  const int split_end =
+      split_start + split_len < context_end ? split_start + split_len : context_end;
+
+  float qs[kVec];  // q slice in the exp2 domain; q may be a strided view: scalar loads, once
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    qs[i] = has_query ? to_float(q[q_row * q_tok + head * q_head + d0 + i]) * scale_log2 : 0.0f;
+  }
+  const int* table = block_tables + static_cast<int64_t>(seq) * max_blocks;  // [max_blocks]
+  const int64_t page_stride = static_cast<int64_t>(n_head) * block_size * kHeadDim;
+  const int64_t head_offset = static_cast<int64_t>(head) * block_size * kHeadDim + d0;
+
+  float m = -INFINITY, l = 0.0f, acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
+  // `base` is the same on every lane of a warp: the shuffles inside see whole warps.
+  for (int base = split_start + warp * kKeysPerWarp; base < split_end; base += kKeysPerStep) {
+    float kf[kAttentionUnroll][kVec], vf[kAttentionUnroll][kVec];
+#pragma unroll
+    for (int u = 0; u < kAttentionUnroll; ++u) {  // issue every load before any math
+      const int pos = base + u * kAttentionWarps * kKeysPerWarp + group;
+      if (pos < split_end) {
+        const int64_t off = table[pos / block_size] * page_stride + head_offset +
+                            static_cast<int64_t>(pos % block_size) * kHeadDim;
+        load_floats<T, kVec>(k_cache + off, kf[u]);
+        load_floats<T, kVec>(v_cache + off, vf[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) kf[u][i] = vf[u][i] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kAttentionUnroll; ++u) {
+      const int pos = base + u * kAttentionWarps * kKeysPerWarp + group;
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) s += qs[i] * kf[u][i];
+#pragma unroll
+      for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) {
+        s += __shfl_xor_sync(kFullMask, s, offset);
+      }
+      if (pos < split_end) {
+        const float m_new = fmaxf(m, s);
+        const float alpha = exp2f(m - m_new);  // m = -inf on the first key: 0
+        const float p = exp2f(s - m_new);
+        l = l * alpha + p;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] = acc[i] * alpha + p * vf[u][i];
+        m = m_new;
+      }
+    }
+  }
+
+  // Groups of a warp -> one state (every lane of a d-slice ends with the same values).
+#pragma unroll
+  for (int offset = kLanesPerKey; offset < kWarpSize; offset *= 2) {
+    const float m2 = __shfl_xor_sync(kFullMask, m, offset);
+    const float l2 = __shfl_xor_sync(kFullMask, l, offset);
+    float acc2[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc2[i] = __shfl_xor_sync(kFullMask, acc[i], offset);
+    merge_softmax_state(m, l, acc, m2, l2, acc2);
+  }
+  // Warps -> the split's state, through shared memory.
+  __shared__ float warp_ml[kAttentionWarps][2];
+  __shared__ float warp_acc[kAttentionWarps][kHeadDim];
+  if (group == 0) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) warp_acc[warp][d0 + i] = acc[i];
+    if (lane == 0) {
+      warp_ml[warp][0] = m;
+      warp_ml[warp][1] = l;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kHeadDim) {
+    const int d = threadIdx.x;
+    float sm = -INFINITY, sl = 0.0f, sacc[1] = {0.0f};
+#pragma unroll
+    for (int w = 0; w < kAttentionWarps; ++w) {
+      const float wacc[1] = {warp_acc[w][d]};
+      merge_softmax_state(sm, sl, sacc, warp_ml[w][0], warp_ml[w][1], wacc);
+    }
+    if (num_splits == 1) {
+      // a sequence with a query has at least one key (position 0) in its only split: sl > 0
+      if (has_query) {
+        const int64_t row = static_cast<int64_t>(q_row) * n_head + head;
+        out[row * kHeadDim + d] = from_float<T>(sacc[0] / sl);
+      }
+    } else {
+      const int64_t part = (static_cast<int64_t>(seq) * n_head + head) * num_splits + split;
+      part_acc[part * kHeadDim + d] = sacc[0];
+      if (d == 0) {
+        part_ml[part * 2] = sm;
+        part_ml[part * 2 + 1] = sl;
+      }
+    }
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kHeadDim) attention_decode_merge_kernel(
+    const float* __restrict__ part_ml,   // [B, H, num_splits, 2] (max in the log2 domain, sum)
+    const float* __restrict__ part_acc,  // [B, H, num_splits, D] unnormalised outputs
+    const int* __restrict__ cu_seqlens,  // [B + 1]
+    T* __restrict__ out,                 // [T, H, D] contiguous
+    int num_splits) {
+  const int seq = blockIdx.x, head = blockIdx.y, n_head = gridDim.y, d = threadIdx.x;
+  const int q_row = cu_seqlens[seq];
+  if (cu_seqlens[seq + 1] == q_row) return;  // no query this step: no output row (no barriers here)
+  const int64_t first = (static_cast<int64_t>(seq) * n_head + head) * num_splits;
+  float m = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) m = fmaxf(m, part_ml[(first + s) * 2]);
+  // split 0 holds position 0, so m is finite; splits past the context weigh exp2(-inf) = 0
+  float l = 0.0f, acc = 0.0f;
+  for (int s = 0; s < num_splits; ++s) {
+    const float w = exp2f(part_ml[(first + s) * 2] - m);
+    l += w * part_ml[(first + s) * 2 + 1];
+    acc += w * part_acc[(first + s) * kHeadDim + d];
+  }
+  out[(static_cast<int64_t>(q_row) * n_head + head) * kHeadDim + d] = from_float<T>(acc / l);
+}
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+template <typename T, int kBlockSize>
+cudaError_t launch_attention_decode_typed(const void* q, const void* k_cache, const void* v_cache,
+                                          const int* cu_seqlens, const int* seq_lens,
+                                          const int* block_tables, float* part_ml,
+                                          float* part_acc, void* out, int num_seqs, int n_head,
+                                          int block_size, int max_blocks, int num_splits,
+                                          int pages_per_split, int64_t q_tok, int64_t q_head,
+                                          float scale, cudaStream_t stream) {
+  constexpr int D = kAttentionHeadDim;
+  auto* ot = static_cast<T*>(out);
+  const dim3 grid(num_seqs, n_head, num_splits), block(kAttentionThreads);
+  LAUNCH(grid, block, 0, stream, attention_decode_split_kernel<T, D, kBlockSize>)(
+      static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
+      cu_seqlens, seq_lens, block_tables, part_ml, part_acc, ot, block_size, max_blocks,
+      pages_per_split * block_size, q_tok, q_head, scale * kLog2e);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || num_splits == 1) return err;
+  LAUNCH(dim3(num_seqs, n_head), dim3(D), 0, stream, attention_decode_merge_kernel<T, D>)(
+      part_ml, part_acc, cu_seqlens, ot, num_splits);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_attention_decode_bs(const void* q, const void* k_cache, const void* v_cache,
+                                       const int* cu_seqlens, const int* seq_lens,
+                                       const int* block_tables, float* part_ml, float* part_acc,
+                                       void* out, int num_seqs, int n_head, int block_size,
+                                       int max_blocks, int num_splits, int pages_per_split,
+                                       int64_t q_tok, int64_t q_head, float scale,
+                                       cudaStream_t stream) {
+  // Block sizes 16 and 32 get constant page arithmetic (shifts); other sizes divide at run time.
+  auto launch = [&](auto block_size_constant) {
+    return launch_attention_decode_typed<T, decltype(block_size_constant)::value>(
+        q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, part_ml, part_acc, out, num_seqs,
+        n_head, block_size, max_blocks, num_splits, pages_per_split, q_tok, q_head, scale, stream);
+  };
+  if (block_size == 16) return launch(std::integral_constant<int, 16>{});
+  if (block_size == 32) return launch(std::integral_constant<int, 32>{});
+  return launch(std::integral_constant<int, 0>{});
+}
+
+// Decode attention: out[cu[b]] = softmax(q K^T * scale) V over sequence b's first seq_lens[b]
+// cache positions, for every b with a query (cu[b+1] - cu[b] == 1; 0 = skipped, row not written).
+// Caches [NB, H, BS, D] contiguous and 16-byte aligned; out [T, H, D] contiguous; q rows strided.
+// Workspaces part_ml [B, H, num_splits, 2], part_acc [B, H, num_splits, D] fp32 (unused at 1).
+inline cudaError_t attention_decode(const void* q, const void* k_cache, const void* v_cache,
+                                    const int* cu_seqlens, const int* seq_lens,
+                                    const int* block_tables, float* part_ml, float* part_acc,
+                                    void* out, int num_seqs, int n_head, int head_dim,
+                                    int block_size, int max_blocks, int num_splits,
+                                    int pages_per_split, int64_t q_tok, int64_t q_head,
+                                    float scale, DType dtype, cudaStream_t stream) {
+  if (head_dim != kAttentionHeadDim || num_seqs < 0 || n_head < 1 || n_head > 65535 ||
+      block_size < 1 || max_blocks < 0 || num_splits < 1 || num_splits > 65535 ||
+      pages_per_split < 1 ||
+      static_cast<int64_t>(num_splits) * pages_per_split < max_blocks ||
+      static_cast<int64_t>(pages_per_split) * block_size > 0x7fffffff ||
+      !is_aligned(k_cache, kVecBytes) || !is_aligned(v_cache, kVecBytes) ||
+      !is_aligned(out, kVecBytes)) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_seqs == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_attention_decode_bs<float>(q, k_cache, v_cache, cu_seqlens, seq_lens,
+                                               block_tables, part_ml, part_acc, out, num_seqs,
+                                               n_head, block_size, max_blocks, num_splits,
+                                               pages_per_split, q_tok, q_head, scale, stream);
+    case DType::kFloat16:
+      return launch_attention_decode_bs<__half>(q, k_cache, v_cache, cu_seqlens, seq_lens,
+                                                block_tables, part_ml, part_acc, out, num_seqs,
+                                                n_head, block_size, max_blocks, num_splits,
+                                                pages_per_split, q_tok, q_head, scale, stream);
+    case DType::kBFloat16:
+      return launch_attention_decode_bs<__nv_bfloat16>(
+          q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, part_ml, part_acc, out,
+          num_seqs, n_head, block_size, max_blocks, num_splits, pages_per_split, q_tok, q_head,
+          scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gpt2fast
