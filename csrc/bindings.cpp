@@ -13,7 +13,9 @@
 #include <string>
 
 #include "kernels/attention.cuh"
+#include "kernels/embed.cuh"
 #include "kernels/layer_norm.cuh"
+#include "kernels/linear.cuh"
 #include "kernels/sampling.cuh"
 #include "kernels/write_kv.cuh"
 
@@ -145,6 +147,43 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::arg("pages_per_split"), py::arg("q_tok"), py::arg("q_head"), py::arg("scale"),
       py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "paged decode attention (split-K over the block table, then merge when num_splits > 1)");
+
+  m.attr("LINEAR_MAX_ROWS") = gpt2fast::kGemvMaxRows;
+  m.def(
+      "linear",
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
+         std::uintptr_t out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
+         int64_t res_stride, bool gelu, int dtype, std::uintptr_t stream) {
+        check(gpt2fast::linear(ptr(x), ptr(weight), ptr(bias), ptr(residual), ptr(out), rows,
+                               n_out, k_in, x_stride, res_stride, gelu, dtype_of(dtype),
+                               stream_of(stream)),
+              "linear");
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
+      py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("x_stride"),
+      py::arg("res_stride"), py::arg("gelu"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]], rows <= LINEAR_MAX_ROWS; bias and "
+      "residual 0 when absent");
+
+  m.def(
+      "embed",
+      [](std::uintptr_t ids, std::uintptr_t positions, std::uintptr_t wte, std::uintptr_t wpe,
+         std::uintptr_t out, int64_t tokens, int64_t ids_stride, int64_t pos_stride,
+         int index_bytes, int64_t vocab, int64_t n_positions, int64_t width, int64_t wte_stride,
+         int64_t wpe_stride, int dtype, std::uintptr_t stream) {
+        check(gpt2fast::embed(ptr(ids), ptr(positions), ptr(wte), ptr(wpe), ptr(out), tokens,
+                              ids_stride, pos_stride, index_bytes, vocab, n_positions, width,
+                              wte_stride, wpe_stride, dtype_of(dtype), stream_of(stream)),
+              "embed");
+      },
+      py::arg("ids"), py::arg("positions"), py::arg("wte"), py::arg("wpe"), py::arg("out"),
+      py::arg("tokens"), py::arg("ids_stride"), py::arg("pos_stride"), py::arg("index_bytes"),
+      py::arg("vocab"), py::arg("n_positions"), py::arg("width"), py::arg("wte_stride"),
+      py::arg("wpe_stride"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out[t] = wte[ids[t]] + wpe[positions[t]] (fp32 add); an id or position out of range gives "
+      "a NaN row");
 
 #if defined(CUDA_EMU)
   m.attr("EMULATED") = true;

@@ -498,10 +498,10 @@ def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int
         raise ValueError(f"{name} has dtype {t.dtype}, x has {x.dtype}: the CUDA {op} takes one dtype")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
-        raise ValueError(f"{name} has row stride {t.stride(0)} < width {t.shape[1]}: its rows overlap")
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim (stride {t.stride(-1)})")
+    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+        raise ValueError(f"{name} has row stride {t.stride(0)} < width {t.shape[1]}: its rows overlap")
     if t.data_ptr() % t.element_size():
         raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its {t.element_size()}-byte dtype")
 

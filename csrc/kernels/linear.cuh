@@ -1,0 +1,226 @@
+// linear.cuh — the decode linear, `out = [gelu](x @ weight.T + bias) [+ residual]` for at most
+// 16 rows: the contract of reference.linear (x (T, K), weight (N, K) as nn.Linear stores it,
+// fp32 accumulation, GPT-2's tanh-GELU, one rounding at the store). Bigger batches go to Triton.
+//
+// Design: a GEMV on CUDA cores (no tensor cores), memory-bound: the weight is the traffic.
+//   - One block of 4 warps owns kGemvOutputsPerBlock (4) consecutive outputs n and ALL K for
+//     them, so every weight element is read from DRAM exactly once per call, for all T rows. Its
+//     128 threads split K: thread i takes the 16-byte weight vectors i, i + 128, ... of each of
+//     the 4 weight rows (8 fp16/bf16 or 4 fp32 per load; one element per load when K, the row
+//     stride or a pointer is not 16-byte aligned: the scalar instantiation, kVec = 1).
+//   - x rows are read straight into registers (16-byte loads of the same K slice, converted to
+//     fp32 once and used for the 4 outputs): each x element is used by exactly one thread of a
+//     block, so staging it in shared memory would buy no reuse. The x bytes a block reads (T K,
+//     L1/L2 hits: the whole x is <= 200 KB) are T/4 of its weight bytes.
+//   - fp32 accumulators acc[t][r] (T x 4, in registers: the row count is a template bucket,
+//     1 / 4 / 16, so arrays are indexed by constants). A reduce-scatter butterfly sums the 4T
+//     values over the warp's 32 lanes with 2T + T + ... shuffles (not 5 per value), then the 4
+//     warps' partials meet in shared memory (dyn_smem, 4 x 4T floats) and 4T threads add them
+//     in warp order, apply bias -> GELU -> + residual, and store. Fixed order everywhere, no
+//     atomics: the same inputs give the same bits, whatever the schedule.
+//   - Why not split K over blocks: 4 outputs per block already give N/4 blocks = 192 at N = 768
+//     (132 H100 SMs), 576 at 2304 and 768 at 3072, with 1..12 weight vectors in flight per
+//     thread, and need no fp32 workspace and no second launch.
+//
+// Napkin math, GPT-2 124M fp16 (2 bytes), bytes one call moves (weight + bias + x + out, + the
+// residual of the two projections), and the time at an H100's 3.35 TB/s:
+//   batch 1:  qkv 768 -> 2304: 3.55 MB 1.06 us; attn proj 768 -> 768: 1.19 MB 0.35 us;
+//             fc 768 -> 3072: 4.73 MB 1.41 us; mlp proj 3072 -> 768: 4.73 MB 1.41 us;
+//             14.2 MB a layer, 50.9 us for the 12 layers of a step.
+//   batch 16: 3.64 / 1.26 / 4.85 / 4.87 MB -> 1.09 / 0.38 / 1.45 / 1.45 us (52.3 us a step): the
+//             activations add 3%. But 16 rows do 16 FMAs per weight element, ~120 per clock per
+//             SM at the roofline rate vs an SM's 128 fp32 FMA/clock: 16 rows is where CUDA cores
+//             stop being free. Batch 64 (585.7 MB a step in benchmarks/roofline.md) is Triton's.
+#pragma once
+
+#include "../common.cuh"
+
+namespace gpt2fast {
+
+constexpr int kGemvMaxRows = 16;           // decode batches of at most this many rows
+constexpr int kGemvWarps = 4;              // warps per block, splitting K
+constexpr int kGemvThreads = kGemvWarps * kWarpSize;
+constexpr int kGemvOutputsPerBlock = 4;    // outputs n per block (weight rows it streams)
+
+// GPT-2's gelu_new, 0.5 y (1 + tanh(z)) with z = sqrt(2/pi) (y + 0.044715 y^3), written as
+// y / (1 + exp(-2z)): the same function with no cancellation in 1 + tanh(z) for negative y, and
+// expf (not __expf) keeps it within a few fp32 ulps. z = +-inf gives y or -0, never NaN.
+// Measured (tests/test_cuda_linear.py, y in [-12, 12]): max abs error 5.1e-7 vs float64 and
+// 4.8e-7 vs torch's fp32 F.gelu(approximate="tanh"); relative error <= 2.5e-6 for |y| <= 5, where
+// the tanh form loses up to 30% of its (tiny, < 1e-6) negative-tail values to cancellation.
+__device__ __forceinline__ float tanh_gelu(float y) {
+  const float z = 0.7978845608028654f * (y + 0.044715f * y * y * y);
+  return y / (1.0f + expf(-2.0f * z));
+}
+
+// Sums each of kValues values (a power of two) over the 32 lanes of a warp. Each stage halves
+// the values a lane still carries: at lane bit kOffset the lane keeps one half, sends the other
+// to its partner and adds the partner's copy of the half it keeps (kValues/2 shuffles, then
+// kValues/4, ...). Once one value is left the remaining stages are a plain butterfly. Afterwards
+// value `lane * (kValues / 32) + i` sits in v[i] (kValues >= 32), or value `lane / (32 /
+// kValues)` in v[0] on every lane of its group (kValues < 32). Every warp lane must call it.
+template <int kCount, int kOffset, int kValues>
+__device__ __forceinline__ void warp_reduce_scatter(float (&v)[kValues], int lane) {
+  if constexpr (kOffset > 0) {
+    if constexpr (kCount > 1) {
+      constexpr int kHalf = kCount / 2;
+      const bool upper = (lane & kOffset) != 0;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFullMask, send, kOffset);
+      }
+      warp_reduce_scatter<kHalf, kOffset / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], kOffset);
+      warp_reduce_scatter<1, kOffset / 2>(v, lane);
+    }
+  }
+}
+
+// __launch_bounds__(128, 4): at most 128 registers a thread, so 4 blocks (16 warps) fit an SM to
+// keep loads in flight. (With no minimum, ptxas capped the 4-row fp16 variant at 64 and spilled.)
+template <typename T, int kVec, int kRows>
+__global__ void __launch_bounds__(kGemvThreads, 4) linear_gemv_kernel(
+    const T* __restrict__ x,         // [rows, k_in], rows x_stride apart
+    const T* __restrict__ weight,    // [n_out, k_in], contiguous
+    const T* __restrict__ bias,      // [n_out], or nullptr
+    const T* __restrict__ residual,  // [rows, n_out], rows res_stride apart, or nullptr
+    T* __restrict__ out,             // [rows, n_out], contiguous
+    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu) {
+  constexpr int kOut = kGemvOutputsPerBlock;
+  constexpr int kValues = kRows * kOut;  // acc[t * kOut + r]: row t, output n0 + r
+  static_assert((kValues & (kValues - 1)) == 0 && kValues <= kGemvThreads);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int n0 = blockIdx.x * kOut;
+
+  // Outputs past n_out (the last block of an N that is not a multiple of kOut) re-read the last
+  // weight row and are never stored: every thread keeps the same control flow.
+  const T* w_row[kOut];  // [kOut][k_in]
+#pragma unroll
+  for (int r = 0; r < kOut; ++r) {
+    const int n = n0 + r < n_out ? n0 + r : n_out - 1;
+    w_row[r] = weight + static_cast<int64_t>(n) * k_in;
+  }
+
+  float acc[kValues];
+#pragma unroll
+  for (int i = 0; i < kValues; ++i) acc[i] = 0.0f;
+
+  const int num_vecs = k_in / kVec;
+  for (int j = threadIdx.x; j < num_vecs; j += kGemvThreads) {
+    float w[kOut][kVec];
+#pragma unroll
+    for (int r = 0; r < kOut; ++r) load_floats<T, kVec>(w_row[r] + j * kVec, w[r]);
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t < rows) {
+        float xv[kVec];
+        load_floats<T, kVec>(x + t * x_stride + j * kVec, xv);
+#pragma unroll
+        for (int r = 0; r < kOut; ++r) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[t * kOut + r] += w[r][e] * xv[e];
+        }
+      }
+    }
+  }
+
+  warp_reduce_scatter<kValues, kWarpSize / 2>(acc, lane);
+  float* partials = reinterpret_cast<float*>(dyn_smem);  // [kGemvWarps][kValues]
+  if constexpr (kValues >= kWarpSize) {
+    constexpr int kPerLane = kValues / kWarpSize;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) partials[warp * kValues + lane * kPerLane + i] = acc[i];
+  } else {
+    constexpr int kGroup = kWarpSize / kValues;  // lanes holding the same sum
+    if (lane % kGroup == 0) partials[warp * kValues + lane / kGroup] = acc[0];
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kValues) {
+    const int t = threadIdx.x / kOut;
+    const int n = n0 + static_cast<int>(threadIdx.x) % kOut;
+    if (t < rows && n < n_out) {
+      float y = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kGemvWarps; ++w) y += partials[w * kValues + threadIdx.x];
+      if (bias != nullptr) y += to_float(bias[n]);
+      if (gelu) y = tanh_gelu(y);
+      if (residual != nullptr) y += to_float(residual[t * res_stride + n]);
+      out[static_cast<int64_t>(t) * n_out + n] = from_float<T>(y);
+    }
+  }
+}
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+// Row-count buckets 1, 4, 16: the accumulators are kRows x 4 registers, so a single-row decode
+// does not pay a 16-row register file (occupancy is what hides DRAM latency in a GEMV).
+template <typename T, int kVec>
+cudaError_t launch_linear_rows(const T* x, const T* weight, const T* bias, const T* residual,
+                               T* out, int rows, int n_out, int k_in, int64_t x_stride,
+                               int64_t res_stride, bool gelu, cudaStream_t stream) {
+  const dim3 grid(ceil_div(n_out, kGemvOutputsPerBlock)), block(kGemvThreads);
+  constexpr std::size_t kSmemPerRow = kGemvWarps * kGemvOutputsPerBlock * sizeof(float);
+  if (rows <= 1) {
+    LAUNCH(grid, block, kSmemPerRow * 1, stream, linear_gemv_kernel<T, kVec, 1>)(
+        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+  } else if (rows <= 4) {
+    LAUNCH(grid, block, kSmemPerRow * 4, stream, linear_gemv_kernel<T, kVec, 4>)(
+        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+  } else {
+    LAUNCH(grid, block, kSmemPerRow * 16, stream, linear_gemv_kernel<T, kVec, 16>)(
+        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_linear_typed(const void* x, const void* weight, const void* bias,
+                                const void* residual, void* out, int rows, int n_out, int k_in,
+                                int64_t x_stride, int64_t res_stride, bool gelu,
+                                cudaStream_t stream) {
+  const auto* xt = static_cast<const T*>(x);
+  const auto* wt = static_cast<const T*>(weight);
+  const auto* bt = static_cast<const T*>(bias);
+  const auto* rt = static_cast<const T*>(residual);
+  auto* ot = static_cast<T*>(out);
+  // Only x and weight are read in vectors (bias, residual and out are touched once per output).
+  if (can_vectorize<T>({x, weight}, k_in, {x_stride})) {
+    return launch_linear_rows<T, kVecElems<T>>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride,
+                                               res_stride, gelu, stream);
+  }
+  return launch_linear_rows<T, 1>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride, res_stride,
+                                  gelu, stream);
+}
+
+// out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for rows <= kGemvMaxRows; bias and
+// residual may be nullptr. x rows x_stride apart, residual rows res_stride apart, out contiguous.
+inline cudaError_t linear(const void* x, const void* weight, const void* bias,
+                          const void* residual, void* out, int64_t rows, int64_t n_out,
+                          int64_t k_in, int64_t x_stride, int64_t res_stride, bool gelu,
+                          DType dtype, cudaStream_t stream) {
+  if (rows < 0 || rows > kGemvMaxRows || n_out < 0 || n_out > 0x7fffffff || k_in < 0 ||
+      k_in > 0x7fffffff || x_stride < k_in || (residual != nullptr && res_stride < n_out)) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || n_out == 0) return cudaSuccess;
+  const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_linear_typed<float>(x, weight, bias, residual, out, r, n, k, x_stride,
+                                        res_stride, gelu, stream);
+    case DType::kFloat16:
+      return launch_linear_typed<__half>(x, weight, bias, residual, out, r, n, k, x_stride,
+                                         res_stride, gelu, stream);
+    case DType::kBFloat16:
+      return launch_linear_typed<__nv_bfloat16>(x, weight, bias, residual, out, r, n, k, x_stride,
+                                                res_stride, gelu, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gpt2fast
