@@ -10,7 +10,7 @@
 // per load and every load is one coalesced 16-byte vector. The score is the lane's 8-element dot
 // with q (pre-scaled by scale * log2 e: exp2 domain) summed over the group by xor shuffles; every
 // lane keeps the online-softmax state (max m, sum l, acc for its d-slice) of its group's keys, in
-// fp32, kUnroll = 4 keys per loop step so that 8 16-byte loads are in flight per lane. After
+// fp32, kUnroll = 2 keys per loop step so that 4 16-byte loads are in flight per lane. After
 // the loop the groups merge by xor shuffles, the warps through shared memory, and the split has
 // one (m, l, acc[D]). With one split the kernel stores acc / l (no workspace, no second launch);
 // otherwise it writes (m, l, acc) to the fp32 workspace and the merge kernel (grid (num_seqs, H),
@@ -37,7 +37,10 @@ namespace gpt2fast {
 constexpr int kAttentionHeadDim = 64;  // every GPT-2 size; the kernels are templated on it
 constexpr int kAttentionWarps = 4;
 constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
-constexpr int kAttentionUnroll = 4;  // keys per group per loop step: 8 16-byte loads in flight
+constexpr int kAttentionUnroll = 2;  // keys per group per loop step: 4 16-byte loads in flight
+// Blocks per SM the split kernel is compiled for: <= 64 registers (measured: 61..64, no spills on
+// sm_80/sm_90), so 32 warps per SM and a batch-64 GPT-2 grid (768 blocks) in one wave on 132 SMs.
+constexpr int kAttentionMinBlocks = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Online-softmax state (m, l, acc) absorbs another (m2, l2, acc2); an empty state has m = -inf
@@ -55,7 +58,8 @@ __device__ __forceinline__ void merge_softmax_state(float& m, float& l, float (&
 }
 
 template <typename T, int kHeadDim, int kBlockSize>  // kBlockSize 0: the runtime block_size
-__global__ void __launch_bounds__(kAttentionThreads) attention_decode_split_kernel(
+__global__ void __launch_bounds__(kAttentionThreads, kAttentionMinBlocks)
+    attention_decode_split_kernel(
     const T* __restrict__ q,                // [T, H, D], strides (q_tok, q_head, 1)
     const T* __restrict__ k_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned
     const T* __restrict__ v_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned
