@@ -2,35 +2,36 @@
 // the same token as gpt2fast.sampling.sample_batch for rows without penalties or logprobs.
 //
 // One block per row (up to 1024 threads, >= 16 tokens each), every pass a strided sweep over the
-// row with a deterministic block reduction (fixed order: no float atomics, so a seeded row draws
-// the same token every run). FlashInfer's idea without its rejection loop: a floor is found by
-// bisection on the fp32 value's order-preserving uint32 key, so it is exact in <= 32 passes.
+// row with deterministic block reductions (fixed order, no float atomics: a seeded row draws the
+// same token every run). FlashInfer's pivot idea without its rejection loop: each floor is a
+// search over the fp32 value's order-preserving uint32 key, testing 8 pivots per sweep (counts or
+// masses of the tokens above each pivot), so it is exact after <= 11 sweeps.
 //   1. argmax of the raw logits (ties -> lowest id): the greedy answer (T < 1e-5 or top_k == 1)
 //      and the row max m = max / T.
-//   2. top-k floor: the largest key t with count(key(logit) >= t) >= k is the k-th largest raw
-//      logit (ties counted); x -> fl(x / T) is monotone, so fl(kth / T) is the k-th largest scaled
-//      logit, which is the reference's floor bit for bit. Division only once per row here.
+//   2. top-k floor: the smallest key t with count(key(logit) >= t) < k is one above the k-th
+//      largest raw logit (ties counted); x -> fl(x / T) is monotone, so fl(kth / T) is the k-th
+//      largest scaled logit: the reference's floor bit for bit, with no divide in these sweeps.
 //   3. top-p floor (over the top-k survivors s >= kfloor): a token v stays iff the softmax mass of
 //      the survivors strictly above it is < p — exactly the reference's rule (its sorted prefix,
 //      ties with the floor kept). That mass falls as s_v rises, so the kept set is
-//      {key(s_v) >= t*}; t* = the smallest key with sum_{key(s) > t*} exp(s - m) < p * Z, by
-//      bisection (one pass for Z, then <= 32).
-//   4. min-p floor m + logf(min_p); then one pass drawing Gumbel noise from Philox-4x32-10 on
+//      {key(s_v) >= t*}, t* the smallest key with sum_{key(s) > t*} exp(s - m) < p * Z
+//      (one sweep for Z, then <= 11).
+//   4. min-p floor m + logf(min_p); then one sweep drawing Gumbel noise from Philox-4x32-10 on
 //      counter (token id, 0, 0, 0) and key (seed lo, seed hi) — triton.language.rand's stream,
 //      bit for bit — and argmax(s + g) over the kept tokens, ties to the lowest id.
 // Exactness: temperature, top-k, ties and the draw are bit-exact. The top-p mass is fp32 sums in
 // a different order than torch's softmax + cumsum (whose exp differs by device anyway: CPU
-// vectorised, CUDA logf/expf), so a row whose nucleus boundary has mass within ~1e-6 of p can
-// differ from the reference; min-p can differ when a logit lies within 1 ulp of m + log(min_p)
-// (logf vs torch.log). Logits must not hold NaN or +inf; top_p in (0, 1].
+// vectorised, CUDA expf), so a row whose nucleus boundary has mass within ~1e-6 of p can keep one
+// token more or less than the reference; min-p can differ when a logit lies within 1 ulp of
+// m + log(min_p) (logf vs torch.log). Logits must not hold NaN or +inf; top_p in (0, 1].
 //
 // Napkin math (GPT-2 124M, V = 50257, fp32 logits as the sampler takes them): one call moves
-// B * V * 4 bytes of logits plus 32 bytes of settings per row from HBM: 0.20 MB at B = 1
-// (0.06 us at 3.35 TB/s) and 12.9 MB at B = 64 (3.8 us). The ~66 sweeps re-read a row 0.2 MB from
-// L1/L2 (12.9 MB per row), so this kernel is bound by one SM's cache bandwidth and the per-token
-// fp32 divide/exp, not HBM: expect tens of us per row (rows run in parallel up to 132 SMs), far
-// from the HBM floor. Rows with top-k only skip step 3 (~34 sweeps); greedy rows take 1 sweep.
-// Next step if it shows in a profile: several pivots per sweep (8 -> 11 sweeps instead of 32).
+// B * V * 4 bytes of logits plus 32 bytes of settings and id per row from HBM: 0.20 MB at B = 1
+// (0.06 us at 3.35 TB/s) and 12.9 MB at B = 64 (3.8 us). A top-k + top-p row takes up to 25
+// sweeps (1 + 11 + 1 + 11 + 1; top-k only: 13, greedy: 1), re-reading its 0.2 MB from L1/L2
+// (~5 MB per row) with a divide and an exp per token in the top-p sweeps: bound by one SM's
+// cache bandwidth and fp32 issue, not HBM — expect ~10-30 us per row, rows in parallel on up to
+// 132 SMs, so ~the same at B = 1 and B = 64: 3-8x the HBM floor at B = 64 (unmeasured: no GPU).
 #pragma once
 
 #include <algorithm>
@@ -134,22 +135,59 @@ __device__ __forceinline__ ArgMax block_argmax(ArgMax a) {
   return a;
 }
 
-__device__ __forceinline__ int block_count(int c) {
-  __shared__ int partials[kWarpSize];
+// Sums each of N values over the block, in one fixed order (so every thread gets the same sums, and
+// a sum over a subset of nonnegative terms is never larger than over a superset).
+template <typename T, int N>
+__device__ __forceinline__ void block_sum_each(T (&v)[N]) {
+  __shared__ T partials[N][kWarpSize];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    c += __shfl_xor_sync(kFullMask, c, offset);
-  if (lane == 0) partials[warp] = c;
-  __syncthreads();
-  c = lane < num_warps ? partials[lane] : 0;
+  for (int j = 0; j < N; ++j) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    c += __shfl_xor_sync(kFullMask, c, offset);
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+      v[j] += __shfl_xor_sync(kFullMask, v[j], offset);
+    if (lane == 0) partials[j][warp] = v[j];
+  }
   __syncthreads();
-  return c;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    v[j] = lane < num_warps ? partials[j][lane] : T(0);
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+      v[j] += __shfl_xor_sync(kFullMask, v[j], offset);
+  }
+  __syncthreads();
+}
+
+// ---- the search: several pivots per sweep ----------------------------------------------------
+
+// Pivots tested per sweep: each sweep cuts the key interval ~9-fold, so a 32-bit search takes <= 11
+// sweeps instead of 32 bisection steps (the pivots share each token's load, divide and exp).
+constexpr int kPivots = 8;
+
+// The smallest key t in [lo, hi] with q(t), where q is monotone (false ... false true ... true) and
+// q(hi) holds. sweep(pivots, q) evaluates q at kPivots keys in one pass over the row; it must give
+// the same answer in every thread (block reductions do), so the loop is block-uniform.
+template <typename Sweep>
+__device__ uint32_t smallest_true(uint32_t lo, uint32_t hi, Sweep sweep) {
+  while (lo < hi) {
+    uint32_t pivots[kPivots];  // lo <= pivots[0] <= ... <= pivots[kPivots - 1] < hi
+    bool q[kPivots];
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j)
+      pivots[j] = lo + static_cast<uint32_t>(uint64_t{hi - lo} * (j + 1) / (kPivots + 1));
+    sweep(pivots, q);
+    uint32_t new_lo = lo, new_hi = hi;
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) {
+      if (q[j] && pivots[j] < new_hi) new_hi = pivots[j];
+      if (!q[j] && pivots[j] + 1 > new_lo) new_lo = pivots[j] + 1;
+    }
+    lo = new_lo, hi = new_hi;
+  }
+  return lo;
 }
 
 // ---- the passes over one row -------------------------------------------------------------------
@@ -160,50 +198,56 @@ __device__ ArgMax row_argmax(const float* __restrict__ x, int vocab) {
   return block_argmax(best);
 }
 
-// The k-th largest value of the row, ties counted (1 < k < vocab): the largest key t with
-// count(key >= t) >= k is an element's key. count(key >= 0) = vocab >= k holds from the start.
+// The k-th largest value of the row, ties counted (1 < k < vocab): with q(t) = count(key >= t) < k,
+// the smallest such t is one above the k-th largest key (q holds at max_key + 1: nothing is above).
 __device__ float kth_largest(const float* __restrict__ x, int vocab, int k, uint32_t max_key) {
-  uint32_t lo = 0, hi = max_key;
-  while (lo < hi) {  // block-uniform: lo, hi and the counts are the same in every thread
-    const uint32_t mid = lo + static_cast<uint32_t>((uint64_t{hi} - lo + 1) / 2);
-    int count = 0;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) count += ordered_key(x[v]) >= mid;
-    if (block_count(count) >= k) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
+  const auto sweep = [&](const uint32_t (&pivots)[kPivots], bool (&q)[kPivots]) {
+    int count[kPivots] = {};
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+      const uint32_t key = ordered_key(x[v]);
+#pragma unroll
+      for (int j = 0; j < kPivots; ++j) count[j] += key >= pivots[j];
     }
-  }
-  return key_to_float(lo);
+    block_sum_each(count);
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) q[j] = count[j] < k;
+  };
+  return key_to_float(smallest_true(0u, max_key + 1, sweep) - 1);
 }
 
-// Sum of exp(s - m) over the survivors (s >= kfloor) whose key is > above, s = x / t.
-__device__ float mass_above(const float* __restrict__ x, int vocab, float t, float kfloor, float m,
-                            uint32_t above) {
-  float sum = 0.0f;
+// Sum of exp(s - m) over the survivors (s >= kfloor) with key > above[j], for each j; s = x / t.
+template <int N>
+__device__ void mass_above(const float* __restrict__ x, int vocab, float t, float kfloor, float m,
+                           const uint32_t (&above)[N], float (&mass)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) mass[j] = 0.0f;
   for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
     const float s = x[v] / t;
-    if (s >= kfloor && ordered_key(s) > above) sum += expf(s - m);
+    const uint32_t key = ordered_key(s);
+    if (!(s >= kfloor && key > above[0])) continue;  // above[0] is the smallest
+    const float e = expf(s - m);
+#pragma unroll
+    for (int j = 0; j < N; ++j) mass[j] += key > above[j] ? e : 0.0f;
   }
-  return block_sum(sum);
+  block_sum_each(mass);
 }
 
 // The key t* of top-p: survivors with key(s) >= t* are the nucleus. t* is the smallest key with
-// mass_above(t*) < p * Z (true at key(m): nothing is above the max), searched in [key(kfloor),
+// mass above it < p * Z (true at key(m): nothing is above the max), searched in [key(kfloor),
 // key(m)]: below key(kfloor) every survivor is kept anyway.
 __device__ uint32_t nucleus_key(const float* __restrict__ x, int vocab, float t, float kfloor,
                                 float m, float p) {
-  const float bound = p * mass_above(x, vocab, t, kfloor, m, 0u);  // p * Z (key 0 is below -inf)
-  uint32_t lo = ordered_key(kfloor), hi = ordered_key(m);
-  while (lo < hi) {  // block-uniform, as in kth_largest
-    const uint32_t mid = lo + (hi - lo) / 2;
-    if (mass_above(x, vocab, t, kfloor, m, mid) < bound) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
-  }
-  return lo;
+  const uint32_t below_all[1] = {0u};  // key 0 is below -inf: Z
+  float z[1];
+  mass_above(x, vocab, t, kfloor, m, below_all, z);
+  const float bound = p * z[0];
+  const auto sweep = [&](const uint32_t (&pivots)[kPivots], bool (&q)[kPivots]) {
+    float mass[kPivots];
+    mass_above(x, vocab, t, kfloor, m, pivots, mass);
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) q[j] = mass[j] < bound;
+  };
+  return smallest_true(ordered_key(kfloor), ordered_key(m), sweep);
 }
 
 // argmax(s + g) over the kept tokens; the others score -inf (and tie at the lowest id if all do).
