@@ -196,6 +196,19 @@ def test_ties_in_the_nucleus_and_at_the_top_k_floor(order):
     assert _sample(logits, rows).tolist() == _expected(logits, rows)
 
 
+def test_minus_zero_ties_with_zero_at_both_floors(order):
+    """-0.0 == +0.0: the top-k floor (k = 2) is 0.0 and both zeros stay, and the nucleus (mass above the zeros
+    is 0.576 < 0.6) keeps them together; -5 never comes back."""
+    draws = 200
+    row = torch.tensor([1.0, 0.0, -0.0, -5.0])  # (V,) probabilities after the filters: .576 .212 .212 0
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=0.6)
+    rows = [SampleRow(params, seed=s, sample_index=0, step=1) for s in range(draws)]
+    logits = row.expand(draws, 4).contiguous()  # (200, 4)
+    got = _sample(logits, rows)
+    assert got.tolist() == _expected(logits, rows)
+    assert set(got.tolist()) == {0, 1, 2}
+
+
 # ---- what must never happen ------------------------------------------------------------------------------
 
 
