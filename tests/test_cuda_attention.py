@@ -139,7 +139,7 @@ def test_other_block_sizes_take_the_runtime_page_arithmetic(block_size, order):
     _check_attention(q, k_cache, v_cache, meta, torch.float32)
 
 
-def test_zero_query_sequences_leave_other_rows_alone(emu, canaries):
+def test_zero_query_sequences_leave_other_rows_alone(order, canaries):
     """Idle sequences at the start, in the middle and at the end (split-K path): cu[b] of the last ones is T,
     one past the output, so a stray write lands in the canary or clobbers a neighbour's row."""
     seqs = [(20, False), (0, False), (33, True), (9, False), (70, True), (64, False), (0, False)]
@@ -244,7 +244,7 @@ def test_write_kv_misaligned_and_strided(src, cache_dtype, order):
     assert pool[:, :, block_size:].isnan().all()  # the pool's rows past the view untouched
 
 
-def test_write_kv_empty_and_all_padding(emu):
+def test_write_kv_empty_and_all_padding(order):
     k_cache, v_cache = _poisoned_caches(2, 2, 16, D, torch.float16)
     cuda.write_kv(torch.randn(0, 2, D).half(), torch.randn(0, 2, D).half(), k_cache, v_cache,
                   torch.zeros(0, dtype=torch.int64))  # fmt: skip

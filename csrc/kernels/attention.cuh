@@ -7,7 +7,7 @@
 // shapes only, so a CUDA graph replays at any length). A warp is kKeysPerWarp groups of
 // kLanesPerKey lanes: a group owns one key at a time, each lane 16 bytes of its K and V rows
 // (D = 64: 8 lanes x 8 fp16/bf16, 16 lanes x 4 fp32), so a warp reads 4 (2) whole 128-byte rows
-// per load and every load is one coalesced 16-byte vector. The score is the lane's 8-element dot
+// per load and every load is one coalesced 16-byte vector. The score is the lane's kVec-element dot
 // with q (pre-scaled by scale * log2 e: exp2 domain) summed over the group by xor shuffles; every
 // lane keeps the online-softmax state (max m, sum l, acc for its d-slice) of its group's keys, in
 // fp32, kUnroll = 2 keys per loop step so that 4 16-byte loads are in flight per lane. After
@@ -22,7 +22,7 @@
 // K and V of every context token, 2 * B * L * 12 * 64 * 2 bytes, + q and out + tables + the fp32
 // partials (B * 12 * splits * 66 * 4 written and read back, L2-resident) when splits > 1.
 //   batch 1,  L = 1024: 22 splits x 3 pages: 3.15 MB KV + 0.14 MB partials -> 0.98 us at 3.35 TB/s
-//                       (264 blocks: two waves on 132 SMs; launch latency dominates at this size)
+//                       (264 blocks, 2 per SM; launch latency, not bytes, dominates at this size)
 //   batch 64, L = 1024: 1 split: 201.3 MB -> 60.1 us (768 blocks, no merge launch)
 //   batch 64, L = 128:  1 split: 25.2 MB -> 7.5 us
 #pragma once
