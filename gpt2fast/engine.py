@@ -329,8 +329,7 @@ class Engine:
         positions = [len(seq.token_ids) - 1 for seq in seqs]
         tables = [seq.table.blocks for seq in seqs]
         if any(r.params.needs_logits for r in rows):
-            hidden = self.decode_runner.run(token_ids, positions, tables, mode="hidden")  # (b, C)
-            return sample_batch(self.model.ops.lm_head(hidden, self.model.wte.weight), rows)
+            return self._sample(self.decode_runner.run(token_ids, positions, tables, mode="hidden"), rows)
         temps, seeds = self._fused_choice(rows)
         chosen = self.decode_runner.run(token_ids, positions, tables, mode="tokens", temperature=temps, seeds=seeds)
         return [SampledToken(t) for t in chosen.tolist()]
@@ -353,11 +352,25 @@ class Engine:
 
         When no row needs a logits processor, the LM head picks the tokens itself (argmax, or a
         Gumbel-max draw with the sampler's Philox noise, so the same token as ``sample_batch``) and
-        the (N, V) logits are never written; otherwise the logits go to ``sample_batch``.
+        the (N, V) logits are never written. Rows with only top-k/top-p/min-p filters go to the
+        backend's sampler (the CUDA backend's needs no sort); penalties or logprobs to ``sample_batch``.
         """
         ops, wte = self.model.ops, self.model.wte.weight
-        if any(r.params.needs_logits for r in rows):
-            return sample_batch(ops.lm_head(hidden, wte), rows)
+        params = [r.params for r in rows]
+        if any(p.needs_logits for p in params):
+            logits = ops.lm_head(hidden, wte)  # (N, V)
+            if any(p.has_penalties or p.logprobs is not None for p in params):
+                return sample_batch(logits, rows)
+            temps, seeds = self._fused_choice(rows)
+            dev = logits.device
+            token_ids = ops.sample_top_k_top_p(
+                logits, torch.tensor(temps, dtype=torch.float32, device=dev),
+                torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
+                torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+                torch.tensor(seeds, dtype=torch.int64, device=dev),
+                torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            )  # (N,)
+            return [SampledToken(t) for t in token_ids.tolist()]
         if all(r.params.greedy for r in rows):
             token_ids = ops.lm_head_argmax(hidden, wte)  # (N,)
         else:

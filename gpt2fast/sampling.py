@@ -420,17 +420,31 @@ def filter_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tens
         tensor([[-inf, 6., 4.]])
     """
     params = [r.params for r in rows]
-    scaled = logits / _batch_column([p.temperature for p in params], logits.device)  # (B, V)
-    floor = top_k_floor(scaled, [p.top_k for p in params])  # (B, 1)
-    nucleus = [b for b, p in enumerate(params) if p.top_p < 1]
+    return filter_logits_by(logits, [p.temperature for p in params], [p.top_k for p in params],
+                            [p.top_p for p in params], [p.min_p for p in params])
+
+
+def filter_logits_by(
+    logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
+    min_p: Sequence[float],
+) -> torch.Tensor:
+    """``filter_logits`` with the settings as per-row lists (one entry per row of ``logits``).
+
+    Example:
+        >>> filter_logits_by(torch.tensor([[1.0, 3.0, 2.0]]), [0.5], [2], [1.0], [0.0])
+        tensor([[-inf, 6., 4.]])
+    """
+    scaled = logits / _batch_column(temperature, logits.device)  # (B, V)
+    floor = top_k_floor(scaled, top_k)  # (B, 1)
+    nucleus = [b for b, p in enumerate(top_p) if p < 1]
     if nucleus:
         idx = _to_device(nucleus, torch.int64, logits.device)
         sub = scaled[idx]  # (R, V)
         sub_floor = top_p_floor(sub.masked_fill_(sub < floor[idx], -math.inf),
-                                _batch_column([params[b].top_p for b in nucleus], logits.device))  # (R, 1)
+                                _batch_column([top_p[b] for b in nucleus], logits.device))  # (R, 1)
         floor[idx] = torch.maximum(floor[idx], sub_floor)
-    if any(p.min_p > 0 for p in params):
-        floor = torch.maximum(floor, min_p_floor(scaled, _batch_column([p.min_p for p in params], logits.device)))
+    if any(p > 0 for p in min_p):
+        floor = torch.maximum(floor, min_p_floor(scaled, _batch_column(min_p, logits.device)))
     return scaled.masked_fill_(scaled < floor, -math.inf)
 
 
@@ -443,11 +457,21 @@ def gumbel_max_draw(filtered: torch.Tensor, rows: Sequence[SampleRow]) -> torch.
         [1]
     """
     seeds = _to_device([row_seed(r.seed, r.sample_index, r.step) for r in rows], torch.int64, filtered.device)  # (B,)
+    return gumbel_max_draw_seeded(filtered, seeds)
+
+
+def gumbel_max_draw_seeded(filtered: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """``gumbel_max_draw`` with the Philox row seeds given: ``seeds`` (B,) int64 on ``filtered``'s device.
+
+    Example:
+        >>> gumbel_max_draw_seeded(torch.tensor([[0.0, -math.inf]]), torch.tensor([row_seed(3, 0, 0)])).tolist()
+        [0]
+    """
     if filtered.device.type != "cpu":
         return _gumbel_argmax(filtered, seeds[:, None], torch.arange(filtered.shape[-1], device=filtered.device))
     # On a CPU, ~64K elements at a time keep Philox's words in the L2 cache (1.5x faster at B=64, V=50257).
     n = max(1, _CPU_CHUNK_ELEMENTS // filtered.shape[-1])  # rows per chunk
-    return torch.cat([_gumbel_argmax_cpu(filtered[i : i + n], seeds[i : i + n]) for i in range(0, len(rows), n)])
+    return torch.cat([_gumbel_argmax_cpu(filtered[i : i + n], seeds[i : i + n]) for i in range(0, len(seeds), n)])
 
 
 def _gumbel_argmax(filtered: torch.Tensor, seeds: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

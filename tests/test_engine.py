@@ -49,7 +49,6 @@ def test_bad_input(tiny, call, message):
     "kwargs, message",
     [
         (dict(backend="tpu"), "unknown backend 'tpu'"),
-        (dict(backend="cuda"), "backend 'cuda' is not implemented yet"),
         (dict(dtype="int8"), "unsupported dtype 'int8'"),
         (dict(device="tpu"), "unknown device 'tpu'|not supported"),
         (dict(block_size=0), "block_size must be a positive integer"),
@@ -144,7 +143,7 @@ def spy_lm_head(monkeypatch, engine) -> list[str]:
         op = getattr(ops, name)
         return lambda *args: (calls.append(name), op(*args))[1]
 
-    names = ("lm_head", "lm_head_argmax", "lm_head_gumbel")
+    names = ("lm_head", "lm_head_argmax", "lm_head_gumbel", "sample_top_k_top_p")
     monkeypatch.setattr(engine.model, "ops", dataclasses.replace(ops, **{n: spy(n) for n in names}))
     return calls
 
@@ -156,19 +155,21 @@ def spy_lm_head(monkeypatch, engine) -> list[str]:
         ([SamplingParams(temperature=0.9, top_k=1)], "lm_head_argmax"),
         ([SamplingParams(temperature=0.7)], "lm_head_gumbel"),
         ([SamplingParams(temperature=0), SamplingParams(temperature=1.3, top_k=-1)], "lm_head_gumbel"),
-        ([SamplingParams(temperature=0.7, top_p=0.9)], "lm_head"),
-        ([SamplingParams(temperature=0.7, min_p=0.1)], "lm_head"),
-        ([SamplingParams(temperature=0.7, top_k=5)], "lm_head"),
+        ([SamplingParams(temperature=0.7, top_p=0.9)], "lm_head+sampler"),
+        ([SamplingParams(temperature=0.7, min_p=0.1)], "lm_head+sampler"),
+        ([SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0)], "lm_head+sampler"),
         ([SamplingParams(temperature=0, logprobs=0)], "lm_head"),
         ([SamplingParams(temperature=0, repetition_penalty=1.2)], "lm_head"),
-        ([SamplingParams(temperature=0), SamplingParams(temperature=0.7, presence_penalty=0.5)], "lm_head"),
+        ([SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, presence_penalty=0.5)], "lm_head"),
     ],
 )
 def test_the_lm_head_picks_the_token_when_no_processor_needs_logits(tiny, monkeypatch, params, op):
+    """Fused choice without logits; filters only: logits + the backend's sampler; else logits + sample_batch."""
     calls = spy_lm_head(monkeypatch, tiny.engine)
     params = [dataclasses.replace(p, max_tokens=3, seed=5) for p in params]
     tiny.generate([[1, 2, 3]] * len(params), params)
-    assert calls == [op] * 3
+    expected = ["lm_head", "sample_top_k_top_p"] if op == "lm_head+sampler" else [op]
+    assert calls == expected * 3
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.9, seed=77), SamplingParams(temperature=0, seed=1)])

@@ -3,7 +3,8 @@
 Every backend provides the same functions with the signatures of ``ops/reference.py``.
 ``get_ops("auto" | "torch" | "triton" | "cuda", device)`` picks one; an explicit request that
 cannot be met raises, ``"auto"`` falls back to what runs (Triton on CUDA, else the PyTorch
-reference). The env var ``GPT2FAST_BACKEND`` supplies the default.
+reference). ``"cuda"`` is the hand-written CUDA C++ kernels where they apply (``cuda_ops``); on a
+CPU they run emulated (tests), which is correct but slow. The env var ``GPT2FAST_BACKEND`` supplies the default.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Ops:
     lm_head: Callable[..., torch.Tensor]
     lm_head_argmax: Callable[..., torch.Tensor]
     lm_head_gumbel: Callable[..., torch.Tensor]
+    sample_top_k_top_p: Callable[..., torch.Tensor]
 
 
 TORCH = Ops(
@@ -51,6 +53,7 @@ TORCH = Ops(
     lm_head=reference.lm_head,
     lm_head_argmax=reference.lm_head_argmax,
     lm_head_gumbel=reference.lm_head_gumbel,
+    sample_top_k_top_p=reference.sample_top_k_top_p,
 )
 
 
@@ -84,8 +87,11 @@ def get_ops(backend: str, device: torch.device) -> Ops:
         if not triton_backend.available():
             raise ValueError(triton_backend.unavailable_reason())
         return triton_ops()
-    raise ValueError("backend 'cuda' is not implemented yet (its kernels are still being written); "
-                     "use backend='torch', 'triton' or 'auto'")
+    from gpt2fast.ops import cuda
+
+    if device.type not in ("cuda", "cpu") or not cuda.available():
+        raise ValueError(cuda.unavailable_reason() or f"backend 'cuda' runs on CUDA (or emulated on CPU), not {device}")
+    return cuda_ops(device)
 
 
 def triton_ops() -> Ops:
@@ -109,4 +115,51 @@ def triton_ops() -> Ops:
         lm_head=lm_head.lm_head,
         lm_head_argmax=lm_head.lm_head_argmax,
         lm_head_gumbel=lm_head.lm_head_gumbel,
+        sample_top_k_top_p=reference.sample_top_k_top_p,  # no Triton sampler: the CUDA backend has one
+    )
+
+
+# The hand-written CUDA kernels cover memory-bound decode work; larger shapes go to the fallback backend.
+CUDA_MAX_LINEAR_ROWS = 16  # the CUDA GEMV's row limit: more rows are a prefill, a tensor-core GEMM's job
+
+
+def cuda_ops(device: torch.device) -> Ops:
+    """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``), with a fallback where they stop.
+
+    CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear for at most
+    ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV), attention for decode steps (every sequence has at
+    most one query), and the top-k/top-p/min-p sampler. The fallback runs prefill linears and prefill
+    attention (tensor-core ``tl.dot`` work the CUDA-core kernels do not do) and the LM head: Triton on
+    a GPU, the PyTorch reference on the CPU (where the CUDA kernels run emulated, for tests).
+
+    Example:
+        >>> from gpt2fast.ops import cuda
+        >>> cuda_ops(torch.device("cpu")).name if cuda.available() else "cuda"
+        'cuda'
+    """
+    from gpt2fast.ops import cuda
+    from gpt2fast.ops import triton as triton_backend
+
+    fallback = triton_ops() if device.type == "cuda" and triton_backend.available() else TORCH
+
+    def linear(x, weight, bias, *, gelu=False, residual=None):
+        op = cuda.linear if x.shape[0] <= CUDA_MAX_LINEAR_ROWS else fallback.linear
+        return op(x, weight, bias, gelu=gelu, residual=residual)
+
+    def attention(q, k_cache, v_cache, meta, scale):
+        op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
+        return op(q, k_cache, v_cache, meta, scale)
+
+    return Ops(
+        name="cuda",
+        embed=cuda.embed,
+        layer_norm=cuda.layer_norm,
+        add_layer_norm=cuda.add_layer_norm,
+        linear=linear,
+        write_kv=cuda.write_kv,
+        attention=attention,
+        lm_head=fallback.lm_head,
+        lm_head_argmax=fallback.lm_head_argmax,
+        lm_head_gumbel=fallback.lm_head_gumbel,
+        sample_top_k_top_p=cuda.sample_top_k_top_p,
     )

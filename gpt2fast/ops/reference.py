@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fast.metadata import AttentionMetadata
-from gpt2fast.sampling import GREEDY_BELOW, argmax_rows, gumbel_from_uniform, philox_uniform
+from gpt2fast.sampling import (
+    GREEDY_BELOW,
+    argmax_rows,
+    filter_logits_by,
+    gumbel_from_uniform,
+    gumbel_max_draw_seeded,
+    philox_uniform,
+)
 
 
 def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
@@ -194,3 +201,36 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor
     noise = gumbel_from_uniform(philox_uniform(seeds, logits.shape[-1]))  # (N, V)
     drawn = argmax_rows(noise.add_(scaled)).to(x.device)  # (N,)
     return torch.where(greedy, lm_head_argmax(x, wte), drawn)
+
+
+def sample_top_k_top_p(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    min_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of fp32 ``logits`` (B, V): temperature, top-k, top-p (of the top-k survivors),
+    min-p, then a Gumbel-max draw with the Philox noise of ``seeds`` (``sampling.row_seed``): (B,) int64.
+
+    Per row (B,): ``temperature`` fp32 (below ``GREEDY_BELOW``, or ``top_k == 1``: the argmax),
+    ``top_k`` int32 (<= 0: off), ``top_p`` fp32 (1: off), ``min_p`` fp32 or None (0: off). What
+    ``sampling.sample_batch`` draws for rows without penalties or logprobs.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+        >>> sample_top_k_top_p(logits, torch.tensor([1.0]), torch.tensor([2], dtype=torch.int32),
+        ...                    torch.tensor([1.0]), torch.tensor([42])).item() in (1, 2)
+        True
+    """
+    temps, ks, ps = temperature.tolist(), top_k.tolist(), top_p.tolist()
+    mins = min_p.tolist() if min_p is not None else [0.0] * len(temps)
+    token_ids = argmax_rows(logits).to(logits.device)  # (B,)
+    drawn = [b for b, (t, k) in enumerate(zip(temps, ks)) if t >= GREEDY_BELOW and k != 1]
+    if drawn:
+        idx = torch.tensor(drawn, device=logits.device)
+        filtered = filter_logits_by(logits[idx].float(), [temps[b] for b in drawn], [ks[b] for b in drawn],
+                                    [ps[b] for b in drawn], [mins[b] for b in drawn])  # (R, V)
+        token_ids[idx] = gumbel_max_draw_seeded(filtered, seeds[idx]).to(logits.device)
+    return token_ids
