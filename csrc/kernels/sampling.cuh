@@ -29,9 +29,11 @@
 // B * V * 4 bytes of logits plus 32 bytes of settings and id per row from HBM: 0.20 MB at B = 1
 // (0.06 us at 3.35 TB/s) and 12.9 MB at B = 64 (3.8 us). A top-k + top-p row takes up to 25
 // sweeps (1 + 11 + 1 + 11 + 1; top-k only: 13, greedy: 1), re-reading its 0.2 MB from L1/L2
-// (~5 MB per row) with a divide and an exp per token in the top-p sweeps: bound by one SM's
-// cache bandwidth and fp32 issue, not HBM — expect ~10-30 us per row, rows in parallel on up to
-// 132 SMs, so ~the same at B = 1 and B = 64: 3-8x the HBM floor at B = 64 (unmeasured: no GPU).
+// (~5 MB per row). A sweep divides and exps only the tokens that can pass its floors (the raw
+// logit is compared first: raw_floor), so top-p sweeps after a top-k are load + compare; a
+// top-p-only row divides every token in each of its 12 mass sweeps. Bound by one SM's cache
+// bandwidth and fp32 issue, not HBM: expect ~10-30 us per row, rows in parallel on up to 132
+// SMs, so about the same at B = 1 and B = 64: 3-8x the HBM floor at B = 64 (unmeasured: no GPU).
 #pragma once
 
 #include <algorithm>
@@ -93,6 +95,25 @@ __device__ __forceinline__ uint32_t ordered_key(float f) {
 
 __device__ __forceinline__ float key_to_float(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+constexpr uint32_t kMinusInfKey = 0x007fffffu;  // ordered_key(-inf)
+constexpr uint32_t kPlusInfKey = 0xff800000u;   // ordered_key(+inf)
+
+// The smallest raw logit r with fl(r / t) >= floor (t > 0; -inf when floor is -inf). Division by
+// t > 0 is monotone, so x >= r <=> fl(x / t) >= floor: a sweep tests the scaled floor with a
+// compare and divides only the tokens that pass. 32 scalar steps, the same in every thread.
+__device__ __forceinline__ float raw_floor(float floor, float t) {
+  uint32_t lo = kMinusInfKey, hi = kPlusInfKey;  // +inf / t = +inf >= any floor
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (key_to_float(mid) / t >= floor) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return key_to_float(lo);
 }
 
 // ---- block reductions (every thread calls; every thread gets the same answer) -------------------
@@ -215,16 +236,19 @@ __device__ float kth_largest(const float* __restrict__ x, int vocab, int k, uint
   return key_to_float(smallest_true(0u, max_key + 1, sweep) - 1);
 }
 
-// Sum of exp(s - m) over the survivors (s >= kfloor) with key > above[j], for each j; s = x / t.
+// Sum of exp(s - m) over the survivors (x >= kfloor_raw, i.e. s >= kfloor) with key(s) > above[j],
+// for each j; s = x / t.
 template <int N>
-__device__ void mass_above(const float* __restrict__ x, int vocab, float t, float kfloor, float m,
-                           const uint32_t (&above)[N], float (&mass)[N]) {
+__device__ void mass_above(const float* __restrict__ x, int vocab, float t, float kfloor_raw,
+                           float m, const uint32_t (&above)[N], float (&mass)[N]) {
 #pragma unroll
   for (int j = 0; j < N; ++j) mass[j] = 0.0f;
   for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const float s = x[v] / t;
+    const float xv = x[v];
+    if (!(xv >= kfloor_raw)) continue;  // below the top-k floor: no divide
+    const float s = xv / t;
     const uint32_t key = ordered_key(s);
-    if (!(s >= kfloor && key > above[0])) continue;  // above[0] is the smallest
+    if (key <= above[0]) continue;  // above[0] is the smallest
     const float e = expf(s - m);
 #pragma unroll
     for (int j = 0; j < N; ++j) mass[j] += key > above[j] ? e : 0.0f;
@@ -232,32 +256,34 @@ __device__ void mass_above(const float* __restrict__ x, int vocab, float t, floa
   block_sum_each(mass);
 }
 
-// The key t* of top-p: survivors with key(s) >= t* are the nucleus. t* is the smallest key with
-// mass above it < p * Z (true at key(m): nothing is above the max), searched in [key(kfloor),
-// key(m)]: below key(kfloor) every survivor is kept anyway.
-__device__ uint32_t nucleus_key(const float* __restrict__ x, int vocab, float t, float kfloor,
-                                float m, float p) {
+// The top-p floor: survivors with key(s) >= t* are the nucleus, t* the smallest key with mass
+// above it < p * Z (true at key(m): nothing is above the max), searched in [key(kfloor), key(m)]
+// (below key(kfloor) every survivor is kept anyway); returned as the value of t* (s >= it <=>
+// key(s) >= t*: keys of real values only, -0 == +0).
+__device__ float nucleus_floor(const float* __restrict__ x, int vocab, float t, float kfloor,
+                               float m, float p) {
+  const float kfloor_raw = raw_floor(kfloor, t);
   const uint32_t below_all[1] = {0u};  // key 0 is below -inf: Z
   float z[1];
-  mass_above(x, vocab, t, kfloor, m, below_all, z);
+  mass_above(x, vocab, t, kfloor_raw, m, below_all, z);
   const float bound = p * z[0];
   const auto sweep = [&](const uint32_t (&pivots)[kPivots], bool (&q)[kPivots]) {
     float mass[kPivots];
-    mass_above(x, vocab, t, kfloor, m, pivots, mass);
+    mass_above(x, vocab, t, kfloor_raw, m, pivots, mass);
 #pragma unroll
     for (int j = 0; j < kPivots; ++j) q[j] = mass[j] < bound;
   };
-  return smallest_true(ordered_key(kfloor), ordered_key(m), sweep);
+  return key_to_float(smallest_true(ordered_key(kfloor), ordered_key(m), sweep));
 }
 
-// argmax(s + g) over the kept tokens; the others score -inf (and tie at the lowest id if all do).
-__device__ ArgMax gumbel_argmax(const float* __restrict__ x, int vocab, float t, float floor,
-                                uint32_t floor_key, uint64_t seed) {
+// argmax(s + g) over the kept tokens (x >= floor_raw); the others score -inf (and tie at the
+// lowest id if all do). Only kept tokens are divided and get noise.
+__device__ ArgMax gumbel_argmax(const float* __restrict__ x, int vocab, float t, float floor_raw,
+                                uint64_t seed) {
   ArgMax best{-INFINITY, 0x7fffffff};
   for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const float s = x[v] / t;
-    const bool kept = s >= floor && ordered_key(s) >= floor_key;
-    best = better(best, ArgMax{kept ? s + gumbel_noise(seed, v) : -INFINITY, v});
+    const float xv = x[v];
+    best = better(best, ArgMax{xv >= floor_raw ? xv / t + gumbel_noise(seed, v) : -INFINITY, v});
   }
   return block_argmax(best);
 }
@@ -281,15 +307,14 @@ __global__ void __launch_bounds__(1024) sample_top_k_top_p_kernel(
     return;
   }
   const float m = top.value / t;  // the scaled max: fl(x / t) is monotone in x
-  float floor = -INFINITY;        // the top-k and min-p floors, in scaled logits
+  float floor = -INFINITY;        // a token stays when its scaled logit is >= every floor
   if (k > 1 && k < vocab) floor = kth_largest(x, vocab, k, ordered_key(top.value)) / t;
-  uint32_t floor_key = 0;  // the top-p floor, as a key
   const float p = top_p[row];
-  if (p < 1.0f && m > -INFINITY) floor_key = nucleus_key(x, vocab, t, floor, m, p);
+  if (p < 1.0f && m > -INFINITY) floor = fmaxf(floor, nucleus_floor(x, vocab, t, floor, m, p));
   const float mp = min_p != nullptr ? min_p[row] : 0.0f;
   if (mp > 0.0f) floor = fmaxf(floor, m + logf(mp));
   const uint64_t seed = static_cast<uint64_t>(seeds[row]);
-  const ArgMax drawn = gumbel_argmax(x, vocab, t, floor, floor_key, seed);
+  const ArgMax drawn = gumbel_argmax(x, vocab, t, raw_floor(floor, t), seed);
   if (threadIdx.x == 0) out[row] = drawn.index;
 }
 
