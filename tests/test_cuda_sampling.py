@@ -209,6 +209,24 @@ def test_minus_zero_ties_with_zero_at_both_floors(order):
     assert set(got.tolist()) == {0, 1, 2}
 
 
+def test_distinct_logits_that_scale_to_the_top_k_floor_stay(order):
+    """5.00001001 and the float below it divide by 0.3 to the same fp32 value: with k = 2 the floor is that value,
+    so the reference keeps both; the kernel compares raw logits with raw_floor and must keep both too."""
+    a = 5.000010013580322
+    b = float(np.nextafter(np.float32(a), np.float32(-1)))
+    t = torch.tensor(0.3)
+    assert torch.tensor(a) / t == torch.tensor(b) / t
+    row = torch.tensor([5.5, a, b, 4.0, 3.0, 0.0])  # (V,)
+    params = SamplingParams(temperature=0.3, top_k=2)
+    rows = [SampleRow(params, seed=s, sample_index=1, step=0) for s in range(200)]
+    logits = row.expand(len(rows), 6).contiguous()  # (200, 6)
+    kept = sampling.filter_logits(logits[:1], rows[:1])[0] > -math.inf
+    assert kept.tolist() == [True, True, True, False, False, False]
+    got = _sample(logits, rows)
+    assert got.tolist() == _expected(logits, rows)
+    assert set(got.tolist()) == {0, 1, 2}
+
+
 # ---- what must never happen ------------------------------------------------------------------------------
 
 
