@@ -19,8 +19,10 @@
 //     in warp order, apply bias -> GELU -> + residual, and store. Fixed order everywhere, no
 //     atomics: the same inputs give the same bits, whatever the schedule.
 //   - Why not split K over blocks: 4 outputs per block already give N/4 blocks = 192 at N = 768
-//     (132 H100 SMs), 576 at 2304 and 768 at 3072, with 1..12 weight vectors in flight per
-//     thread, and need no fp32 workspace and no second launch.
+//     (132 H100 SMs), 576 at 2304 and 768 at 3072, each thread with 4 weight vectors (64 B) in
+//     flight per K step, and need no fp32 workspace and no second launch. (At N = 768, 192
+//     blocks leave 60 SMs with two and 72 with one; kGemvOutputsPerBlock = 2 would even that
+//     out at twice the x reads: a choice for a GPU to measure.)
 //
 // Napkin math, GPT-2 124M fp16 (2 bytes), bytes one call moves (weight + bias + x + out, + the
 // residual of the two projections), and the time at an H100's 3.35 TB/s:
