@@ -258,9 +258,21 @@ def test_a_row_of_minus_inf_and_greedy_rows(emu):
 
 
 def test_greedy_threshold_and_empty_batch(emu):
-    assert emu.SAMPLING_GREEDY_BELOW == np.float32(sampling.GREEDY_BELOW)
-    logits = torch.randn(0, 9)
-    assert _sample(logits, []).shape == (0,)
+    """fp32(1e-5) is just below 1e-5: greedy for sample_batch (and ops.reference, which compares the fp32 value
+    as a double), so for the kernel too; the next fp32 up samples."""
+    assert emu.SAMPLING_GREEDY_BELOW == sampling.GREEDY_BELOW
+    edge = float(np.float32(sampling.GREEDY_BELOW))
+    above = float(np.nextafter(np.float32(edge), np.float32(1)))
+    assert edge < sampling.GREEDY_BELOW < above
+    logits = torch.tensor([[0.0, 1e-4, 0.0]] * 2)  # (2, 3): at T = 1e-5 the draw is a coin flip between ...
+    logits[1] = torch.tensor([0.0, -1e-3, 0.0])  # ... ids 0 and 2 (argmax: 0) in row 1
+    greedy = _rows([SamplingParams(temperature=edge)] * 2)
+    assert _sample(logits, greedy).tolist() == _expected(logits, greedy) == [1, 0]
+    sampled = [SampleRow(SamplingParams(temperature=above), seed=s, sample_index=0, step=0) for s in range(40)]
+    row1 = logits[1].expand(40, 3).contiguous()  # (40, 3)
+    got = _sample(row1, sampled)
+    assert got.tolist() == _expected(row1, sampled) and set(got.tolist()) == {0, 2}
+    assert _sample(torch.randn(0, 9), []).shape == (0,)
 
 
 # ---- the distribution --------------------------------------------------------------------------------------

@@ -42,8 +42,9 @@
 
 namespace gpt2fast {
 
-// sampling.GREEDY_BELOW: below this temperature a row is greedy (logits / T would overflow).
-constexpr float kGreedyBelow = 1e-5f;
+// sampling.GREEDY_BELOW: below this temperature a row is greedy (logits / T would overflow). A double,
+// compared with the fp32 temperature widened, as Python compares the fp32 value it reads back.
+constexpr double kGreedyBelow = 1e-5;
 constexpr int kSamplingMinTokensPerThread = 16;
 
 // ---- Philox-4x32-10, as triton.language.random (and gpt2fast.sampling.philox_uniform) ---------
@@ -302,7 +303,7 @@ __global__ void __launch_bounds__(1024) sample_top_k_top_p_kernel(
   const ArgMax top = row_argmax(x, vocab);
   const float t = temperature[row];
   const int k = top_k[row];
-  if (t < kGreedyBelow || k == 1) {  // block-uniform
+  if (static_cast<double>(t) < kGreedyBelow || k == 1) {  // block-uniform
     if (threadIdx.x == 0) out[row] = top.index;
     return;
   }
