@@ -20,7 +20,6 @@ import importlib.util
 import os
 import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -67,17 +66,11 @@ class NvccBuildExt(build_ext):
     """Compiles and links each extension with one nvcc command (sources are CUDA C++, ``-x cu``)."""
 
     def build_extension(self, ext: Extension) -> None:
-        import pybind11  # a build requirement (pyproject.toml), needed only here
-
         cuda_build = _cuda_build()
         archs = cuda_build.archs_from_env()
         output = Path(self.get_ext_fullpath(ext.name))
         output.parent.mkdir(parents=True, exist_ok=True)
-        extra = [
-            "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo",
-            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-DGPT2FAST_MODULE_NAME=_C",
-        ]  # fmt: skip
-        command = cuda_build.nvcc_command(ROOT / ext.sources[0], output, archs, extra)
+        command = cuda_build.nvcc_extension_command(output, archs)
         print(f"gpt2fast: building gpt2fast._C for sm_{', sm_'.join(map(str, archs))}:\n  {' '.join(command)}")
         self.spawn(command)
 

@@ -86,24 +86,6 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "residual[r] += x[r]; out[r] = LayerNorm(residual[r])");
 
-  m.attr("SAMPLING_GREEDY_BELOW") = gpt2fast::kGreedyBelow;
-  m.def(
-      "sample_top_k_top_p",
-      [](std::uintptr_t logits, std::uintptr_t temperature, std::uintptr_t top_k,
-         std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seeds, std::uintptr_t out,
-         int64_t rows, int vocab, std::uintptr_t stream) {
-        check(gpt2fast::sample_top_k_top_p(
-                  ptr<const float>(logits), ptr<const float>(temperature),
-                  ptr<const int32_t>(top_k), ptr<const float>(top_p), ptr<const float>(min_p),
-                  ptr<const int64_t>(seeds), ptr<int64_t>(out), rows, vocab, stream_of(stream)),
-              "sample_top_k_top_p");
-      },
-      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
-      py::arg("min_p"), py::arg("seeds"), py::arg("out"), py::arg("rows"), py::arg("vocab"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "out[r] = the token sample_batch draws for fp32 logits row r (temperature, top-k, top-p, "
-      "min-p; min_p 0 = off for every row)");
-
   m.attr("ATTENTION_HEAD_DIM") = gpt2fast::kAttentionHeadDim;
   m.def(
       "write_kv",
@@ -184,6 +166,24 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::call_guard<py::gil_scoped_release>(),
       "out[t] = wte[ids[t]] + wpe[positions[t]] (fp32 add); an id or position out of range gives "
       "a NaN row");
+
+  m.attr("SAMPLING_GREEDY_BELOW") = gpt2fast::kGreedyBelow;
+  m.def(
+      "sample_top_k_top_p",
+      [](std::uintptr_t logits, std::uintptr_t temperature, std::uintptr_t top_k,
+         std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seeds, std::uintptr_t out,
+         int64_t rows, int vocab, std::uintptr_t stream) {
+        check(gpt2fast::sample_top_k_top_p(
+                  ptr<const float>(logits), ptr<const float>(temperature),
+                  ptr<const int32_t>(top_k), ptr<const float>(top_p), ptr<const float>(min_p),
+                  ptr<const int64_t>(seeds), ptr<int64_t>(out), rows, vocab, stream_of(stream)),
+              "sample_top_k_top_p");
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+      py::arg("min_p"), py::arg("seeds"), py::arg("out"), py::arg("rows"), py::arg("vocab"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "out[r] = the token sample_batch draws for fp32 logits row r (temperature, top-k, top-p, "
+      "min-p; min_p 0 = off for every row)");
 
 #if defined(CUDA_EMU)
   m.attr("EMULATED") = true;

@@ -38,3 +38,22 @@ def test_layer_norm_fits_1024_threads(records):
     """__launch_bounds__(1024): at most 64 registers per thread, or a 1024-thread row would not launch."""
     layer_norm = [r for r in records if r.entry and "layer_norm_kernel" in r.name]
     assert layer_norm and all(r.registers <= 64 for r in layer_norm), cuda_build.format_report(layer_norm)
+
+
+def test_the_nvcc_build_of_gpt2fast_C_imports(tmp_path):
+    """setup.py's own nvcc command (bindings + every kernel, pybind11, static cudart) builds a module that
+    imports without a GPU and turns a launch on a machine without a driver into a clear RuntimeError.
+    One arch (sm_90) keeps it to about a minute on 2 cores; the resource report covers sm_80's device code."""
+    import subprocess
+
+    import torch
+
+    output = tmp_path / "_C.so"
+    done = subprocess.run(cuda_build.nvcc_extension_command(output, (90,)), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    module = cuda_build.load_module(output, "_C")
+    assert module.EMULATED is False and module.DTYPE_FLOAT16 == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="layer_norm failed: cuda"):
+            module.layer_norm(0, 0, 0, 0, 1, 8, 8, 1e-5, module.DTYPE_FLOAT32, 0)

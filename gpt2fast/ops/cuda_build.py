@@ -233,6 +233,22 @@ def build_emulated(source: Path = BINDINGS, module_name: str = "_C_emu", *, sani
 _LOADED: dict[str, ModuleType] = {}
 
 
+def nvcc_extension_command(output: Path, archs: tuple[int, ...]) -> list[str]:
+    """The whole nvcc command that builds ``gpt2fast._C`` (setup.py runs it; a test runs it for one arch).
+
+    Example:
+        >>> nvcc_extension_command(Path("_C.so"), (90,))[-2:]  # doctest: +SKIP
+        ['-o', '_C.so']
+    """
+    import pybind11  # a build requirement, needed only here
+
+    extra = [
+        "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-lineinfo",
+        f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-DGPT2FAST_MODULE_NAME=_C",
+    ]  # fmt: skip
+    return nvcc_command(BINDINGS, output, archs, extra)
+
+
 def load_module(path: Path, module_name: str) -> ModuleType:
     """Import a built extension from its path (once per path).
 
