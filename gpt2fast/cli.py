@@ -4,6 +4,7 @@ Example:
     gpt2fast generate --model random:gpt2 --prompt "Hello" --length 20 --temperature 0.8 --top-k 40 --seed 1
     gpt2fast generate --model gpt2 --nsamples 4 --batch-size 2 --unconditional
     gpt2fast generate --model gpt2                 # interactive: "Model prompt >>> "
+    gpt2fast bench --model random:gpt2 --quick     # speed, floor and accuracy tables (gpt2fast.bench)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                      help="run decode steps eagerly on CUDA (default: one CUDA graph per batch-size bucket)")
+    # Only listed here: `gpt2fast bench ...` is handed whole to gpt2fast.bench.main (see main below).
+    commands.add_parser("bench", help="speed, memory-bandwidth floor and accuracy per backend (bench --help)")
     return parser
 
 
@@ -125,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         >>> main(["generate", "--model", "/no/such/folder", "--prompt", "hi"])
         2
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from gpt2fast.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

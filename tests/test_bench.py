@@ -1,0 +1,115 @@
+"""``gpt2fast bench`` on a tiny random model: the JSON schema, every number finite and positive, the reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from gpt2fast import bench
+
+TINY = 'random:{"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128}'
+META_KEYS = {"model", "device", "device_name", "machine", "cpu_count", "threads", "python", "torch", "transformers",
+             "triton", "gpt2fast", "config", "dtypes", "bandwidth_gbs", "quick", "peak_mem_kind", "tolerances",
+             "skipped", "wall_s"}
+DECODE_KEYS = {"provider", "backend", "dtype", "batch", "prompt_lens", "context", "new_tokens", "ttft_ms",
+               "decode_ms", "tok_s", "spread_pct", "floor_ms", "achieved_gbs", "pct_of_floor", "peak_mem_mb"}
+PREFILL_KEYS = {"provider", "backend", "dtype", "prompt_len", "prefill_ms", "tok_s", "spread_pct", "peak_mem_mb"}
+ACCURACY_KEYS = {"provider", "backend", "dtype", "text_tokens", "greedy_tokens", "max_abs_logit_err",
+                 "max_abs_logit_diff_hf", "ppl", "ref_ppl", "ppl_rel_diff", "agree_until_divergence", "agree_total",
+                 "flags"}
+STRINGS = {"provider", "backend", "dtype"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    status = bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "3", "--prompt-lens", "7", "200",
+                         "--decode-tokens", "16", "--repeats", "3", "--greedy-tokens", "12", "--ppl-tokens", "50",
+                         "--baselines", "hf", "--threads", "1", "--out", str(out)])
+    assert status == 0
+    with open(out / "bench.json") as f:
+        return json.load(f), (out / "bench.md").read_text()
+
+
+def numbers(value, key: str = ""):
+    """Every (key, number) inside ``value``; bools are flags, not numbers."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from numbers(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from numbers(v, key)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield key, value
+
+
+def test_json_has_exactly_the_documented_keys(result):
+    data, _ = result
+    assert set(data) == {"meta", "decode", "prefill", "accuracy"}
+    assert set(data["meta"]) == META_KEYS
+    for section, keys in [("decode", DECODE_KEYS), ("prefill", PREFILL_KEYS), ("accuracy", ACCURACY_KEYS)]:
+        assert data[section], section
+        for row in data[section]:
+            assert set(row) == keys, (section, set(row) ^ keys)
+            assert all(isinstance(row[k], str) for k in STRINGS)
+    assert {(r["provider"], r["batch"]) for r in data["decode"]} == {
+        (p, b) for p in ("gpt2fast[torch]/float32", "hf") for b in (1, 3)}
+    assert {r["provider"] for r in data["prefill"]} == {"gpt2fast[torch]/float32", "hf"}
+    assert [r["prompt_len"] for r in data["prefill"]] == [7, 7]  # 200 is beyond the context: skipped, said so
+    assert any("200" in note for note in data["meta"]["skipped"])
+
+
+def test_every_number_is_finite_and_positive_errors_may_be_zero(result):
+    data, _ = result
+    found = list(numbers(data))
+    assert len(found) > 50
+    for key, value in found:
+        assert math.isfinite(value), key
+        if key in bench.FRACTIONS:
+            assert 0 <= value <= 1, (key, value)
+        elif key in bench.MAY_BE_ZERO:
+            assert value >= 0, (key, value)
+        else:
+            assert value > 0, (key, value)
+
+
+def test_the_reference_backend_is_exact_against_itself_and_close_to_hf(result):
+    (row,) = result[0]["accuracy"]
+    assert row["max_abs_logit_err"] == 0 and row["ppl"] == row["ref_ppl"] and row["agree_total"] == 1
+    assert row["max_abs_logit_diff_hf"] < 1e-4 and row["flags"] == []
+    assert 1000 < row["ppl"] < 10 * 50257  # random weights: about the vocabulary size
+
+
+def test_floor_columns_follow_from_bytes_and_bandwidth(result):
+    data, _ = result
+    for row in data["decode"]:
+        assert row["pct_of_floor"] == pytest.approx(100 * row["floor_ms"] / row["decode_ms"])
+        assert row["achieved_gbs"] == pytest.approx(data["meta"]["bandwidth_gbs"] * row["pct_of_floor"] / 100)
+        assert row["tok_s"] == pytest.approx(row["batch"] * 1e3 / row["decode_ms"])
+    assert data["decode"][1]["prompt_lens"] == [16, 23, 30]  # batch 3 mixes prompt lengths
+
+
+def test_markdown_report_names_every_provider_and_section(result):
+    data, markdown = result
+    for provider in {r["provider"] for section in ("decode", "prefill", "accuracy") for r in data[section]}:
+        assert provider in markdown
+    for title in ("## Decode", "## Prefill", "## Accuracy", "% of floor", "max|err| vs fp32"):
+        assert title in markdown
+
+
+def test_cli_help_and_bad_arguments():
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpt2fast", "bench", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    shown = cli("--help")
+    assert shown.returncode == 0 and "--quick" in shown.stdout and "--backends" in shown.stdout
+    bad = cli("--batch-sizes", "0")
+    assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr
+    assert "--threads must be a positive integer" in cli("--threads", "0").stderr
+    unknown = cli("--backends", "foo")
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
