@@ -28,7 +28,8 @@ earlier ones).
 Outputs, in ``--out`` (default ``bench-results/``): ``bench.json`` and ``bench.md``. JSON schema::
 
     {"meta": {"model", "device", "device_name", "machine", "python", "torch", "transformers",
-              "triton", "gpt2fast": str, "cpu_count", "threads": int, "config": {GPT2Config fields: int/float/bool},
+              "triton", "gpt2fast": str, "cpu_count", "threads": int, "load_avg_1m": float,
+              "config": {GPT2Config fields: int/float/bool},
               "dtypes": [str], "bandwidth_gbs": float, "quick": bool, "peak_mem_kind": str,
               "tolerances": {dtype: {"logits_rel", "ppl_rel", "agree_total": float}},
               "skipped": [str], "wall_s": float},
@@ -70,14 +71,16 @@ from gpt2fast.checkpoint.layout import is_transposed
 from gpt2fast.engine import LLM
 from gpt2fast.sampling import SamplingParams
 
-MAY_BE_ZERO = {"max_abs_logit_err", "max_abs_logit_diff_hf", "ppl_rel_diff", "spread_pct"}
+MAY_BE_ZERO = {"max_abs_logit_err", "max_abs_logit_diff_hf", "ppl_rel_diff", "spread_pct", "load_avg_1m"}
 FRACTIONS = {"agree_until_divergence", "agree_total"}
 MIXED_PROMPT_LENS = (16, 23, 30, 37, 43, 50, 57, 64)  # a batch of B cycles through these
-PROFILES = {  # defaults of a full run and of --quick
+# --quick runs on 1 thread: on a shared 2-core machine torch's OpenMP threads spin against other
+# processes (measured: 750 ms/step at 2 threads vs 81 ms at 1 for random:gpt2 beside a test run).
+PROFILES = {  # defaults of a full run and of --quick; threads None = torch's own
     "full": dict(batch_sizes=[1, 8, 64], prompt_lens=[32, 128, 512, 1024], decode_tokens=32, repeats=5,
-                 greedy_tokens=256, ppl_tokens=1024, baselines=["hf", "hf-static"]),
+                 greedy_tokens=256, ppl_tokens=1024, baselines=["hf", "hf-static"], threads=None),
     "quick": dict(batch_sizes=[1, 8], prompt_lens=[32], decode_tokens=8, repeats=3,
-                  greedy_tokens=32, ppl_tokens=256, baselines=["hf"]),
+                  greedy_tokens=32, ppl_tokens=256, baselines=["hf"], threads=1),
 }
 
 
@@ -415,7 +418,8 @@ def markdown_table(rows: list[dict], columns: list[Column]) -> str:
 
 def headline(meta: dict) -> str:
     return (f"{meta['model']} on {meta['device_name']} ({meta['device']}, {', '.join(meta['dtypes'])}); "
-            f"{meta['threads']} torch threads; copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s (read + write); "
+            f"{meta['threads']} torch threads, load average {meta['load_avg_1m']:.1f} at start; "
+            f"copy bandwidth {meta['bandwidth_gbs']:.1f} GB/s (read + write); "
             f"torch {meta['torch']}, "
             f"transformers {meta['transformers']}; peak memory = {meta['peak_mem_kind']}")
 
@@ -476,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="timed runs per number (default 5; quick 3)")
     parser.add_argument("--greedy-tokens", type=int, help="greedy agreement length (default 256; quick 32)")
     parser.add_argument("--ppl-tokens", type=int, help="tokens of the fixed text (default 1024; quick 256)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; 1 on a busy machine "
-                        "avoids OpenMP threads spinning against other processes)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; quick: 1, which "
+                        "keeps OpenMP threads from spinning against other processes)")
     parser.add_argument("--quick", action="store_true", help="a small run: under 3 minutes for random:gpt2 on 2 cores")
     parser.add_argument("--out", default="bench-results", help="folder for bench.json and bench.md")
     return parser
@@ -562,7 +566,7 @@ def machine_meta(args: argparse.Namespace, llm: LLM, bandwidth: float) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure everything ``args`` asks for; returns the JSON-ready result (see the module docstring)."""
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]  # before we add our own load
     skipped: list[str] = []
     ours_ = load_providers(args, skipped)
     first = ours_[0].llm
@@ -576,8 +580,9 @@ def run(args: argparse.Namespace) -> dict:
     prefill = [measure_prefill(p, n, args.repeats) for p in providers for n in lens]
     ref = make_reference(reference_llm(args, ours_), args.ppl_tokens, args.greedy_tokens)
     accuracy = [measure_accuracy(p, ref) for p in ours_]
-    meta = machine_meta(args, first, bandwidth) | dict(dtypes=sorted({p.dtype for p in ours_}), skipped=skipped,
-                                                        wall_s=time.perf_counter() - started)
+    meta = machine_meta(args, first, bandwidth) | dict(
+        load_avg_1m=load, dtypes=sorted({p.dtype for p in ours_}), skipped=skipped,
+        wall_s=time.perf_counter() - started)
     return dict(meta=meta, decode=decode, prefill=prefill, accuracy=accuracy)
 
 

@@ -12,9 +12,9 @@ import pytest
 from gpt2fast import bench
 
 TINY = 'random:{"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128}'
-META_KEYS = {"model", "device", "device_name", "machine", "cpu_count", "threads", "python", "torch", "transformers",
-             "triton", "gpt2fast", "config", "dtypes", "bandwidth_gbs", "quick", "peak_mem_kind", "tolerances",
-             "skipped", "wall_s"}
+META_KEYS = {"model", "device", "device_name", "machine", "cpu_count", "threads", "load_avg_1m", "python", "torch",
+             "transformers", "triton", "gpt2fast", "config", "dtypes", "bandwidth_gbs", "quick", "peak_mem_kind",
+             "tolerances", "skipped", "wall_s"}
 DECODE_KEYS = {"provider", "backend", "dtype", "batch", "prompt_lens", "context", "new_tokens", "ttft_ms",
                "decode_ms", "tok_s", "spread_pct", "floor_ms", "achieved_gbs", "pct_of_floor", "peak_mem_mb"}
 PREFILL_KEYS = {"provider", "backend", "dtype", "prompt_len", "prefill_ms", "tok_s", "spread_pct", "peak_mem_mb"}
