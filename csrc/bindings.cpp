@@ -192,6 +192,7 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       "Thread order of later launches: 0 forward, 1 reverse, 2 shuffled; -1 reads EMU_ORDER again");
   m.def("order", &emu::order, "The thread order launches use now");
   m.def("set_seed", &emu::set_seed, py::arg("seed"), "Seed of the shuffled order (EMU_ORDER=2)");
+  m.def("launch_count", &emu::launch_count, "Kernel launches run so far in this process");
 #else
   m.attr("EMULATED") = false;
 #endif

@@ -173,6 +173,10 @@ inline int order() {
   if ((env[0] == '0' || env[0] == '1' || env[0] == '2') && env[1] == '\0') return env[0] - '0';
   fail("EMU_ORDER=%s: use 0 (forward), 1 (reverse) or 2 (shuffled)", env);
 }
+// Kernel launches that ran (a valid configuration), so the ops layer can count launches per step.
+inline std::atomic<uint64_t> g_launches{0};
+inline uint64_t launch_count() { return g_launches.load(); }
+
 inline uint64_t seed() {
   if (g_seed_set) return g_seed;
   const char* env = std::getenv("EMU_SEED");
@@ -576,6 +580,7 @@ inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Ent
     tls_last_error = cudaErrorInvalidValue;
     return;
   }
+  g_launches.fetch_add(1);
   Worker& w = worker();
   Worker* outer_worker = tls_worker;
   if (outer_worker != nullptr)

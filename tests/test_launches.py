@@ -1,0 +1,50 @@
+"""Kernel launch counting: single ops launch what their design says, and a decode step is linear in depth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2fast.launches import _decode_step_launches, count_launches, decode_launches
+from gpt2fast.ops import cuda, cuda_build
+from gpt2fast.ops import triton as triton_backend
+
+needs_triton = pytest.mark.skipif(not triton_backend.available(), reason=triton_backend.UNAVAILABLE)
+needs_emulator = pytest.mark.skipif(bool(cuda_build.emulator_unavailable_reason()), reason="no emulated CUDA build")
+
+
+@needs_triton
+def test_interpreted_triton_launches_are_counted():
+    from gpt2fast.ops.triton import layer_norm, linear
+
+    x, w, b = torch.randn(3, 96), torch.rand(96), torch.randn(96)
+    with count_launches("cpu") as seen:
+        layer_norm.layer_norm(x, w, b, 1e-5)
+    assert seen.count == 1
+    with count_launches("cpu") as seen:
+        linear.linear(x, torch.randn(64, 96), None)  # decode shape: split-K GEMV + its epilogue
+    assert seen.count == 2
+
+
+@needs_emulator
+def test_emulated_cuda_launches_are_counted(emu):
+    x, w, b = torch.randn(3, 96), torch.rand(96), torch.randn(96)
+    with count_launches("cpu") as seen:
+        cuda.layer_norm(x, w, b, 1e-5)
+        cuda.layer_norm(x, w, b, 1e-5)
+    assert seen.count == 2
+
+
+def test_torch_on_a_cpu_launches_nothing():
+    with count_launches("cpu") as seen:
+        torch.randn(8, 8) @ torch.randn(8, 8)
+    assert seen.count == 0
+    assert decode_launches("torch", "cpu") is None
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
+                                     pytest.param("cuda", marks=needs_emulator)])
+def test_a_decode_step_is_linear_in_depth(backend):
+    per_layer, fixed = decode_launches(backend, "cpu")
+    assert per_layer > 0 and fixed > 0
+    assert _decode_step_launches(backend, torch.device("cpu"), 2, 3) == 3 * per_layer + fixed
