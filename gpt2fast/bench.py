@@ -498,10 +498,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("decode_tokens", "repeats", "greedy_tokens", "ppl_tokens"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {getattr(args, key)}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     if args.ppl_tokens < 2:
         raise ValueError("--ppl-tokens must be at least 2 (perplexity needs a next token)")
     return args
@@ -593,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from gpt2fast.errors import CheckpointError
 
+    threads = torch.get_num_threads()
     try:
         args = resolve_args(build_parser().parse_args(argv))
         try:
@@ -601,10 +600,13 @@ def main(argv: list[str] | None = None) -> int:
             hf_logging.set_verbosity_error()
         except ImportError:
             pass
+        torch.set_num_threads(args.threads or threads)
         result = run(args)
     except (ValueError, CheckpointError) as e:
         print(f"gpt2fast bench: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
     print_report(result)
     write_outputs(result, args.out)
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.md ({result['meta']['wall_s']:.0f} s)")

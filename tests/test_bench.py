@@ -27,12 +27,28 @@ STRINGS = {"provider", "backend", "dtype"}
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench")
-    status = bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "3", "--prompt-lens", "7", "200",
+    status = bench.main(["--model", TINY, "--backends", "torch", "--dtypes", "float32", "bfloat16",
+                         "--batch-sizes", "1", "3", "--prompt-lens", "7", "200",
                          "--decode-tokens", "16", "--repeats", "3", "--greedy-tokens", "12", "--ppl-tokens", "50",
                          "--baselines", "hf", "--threads", "1", "--out", str(out)])
     assert status == 0
     with open(out / "bench.json") as f:
         return json.load(f), (out / "bench.md").read_text()
+
+
+def test_a_backend_that_cannot_run_is_skipped_with_its_reason(monkeypatch):
+    real_llm = bench.LLM
+
+    def llm(model: str, backend: str, **kwargs):
+        if backend == "triton":
+            raise ValueError("no GPU here")
+        return real_llm(model, backend=backend, **kwargs)
+
+    monkeypatch.setattr(bench, "LLM", llm)
+    args = bench.resolve_args(bench.build_parser().parse_args(["--model", TINY, "--backends", "torch", "triton"]))
+    skipped: list[str] = []
+    assert [p.name for p in bench.load_providers(args, skipped)] == ["gpt2fast[torch]/float32"]
+    assert skipped == ["backend triton / auto: no GPU here"]
 
 
 def numbers(value, key: str = ""):
@@ -56,10 +72,11 @@ def test_json_has_exactly_the_documented_keys(result):
         for row in data[section]:
             assert set(row) == keys, (section, set(row) ^ keys)
             assert all(isinstance(row[k], str) for k in STRINGS)
-    assert {(r["provider"], r["batch"]) for r in data["decode"]} == {
-        (p, b) for p in ("gpt2fast[torch]/float32", "hf") for b in (1, 3)}
-    assert {r["provider"] for r in data["prefill"]} == {"gpt2fast[torch]/float32", "hf"}
-    assert [r["prompt_len"] for r in data["prefill"]] == [7, 7]  # 200 is beyond the context: skipped, said so
+    providers = ("gpt2fast[torch]/float32", "gpt2fast[torch]/bfloat16", "hf")
+    assert {(r["provider"], r["batch"]) for r in data["decode"]} == {(p, b) for p in providers for b in (1, 3)}
+    assert [r["provider"] for r in data["prefill"]] == list(providers)
+    assert [r["prompt_len"] for r in data["prefill"]] == [7, 7, 7]  # 200 is beyond the context: skipped, said so
+    assert [r["provider"] for r in data["accuracy"]] == list(providers[:2])
     assert any("200" in note for note in data["meta"]["skipped"])
 
 
@@ -77,11 +94,13 @@ def test_every_number_is_finite_and_positive_errors_may_be_zero(result):
             assert value > 0, (key, value)
 
 
-def test_the_reference_backend_is_exact_against_itself_and_close_to_hf(result):
-    (row,) = result[0]["accuracy"]
-    assert row["max_abs_logit_err"] == 0 and row["ppl"] == row["ref_ppl"] and row["agree_total"] == 1
-    assert row["max_abs_logit_diff_hf"] < 1e-4 and row["flags"] == []
-    assert 1000 < row["ppl"] < 10 * 50257  # random weights: about the vocabulary size
+def test_the_reference_is_exact_against_itself_and_bf16_shows_its_error_within_tolerance(result):
+    fp32, bf16 = result[0]["accuracy"]
+    assert fp32["max_abs_logit_err"] == 0 and fp32["ppl"] == fp32["ref_ppl"] and fp32["agree_total"] == 1
+    assert fp32["max_abs_logit_diff_hf"] < 1e-4 and fp32["flags"] == []
+    assert 1000 < fp32["ppl"] < 10 * 50257  # random weights: about the vocabulary size
+    assert 0 < bf16["max_abs_logit_err"] < bench.TOLERANCES["bfloat16"].logits_rel and bf16["ref_ppl"] == fp32["ppl"]
+    assert bf16["flags"] == []
 
 
 def test_floor_columns_follow_from_bytes_and_bandwidth(result):
@@ -91,6 +110,8 @@ def test_floor_columns_follow_from_bytes_and_bandwidth(result):
         assert row["achieved_gbs"] == pytest.approx(data["meta"]["bandwidth_gbs"] * row["pct_of_floor"] / 100)
         assert row["tok_s"] == pytest.approx(row["batch"] * 1e3 / row["decode_ms"])
     assert data["decode"][1]["prompt_lens"] == [16, 23, 30]  # batch 3 mixes prompt lengths
+    fp32, bf16 = data["decode"][0], data["decode"][2]
+    assert bf16["floor_ms"] < 0.6 * fp32["floor_ms"]  # half the bytes per weight
 
 
 def test_markdown_report_names_every_provider_and_section(result):
