@@ -570,7 +570,7 @@ def run(args: argparse.Namespace) -> dict:
     first = ours_[0].llm
     bandwidth = copy_bandwidth(first.device)
     providers = ours_ + baselines(args, first, skipped)
-    lens = [n for n in args.prompt_lens if n < first.config.n_positions]
+    lens = [n for n in args.prompt_lens if n <= first.config.n_positions]  # a full-context prompt still yields 1 token
     skipped += [f"prompt length {n}: beyond the context ({first.config.n_positions})"
                 for n in args.prompt_lens if n not in lens]
     decode = [measure_decode(p, b, args.decode_tokens, args.repeats, bandwidth)
