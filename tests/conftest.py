@@ -122,3 +122,13 @@ def poisoned_cuda_outputs(monkeypatch):
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(cuda, "_empty", poisoned)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose data starts one element past a 16-byte boundary (forces a kernel's scalar path)."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
+    shift = (16 - buf.data_ptr() % 16) // t.element_size() + 1
+    view = buf[shift : shift + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import misaligned
 
 from gpt2fast.ops import cuda, cuda_build, reference
 
@@ -59,16 +60,6 @@ def _inputs(rows: int, width: int, dtype: torch.dtype, seed: int, device: str = 
     return [t.to(device, dtype) for t in (x, w, b, residual)]
 
 
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` whose data starts one element past a 16-byte boundary (forces the scalar path)."""
-    buf = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
-    shift = (16 - buf.data_ptr() % 16) // t.element_size() + 1
-    view = buf[shift : shift + t.numel()].view(t.shape)
-    view.copy_(t)
-    assert view.data_ptr() % 16 != 0
-    return view
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("rows", ROWS)
@@ -99,11 +90,11 @@ def test_misaligned_pointers_take_the_scalar_path(width, dtype, order):
     expected = reference.add_layer_norm(x, expected_residual, w, b, EPS)
     for moved in ("x", "weight", "residual"):  # one misaligned pointer is enough to leave the vector path
         named = {"x": x, "weight": w, "residual": residual}
-        xs, ws, rs = (_misaligned(t) if name == moved else t.clone() for name, t in named.items())
+        xs, ws, rs = (misaligned(t) if name == moved else t.clone() for name, t in named.items())
         y = cuda.add_layer_norm(xs, rs, ws, b, EPS)
         torch.testing.assert_close(rs, expected_residual, atol=0, rtol=0)
         torch.testing.assert_close(y, expected, **TOLERANCE[dtype])
-    torch.testing.assert_close(cuda.layer_norm(_misaligned(x), w, b, EPS), reference.layer_norm(x, w, b, EPS),
+    torch.testing.assert_close(cuda.layer_norm(misaligned(x), w, b, EPS), reference.layer_norm(x, w, b, EPS),
                                **TOLERANCE[dtype])  # fmt: skip
 
 
@@ -222,6 +213,6 @@ def test_gpu_matches_reference(rows, width, dtype):
     torch.testing.assert_close(cuda.layer_norm(x, w, b, EPS), reference.layer_norm(x, w, b, EPS), **TOLERANCE[dtype])
     expected_residual = residual.clone()
     expected = reference.add_layer_norm(x, expected_residual, w, b, EPS)
-    y = cuda.add_layer_norm(_misaligned(x), residual, w, b, EPS)
+    y = cuda.add_layer_norm(misaligned(x), residual, w, b, EPS)
     torch.testing.assert_close(residual, expected_residual, atol=0, rtol=0)
     torch.testing.assert_close(y, expected, **TOLERANCE[dtype])

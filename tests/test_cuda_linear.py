@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import misaligned
 
 from gpt2fast.ops import cuda, cuda_build, reference
 
@@ -86,16 +87,6 @@ def _run_epilogue(x, w, b, residual, epilogue: dict):
     return y
 
 
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` whose data starts one element past a 16-byte boundary (forces the scalar path)."""
-    buf = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
-    shift = (16 - buf.data_ptr() % 16) // t.element_size() + 1
-    view = buf[shift : shift + t.numel()].view(t.shape)
-    view.copy_(t)
-    assert view.data_ptr() % 16 != 0
-    return view
-
-
 # ---- linear ------------------------------------------------------------------------------------
 
 
@@ -130,8 +121,8 @@ def test_linear_strided_rows_and_misaligned_pointers(dtype, order):
         "x[::2]": (x[::2], w, res_wide),
         "wide rows": (wide[:, :k], w, residual[:3]),
         "odd row stride": (odd[:, :k], w, res_wide),
-        "misaligned x": (_misaligned(x[:3]), w, residual[:3]),
-        "misaligned weight": (x[:3], _misaligned(w), res_wide),
+        "misaligned x": (misaligned(x[:3]), w, residual[:3]),
+        "misaligned weight": (x[:3], misaligned(w), res_wide),
     }
     for name, (xs, ws, rs) in cases.items():
         y = cuda.linear(xs, ws, b, gelu=True, residual=rs)
@@ -237,8 +228,8 @@ def test_embed_misaligned_tables_strided_ids_and_int32(dtype, order):
     wide = torch.randn(wte.shape[0], 776).to(dtype)  # rows 776 apart: still 16-byte aligned
     wide[:, :768] = wte
     cases = {
-        "misaligned wte": (ids, positions, _misaligned(wte), wpe),
-        "misaligned wpe": (ids, positions, wte, _misaligned(wpe)),
+        "misaligned wte": (ids, positions, misaligned(wte), wpe),
+        "misaligned wpe": (ids, positions, wte, misaligned(wpe)),
         "strided ids": (strided[:, 0], strided[:, 1], wte, wpe),
         "int32": (packed[0].int(), packed[1].int(), wte, wpe),
         "strided table rows": (ids, positions, wide[:, :768], wpe),
@@ -319,7 +310,7 @@ def test_gpu_linear_matches_reference(rows, k, n, epilogue, dtype):
     y = _run_epilogue(x, w, b, residual, EPILOGUES[epilogue])
     assert torch.equal(y, cuda.linear(x, w, b, gelu="gelu" in epilogue,
                                       residual=residual if "residual" in epilogue else None))  # fmt: skip
-    _run_epilogue(_misaligned(x), w, b, residual, EPILOGUES[epilogue])  # the scalar path
+    _run_epilogue(misaligned(x), w, b, residual, EPILOGUES[epilogue])  # the scalar path
 
 
 @pytest.mark.gpu
@@ -332,4 +323,4 @@ def test_gpu_embed_matches_reference(tokens, width, dtype):
                                              device="cuda")  # fmt: skip
     expected = reference.embed(ids, positions, wte, wpe)
     torch.testing.assert_close(cuda.embed(ids, positions, wte, wpe), expected, atol=0, rtol=0)
-    torch.testing.assert_close(cuda.embed(ids, positions, _misaligned(wte), wpe), expected, atol=0, rtol=0)
+    torch.testing.assert_close(cuda.embed(ids, positions, misaligned(wte), wpe), expected, atol=0, rtol=0)
