@@ -99,6 +99,13 @@ def test_linear_matches_reference_with_every_epilogue(rows, k, n, dtype, order):
         _run_epilogue(x, w, b, residual, epilogue)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_gpt2_xl_width(dtype, order):
+    """K = 1600 (GPT-2 1.5B's width: 200 fp16 / 400 fp32 vectors per row), N cut down, GELU epilogue."""
+    x, w, b, residual = _linear_inputs(3, 1600, 20, dtype, seed=1600)
+    _run_epilogue(x, w, b, residual, EPILOGUES["bias+gelu"])
+
+
 @pytest.mark.skipif(os.environ.get(cuda.SANITIZE_ENV) == "1", reason="the same code paths as the cut-down shapes; "
                     "13 s at -O0 under ASan")  # fmt: skip
 @pytest.mark.parametrize("k,n", [(768, 768), (768, 2304)])
