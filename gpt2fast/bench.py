@@ -14,7 +14,7 @@ same weights in the same process:
   head included, plus each sequence's K and V up to its mean context) over the copy bandwidth measured
   at start (a large copy, bytes read + written; device memory on CUDA, host memory on CPU);
 * accuracy of every gpt2fast provider against the fp32 reference (the same weights on
-  ``backend="torch"`` in float32): max |logits - reference| and max |logits - HF fp32| over a fixed
+  ``backend="reference"``, the naive spec, in float32): max |logits - reference| and max |logits - HF fp32| over a fixed
   text, perplexity of that text, and greedy agreement over ``--greedy-tokens`` generated tokens,
   flagged when outside ``TOLERANCES``. The fixed text is a slice of ``pydoc_data.topics`` (sorted
   keys), which every CPython ships. With random weights perplexity is about the vocabulary size: it
@@ -69,6 +69,7 @@ import torch
 
 from gpt2fast.checkpoint.layout import is_transposed
 from gpt2fast.engine import LLM
+from gpt2fast.ops import BACKENDS
 from gpt2fast.sampling import SamplingParams
 
 MAY_BE_ZERO = {"max_abs_logit_err", "max_abs_logit_diff_hf", "ppl_rel_diff", "spread_pct", "load_avg_1m"}
@@ -427,7 +428,7 @@ def headline(meta: dict) -> str:
 SECTIONS = [("Decode (batches mix prompt lengths; floor = bytes a step must move / copy bandwidth)", "decode",
              DECODE_COLUMNS),
             ("Prefill (batch 1, one new token)", "prefill", PREFILL_COLUMNS),
-            ("Accuracy vs the fp32 reference (backend torch, float32) on the pydoc_data.topics text", "accuracy",
+            ("Accuracy vs the fp32 reference (backend reference, float32) on the pydoc_data.topics text", "accuracy",
              ACCURACY_COLUMNS)]
 
 
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(prog="gpt2fast bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="random:gpt2", help="random:<preset>, a folder, or a Hub id")
-    parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "triton", "cuda"])
+    parser.add_argument("--backends", nargs="+", default=["auto"], choices=BACKENDS)
     parser.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--baselines", nargs="*", choices=["hf", "hf-static"], help="default: hf hf-static (quick: hf)")
@@ -524,11 +525,11 @@ def load_providers(args: argparse.Namespace, skipped: list[str]) -> list[Provide
 
 
 def reference_llm(args: argparse.Namespace, providers: list[Provider]) -> LLM:
-    """The fp32 torch-backend model: reused when a provider already is one."""
+    """The fp32 model on the reference ops (the spec): reused when a provider already is one."""
     for p in providers:
-        if p.backend == "torch" and p.dtype == "float32":
+        if p.backend == "reference" and p.dtype == "float32":
             return p.llm
-    return LLM(args.model, backend="torch", dtype="float32", device=providers[0].llm.device)
+    return LLM(args.model, backend="reference", dtype="float32", device=providers[0].llm.device)
 
 
 def baselines(args: argparse.Namespace, llm: LLM, skipped: list[str]) -> list[Provider]:

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from gpt2fast.errors import CheckpointError
+from gpt2fast.ops import BACKENDS
 
 INTERACTIVE_PROMPT = "Model prompt >>> "
 SEPARATOR = "=" * 40
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stream", action="store_true", help="print text as it is generated (one sample)")
-    gen.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"])
+    gen.add_argument("--backend", default=None, choices=BACKENDS)
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,

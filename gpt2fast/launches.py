@@ -95,14 +95,14 @@ def _count_emulated(seen: Launches) -> Iterator[None]:
 def decode_launches(backend: str, device: torch.device | str = "cpu", batch: int = 2) -> tuple[int, int] | None:
     """``(per_layer, fixed)`` kernel launches of one eager decode step of ``batch`` sequences on ``backend``
     (no CUDA graphs), measured on random 1- and 2-layer models of head dim 64; ``None`` for the torch
-    backend on a CPU (no kernels). GPT-2 124M's step launches ``per_layer * 12 + fixed``.
+    and reference backends on a CPU (no kernels). GPT-2 124M's step launches ``per_layer * 12 + fixed``.
 
     Example:
         >>> decode_launches("torch", "cpu") is None
         True
     """
     device = torch.device(device)
-    if backend == "torch" and device.type == "cpu":
+    if backend in ("torch", "reference") and device.type == "cpu":
         return None
     counts = [_decode_step_launches(backend, device, batch, n_layer) for n_layer in (1, 2)]
     return counts[1] - counts[0], 2 * counts[0] - counts[1]

@@ -1,10 +1,12 @@
 """The op interface: the model calls ops only through an ``Ops`` table chosen once.
 
 Every backend provides the same functions with the signatures of ``ops/reference.py``.
-``get_ops("auto" | "torch" | "triton" | "cuda", device)`` picks one; an explicit request that
-cannot be met raises, ``"auto"`` falls back to what runs (Triton on CUDA, else the PyTorch
-reference). ``"cuda"`` is the hand-written CUDA C++ kernels where they apply (``cuda_ops``); on a
-CPU they run emulated (tests), which is correct but slow. The env var ``GPT2FAST_BACKEND`` supplies the default.
+``get_ops("auto" | "torch" | "triton" | "cuda" | "reference", device)`` picks one; an explicit
+request that cannot be met raises, ``"auto"`` falls back to what runs (Triton on CUDA, else the
+``torch`` backend: plain PyTorch written for speed, ``ops/torch_native.py``). ``"reference"`` runs
+the naive spec itself (what the accuracy checks compare against). ``"cuda"`` is the hand-written
+CUDA C++ kernels where they apply (``cuda_ops``); on a CPU they run emulated (tests), which is
+correct but slow. The env var ``GPT2FAST_BACKEND`` supplies the default.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2fast.ops import reference
+from gpt2fast.ops import reference, torch_native
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ class Ops:
     sample_top_k_top_p: Callable[..., torch.Tensor]
 
 
-TORCH = Ops(
-    name="torch",
+REFERENCE = Ops(
+    name="reference",
     embed=reference.embed,
     layer_norm=reference.layer_norm,
     add_layer_norm=reference.add_layer_norm,
@@ -53,6 +55,22 @@ TORCH = Ops(
     lm_head=reference.lm_head,
     lm_head_argmax=reference.lm_head_argmax,
     lm_head_gumbel=reference.lm_head_gumbel,
+    sample_top_k_top_p=reference.sample_top_k_top_p,
+)
+
+
+# The torch backend: the reference's functions except where torch_native has a faster one.
+TORCH = Ops(
+    name="torch",
+    embed=reference.embed,
+    layer_norm=reference.layer_norm,
+    add_layer_norm=reference.add_layer_norm,
+    linear=torch_native.linear,
+    write_kv=reference.write_kv,
+    attention=reference.attention,
+    lm_head=torch_native.lm_head,
+    lm_head_argmax=torch_native.lm_head_argmax,
+    lm_head_gumbel=torch_native.lm_head_gumbel,
     sample_top_k_top_p=reference.sample_top_k_top_p,
 )
 
@@ -81,6 +99,8 @@ def get_ops(backend: str, device: torch.device) -> Ops:
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return REFERENCE
     if backend == "torch" or (backend == "auto" and not (device.type == "cuda" and triton_backend.available())):
         return TORCH
     if backend in ("auto", "triton"):
