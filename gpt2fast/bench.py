@@ -13,9 +13,15 @@ same weights in the same process:
 * the floor beside every decode row: the bytes a decode step must move (every weight once, the LM
   head included, plus each sequence's K and V up to its mean context) over the copy bandwidth measured
   at start (a large copy, bytes read + written; device memory on CUDA, host memory on CPU);
+* decode time vs context: batch 1, after a prompt of each ``--contexts`` length, with its floor;
+* the runtime's own cost per decode step, on ``OVERHEAD_MODEL`` (GPT-2's 12 layers and vocabulary, 64
+  wide) for every provider: step time, host time inside the model forward (timed by wrapping it), and
+  the difference, both by the same subtraction as decode; ``hf_ratio`` = HF's figure / this one's;
+* kernel launches of one eager decode step per gpt2fast backend with kernels (``gpt2fast.launches``),
+  beside the target ``5 * n_layer + 3``;
 * accuracy of every gpt2fast provider against the fp32 reference (the same weights on
-  ``backend="reference"``, the naive spec, in float32): max |logits - reference| and max |logits - HF fp32| over a fixed
-  text, perplexity of that text, and greedy agreement over ``--greedy-tokens`` generated tokens,
+  ``backend="reference"``, the naive spec, in float32): max |logits - reference| and max |logits - HF
+  fp32| over a fixed text, perplexity of that text, and greedy agreement over ``--greedy-tokens`` generated tokens,
   flagged when outside ``TOLERANCES``. The fixed text is a slice of ``pydoc_data.topics`` (sorted
   keys), which every CPython ships. With random weights perplexity is about the vocabulary size: it
   is there to compare backends, not models.
@@ -25,7 +31,8 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` since the row began; on
 max RSS so far (``resource.getrusage``; a high-water mark that only grows, so later rows include
 earlier ones).
 
-Outputs, in ``--out`` (default ``bench-results/``): ``bench.json`` and ``bench.md``. JSON schema::
+Outputs, in ``--out`` (default ``bench-results/``): ``bench.json``, ``bench.md`` and PNG plots
+(``gpt2fast.bench_plots``: tokens/s vs batch size, decode ms vs context, % of floor). JSON schema::
 
     {"meta": {"model", "device", "device_name", "machine", "python", "torch", "transformers",
               "triton", "gpt2fast": str, "cpu_count", "threads": int, "load_avg_1m": float,
@@ -35,9 +42,15 @@ Outputs, in ``--out`` (default ``bench-results/``): ``bench.json`` and ``bench.m
               "skipped": [str], "wall_s": float},
      "decode":   [{"provider", "backend", "dtype": str, "batch": int, "prompt_lens": [int],
                    "context": float, "new_tokens": int, "ttft_ms", "decode_ms", "tok_s",
-                   "spread_pct", "floor_ms", "achieved_gbs", "pct_of_floor", "peak_mem_mb": float}],
+                   "spread_pct", "floor_ms", "achieved_gbs", "pct_of_floor", "peak_mem_mb",
+                   "hf_ratio" (when hf ran): float}],
+     "context":  [{"provider", "backend", "dtype": str, "batch", "new_tokens": int, "context", "decode_ms",
+                   "tok_s", "spread_pct", "floor_ms", "achieved_gbs", "pct_of_floor": float}],
      "prefill":  [{"provider", "backend", "dtype": str, "prompt_len": int, "prefill_ms", "tok_s",
                    "spread_pct", "peak_mem_mb": float}],
+     "overhead": [{"provider", "backend", "dtype": str, "batch", "n_layer": int, "step_us", "forward_us",
+                   "overhead_us", "hf_ratio" (when hf ran and overhead_us > 0): float}],
+     "launches": [{"provider", "backend": str, "per_layer", "fixed", "per_step", "target_per_step": int}],
      "accuracy": [{"provider", "backend", "dtype": str, "text_tokens", "greedy_tokens": int,
                    "max_abs_logit_err", "max_abs_logit_diff_hf", "ppl", "ref_ppl", "ppl_rel_diff",
                    "agree_until_divergence", "agree_total": float, "flags": [str]}]}
@@ -63,7 +76,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -72,15 +85,16 @@ from gpt2fast.engine import LLM
 from gpt2fast.ops import BACKENDS
 from gpt2fast.sampling import SamplingParams
 
-MAY_BE_ZERO = {"max_abs_logit_err", "max_abs_logit_diff_hf", "ppl_rel_diff", "spread_pct", "load_avg_1m"}
+MAY_BE_ZERO = {"max_abs_logit_err", "max_abs_logit_diff_hf", "ppl_rel_diff", "spread_pct", "load_avg_1m", "overhead_us"}
 FRACTIONS = {"agree_until_divergence", "agree_total"}
 MIXED_PROMPT_LENS = (16, 23, 30, 37, 43, 50, 57, 64)  # a batch of B cycles through these
 # --quick runs on 1 thread: on a shared 2-core machine torch's OpenMP threads spin against other
 # processes (measured: 750 ms/step at 2 threads vs 81 ms at 1 for random:gpt2 beside a test run).
 PROFILES = {  # defaults of a full run and of --quick; threads None = torch's own
-    "full": dict(batch_sizes=[1, 8, 64], prompt_lens=[32, 128, 512, 1024], decode_tokens=32, repeats=5,
+    "full": dict(batch_sizes=[1, 8, 64], prompt_lens=[32, 128, 512, 1024], contexts=[32, 128, 512, 1024],
+                 decode_tokens=32, repeats=5,
                  greedy_tokens=256, ppl_tokens=1024, baselines=["hf", "hf-static"], threads=None),
-    "quick": dict(batch_sizes=[1, 8], prompt_lens=[32], decode_tokens=8, repeats=3,
+    "quick": dict(batch_sizes=[1, 8], prompt_lens=[32], contexts=[32, 256], decode_tokens=8, repeats=3,
                   greedy_tokens=32, ppl_tokens=256, baselines=["hf"], threads=1),
 }
 
@@ -180,20 +194,50 @@ class Provider:
     dtype: str
     generate: Callable[[list[list[int]], int], None]
     llm: LLM  # whose weights (and bytes) it runs
+    forward_s: list[float] | None = None  # host seconds of each model forward, when built with timed=True
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def ours(llm: LLM) -> Provider:
-    """A gpt2fast provider: ``LLM.generate`` over the whole batch, greedy, never stopping early."""
+def ours(llm: LLM, timed: bool = False) -> Provider:
+    """A gpt2fast provider: ``LLM.generate`` over the whole batch, greedy, never stopping early.
+
+    ``timed``: record the host time of every model forward (the body, the LM head op the engine picks, and
+    the static decode runner's step) in ``forward_s``, so the runtime's own cost can be told apart.
+    """
 
     def generate(prompts: list[list[int]], n: int) -> None:
         llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
 
+    forward_s = None
+    if timed:
+        forward_s = []
+        engine = llm.engine
+        engine._forward = _timed(engine._forward, forward_s)
+        if engine.decode_runner is not None:
+            engine.decode_runner.run = _timed(engine.decode_runner.run, forward_s)
+        ops = engine.model.ops
+        engine.model.ops = replace(ops, **{name: _timed(getattr(ops, name), forward_s) for name in LM_HEAD_OPS})
     return Provider(f"gpt2fast[{llm.backend}]/{dtype_name(llm.dtype)}", llm.backend, dtype_name(llm.dtype),
-                    generate, llm)
+                    generate, llm, forward_s)
+
+
+LM_HEAD_OPS = ("lm_head", "lm_head_argmax", "lm_head_gumbel")
+
+
+def _timed(fn: Callable, seconds: list[float]) -> Callable:
+    """``fn``, appending the host seconds of each call to ``seconds``."""
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    return wrapper
 
 
 def hf_twin(llm: LLM, dtype: torch.dtype | None = None):
@@ -218,13 +262,17 @@ def hf_twin(llm: LLM, dtype: torch.dtype | None = None):
     return hf.to(llm.device, dtype or llm.dtype).eval()
 
 
-def hf_provider(llm: LLM, static: bool) -> Provider:
+def hf_provider(llm: LLM, static: bool, timed: bool = False) -> Provider:
     """transformers ``generate`` on ``llm``'s weights: batches left-padded with an attention mask.
 
     ``static``: a static KV cache, and ``torch.compile`` of the forward on CUDA (on CPU the compile
-    takes minutes, so the static cache runs eagerly there).
+    takes minutes, so the static cache runs eagerly there). ``timed``: record the host time of every
+    model forward (``GPT2LMHeadModel.forward``, LM head included) in ``forward_s``.
     """
     hf = hf_twin(llm)
+    forward_s = [] if timed else None
+    if timed:
+        hf.forward = _timed(hf.forward, forward_s)
     if static and llm.device.type == "cuda":
         hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
     extra = {"cache_implementation": "static"} if static else {}
@@ -241,7 +289,7 @@ def hf_provider(llm: LLM, static: bool) -> Provider:
                         do_sample=False, pad_token_id=0, **extra)
 
     name = "hf-static" if static else "hf"
-    return Provider(name, name, dtype_name(llm.dtype), generate, llm)
+    return Provider(name, name, dtype_name(llm.dtype), generate, llm, forward_s)
 
 
 # ---- speed ------------------------------------------------------------------------------------------
@@ -271,24 +319,84 @@ def measure_prefill(p: Provider, prompt_len: int, repeats: int) -> dict:
 
 def measure_decode(p: Provider, batch: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
     """Decode at ``batch`` mixed-length prompts: TTFT, s/step by subtraction, and the floor beside it."""
-    cfg, device = p.llm.config, p.llm.device
+    cfg = p.llm.config
     prompts = mixed_batch(batch, cfg.vocab_size, cfg.n_positions - new_tokens - 1)
+    return decode_row(p, prompts, new_tokens, repeats, bandwidth)
+
+
+def measure_context(p: Provider, context: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
+    """Batch 1 decode after a ``context``-token prompt (capped so ``new_tokens`` more still fit)."""
+    cfg = p.llm.config
+    prompt = random_prompt(min(context, cfg.n_positions - new_tokens - 1), cfg.vocab_size, seed=context)
+    row = decode_row(p, [prompt], new_tokens, repeats, bandwidth)
+    keep = ("provider", "backend", "dtype", "batch", "context", "new_tokens", "decode_ms", "tok_s", "spread_pct",
+            "floor_ms", "achieved_gbs", "pct_of_floor")
+    return {key: row[key] for key in keep}
+
+
+def decode_row(p: Provider, prompts: list[list[int]], new_tokens: int, repeats: int, bandwidth: float) -> dict:
+    """Generate 1 and 1 + ``new_tokens`` tokens for ``prompts``; the difference over ``new_tokens`` is a step."""
+    device = p.llm.device
     p.generate(prompts, 2)  # warm-up: every shape of a prefill and a decode step
     reset_peak_memory(device)
     first = timings(lambda: p.generate(prompts, 1), repeats, device)
     total = timings(lambda: p.generate(prompts, 1 + new_tokens), repeats, device)
     step_s = (statistics.median(total) - statistics.median(first)) / new_tokens
     if step_s <= 0:
-        raise ValueError(f"{p.name} at batch {batch}: {new_tokens} decode steps took no measurable time over timing "
-                         "noise; raise --decode-tokens or --repeats")
+        raise ValueError(f"{p.name} at batch {len(prompts)}: {new_tokens} decode steps took no measurable time over "
+                         "timing noise; raise --decode-tokens or --repeats")
     contexts = [len(prompt) + new_tokens / 2 for prompt in prompts]  # the mean position each sequence decodes at
     moved = decode_bytes(p.llm, contexts)
-    return dict(provider=p.name, backend=p.backend, dtype=p.dtype, batch=batch,
+    return dict(provider=p.name, backend=p.backend, dtype=p.dtype, batch=len(prompts),
                 prompt_lens=sorted(set(map(len, prompts))), context=statistics.mean(contexts), new_tokens=new_tokens,
                 ttft_ms=statistics.median(first) * 1e3,
-                decode_ms=step_s * 1e3, tok_s=batch / step_s, spread_pct=spread_pct(total),
+                decode_ms=step_s * 1e3, tok_s=len(prompts) / step_s, spread_pct=spread_pct(total),
                 floor_ms=moved / bandwidth * 1e3, achieved_gbs=moved / step_s / 1e9,
                 pct_of_floor=100 * moved / bandwidth / step_s, peak_mem_mb=peak_memory_mb(device))
+
+
+# ---- runtime overhead -------------------------------------------------------------------------------
+
+# GPT-2's 12 layers and vocabulary with a 64-wide body: the model's arithmetic is tiny, so what a step
+# costs beyond its forward is the runtime (scheduler, sampler, Python) - and, inside the forward, the
+# per-layer cost of issuing ops.
+OVERHEAD_MODEL = 'random:{"n_layer": 12, "n_embd": 64, "n_head": 2}'
+
+
+def overhead_providers(providers: list[Provider], max_batch: int) -> list[Provider]:
+    """Every provider again on ``OVERHEAD_MODEL``, with its forwards timed (the baselines share one twin)."""
+    tiny: list[Provider] = []
+    for p in providers:
+        if p.name.startswith("gpt2fast"):
+            tiny.append(ours(LLM(OVERHEAD_MODEL, backend=p.backend, dtype=p.dtype, device=p.llm.device,
+                                 max_num_seqs=max_batch), timed=True))
+    base = tiny[0].llm
+    tiny += [hf_provider(base, static=p.backend == "hf-static", timed=True)
+             for p in providers if p.backend in ("hf", "hf-static")]
+    return tiny
+
+
+def measure_overhead(p: Provider, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Per decode step: wall time, host time inside the model forward, and the rest (the runtime's overhead).
+
+    Both by subtraction, ``(x(1 + N tokens) - x(1 token)) / N``, so prefill and setup cancel.
+    """
+    prompts = mixed_batch(batch, p.llm.config.vocab_size, 64)
+
+    def run(n: int) -> tuple[float, float]:
+        p.forward_s.clear()
+        start = time.perf_counter()
+        p.generate(prompts, n)
+        return time.perf_counter() - start, sum(p.forward_s)
+
+    p.generate(prompts, 2)  # warm-up
+    first = [run(1) for _ in range(repeats)]
+    full = [run(1 + new_tokens) for _ in range(repeats)]
+    per_step = [(statistics.median(f[i] for f in full) - statistics.median(f[i] for f in first)) / new_tokens * 1e6
+                for i in (0, 1)]
+    step_us, forward_us = per_step
+    return dict(provider=p.name, backend=p.backend, dtype=p.dtype, batch=batch, n_layer=p.llm.config.n_layer,
+                step_us=step_us, forward_us=forward_us, overhead_us=max(step_us - forward_us, 0.0))
 
 
 # ---- accuracy ---------------------------------------------------------------------------------------
@@ -380,7 +488,20 @@ DECODE_COLUMNS: list[Column] = [
     ("provider", "provider", "s"), ("batch", "batch", "d"), ("ctx", "context", ".0f"), ("TTFT ms", "ttft_ms", ".1f"),
     ("ms/step", "decode_ms", ".2f"), ("tok/s", "tok_s", ".1f"), ("spread %", "spread_pct", ".0f"),
     ("floor ms", "floor_ms", ".2f"), ("GB/s", "achieved_gbs", ".1f"), ("% of floor", "pct_of_floor", ".1f"),
-    ("peak MiB", "peak_mem_mb", ".0f"),
+    ("hf / this", "hf_ratio", ".2f"), ("peak MiB", "peak_mem_mb", ".0f"),
+]
+CONTEXT_COLUMNS: list[Column] = [
+    ("provider", "provider", "s"), ("ctx", "context", ".0f"), ("ms/step", "decode_ms", ".2f"),
+    ("tok/s", "tok_s", ".1f"), ("spread %", "spread_pct", ".0f"), ("floor ms", "floor_ms", ".2f"),
+    ("GB/s", "achieved_gbs", ".1f"), ("% of floor", "pct_of_floor", ".1f"),
+]
+OVERHEAD_COLUMNS: list[Column] = [
+    ("provider", "provider", "s"), ("batch", "batch", "d"), ("step us", "step_us", ".0f"),
+    ("forward us", "forward_us", ".0f"), ("overhead us", "overhead_us", ".0f"), ("hf / this", "hf_ratio", ".2f"),
+]
+LAUNCH_COLUMNS: list[Column] = [
+    ("provider", "provider", "s"), ("per layer", "per_layer", "d"), ("fixed", "fixed", "d"),
+    ("per step", "per_step", "d"), ("target", "target_per_step", "d"),
 ]
 PREFILL_COLUMNS: list[Column] = [
     ("provider", "provider", "s"), ("prompt", "prompt_len", "d"), ("prefill ms", "prefill_ms", ".2f"),
@@ -400,7 +521,7 @@ def _cells(rows: list[dict], columns: list[Column]) -> list[list[str]]:
             return ",".join(map(str, value)) if value else "ok"
         return format(value, fmt)
 
-    return [[cell(row[key], fmt) for _, key, fmt in columns] for row in rows]
+    return [[cell(row[key], fmt) if key in row else "-" for _, key, fmt in columns] for row in rows]
 
 
 def text_table(rows: list[dict], columns: list[Column]) -> str:
@@ -427,7 +548,11 @@ def headline(meta: dict) -> str:
 
 SECTIONS = [("Decode (batches mix prompt lengths; floor = bytes a step must move / copy bandwidth)", "decode",
              DECODE_COLUMNS),
+            ("Decode time vs context (batch 1)", "context", CONTEXT_COLUMNS),
             ("Prefill (batch 1, one new token)", "prefill", PREFILL_COLUMNS),
+            (f"Runtime overhead per decode step on {OVERHEAD_MODEL} (step - model forward, host time)", "overhead",
+             OVERHEAD_COLUMNS),
+            ("Kernel launches per eager decode step (target <= 5 per layer + 3)", "launches", LAUNCH_COLUMNS),
             ("Accuracy vs the fp32 reference (backend reference, float32) on the pydoc_data.topics text", "accuracy",
              ACCURACY_COLUMNS)]
 
@@ -435,7 +560,8 @@ SECTIONS = [("Decode (batches mix prompt lengths; floor = bytes a step must move
 def print_report(result: dict) -> None:
     print(headline(result["meta"]))
     for title, key, columns in SECTIONS:
-        print(f"\n{title}\n{text_table(result[key], columns)}")
+        if result[key]:
+            print(f"\n{title}\n{text_table(result[key], columns)}")
     for note in result["meta"]["skipped"]:
         print(f"skipped: {note}")
 
@@ -445,17 +571,22 @@ def markdown_report(result: dict) -> str:
     parts = [f"# gpt2fast bench: {meta['model']}", "", headline(meta), "",
              f"Tolerances (vs fp32 reference): {json.dumps(meta['tolerances'])}. Wall time {meta['wall_s']:.0f} s."]
     for title, key, columns in SECTIONS:
-        parts += ["", f"## {title}", "", markdown_table(result[key], columns)]
+        if result[key]:
+            parts += ["", f"## {title}", "", markdown_table(result[key], columns)]
     parts += [""] + [f"- skipped: {note}" for note in meta["skipped"]]
     return "\n".join(parts) + "\n"
 
 
-def write_outputs(result: dict, out: str) -> None:
+def write_outputs(result: dict, out: str) -> list:
+    """``bench.json``, ``bench.md`` and the PNG plots (``gpt2fast.bench_plots``) in ``out``; returns the plots."""
+    from gpt2fast.bench_plots import write_plots
+
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(markdown_report(result))
+    return write_plots(result, out)
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -477,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="decode batch sizes (default 1 8 64; quick 1 8)")
     parser.add_argument("--prompt-lens", nargs="+", type=int, help="prefill lengths (default 32 128 512 1024; "
                         "quick 32)")
+    parser.add_argument("--contexts", nargs="+", type=int, help="batch-1 decode after prompts this long (default "
+                        "32 128 512 1024; quick 32 256; capped to leave room for the decoded tokens)")
     parser.add_argument("--decode-tokens", type=int, help="N in (t(1+N) - t(1)) / N (default 32; quick 8)")
     parser.add_argument("--repeats", type=int, help="timed runs per number (default 5; quick 3)")
     parser.add_argument("--greedy-tokens", type=int, help="greedy agreement length (default 256; quick 32)")
@@ -493,7 +626,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in PROFILES["quick" if args.quick else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("batch_sizes", "prompt_lens"):
+    for key in ("batch_sizes", "prompt_lens", "contexts"):
         if any(v < 1 for v in getattr(args, key)):
             raise ValueError(f"--{key.replace('_', '-')} must be positive integers, got {getattr(args, key)}")
     for key in ("decode_tokens", "repeats", "greedy_tokens", "ppl_tokens"):
@@ -576,13 +709,50 @@ def run(args: argparse.Namespace) -> dict:
                 for n in args.prompt_lens if n not in lens]
     decode = [measure_decode(p, b, args.decode_tokens, args.repeats, bandwidth)
               for p in providers for b in args.batch_sizes]
+    context = [measure_context(p, n, args.decode_tokens, args.repeats, bandwidth)
+               for p in providers for n in args.contexts]
     prefill = [measure_prefill(p, n, args.repeats) for p in providers for n in lens]
+    overhead = [measure_overhead(p, b, args.decode_tokens, args.repeats)
+                for p in overhead_providers(providers, max(args.batch_sizes)) for b in args.batch_sizes]
+    launches = [launch_row(p, skipped) for p in ours_]
     ref = make_reference(reference_llm(args, ours_), args.ppl_tokens, args.greedy_tokens)
     accuracy = [measure_accuracy(p, ref) for p in ours_]
     meta = machine_meta(args, first, bandwidth) | dict(
         load_avg_1m=load, dtypes=sorted({p.dtype for p in ours_}), skipped=skipped,
         wall_s=time.perf_counter() - started)
-    return dict(meta=meta, decode=decode, prefill=prefill, accuracy=accuracy)
+    add_ratio_to_hf(decode, "decode_ms", ("batch",))
+    add_ratio_to_hf(overhead, "overhead_us", ("batch",))
+    return dict(meta=meta, decode=decode, context=context, prefill=prefill, overhead=overhead,
+                launches=[row for row in launches if row], accuracy=accuracy)
+
+
+def add_ratio_to_hf(rows: list[dict], key: str, match: tuple[str, ...]) -> None:
+    """Give every row ``hf_ratio`` = HF's ``key`` / this row's ``key`` (at the same ``match`` fields), when HF ran.
+
+    Example:
+        >>> rows = [dict(provider="hf", batch=1, ms=6.0), dict(provider="ours", batch=1, ms=2.0)]
+        >>> add_ratio_to_hf(rows, "ms", ("batch",)); [r["hf_ratio"] for r in rows]
+        [1.0, 3.0]
+    """
+    hf = {tuple(r[m] for m in match): r[key] for r in rows if r["provider"] == "hf"}
+    for r in rows:
+        base = hf.get(tuple(r[m] for m in match))
+        if base is not None and r[key] > 0:
+            r["hf_ratio"] = base / r[key]
+
+
+def launch_row(p: Provider, skipped: list[str]) -> dict | None:
+    """Kernel launches of one eager decode step on ``p``'s backend and the target ``5 * n_layer + 3``."""
+    from gpt2fast.launches import decode_launches
+
+    counts = decode_launches(p.backend, p.llm.device)
+    if counts is None:
+        skipped.append(f"launch count of {p.name}: no kernels (PyTorch ops on {p.llm.device.type})")
+        return None
+    per_layer, fixed = counts
+    n_layer = p.llm.config.n_layer
+    return dict(provider=p.name, backend=p.backend, per_layer=per_layer, fixed=fixed,
+                per_step=per_layer * n_layer + fixed, target_per_step=5 * n_layer + 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -609,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
     print_report(result)
-    write_outputs(result, args.out)
-    print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.md ({result['meta']['wall_s']:.0f} s)")
+    result_plots = write_outputs(result, args.out)
+    print(f"\nwrote {os.path.join(args.out, 'bench.json')}, bench.md and {', '.join(p.name for p in result_plots)} "
+          f"({result['meta']['wall_s']:.0f} s)")
     return 0
