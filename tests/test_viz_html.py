@@ -308,8 +308,12 @@ def test_1024_tokens_render_quickly_with_bounded_lines(browser, tmp_path):
         assert 0 < len(before) <= 5000 and 0 < len(after) <= 5000
         assert {h for *_, h, _ in after} == {2}
         note = page.text_content(".g2f-head-note")
-        assert "strongest of up to 1024 links per token" in note and "Drawing the 5000 strongest" in note
+        assert "strongest of up to 1024 links per token" in note and "Drawing 5000 of" in note
+        assert {q for q, *_ in after} == set(range(n_tokens)), "every token keeps its strongest lines"
         probs = trace.probs.double().numpy()[0, 2]
+        for q in range(n_tokens):
+            strongest = max((line for line in after if line[0] == q), key=lambda line: line[2])
+            assert probs[q, strongest[1]] >= probs[q].max() - 5e-4
         for q, k, p, *_ in after[:50]:
             assert abs(p - probs[q, k]) <= 1e-5 + 5e-4 * probs[q, k]
         assert page.evaluate("document.querySelectorAll('.g2f-cell canvas').length") == n_layer * n_head

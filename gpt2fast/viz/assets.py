@@ -40,7 +40,7 @@ CSS = """
 .g2f-left .g2f-tok{text-align:right}
 .g2f-tok.g2f-hover{outline:1px solid #d33;outline-offset:-1px}
 .g2f-lines{flex:none;display:block}
-.g2f-grid{display:grid;gap:3px;align-items:center;justify-items:center}
+.g2f-grid{display:grid;justify-content:start;gap:3px;align-items:center;justify-items:center}
 .g2f-label{font-size:11px;color:#555}
 .g2f-cell{cursor:pointer;border:1px solid #c8ccd6;line-height:0}
 .g2f-cell:hover{border-color:#d33}
@@ -117,20 +117,21 @@ JS = r"""
     return d;
   }
 
-  // The stored links of one layer for the given heads: {q, k, p, h}, each row strongest first.
+  // The stored links of one layer for the given heads: {q, k, p, h, r}, r = rank within its row (0: strongest).
   function collect(d, layer, heads) {
     var out = [];
     heads.forEach(function (h) {
       var base = (layer * d.H + h) * d.perHead;
       for (var q = 0; q < d.T; q++) {
         for (var n = d.start[q]; n < d.start[q + 1]; n++) {
-          out.push({q: q, k: d.index[base + n], p: d.prob[base + n] / 65535, h: h});
+          out.push({q: q, k: d.index[base + n], p: d.prob[base + n] / 65535, h: h, r: n - d.start[q]});
         }
       }
     });
     return out;
   }
-  function byProb(a, b) { return b.p - a.p; }
+  // Over the line budget every row first gets its strongest links, then its next ones: each token keeps lines.
+  function byRankThenProb(a, b) { return a.r - b.r || b.p - a.p; }
   function headColor(h, H, all) { return all ? "hsl(" + Math.round(360 * h / H) + ",75%,42%)" : "rgb(" + BLUE + ")"; }
 
   function picker(parent, label, values, cls, current) {
@@ -214,8 +215,12 @@ JS = r"""
         parts.push("Showing the " + d.perRow + " strongest of up to " + d.T + " links per token " +
           "(the file keeps no more).");
       }
-      if (drawn < total) parts.push("Drawing the " + drawn + " strongest of " + total + " lines.");
-      else parts.push("Drawing all " + total + " lines; opacity = attention weight.");
+      if (drawn < total) {
+        parts.push("Drawing " + drawn + " of " + total + " lines: each token's strongest first (about " +
+          Math.max(1, Math.floor(drawn / d.T)) + " per token).");
+      } else {
+        parts.push("Drawing all " + total + " lines; opacity = attention weight.");
+      }
       if (state.hover) {
         parts.push("Hovering " + (state.hover.side === "q" ? "query" : "key") + " token " + state.hover.i + ".");
       } else {
@@ -227,7 +232,7 @@ JS = r"""
       var hover = state.hover, links = state.links;
       if (hover) links = links.filter(function (x) { return (hover.side === "q" ? x.q : x.k) === hover.i; });
       var total = links.length;
-      if (total > maxLines) links = links.slice().sort(byProb).slice(0, maxLines);
+      if (total > maxLines) links = links.slice().sort(byRankThenProb).slice(0, maxLines);
       var frag = document.createDocumentFragment();
       links.forEach(function (x) { frag.appendChild(line(x)); });
       svg.textContent = "";
