@@ -21,13 +21,14 @@ from gpt2fast.cache import BlockPool, BlockTable, KVCache
 from gpt2fast.checkpoint import load_checkpoint
 from gpt2fast.decode_runner import DecodeRunner
 from gpt2fast.metadata import AttentionMetadata
-from gpt2fast.model import GPT2
+from gpt2fast.model import GPT2, AttentionCapture
 from gpt2fast.ops import default_backend, get_ops
 from gpt2fast.outputs import CompletionOutput, RequestOutput
 from gpt2fast.sampling import SampledToken, SampleRow, SamplingParams, row_seed, sample_batch
 from gpt2fast.scheduler import Batch, Scheduler, Status
 from gpt2fast.scheduler import Sequence as Seq
 from gpt2fast.tokenizer import load_tokenizer
+from gpt2fast.trace import AttentionTrace, NextToken
 
 _DTYPES = {
     "float32": torch.float32,
@@ -454,14 +455,29 @@ class Engine:
         ids = list(token_ids)
         if not ids:
             raise ValueError("token_ids is empty; logits need at least one token")
+        return self.model.ops.lm_head(self.one_pass(ids), self.model.wte.weight)
+
+    def one_pass(self, ids: list[int], *, last_only: bool = False, capture: AttentionCapture | None = None
+                 ) -> torch.Tensor:
+        """Final hidden rows ``(T, C)`` (``(1, C)`` with ``last_only``) of one sequence, outside the scheduler.
+
+        The sequence borrows KV blocks from the pool for this one forward and gives them back, so
+        nothing of it stays behind; ``capture`` records its attention (``GPT2.hidden``).
+
+        Example:
+            >>> engine = Engine('random:{"n_layer": 1, "n_embd": 8, "n_head": 2}')
+            >>> free = engine.pool.num_free
+            >>> engine.one_pass([1, 2, 3]).shape, engine.pool.num_free == free
+            (torch.Size([3, 8]), True)
+        """
         self.check_ids(ids)
         table = BlockTable(self.block_size)
         try:
             table.reserve(self.pool, len(ids))
             meta = AttentionMetadata.build([table.blocks], [len(ids)], [len(ids)], block_size=self.block_size,
-                                           all_logits=True, max_blocks=self.max_blocks, device=self.device)
-            return self.model(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device),
-                              self.cache, meta)
+                                           all_logits=not last_only, max_blocks=self.max_blocks, device=self.device)
+            ids_and_positions = torch.tensor([ids, list(range(len(ids)))], device=self.device)  # (2, T)
+            return self.model.hidden(ids_and_positions[0], ids_and_positions[1], self.cache, meta, capture=capture)
         finally:
             table.free(self.pool)
 
@@ -483,6 +499,7 @@ class LLM:
         self.engine = Engine(model, **engine_args)
         self.tokenizer, self.config, self.model = self.engine.tokenizer, self.engine.config, self.engine.model
         self.device, self.dtype, self.is_random = self.engine.device, self.engine.dtype, self.engine.is_random
+        self.model_name = model
         self._next_id = 0
 
     @property
@@ -497,6 +514,64 @@ class LLM:
             torch.Size([3, 50257])
         """
         return self.engine.logits(token_ids)
+
+    def attention(self, text_or_ids: str | Sequence[int], *, qk: bool = False) -> AttentionTrace:
+        """Every layer's and head's attention probabilities over one text (or token ids), in one forward.
+
+        The selected backend computes them with its attention variant that returns probabilities
+        (``ops.attention_with_probs``), outside the scheduler; the KV blocks it borrows are freed after.
+        ``qk=True`` also keeps each head's query and key vectors. Raises ValueError for empty input,
+        more tokens than the context (``n_positions``), or ids outside the vocabulary.
+
+        Example:
+            >>> llm = LLM('random:{"n_layer": 2, "n_embd": 32, "n_head": 2}')
+            >>> trace = llm.attention("The dog on the ship ran", qk=True)
+            >>> trace.tokens[:3], tuple(trace.probs.shape), tuple(trace.queries.shape)
+            (['The', ' dog', ' on'], (2, 2, 6, 6), (2, 2, 6, 16))
+            >>> bool(torch.allclose(trace.probs.sum(-1), torch.ones(2, 2, 6)))
+            True
+        """
+        if not isinstance(qk, bool):
+            raise ValueError(f"qk must be True or False, got {qk!r}")
+        ids = self._inspected_ids(text_or_ids)
+        capture = AttentionCapture(qk=qk)
+        self.engine.one_pass(ids, last_only=True, capture=capture)
+        probs = torch.stack([p[0] for p in capture.probs]).float().cpu()  # (L, H, T, T): the one sequence
+        vectors = [torch.stack(v).float().cpu() if qk else None for v in (capture.queries, capture.keys)]
+        return AttentionTrace(self._token_texts(ids), ids, probs, *vectors, model=self.model_name)
+
+    def next_tokens(self, text_or_ids: str | Sequence[int], k: int = 10) -> list[NextToken]:
+        """The ``k`` likeliest next tokens after ``text_or_ids``, likeliest first (ties: lower id first).
+
+        Probabilities are the softmax of the last position's fp32 logits (temperature 1, no filters).
+        Raises ValueError for empty input, too many tokens, bad ids, or ``k`` outside ``1..vocab_size``.
+
+        Example:
+            >>> llm = LLM('random:{"n_layer": 2, "n_embd": 32, "n_head": 2}')
+            >>> top = llm.next_tokens("Hello", k=3)
+            >>> len(top), top[0].prob >= top[1].prob >= top[2].prob, top[0].text == llm.tokenizer.decode([top[0].id])
+            (3, True, True)
+        """
+        vocab = self.config.vocab_size
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= vocab:
+            raise ValueError(f"k must be an integer from 1 to the vocabulary size {vocab}, got {k!r}")
+        hidden = self.engine.one_pass(self._inspected_ids(text_or_ids), last_only=True)  # (1, C)
+        probs = torch.softmax(self.model.ops.lm_head(hidden, self.model.wte.weight)[0].float(), dim=-1).cpu()  # (V,)
+        # A stable descending sort keeps equal probabilities in id order (torch.topk promises no order for ties).
+        top_probs, top_ids = torch.sort(probs, descending=True, stable=True)
+        return [NextToken(self.tokenizer.decode([i]), i, p)
+                for i, p in zip(top_ids[:k].tolist(), top_probs[:k].tolist())]
+
+    def _inspected_ids(self, text_or_ids: str | Sequence[int]) -> list[int]:
+        """Token ids of a text or id list to look inside of: never empty (no implicit <|endoftext|>), checked."""
+        if isinstance(text_or_ids, str) and not text_or_ids:
+            raise ValueError("the text is empty; give at least one token of text")
+        if isinstance(text_or_ids, Sequence) and not isinstance(text_or_ids, str) and not text_or_ids:
+            raise ValueError("the token id list is empty; give at least one token")
+        return self.engine.encode(text_or_ids)  # type and id checks; the context length (n_positions)
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
 
     def generate(
         self,

@@ -9,6 +9,8 @@ Parameter names are our canonical checkpoint layout (every loader maps onto them
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -58,6 +60,40 @@ class Block(nn.Module):
         self.mlp = MLP(config.n_embd, config.mlp_width)
 
 
+@dataclass
+class AttentionCapture:
+    """What a capture forward (``GPT2.hidden(..., capture=)``) records, one entry per layer, on the model's device.
+
+    ``probs[i]``: layer ``i``'s fp32 probabilities ``(B, H, max_query_len, max_seq_len)``, padded as
+    ``ops.attention_with_probs`` returns them. With ``qk``, ``queries[i]`` and ``keys[i]``: the
+    per-head vectors ``(H, T, D)`` fp32 that layer's attention used (keys of this step's tokens only).
+
+    Example:
+        >>> cfg = GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+        >>> model, cache = GPT2(cfg).init_random(seed=0), KVCache(cfg, num_blocks=1, block_size=4)
+        >>> meta = AttentionMetadata.build([[0]], [3], [3], block_size=4)
+        >>> capture = AttentionCapture(qk=True)
+        >>> _ = model.hidden(torch.tensor([1, 2, 3]), torch.arange(3), cache, meta, capture=capture)
+        >>> len(capture.probs), tuple(capture.probs[0].shape), tuple(capture.queries[1].shape)
+        (2, (1, 2, 3, 3), (2, 3, 4))
+    """
+
+    qk: bool = False
+    probs: list[torch.Tensor] = field(default_factory=list)
+    queries: list[torch.Tensor] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
+
+    def attend(self, ops: Ops, q: torch.Tensor, k: torch.Tensor, cache: KVCache, layer: int,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """``ops.attention`` through ``ops.attention_with_probs``, recording what this layer computed."""
+        out, probs = ops.attention_with_probs(q, cache.k[layer], cache.v[layer], meta, scale)  # (T, H, D), (B, H, ...)
+        self.probs.append(probs)
+        if self.qk:
+            self.queries.append(q.transpose(0, 1).to(torch.float32, copy=True))  # (H, T, D)
+            self.keys.append(k.transpose(0, 1).to(torch.float32, copy=True))  # (H, T, D)
+        return out
+
+
 class GPT2(nn.Module):
     """GPT-2 with pre-LN blocks and a tied LM head, computed by one backend's ops.
 
@@ -90,12 +126,19 @@ class GPT2(nn.Module):
 
     @torch.no_grad()
     def hidden(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        capture: AttentionCapture | None = None,
     ) -> torch.Tensor:
         """Run one step up to the LM head: the final LayerNorm's output ``(N, C)`` for ``meta.logits_indices``.
 
         The caller then projects it (``ops.lm_head``) or lets the LM head pick the token itself
         (``ops.lm_head_argmax`` / ``ops.lm_head_gumbel``), which never writes the ``(N, V)`` logits.
+        With ``capture`` every layer attends through ``ops.attention_with_probs`` (slow, for inspection)
+        and ``capture`` records the probabilities (and q/k); without it the step costs one ``if`` per layer more.
         """
         cfg, ops = self.config, self.ops
         num_tokens = input_ids.shape[0]
@@ -110,7 +153,10 @@ class GPT2(nn.Module):
             qkv = ops.linear(x, block.attn.c_attn.weight, block.attn.c_attn.bias)  # (T, 3C)
             q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)  # 3 x (T, H, D)
             ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
-            attn = ops.attention(q, cache.k[i], cache.v[i], meta, cfg.attn_scale(i))  # (T, H, D)
+            if capture is None:
+                attn = ops.attention(q, cache.k[i], cache.v[i], meta, cfg.attn_scale(i))  # (T, H, D)
+            else:
+                attn = capture.attend(ops, q, k, cache, i, meta, cfg.attn_scale(i))  # (T, H, D)
             attn = attn.reshape(num_tokens, cfg.n_embd)  # (T, C)
             attn_out = ops.linear(attn, block.attn.c_proj.weight, block.attn.c_proj.bias)
             x = ops.add_layer_norm(attn_out, residual, block.ln_2.weight, block.ln_2.bias, eps)

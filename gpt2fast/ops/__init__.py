@@ -38,6 +38,7 @@ class Ops:
     linear: Callable[..., torch.Tensor]
     write_kv: Callable[..., None]
     attention: Callable[..., torch.Tensor]
+    attention_with_probs: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # inspection only, never the hot path
     lm_head: Callable[..., torch.Tensor]
     lm_head_argmax: Callable[..., torch.Tensor]
     lm_head_gumbel: Callable[..., torch.Tensor]
@@ -52,6 +53,7 @@ REFERENCE = Ops(
     linear=reference.linear,
     write_kv=reference.write_kv,
     attention=reference.attention,
+    attention_with_probs=reference.attention_with_probs,
     lm_head=reference.lm_head,
     lm_head_argmax=reference.lm_head_argmax,
     lm_head_gumbel=reference.lm_head_gumbel,
@@ -68,6 +70,7 @@ TORCH = Ops(
     linear=torch_native.linear,
     write_kv=reference.write_kv,
     attention=reference.attention,
+    attention_with_probs=reference.attention_with_probs,
     lm_head=torch_native.lm_head,
     lm_head_argmax=torch_native.lm_head_argmax,
     lm_head_gumbel=torch_native.lm_head_gumbel,
@@ -132,6 +135,7 @@ def triton_ops() -> Ops:
         linear=linear.linear,
         write_kv=write_kv.write_kv,
         attention=attention.attention,
+        attention_with_probs=attention.attention_with_probs,
         lm_head=lm_head.lm_head,
         lm_head_argmax=lm_head.lm_head_argmax,
         lm_head_gumbel=lm_head.lm_head_gumbel,
@@ -150,7 +154,8 @@ def cuda_ops(device: torch.device) -> Ops:
     ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV), attention for decode steps (every sequence has at
     most one query), and the top-k/top-p/min-p sampler. The fallback runs prefill linears and prefill
     attention (tensor-core ``tl.dot`` work the CUDA-core kernels do not do) and the LM head: Triton on
-    a GPU, the PyTorch reference on the CPU (where the CUDA kernels run emulated, for tests).
+    a GPU, the PyTorch reference on the CPU (where the CUDA kernels run emulated, for tests). The
+    fallback also computes ``attention_with_probs`` (inspection; there is no CUDA C++ variant).
 
     Example:
         >>> from gpt2fast.ops import cuda
@@ -178,6 +183,7 @@ def cuda_ops(device: torch.device) -> Ops:
         linear=linear,
         write_kv=cuda.write_kv,
         attention=attention,
+        attention_with_probs=fallback.attention_with_probs,  # inspection: no CUDA C++ variant
         lm_head=fallback.lm_head,
         lm_head_argmax=fallback.lm_head_argmax,
         lm_head_gumbel=fallback.lm_head_gumbel,

@@ -158,6 +158,51 @@ def attention(
     return out
 
 
+def attention_with_probs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` that also returns the softmax probabilities, for inspection.
+
+    Returns ``(out, probs)``: ``out`` ``(T, H, D)`` in ``q.dtype`` as :func:`attention` computes it;
+    ``probs`` a padded fp32 tensor ``(B, H, meta.max_query_len, meta.max_seq_len)`` where
+    ``probs[b, h, i, j]`` is the weight query ``i`` of sequence ``b`` gives context position ``j``;
+    zero above the causal diagonal, for ``i >= query_len[b]`` and for ``j >= seq_lens[b]``.
+
+    Example:
+        >>> kc = torch.randn(2, 1, 16, 8); vc = torch.randn_like(kc)
+        >>> meta = AttentionMetadata.build([[1]], [4], [2], block_size=16)
+        >>> out, probs = attention_with_probs(torch.randn(2, 1, 8), kc, vc, meta, 8**-0.5)
+        >>> tuple(probs.shape), probs.sum(-1).round(decimals=4).tolist(), float(probs[0, 0, 0, 3])
+        ((1, 1, 2, 4), [[[1.0, 1.0]]], 0.0)
+    """
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    out = torch.empty_like(q)  # (T, H, D)
+    probs = torch.zeros(meta.num_seqs, n_head, meta.max_query_len, meta.max_seq_len, dtype=torch.float32,
+                        device=q.device)  # (B, H, max_q, max_L)
+    cu_seqlens = meta.cu_seqlens_q.tolist()
+    for b, context_len in enumerate(meta.seq_lens.tolist()):
+        start, end = cu_seqlens[b], cu_seqlens[b + 1]
+        num_q = end - start
+        if num_q == 0:
+            continue
+        num_blocks = -(-context_len // block_size)
+        blocks = meta.block_tables[b, :num_blocks].long()
+        k = k_cache[blocks].transpose(0, 1).reshape(n_head, -1, head_dim)[:, :context_len].float()  # (H, L, D)
+        v = v_cache[blocks].transpose(0, 1).reshape(n_head, -1, head_dim)[:, :context_len].float()  # (H, L, D)
+        qb = q[start:end].float().transpose(0, 1)  # (H, n, D)
+        scores = (qb @ k.transpose(1, 2)) * scale  # (H, n, L)
+        q_pos = torch.arange(context_len - num_q, context_len, device=q.device)
+        future = torch.arange(context_len, device=q.device)[None, :] > q_pos[:, None]  # (n, L)
+        p = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # (H, n, L), exactly 0 where masked
+        probs[b, :, :num_q, :context_len] = p
+        out[start:end] = (p @ v).transpose(0, 1).to(q.dtype)  # (n, H, D)
+    return out, probs
+
+
 def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     """Vocabulary projection with the tied token embedding; always returns fp32 logits ``(N, V)``.
 
