@@ -12,6 +12,8 @@ from gpt2fast.engine import LLM
 from gpt2fast.errors import CheckpointError
 from gpt2fast.outputs import CompletionOutput, RequestOutput
 from gpt2fast.sampling import SamplingParams
+from gpt2fast.trace import AttentionTrace, NextToken
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "GPT2Config", "PRESETS", "CheckpointError"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "GPT2Config", "PRESETS", "CheckpointError",
+           "AttentionTrace", "NextToken"]
 __version__ = "0.1.0"

@@ -187,7 +187,7 @@ class GPT2(nn.Module):
         total = sum(t.numel() * t.element_size() for t in state.values())
         weights = {name: t.to(device, dtype) for name, t in progress(state.items(), total, "loading weights")}
         model.load_state_dict(weights, strict=True, assign=True)
-        return model
+        return model.requires_grad_(False)  # inference only: no autograd graph behind any op
 
     @torch.no_grad()
     def init_random(self, seed: int = 0) -> GPT2:

@@ -49,7 +49,7 @@ def linear(
 
 
 def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
-    """``reference.lm_head``: fp32 logits ``(N, V)``, vocabulary-major for fp32 weights.
+    """``reference.lm_head``: fp32 logits ``(N, V)``, computed weight-major (``W @ x.T``) for fp32 weights.
 
     Example:
         >>> x, wte = torch.randn(3, 4), torch.randn(10, 4)
@@ -58,7 +58,8 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     """
     if wte.dtype != torch.float32:
         return reference.lm_head(x, wte)
-    return (wte @ x.float().t()).t()  # (V, N) -> (N, V) view
+    # Weight-major GEMM (faster at few rows here); the copy to row-major is N*V floats, samplers want rows.
+    return (wte @ x.float().t()).t().contiguous()  # (V, N) -> (N, V)
 
 
 def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
