@@ -5,17 +5,28 @@ Example:
     gpt2fast generate --model gpt2 --nsamples 4 --batch-size 2 --unconditional
     gpt2fast generate --model gpt2                 # interactive: "Model prompt >>> "
     gpt2fast bench --model random:gpt2 --quick     # speed, floor and accuracy tables (gpt2fast.bench)
+    gpt2fast attention --model gpt2 --text "The dog on the ship ran" --out attn.html   # gpt2fast.viz.cli
+    gpt2fast explore --model gpt2                  # next-token explorer page (gpt2fast.viz.explore)
+    gpt2fast serve --model gpt2 --port 8000        # OpenAI-compatible server (gpt2fast.server)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from gpt2fast.errors import CheckpointError
 from gpt2fast.ops import BACKENDS
 
 INTERACTIVE_PROMPT = "Model prompt >>> "
+# Subcommands with their own parser: `gpt2fast NAME ARGS...` calls MODULE.main(ARGS) and exits with its status.
+SUBCOMMANDS = {
+    "bench": ("gpt2fast.bench", "speed, memory-bandwidth floor and accuracy per backend (bench --help)"),
+    "attention": ("gpt2fast.viz.cli", "write the attention views of a text as one HTML file (and PNGs)"),
+    "explore": ("gpt2fast.viz.explore", "serve a local page: top-10 next tokens, click to extend, head view"),
+    "serve": ("gpt2fast.server", "OpenAI-compatible HTTP server (/v1/completions) on the engine"),
+}
 SEPARATOR = "=" * 40
 
 
@@ -47,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                      help="run decode steps eagerly on CUDA (default: one CUDA graph per batch-size bucket)")
-    # Only listed here: `gpt2fast bench ...` is handed whole to gpt2fast.bench.main (see main below).
-    commands.add_parser("bench", help="speed, memory-bandwidth floor and accuracy per backend (bench --help)")
+    # Only listed here: these are handed whole to their module's main (see SUBCOMMANDS and main below).
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        commands.add_parser(name, help=help_text)
     return parser
 
 
@@ -130,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         2
     """
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from gpt2fast.bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

@@ -31,6 +31,13 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS_ENV = "GPT2FAST_TEST_ARTIFACTS"
+REQUIRE_ENV = "GPT2FAST_REQUIRE_BROWSER"  # set (CI does): a missing browser fails the test instead of skipping it
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get(REQUIRE_ENV):
+        pytest.fail(f"{reason} (and {REQUIRE_ENV} is set)")
+    pytest.skip(reason)
 
 
 @contextmanager
@@ -38,11 +45,11 @@ def chromium() -> Iterator:
     """A headless Debian chromium (playwright ``Browser``), closed on exit; skips the test when
     ``/usr/bin/chromium`` or the playwright package is missing (CI installs both)."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: browser tests need Debian's chromium (CI installs it: apt chromium)")
+        _missing(f"{CHROMIUM} not found: browser tests need Debian's chromium (CI installs it: apt chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed: browser tests need it (CI installs it: pip install playwright)")
+        _missing("playwright is not installed: browser tests need it (CI installs it: pip install playwright)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
         try:
