@@ -1,0 +1,470 @@
+"""The FastAPI app: routes, API keys, body limits, admission, and turning engine outputs into OpenAI JSON/SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from gpt2fast.engine import Engine
+from gpt2fast.outputs import CompletionOutput, RequestOutput
+from gpt2fast.sampling import SamplingParams
+from gpt2fast.server.loop import EngineLoop
+from gpt2fast.server.metrics import ServerMetrics
+from gpt2fast.server.protocol import (
+    DEFAULT_MAX_TOKENS,
+    MAX_N,
+    ApiError,
+    CompletionRequest,
+    LogprobsWriter,
+    ModelLimits,
+    Prompt,
+    check_lengths,
+    merge_logprobs,
+    parse_json_object,
+    split_prompts,
+    validation_error,
+)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_QUEUE = 256
+CHAT_MESSAGE = ("GPT-2 is a base model with no chat template, so /v1/chat/completions is not served. Send the text "
+                "to continue to /v1/completions instead.")
+
+
+class Frontend:
+    """What the HTTP side shares: the engine loop, the limits, and how many sequences are admitted.
+
+    Example:
+        >>> front = Frontend(Engine('random:{"n_layer": 1, "n_embd": 8, "n_head": 2}', max_num_seqs=2),
+        ...                  model_name="tiny", api_key=None, max_queue=1, max_body_bytes=1024)
+        >>> front.admit(3)
+        >>> try:
+        ...     front.admit(1)
+        ... except ApiError as e:
+        ...     print(e.status, e.headers, e.message)
+        503 {'Retry-After': '1'} The server is busy: 3 sequences are running or queued (limit 3); retry shortly
+    """
+
+    def __init__(self, engine: Engine, *, model_name: str, api_key: str | None, max_queue: int,
+                 max_body_bytes: int) -> None:
+        if max_queue < 0 or max_body_bytes < 1:
+            raise ValueError(f"max_queue must be >= 0 and max_body_bytes >= 1, got {max_queue}, {max_body_bytes}")
+        self.metrics = ServerMetrics()
+        self.loop = EngineLoop(engine, self.metrics)
+        self.model_name, self.api_key, self.max_body_bytes = model_name, api_key, max_body_bytes
+        self.capacity = self.loop.max_num_seqs + max_queue  # sequences in flight: the batch plus the queue
+        cfg = engine.config
+        self.limits = ModelLimits(engine.tokenizer, cfg.vocab_size, cfg.n_positions, cfg.eos_token_id, self.capacity)
+        self.created = int(time.time())
+        self.admitted = 0
+        self.shutting_down = False
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and abort the ones in flight (safe to call from a signal handler)."""
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.loop.close()
+
+    def admit(self, seqs: int) -> None:
+        if self.shutting_down:
+            raise ApiError(503, "The server is shutting down", code="shutting_down")
+        if self.admitted + seqs > self.capacity:
+            raise ApiError(503, f"The server is busy: {self.admitted} sequences are running or queued (limit "
+                           f"{self.capacity}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
+        self.admitted += seqs
+        self.metrics.admitted.set(self.admitted)
+
+    def release(self, seqs: int) -> None:
+        self.admitted -= seqs
+        self.metrics.admitted.set(self.admitted)
+
+    async def score(self, ids: list[int], top_n: int) -> list:
+        """Prompt logprobs, computed on the engine thread."""
+        future = asyncio.get_running_loop().create_future()
+
+        def deliver(kind: str, payload: object) -> None:
+            if not future.done():
+                (future.set_exception if kind == "error" else future.set_result)(payload)
+
+        self.loop.score(ids, top_n, deliver)
+        return await future
+
+
+class _Job:
+    """One HTTP completion request: its engine requests (one per prompt, each with ``n`` samples) and their outputs."""
+
+    def __init__(self, frontend: Frontend, prompts: list[Prompt], params: SamplingParams, *, n: int, echo: bool,
+                 logprobs: int | None, generate: bool = True) -> None:
+        self.frontend, self.prompts, self.params = frontend, prompts, params
+        self.n, self.echo, self.logprobs, self.generate = n, echo, logprobs, generate
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.engine_ids = [f"{self.id}-{i}" for i in range(len(prompts))]
+        self.outputs: list[RequestOutput | None] = [None] * len(prompts)
+        self.scores: list[list | None] = [None] * len(prompts)
+        self.open: set[int] = set()  # prompts whose engine request has not ended
+        self.error: ApiError | None = None
+        self.aborted = False
+        self.changed = asyncio.Event()
+        self.seqs = len(prompts) * n
+        self.closed = False
+
+    async def start(self) -> None:
+        """Score prompts if echoed with logprobs, then submit every prompt (or finish at once for max_tokens=0)."""
+        if self.echo and self.logprobs is not None:
+            for i, prompt in enumerate(self.prompts):
+                self.scores[i] = await self.frontend.score(prompt.ids, self.logprobs)
+        if not self.generate:  # max_tokens=0: the echo (and its logprobs) is the whole answer
+            samples = [CompletionOutput(j, "", [], "length", [] if self.logprobs is not None else None)
+                       for j in range(self.n)]
+            self.outputs = [RequestOutput(rid, p.text, p.ids, samples, True)
+                            for rid, p in zip(self.engine_ids, self.prompts)]
+            self.changed.set()
+            return
+        for i, prompt in enumerate(self.prompts):
+            self.open.add(i)
+            self.frontend.loop.add(self.engine_ids[i], prompt.ids, self.params, self._deliver_for(i))
+
+    def _deliver_for(self, i: int):
+        def deliver(kind: str, payload: object) -> None:
+            if kind == "output":
+                self.outputs[i] = payload
+                if payload.finished:
+                    self.open.discard(i)
+            else:
+                self.open.discard(i)
+                if kind == "error":
+                    self.error = self.error or payload
+                else:
+                    self.aborted = True
+            self.changed.set()
+
+        return deliver
+
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    async def updates(self) -> AsyncIterator[None]:
+        """Wake once per batch of deliveries (outputs are cumulative, so a slow reader skips ahead)."""
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            yield
+            if self.done:
+                return
+
+    def close(self) -> None:
+        """Abort what still runs (the client left, or the response ended) and give the admission back."""
+        if self.closed:
+            return
+        self.closed = True
+        for i in self.open:
+            self.frontend.loop.abort(self.engine_ids[i])
+        self.open.clear()
+        self.frontend.release(self.seqs)
+
+    def usage(self) -> dict:
+        prompt = sum(len(p.ids) for p in self.prompts)
+        completion = sum(len(s.token_ids) for out in self.outputs if out is not None for s in out.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def envelope(self, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.frontend.model_name, "choices": choices, "system_fingerprint": None}
+
+
+class _ChoiceStream:
+    """What one choice has sent so far; ``delta`` is the next piece of it."""
+
+    def __init__(self, job: _Job, index: int) -> None:
+        self.index, self.sent_text, self.sent_tokens, self.finished = index, 0, 0, False
+        self.writer = LogprobsWriter(job.frontend.limits.tokenizer) if job.logprobs is not None else None
+
+    def prefix(self, prompt: Prompt, scores: list | None) -> dict:
+        """The echoed prompt (and its logprobs), as the choice's first piece."""
+        logprobs = self.writer.write(prompt.ids, scores) if self.writer is not None else None
+        return {"index": self.index, "text": prompt.text, "logprobs": logprobs, "finish_reason": None}
+
+    def delta(self, sample: CompletionOutput) -> dict | None:
+        text, tokens = sample.text[self.sent_text:], sample.token_ids[self.sent_tokens:]
+        finish = sample.finish_reason if not self.finished else None
+        if not text and not tokens and finish is None:
+            return None
+        logprobs = None
+        if self.writer is not None:
+            logprobs = self.writer.write(tokens, (sample.logprobs or [])[self.sent_tokens:len(sample.token_ids)])
+        self.sent_text, self.sent_tokens = len(sample.text), len(sample.token_ids)
+        self.finished = finish is not None
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _complete_body(job: _Job) -> dict:
+    """The non-streaming response: every choice whole, in prompt-major order, with usage."""
+    choices = []
+    for i, (prompt, out) in enumerate(zip(job.prompts, job.outputs)):
+        for sample in out.outputs:
+            stream = _ChoiceStream(job, i * job.n + sample.index)
+            head = stream.prefix(prompt, job.scores[i]) if job.echo else {"text": "", "logprobs": None}
+            tail = stream.delta(sample)  # a finished sample always has a last piece: its finish_reason
+            choices.append({"index": stream.index, "text": head["text"] + tail["text"],
+                            "logprobs": merge_logprobs(head["logprobs"], tail["logprobs"]),
+                            "finish_reason": tail["finish_reason"]})
+    body = job.envelope(choices)
+    body["usage"] = job.usage()
+    return body
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _stream_events(job: _Job, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per choice piece, the final piece with ``finish_reason``, then ``[DONE]``."""
+    usage_field = {"usage": None} if include_usage else {}
+    streams = {}
+    for i, prompt in enumerate(job.prompts):
+        for j in range(job.n):
+            stream = streams[i * job.n + j] = _ChoiceStream(job, i * job.n + j)
+            if job.echo:
+                yield _sse(job.envelope([stream.prefix(prompt, job.scores[i])]) | usage_field)
+    async for _ in job.updates():
+        for i, out in enumerate(job.outputs):
+            for sample in out.outputs if out is not None else []:
+                piece = streams[i * job.n + sample.index].delta(sample)
+                if piece is not None:
+                    yield _sse(job.envelope([piece]) | usage_field)
+    if job.error is not None:
+        yield _sse(job.error.body())
+    else:
+        for stream in streams.values():  # the server is closing: every choice still open ends here
+            if not stream.finished:
+                yield _sse(job.envelope([{"index": stream.index, "text": "", "logprobs": None,
+                                          "finish_reason": "abort"}]) | usage_field)
+        if include_usage:
+            yield _sse(job.envelope([]) | {"usage": job.usage()})
+    yield _sse("[DONE]")
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that always closes its job, however the response ends (done, disconnect, cancel)."""
+
+    def __init__(self, job: _Job, include_usage: bool) -> None:
+        super().__init__(_stream_events(job, include_usage), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.close()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or ApiError 413 as soon as it is known to exceed ``limit`` (Content-Length or counted)."""
+    too_large = ApiError(413, f"The request body is larger than this server accepts ({limit} bytes)",
+                         code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "The client disconnected before the request body was complete") from None
+    return b"".join(chunks)
+
+
+def _check_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {content_type or 'none'!r}",
+                       code="unsupported_media_type")
+
+
+async def _parse_request(request: Request, frontend: Frontend) -> CompletionRequest:
+    _check_json(request)
+    data = parse_json_object(await _read_body(request, frontend.max_body_bytes))
+    try:
+        req = CompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    if req.model != frontend.model_name:
+        raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{frontend.model_name}`",
+                       param="model", code="model_not_found")
+    req.check_unsupported()
+    return req
+
+
+def _prompt_size(prompt: object) -> int:
+    """Characters or token ids in a (not yet checked) prompt, roughly."""
+    if isinstance(prompt, list):
+        return len(prompt) + sum(len(p) for p in prompt if isinstance(p, str | list))
+    return len(prompt) if isinstance(prompt, str) else 0
+
+
+async def _new_job(req: CompletionRequest, frontend: Frontend) -> _Job:
+    """Check the prompts against the model, admit the request, and build its job (not yet started)."""
+    if _prompt_size(req.prompt) > 8192:  # tokenizing a long text off the event loop keeps other streams flowing
+        prompts = await asyncio.to_thread(split_prompts, req.prompt, frontend.limits)
+    else:
+        prompts = split_prompts(req.prompt, frontend.limits)
+    n = req.n or 1
+    if n > min(MAX_N, frontend.loop.max_num_seqs):
+        raise ApiError(400, f"n={n} is more samples than run at once here (max_num_seqs="
+                       f"{frontend.loop.max_num_seqs})", param="n")
+    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    check_lengths(prompts, max_tokens, n, frontend.limits)
+    params = req.sampling_params(max(max_tokens, 1))  # validated even when nothing is generated
+    frontend.admit(len(prompts) * n)
+    return _Job(frontend, prompts, params, n=n, echo=bool(req.echo), logprobs=req.logprobs, generate=max_tokens > 0)
+
+
+async def _until_done_or_gone(job: _Job, request: Request) -> bool:
+    """Wait for every output; False if the client disconnected first."""
+    async def finished() -> None:
+        async for _ in job.updates():
+            pass
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    tasks = [asyncio.ensure_future(finished()), asyncio.ensure_future(gone())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return tasks[0] in done
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _error_response(frontend: Frontend, error: ApiError) -> JSONResponse:
+    frontend.metrics.requests.labels(str(error.status)).inc()
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``; its engine thread runs for the app's lifespan.
+
+    Example:
+        >>> from fastapi.testclient import TestClient
+        >>> app = make_app(Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}'), model_name="tiny")
+        >>> with TestClient(app) as client:
+        ...     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3})
+        >>> r.status_code, r.json()["usage"]
+        (200, {'prompt_tokens': 1, 'completion_tokens': 3, 'total_tokens': 4})
+    """
+    frontend = Frontend(engine, model_name=model_name, api_key=api_key, max_queue=max_queue,
+                        max_body_bytes=max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        frontend.loop.start(asyncio.get_running_loop())
+        yield
+        frontend.begin_shutdown()
+        await asyncio.to_thread(frontend.loop.stop)
+
+    app = FastAPI(title="gpt2fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.frontend = frontend
+    _add_error_handlers(app, frontend)
+
+    async def check_key(request: Request) -> None:
+        if frontend.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "You didn't provide an API key. Send it in an Authorization header using Bearer "
+                           "auth (Authorization: Bearer YOUR_KEY)", code="missing_api_key")
+        if not hmac.compare_digest(key.strip().encode(), frontend.api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    keyed = [Depends(check_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = frontend.loop.alive and not frontend.shutting_down
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(frontend.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "gpt2fast",
+                "max_model_len": frontend.limits.n_positions}
+
+    @app.get("/v1/models", dependencies=keyed)
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=keyed)
+    async def model(model_id: str) -> dict:
+        if model_id != frontend.model_name:
+            raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat() -> Response:
+        raise ApiError(400, CHAT_MESSAGE, code="chat_template_missing")
+
+    @app.post("/v1/completions", dependencies=keyed)
+    async def completions(request: Request) -> Response:
+        req = await _parse_request(request, frontend)
+        job = await _new_job(req, frontend)
+        try:
+            await job.start()
+        except BaseException:
+            job.close()
+            raise
+        if req.stream:
+            frontend.metrics.requests.labels("200").inc()
+            return _JobStream(job, bool(req.stream_options and req.stream_options.include_usage))
+        try:
+            if not await _until_done_or_gone(job, request):
+                return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        finally:
+            job.close()
+        if job.error is not None:
+            raise job.error
+        if job.aborted:
+            raise ApiError(503, "The server is shutting down; the request was not finished", code="shutting_down")
+        frontend.metrics.requests.labels("200").inc()
+        return JSONResponse(_complete_body(job))
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, frontend: Frontend) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> Response:
+        return _error_response(frontend, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        where = f"{request.method} {request.url.path}"
+        message = f"Invalid URL ({where})" if error.status_code == 404 else f"{error.detail} ({where})"
+        return _error_response(frontend, ApiError(error.status_code, message, headers=dict(error.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> Response:
+        return _error_response(frontend, ApiError(500, f"Internal server error: {type(error).__name__}"))

@@ -1,0 +1,378 @@
+"""OpenAI's completions protocol: request validation, error bodies, and the pieces of a response.
+
+Nothing here touches the engine: a request is checked against the model's tokenizer and limits
+(``ModelLimits``) and turned into token ids plus one ``SamplingParams``; responses are built from
+the engine's cumulative ``RequestOutput`` objects.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import tiktoken
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gpt2fast.sampling import SamplingParams
+
+MAX_N = 128  # OpenAI's own cap on n
+MAX_LOGPROBS = 5  # OpenAI's cap on completions logprobs
+MAX_STOP = 4  # OpenAI's cap on stop sequences
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+
+    Example:
+        >>> e = ApiError(400, "n must be <= 4", param="n")
+        >>> e.status, e.body()["error"]["type"], e.body()["error"]["param"]
+        (400, 'invalid_request_error', 'n')
+    """
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The request body as a JSON object, or ApiError 400 saying what is wrong with it.
+
+    Example:
+        >>> parse_json_object(b'{"model": "gpt2"}')
+        {'model': 'gpt2'}
+        >>> parse_json_object(b'[1]')
+        Traceback (most recent call last):
+        ...
+        gpt2fast.server.protocol.ApiError: The request body must be a JSON object, got a list
+    """
+    if not body.strip():
+        raise ApiError(400, "The request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ApiError(400, f"We could not parse the JSON body of your request ({e}). The API expects a JSON "
+                       "payload", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"The request body must be a JSON object, got a {type(data).__name__}",
+                       code="invalid_json")
+    return data
+
+
+def validation_error(err: ValidationError) -> ApiError:
+    """The first pydantic error as OpenAI words it, naming the field in ``param``.
+
+    Example:
+        >>> try:
+        ...     CompletionRequest.model_validate({"model": "m", "n": "2"})
+        ... except ValidationError as e:
+        ...     error = validation_error(e)
+        >>> print(error.param, "|", error.message)
+        n | Invalid value for 'n': Input should be a valid integer (got "2")
+    """
+    first = err.errors(include_url=False)[0]
+    name = str(first["loc"][0]) if first["loc"] else None
+    if first["type"] == "extra_forbidden":  # nested ones by their path: stream_options.bogus
+        path = ".".join(str(part) for part in first["loc"])
+        return ApiError(400, f"Unrecognized request argument supplied: {path}", param=path)
+    message = first["msg"].removeprefix("Value error, ")
+    shown = json.dumps(first.get("input"), default=str)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ApiError(400, f"Invalid value for '{name}': {message} (got {shown})", param=name)
+
+
+# ---- the request ----------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # sent by some clients; meaningless here
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``: OpenAI's fields plus ``top_k``, ``min_p``, ``repetition_penalty``,
+    ``ignore_eos`` and ``stop_token_ids`` (as vLLM takes them). Strict types: ``"1"`` is no number,
+    ``true`` no integer. ``null`` means the default.
+
+    Example:
+        >>> CompletionRequest.model_validate({"model": "gpt2", "prompt": "Hi", "n": 2}).n
+        2
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    model: str
+    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked by ``split_prompts``
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+    # extras (vLLM's names)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop sequence cannot be empty")
+        return stop
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and any(t < 0 for t in ids):
+            raise ValueError("token ids are >= 0")
+        return ids
+
+    def check_unsupported(self) -> None:
+        """ApiError 400 for OpenAI fields this server cannot honour (rather than silently ignoring them).
+
+        Example:
+            >>> CompletionRequest.model_validate({"model": "m", "suffix": "!"}).check_unsupported()
+            Traceback (most recent call last):
+            ...
+            gpt2fast.server.protocol.ApiError: suffix is not supported: GPT-2 has no insertion mode
+        """
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ApiError(400, "best_of is not supported (only best_of == n, which is plain sampling); leave it out",
+                           param="best_of")
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported: GPT-2 has no insertion mode", param="suffix")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled",
+                           param="stream_options")
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """One ``SamplingParams`` for every prompt of the request (``max_tokens`` >= 1, already checked).
+
+        Example:
+            >>> r = CompletionRequest.model_validate({"model": "m", "temperature": 0, "top_k": 5, "seed": 1})
+            >>> p = r.sampling_params(4); p.max_tokens, p.temperature, p.top_k, p.seed
+            (4, 0.0, 5, 1)
+        """
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
+                top_k=pick(self.top_k, 0), min_p=pick(self.min_p, 0.0),
+                repetition_penalty=pick(self.repetition_penalty, 1.0),
+                presence_penalty=pick(self.presence_penalty, 0.0), frequency_penalty=pick(self.frequency_penalty, 0.0),
+                stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos), seed=self.seed,
+                n=pick(self.n, 1), logprobs=self.logprobs,
+            )
+        except ValueError as e:  # a bound the model above does not mirror: still a 400 naming the field
+            message = str(e)
+            name = message.split(".", 1)[1].split(" ", 1)[0] if message.startswith("SamplingParams.") else None
+            raise ApiError(400, message.replace("SamplingParams.", ""), param=name) from None
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a prompt is checked against: the tokenizer, the vocabulary, the context, and what runs at once."""
+
+    tokenizer: tiktoken.Encoding
+    vocab_size: int
+    n_positions: int
+    eos_token_id: int
+    max_seqs: int  # sequences one request may ask for (prompts x n)
+
+
+@dataclass
+class Prompt:
+    """One prompt of a request: its token ids and the text echoed for it."""
+
+    ids: list[int]
+    text: str
+
+
+def split_prompts(prompt: Any, limits: ModelLimits) -> list[Prompt]:
+    """The request's ``prompt`` as checked token-id lists (a string, strings, ids, or lists of ids).
+
+    ``null`` or ``""`` starts from ``<|endoftext|>`` (unconditional), as OpenAI documents.
+
+    Example:
+        >>> from gpt2fast.tokenizer import load_tokenizer
+        >>> limits = ModelLimits(load_tokenizer(), 50257, 1024, 50256, 8)
+        >>> [p.ids for p in split_prompts(["Hello world", ""], limits)]
+        [[15496, 995], [50256]]
+        >>> split_prompts([[1, 2], [3]], limits)[1].text
+        '$'
+    """
+    if prompt is None or isinstance(prompt, str):
+        prompts = [prompt or ""]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and all(_is_int(t) for t in p)
+                                                     for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and not prompt:
+        raise ApiError(400, "prompt is an empty list; give a string, strings, token ids or lists of token ids",
+                       param="prompt")
+    else:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids (integers), or a list "
+                       "of lists of token ids", param="prompt")
+    return [_one_prompt(p, i, limits) for i, p in enumerate(prompts)]
+
+
+def _is_int(t: object) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _one_prompt(prompt: str | list[int], index: int, limits: ModelLimits) -> Prompt:
+    where = f"prompt {index}" if index else "the prompt"
+    if isinstance(prompt, str):
+        ids, text = limits.tokenizer.encode(prompt, allowed_special="all"), prompt
+        if not ids:
+            ids = [limits.eos_token_id]
+    else:
+        if not prompt:
+            raise ApiError(400, f"{where} is an empty list of token ids", param="prompt")
+        ids, text = list(prompt), None
+    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} in {where} is outside the model's vocabulary (0..{limits.vocab_size - 1})",
+                       param="prompt")
+    if len(ids) > limits.n_positions:
+        raise ApiError(400, f"This model's maximum context length is {limits.n_positions} tokens, however {where} "
+                       f"has {len(ids)} tokens. Please reduce the prompt.", param="prompt",
+                       code="context_length_exceeded")
+    return Prompt(ids, text if text is not None else limits.tokenizer.decode(ids, errors="replace"))
+
+
+def check_lengths(prompts: Sequence[Prompt], max_tokens: int, n: int, limits: ModelLimits) -> None:
+    """ApiError 400 when a prompt plus ``max_tokens`` exceeds the context, or prompts x n is too many.
+
+    Example:
+        >>> from gpt2fast.tokenizer import load_tokenizer
+        >>> limits = ModelLimits(load_tokenizer(), 50257, 8, 50256, 4)
+        >>> check_lengths([Prompt([1, 2, 3], "")], max_tokens=5, n=4, limits=limits)  # 3 + 5 fits in 8
+        >>> check_lengths([Prompt([1, 2, 3], "")], max_tokens=6, n=1, limits=limits)
+        Traceback (most recent call last):
+        ...
+        gpt2fast.server.protocol.ApiError: This model's maximum context length is 8 tokens, however you requested 9 \
+tokens (3 in your prompt; 6 for the completion). Please reduce your prompt; or completion length.
+    """
+    for prompt in prompts:
+        if len(prompt.ids) + max_tokens > limits.n_positions:
+            raise ApiError(400, f"This model's maximum context length is {limits.n_positions} tokens, however you "
+                           f"requested {len(prompt.ids) + max_tokens} tokens ({len(prompt.ids)} in your prompt; "
+                           f"{max_tokens} for the completion). Please reduce your prompt; or completion length.",
+                           param="max_tokens", code="context_length_exceeded")
+    if len(prompts) * n > limits.max_seqs:
+        raise ApiError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} sequences; this server runs at "
+                       f"most {limits.max_seqs} for one request", param="n" if len(prompts) == 1 else "prompt")
+
+
+# ---- the response ---------------------------------------------------------------------------------
+
+
+def token_text(tokenizer: tiktoken.Encoding, token: int) -> str:
+    """A token's text; a token that is only part of a UTF-8 character is written ``bytes:\\xNN`` as OpenAI does.
+
+    Example:
+        >>> from gpt2fast.tokenizer import load_tokenizer
+        >>> enc = load_tokenizer()
+        >>> token_text(enc, 995), token_text(enc, 447)
+        (' world', 'bytes:\\\\xe2\\\\x80')
+    """
+    raw = tokenizer.decode_single_token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@dataclass
+class LogprobsWriter:
+    """Builds OpenAI's completions ``logprobs`` object (tokens, token_logprobs, top_logprobs, text_offset).
+
+    ``entries[i]`` is the engine's ``{chosen_id: logprob, top ids...}`` for token ``i`` (``None``
+    for a prompt's first token, which has no logprob). Offsets count characters of the decoded
+    text, continuing across calls.
+
+    Example:
+        >>> from gpt2fast.tokenizer import load_tokenizer
+        >>> w = LogprobsWriter(load_tokenizer())
+        >>> w.write([15496, 995], [None, {995: -1.0, 11: -0.5}])["text_offset"]
+        [0, 5]
+    """
+
+    tokenizer: tiktoken.Encoding
+    offset: int = 0
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def write(self, tokens: Sequence[int], entries: Sequence[dict[int, float] | None]) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in zip(tokens, entries):
+            out["tokens"].append(token_text(self.tokenizer, token))
+            out["text_offset"].append(self.offset)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                out["token_logprobs"].append(_finite(entry[token]))
+                ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+                out["top_logprobs"].append({token_text(self.tokenizer, t): _finite(lp) for t, lp in ranked})
+            self.offset += len(self.decoder.decode(self.tokenizer.decode_single_token_bytes(token)))
+        return out
+
+
+def _finite(x: float) -> float:
+    """JSON has no -inf: a token with zero probability is written as the most negative float (as vLLM does)."""
+    return x if math.isfinite(x) else -9999.0
+
+
+def merge_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    """Concatenate two logprobs objects (prompt part, then completion part); either may be None.
+
+    Example:
+        >>> part = {"tokens": ["a"], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+        >>> merge_logprobs(part, part)["tokens"], merge_logprobs(None, part) is part
+        (['a', 'a'], True)
+    """
+    if a is None or b is None:
+        return a if b is None else b
+    return {key: a[key] + b[key] for key in a}

@@ -1,0 +1,122 @@
+"""``gpt2fast serve``: arguments, the engine, and uvicorn with a shutdown that ends every stream and exits 0."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from gpt2fast.errors import CheckpointError
+from gpt2fast.ops import BACKENDS
+from gpt2fast.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
+
+API_KEY_ENV = "GPT2FAST_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``gpt2fast serve`` arguments.
+
+    Example:
+        >>> args = build_parser().parse_args(["--model", "random:gpt2", "--max-num-seqs", "8"])
+        >>> args.host, args.port, args.max_num_seqs, args.max_queue
+        ('127.0.0.1', 8000, 8, 256)
+    """
+    p = argparse.ArgumentParser(prog="gpt2fast serve", description="OpenAI-compatible completions server on the "
+                                "gpt2fast engine (POST /v1/completions, GET /v1/models, /health, /metrics).")
+    p.add_argument("--model", required=True, help="random:<preset>, a Hugging Face or OpenAI folder, or a Hub id")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}, else no key)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="sequences admitted beyond the batch before new requests get 503 + Retry-After")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (prefill chunks)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default: engine's)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
+    p.add_argument("--backend", default=None, choices=BACKENDS)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 on a CPU shared with other busy processes)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds SIGTERM/SIGINT waits for open connections before cancelling them")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request (off: it costs time under load)")
+    return p
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, told first when a signal arrives, and without re-raising the signal after a clean shutdown.
+
+    (uvicorn's own ``handle_exit`` records the signal and raises it again once shut down, so SIGTERM
+    would end the process with status -15 instead of 0.)
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()  # abort in-flight engine requests so open streams end and shutdown can complete
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            print(f"gpt2fast serve: {self.config.app.state.frontend.model_name} at http://{host}:{port}/v1 "
+                  f"(POST /v1/completions; GET /v1/models, /health, /metrics)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; returns the exit status (0 after a clean stop, 2 for bad arguments).
+
+    Example:
+        >>> main(["--model", "/no/such/folder"])
+        2
+    """
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from gpt2fast.engine import Engine
+
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            print(f"gpt2fast serve: error: --cpu-threads must be >= 1, got {args.cpu_threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.cpu_threads)
+
+    try:
+        engine = Engine(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs)
+        app = make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
+                       max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    except (ValueError, CheckpointError) as e:
+        print(f"gpt2fast serve: error: {e}", file=sys.stderr)
+        return 2
+    if engine.is_random:
+        print(f"gpt2fast serve: warning: {args.model} has random weights: completions are gibberish.", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"gpt2fast serve: warning: listening on {args.host} without --api-key: anyone who reaches it can use it",
+              file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+    server = _Server(config, on_exit=app.state.frontend.begin_shutdown)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits this way when it cannot bind or start
+        return e.code if isinstance(e.code, int) else 1
+    return 0

@@ -1,0 +1,238 @@
+"""Bad input against a real ``gpt2fast serve``: each case gets the right status and OpenAI's error body naming the
+problem, and a good request still works right after it. Also: 503 + Retry-After when the queue is full.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import torch
+
+from tests.serverproc import TINY_MODEL, running
+
+KEY = "sk-test-errors"
+MAX_BODY = 100_000
+AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
+GOOD = {"model": TINY_MODEL, "prompt": "Hi", "max_tokens": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Two sequences run, none queue: the 503 test can fill the server with one n=2 stream.
+    with running("serve", "--model", TINY_MODEL, "--api-key", KEY, "--max-num-seqs", "2", "--max-queue", "0",
+                 "--max-body-bytes", str(MAX_BODY), "--cpu-threads", "1") as s:
+        yield s
+
+
+@dataclass
+class Case:
+    name: str
+    status: int
+    says: str  # must appear in the message (case-insensitive)
+    param: str | None = None
+    body: dict = field(default_factory=dict)  # merged into GOOD
+    drop: tuple[str, ...] = ()  # removed from GOOD
+    raw: bytes | None = None  # sent as is instead of a JSON body
+    chunks: list[bytes] | None = None  # sent chunked (no Content-Length)
+    headers: dict = field(default_factory=lambda: {**AUTH, **JSON})
+    method: str = "POST"
+    path: str = "/v1/completions"
+
+
+LONG_PROMPT = "hello " * 1100  # 1100 tokens: over the 1024-token context
+CASES = [
+    # the key
+    Case("missing_key", 401, "didn't provide an api key", headers=JSON),
+    Case("wrong_key", 401, "incorrect api key", headers={"Authorization": "Bearer nope", **JSON}),
+    Case("key_not_bearer", 401, "api key", headers={"Authorization": KEY, **JSON}),
+    # the body as a whole
+    Case("malformed_json", 400, "parse the json", raw=b'{"model": "x", "prompt": '),
+    Case("json_not_an_object", 400, "must be a json object", raw=b'["model", "prompt"]'),
+    Case("empty_body", 400, "empty", raw=b""),
+    Case("nan_is_not_json", 400, "nan is not valid json", raw=b'{"model": "m", "temperature": NaN}'),
+    Case("deeply_nested_json", 400, "parse the json", raw=b"[" * 50_000 + b"]" * 50_000),
+    Case("not_utf8", 400, "parse the json", raw=b'{"model": "\xff\xfe"}'),
+    Case("wrong_content_type", 415, "application/json", raw=b'{"model": "x"}', headers={**AUTH, "Content-Type":
+                                                                                        "text/plain"}),
+    Case("body_too_large", 413, f"{MAX_BODY} bytes", raw=b"{" + b" " * MAX_BODY + b"}"),
+    Case("chunked_body_too_large", 413, f"{MAX_BODY} bytes", chunks=[b"{" + b" " * 40_000] * 3 + [b"}"]),
+    # fields
+    Case("unknown_field", 400, "unrecognized request argument supplied: temprature", "temprature",
+         body={"temprature": 0.5}),
+    Case("missing_model", 400, "field required", "model", drop=("model",)),
+    Case("unknown_model", 404, "does not exist", "model", body={"model": "gpt-4"}),
+    Case("temperature_string", 400, "valid number", "temperature", body={"temperature": "hot"}),
+    Case("temperature_negative", 400, "greater than or equal to 0", "temperature", body={"temperature": -0.5}),
+    Case("temperature_too_high", 400, "less than or equal to 2", "temperature", body={"temperature": 2.5}),
+    Case("top_p_zero", 400, "greater than 0", "top_p", body={"top_p": 0}),
+    Case("top_p_above_one", 400, "less than or equal to 1", "top_p", body={"top_p": 1.5}),
+    Case("n_zero", 400, "greater than or equal to 1", "n", body={"n": 0}),
+    Case("n_huge", 400, "less than or equal to 128", "n", body={"n": 100_000}),
+    Case("n_beyond_batch", 400, "max_num_seqs", "n", body={"n": 3}),
+    Case("n_bool", 400, "valid integer", "n", body={"n": True}),
+    Case("n_float", 400, "valid integer", "n", body={"n": 2.0}),
+    Case("max_tokens_negative", 400, "greater than or equal to 0", "max_tokens", body={"max_tokens": -1}),
+    Case("max_tokens_string", 400, "valid integer", "max_tokens", body={"max_tokens": "10"}),
+    Case("max_tokens_huge", 400, "maximum context length is 1024", "max_tokens", body={"max_tokens": 10**9}),
+    Case("logprobs_above_5", 400, "less than or equal to 5", "logprobs", body={"logprobs": 6}),
+    Case("logprobs_bool", 400, "valid integer", "logprobs", body={"logprobs": True}),
+    Case("stop_too_many", 400, "at most 4 stop", "stop", body={"stop": ["a", "b", "c", "d", "e"]}),
+    Case("stop_empty", 400, "cannot be empty", "stop", body={"stop": ""}),
+    Case("stop_number", 400, "valid string", "stop", body={"stop": 123}),
+    Case("seed_negative", 400, "greater than or equal to 0", "seed", body={"seed": -1}),
+    Case("seed_too_big", 400, "less than or equal to", "seed", body={"seed": 2**64}),
+    Case("presence_penalty_out_of_range", 400, "less than or equal to 2", "presence_penalty",
+         body={"presence_penalty": 3}),
+    Case("frequency_penalty_out_of_range", 400, "greater than or equal to -2", "frequency_penalty",
+         body={"frequency_penalty": -3}),
+    Case("repetition_penalty_zero", 400, "greater than 0", "repetition_penalty", body={"repetition_penalty": 0}),
+    Case("top_k_below_minus_one", 400, "greater than or equal to -1", "top_k", body={"top_k": -2}),
+    Case("min_p_above_one", 400, "less than or equal to 1", "min_p", body={"min_p": 1.5}),
+    Case("stream_string", 400, "valid boolean", "stream", body={"stream": "yes"}),
+    Case("echo_string", 400, "valid boolean", "echo", body={"echo": "true"}),
+    Case("stream_options_without_stream", 400, "only allowed when 'stream' is enabled", "stream_options",
+         body={"stream_options": {"include_usage": True}}),
+    Case("unknown_nested_field", 400, "unrecognized request argument supplied: stream_options.bogus",
+         "stream_options.bogus", body={"stream": True, "stream_options": {"bogus": 1}}),
+    Case("best_of_unsupported", 400, "best_of", "best_of", body={"best_of": 3}),
+    Case("logit_bias_unsupported", 400, "logit_bias", "logit_bias", body={"logit_bias": {"50256": -100}}),
+    Case("suffix_unsupported", 400, "suffix", "suffix", body={"suffix": " the end"}),
+    Case("stop_token_ids_negative", 400, ">= 0", "stop_token_ids", body={"stop_token_ids": [-5]}),
+    # prompts
+    Case("prompt_empty_list", 400, "empty list", "prompt", body={"prompt": []}),
+    Case("prompt_empty_token_list", 400, "empty list of token ids", "prompt", body={"prompt": [[]]}),
+    Case("prompt_mixed_types", 400, "must be a string", "prompt", body={"prompt": [1, "a"]}),
+    Case("prompt_object", 400, "must be a string", "prompt", body={"prompt": {"text": "Hi"}}),
+    Case("prompt_bool_ids", 400, "must be a string", "prompt", body={"prompt": [True, False]}),
+    Case("token_id_past_vocab", 400, "token id 50257", "prompt", body={"prompt": [15496, 50257]}),
+    Case("token_id_negative", 400, "token id -1", "prompt", body={"prompt": [[1], [-1]]}),
+    Case("prompt_over_context", 400, "maximum context length is 1024", "prompt", body={"prompt": LONG_PROMPT}),
+    Case("prompt_plus_max_tokens_over_context", 400, "1000 in your prompt; 100 for the completion", "max_tokens",
+         body={"prompt": [11] * 1000, "max_tokens": 100}),
+    Case("more_prompts_than_capacity", 400, "3 prompts", "prompt", body={"prompt": ["a", "b", "c"]}),
+    # routes
+    Case("unknown_route", 404, "invalid url (post /v1/nothing)", path="/v1/nothing"),
+    Case("wrong_method", 405, "method not allowed", method="GET"),
+    Case("unknown_model_card", 404, "does not exist", "model", method="GET", path="/v1/models/gpt-4"),
+    Case("chat_completions", 400, "no chat template", path="/v1/chat/completions",
+         body={"messages": [{"role": "user", "content": "Hi"}]}),
+]
+
+
+def send(server, case: Case) -> httpx.Response:
+    body = {k: v for k, v in (GOOD | case.body).items() if k not in case.drop}
+    if case.chunks is not None:
+        content = iter(case.chunks)
+    elif case.raw is not None:
+        content = case.raw
+    else:
+        content = httpx.Request("POST", "http://x", json=body).content
+    if case.method == "GET":
+        return httpx.get(server.url + case.path, headers=case.headers, timeout=30)
+    return httpx.request(case.method, server.url + case.path, content=content, headers=case.headers, timeout=30)
+
+
+def good_request_works(server) -> None:
+    r = httpx.post(server.url + "/v1/completions", json=GOOD, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_the_right_status_and_names_the_problem(server, case):
+    r = send(server, case)
+    assert r.status_code == case.status, r.text
+    body = r.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}
+    error = body["error"]
+    assert error["type"] == "invalid_request_error"
+    assert case.says.lower() in error["message"].lower(), error["message"]
+    assert error["param"] == case.param
+    good_request_works(server)
+
+
+# Odd values for each field: the random requests below mix them, valid and not.
+ODD_VALUES = {
+    "prompt": ["Hi", "", None, [], [[]], [1, 2], [[1], [2]], ["a", "b"], [1, "a"], [50257], [-3], {"a": 1}, 7, True,
+               "x" * 10, [[True]], [1.5]],
+    "max_tokens": [0, 1, 2, -1, None, "2", 2.0, 10**12, True],
+    "temperature": [0, 0.5, 2, 2.01, -1, None, "0.5", float("inf"), [1], True],
+    "top_p": [0, 0.5, 1, 1.01, None, "1", -0.1],
+    "n": [1, 2, 3, 0, 129, None, True, 1.0, "2"],
+    "logprobs": [0, 5, 6, -1, None, True, "1"],
+    "echo": [True, False, None, 1, "yes"],
+    "stream": [True, False, None, 0, "no"],
+    "stop": ["\n", ["a", "b"], [], "", [""], 5, ["a"] * 5, None, [None]],
+    "seed": [0, 1, -1, 2**64, None, "7", 1.5],
+    "presence_penalty": [0, 2, -2, 2.5, None, "0"],
+    "top_k": [0, -1, 5, -2, 1.5, None],
+    "min_p": [0, 0.5, 1, 2, None],
+    "repetition_penalty": [1, 1.2, 0, -1, None],
+    "stop_token_ids": [[1], [], [-1], ["a"], None, 3],
+    "bogus_field": [1],
+}
+
+
+def test_random_mixes_of_odd_values_never_give_a_server_error(server):
+    rng = random.Random(8)
+    statuses = set()
+    for _ in range(60):
+        body = {"model": TINY_MODEL, "max_tokens": 1}
+        for name in rng.sample(sorted(ODD_VALUES), 4):
+            body[name] = rng.choice(ODD_VALUES[name])
+        raw = json.dumps(body).replace("Infinity", "1e999").encode()  # 1e999 parses as inf, not as a constant
+        r = httpx.post(server.url + "/v1/completions", content=raw, headers={**AUTH, **JSON}, timeout=30)
+        statuses.add(r.status_code)
+        assert r.status_code in (200, 400), (body, r.text)
+        if r.status_code == 400:
+            error = r.json()["error"]
+            assert error["param"] in body and error["message"], (body, error)
+        elif not body.get("stream"):
+            assert r.json()["object"] == "text_completion", body
+        else:
+            assert r.text.endswith("data: [DONE]\n\n"), body
+    assert statuses == {200, 400}, "the mix has both valid and invalid requests"
+    good_request_works(server)
+
+
+def test_the_battery_covers_at_least_30_cases():
+    assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
+
+
+def test_a_full_queue_answers_503_with_retry_after_then_recovers(server):
+    hold = GOOD | {"prompt": "Hold", "max_tokens": 1000, "n": 2, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", server.url + "/v1/completions", json=hold, headers=AUTH) as holder:
+            assert holder.status_code == 200
+            lines = holder.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # both of the server's sequences are now taken
+            r = c.post(server.url + "/v1/completions", json=GOOD, headers=AUTH)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "overloaded"
+            assert "busy" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 10  # hanging up gave the sequences back
+    while httpx.get(server.url + "/metrics", timeout=10).text.count("gpt2fast_num_sequences_admitted 0.0") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    good_request_works(server)
+
+
+def test_health_and_metrics_need_no_key_and_the_server_still_serves(server):
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'gpt2fast_requests_total{status="400"}' in text and "gpt2fast_requests_total{status=\"500\"}" not in text
+    good_request_works(server)
