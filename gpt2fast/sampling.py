@@ -240,14 +240,18 @@ def _philox_first_word(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
     """
     k0, k1 = seeds & _MASK32, (seeds >> 32) & _MASK32  # the key
     shape = torch.broadcast_shapes(seeds.shape, offsets.shape)
-    c0 = offsets.expand(shape)  # (B, V)
+    # Six (B, V) buffers reused in place for all rounds: fresh (B, V) temporaries per op cost more than
+    # the arithmetic on a CPU (each is a new mmap and its page faults).
+    c0 = offsets.expand(shape).clone()  # (B, V)
     c1, c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0), torch.zeros_like(c0)  # (B, V)
+    prod_a, prod_b = torch.empty_like(c0), torch.empty_like(c0)  # (B, V)
     for _ in range(_PHILOX_ROUNDS):
-        prod_a = c0 * _PHILOX_ROUND_A  # (B, V); low word = new c3, high word goes into c2
-        prod_b = c2 * _PHILOX_ROUND_B  # (B, V); low word = new c1, high word goes into c0
-        c0 = (prod_b >> 32).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
-        c2 = (prod_a >> 32).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
-        c1, c3 = prod_b, prod_a
+        torch.mul(c0, _PHILOX_ROUND_A, out=prod_a)  # low word = new c3, high word goes into c2
+        torch.mul(c2, _PHILOX_ROUND_B, out=prod_b)  # low word = new c1, high word goes into c0
+        torch.bitwise_right_shift(prod_b, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
+        torch.bitwise_right_shift(prod_a, 32, out=c2).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
+        c1, prod_b = prod_b, c1  # the old c1 and c3 become next round's scratch
+        c3, prod_a = prod_a, c3
         k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
     return c0
 
