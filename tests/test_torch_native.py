@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import REFERENCE, TORCH, get_ops, reference, torch_native
 
 LINEAR_CASES = [(1, 3, 5), (3, 17, 111), (8, 64, 96), (33, 111, 17)]  # (rows, K, N)
@@ -52,3 +53,61 @@ def test_backend_names():
     assert get_ops("torch", cpu) is TORCH and get_ops("reference", cpu) is REFERENCE
     assert get_ops("auto", cpu) is TORCH
     assert REFERENCE.linear is reference.linear and TORCH.linear is torch_native.linear
+
+
+# (context lengths, block size, heads, head dim): odd lengths, one long among short ones, partial last blocks.
+DECODE_CASES = [
+    ([1], 16, 2, 8),
+    ([3, 17, 111], 16, 3, 5),
+    ([40, 1023, 2, 17, 64, 65, 300, 9], 16, 12, 64),
+    ([5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5], 4, 2, 16),
+    ([250, 7, 129], 32, 4, 7),
+]
+
+
+def _paged(lens: list[int], block_size: int, n_head: int, head_dim: int, gen: torch.Generator):
+    """A cache poisoned with NaN everywhere no sequence owns, each sequence's blocks at random places."""
+    tables, num_blocks = [], sum(-(-n // block_size) for n in lens) + 3
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    k_cache = torch.full((num_blocks, n_head, block_size, head_dim), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    for n in lens:
+        table = [free.pop() for _ in range(-(-n // block_size))]
+        for pos in range(n):
+            block, offset = table[pos // block_size], pos % block_size
+            k_cache[block, :, offset] = torch.randn(n_head, head_dim, generator=gen)
+            v_cache[block, :, offset] = torch.randn(n_head, head_dim, generator=gen)
+        tables.append(table)
+    return tables, k_cache, v_cache
+
+
+@pytest.mark.parametrize("lens,block_size,n_head,head_dim", DECODE_CASES)
+@pytest.mark.parametrize("group_bytes", [1, 64 << 10, 1 << 30])  # one sequence per group, the default-ish, all
+def test_decode_attention_matches_reference(lens, block_size, n_head, head_dim, group_bytes, monkeypatch):
+    monkeypatch.setattr(torch_native, "DECODE_GROUP_BYTES", group_bytes)
+    gen = torch.Generator().manual_seed(len(lens) * 31 + block_size)
+    tables, k_cache, v_cache = _paged(lens, block_size, n_head, head_dim, gen)
+    meta = AttentionMetadata.build(tables, lens, [1] * len(lens), block_size=block_size, max_blocks=70)
+    q = torch.randn(len(lens), n_head, head_dim, generator=gen)
+    got = torch_native.attention(q, k_cache, v_cache, meta, 0.37)
+    torch.testing.assert_close(got, reference.attention(q, k_cache, v_cache, meta, 0.37), atol=2e-6, rtol=1e-5)
+
+
+def test_decode_attention_leaves_padding_rows_alone():
+    """The static decode runner's padding: rows past the real batch own no query and have context 0."""
+    gen = torch.Generator().manual_seed(5)
+    tables, k_cache, v_cache = _paged([9, 30], 8, 2, 4, gen)
+    real = AttentionMetadata.build(tables, [9, 30], [1, 1], block_size=8, max_blocks=6)
+    padded = AttentionMetadata.build([*tables, [], []], [9, 30, 0, 0], [1, 1, 0, 0], block_size=8, max_blocks=6)
+    q = torch.randn(4, 2, 4, generator=gen)
+    got = torch_native.attention(q, k_cache, v_cache, padded, 0.5)
+    torch.testing.assert_close(got[:2], reference.attention(q[:2], k_cache, v_cache, real, 0.5))
+
+
+def test_prefill_attention_is_the_reference():
+    gen = torch.Generator().manual_seed(6)
+    tables, k_cache, v_cache = _paged([12, 20], 8, 2, 4, gen)
+    meta = AttentionMetadata.build(tables, [12, 20], [5, 1], block_size=8, max_blocks=6)
+    q = torch.randn(6, 2, 4, generator=gen)
+    torch.testing.assert_close(torch_native.attention(q, k_cache, v_cache, meta, 0.5),
+                               reference.attention(q, k_cache, v_cache, meta, 0.5))
