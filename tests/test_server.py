@@ -21,16 +21,10 @@ from gpt2fast.engine import Engine
 from gpt2fast.server import EngineLoop
 from tests.serverproc import TINY_MODEL, running
 
+# Server and tests share two busy cores: one torch thread each (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 KEY = "sk-test-server"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Server and tests share two busy cores: one torch thread each, or spinning OpenMP threads stall both."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

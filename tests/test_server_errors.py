@@ -11,23 +11,17 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import torch
 
 from tests.serverproc import TINY_MODEL, running
+
+# Server and tests share two busy cores: one torch thread each (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KEY = "sk-test-errors"
 MAX_BODY = 100_000
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON = {"Content-Type": "application/json"}
 GOOD = {"model": TINY_MODEL, "prompt": "Hi", "max_tokens": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,16 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpt2fast import LLM, SamplingParams
 from tests.serverproc import TINY_MODEL, running
 
+# Server and tests share two busy cores: one torch thread each (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SERVE_ARGS = ("serve", "--model", TINY_MODEL, "--max-num-seqs", "64", "--max-queue", "1024", "--cpu-threads", "1",
               "--kv-cache-tokens", "32768")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Server and tests share two busy cores: one torch thread each, or spinning OpenMP threads stall both."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
