@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from gpt2fast.errors import CheckpointError
 from gpt2fast.ops import BACKENDS
@@ -146,11 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         return module.main(argv[1:])
     args = build_parser().parse_args(argv)
+    return exit_status("gpt2fast", lambda: generate(args))
+
+
+def exit_status(prog: str, action: Callable[[], object]) -> int:
+    """Run a command's ``action``: 0; 2 with one line ``PROG: error: ...`` for bad input; 130 on Ctrl-C.
+
+    Example:
+        >>> exit_status("demo", lambda: int("x"))
+        2
+    """
     try:
-        if args.command == "generate":
-            generate(args)
+        action()
     except (ValueError, CheckpointError) as e:
-        print(f"gpt2fast: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

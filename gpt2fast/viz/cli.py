@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2fast.errors import CheckpointError
+from gpt2fast.cli import exit_status
 from gpt2fast.ops import BACKENDS
 from gpt2fast.viz.html import VIEWS, render_html
 
@@ -103,11 +103,4 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # argparse has printed usage and the error (or --help)
         return e.code if isinstance(e.code, int) else 2
-    try:
-        run(args)
-    except (ValueError, CheckpointError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return exit_status(PROG, lambda: run(args))
