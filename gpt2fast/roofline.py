@@ -43,12 +43,14 @@ class KernelBytes:
 
 
 def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int) -> KernelBytes:
-    """A decode linear (rows <= 64): split-K GEMV + epilogue, as ``ops/triton/linear.py`` launches it."""
+    """A decode linear (rows <= 64): one split-K GEMV launch that merges its partials and applies the epilogue,
+    as ``ops/triton/linear.py`` launches it."""
     from gpt2fast.ops.triton.linear import BLOCK_K_DECODE, decode_split
 
     splits, _ = decode_split(n, k, BLOCK_K_DECODE["fp16"])
     dram = size * (n * k + n + rows * k + rows * n)  # weight, bias, x, y
-    return KernelBytes(name, calls, dram, workspace_bytes=2 * splits * rows * n * FP32, launches=2)
+    workspace = 2 * splits * rows * n * FP32 if splits > 1 else 0  # one split keeps its tile in registers
+    return KernelBytes(name, calls, dram, workspace_bytes=workspace)
 
 
 def decode_step(
@@ -80,7 +82,7 @@ def decode_step(
         KernelBytes("write_kv", n_layer, s * 4 * b * c + b * INT64),  # k, v in; k, v into pages; slots
         KernelBytes("attention decode", n_layer,
                     s * (2 * b * context * c + 2 * b * c) + INT32 * b * (max_blocks + 2),  # K, V, q, out, tables
-                    workspace_bytes=attn_workspace, launches=2 if splits > 1 else 1),
+                    workspace_bytes=attn_workspace),  # one launch: the last split merges
         _linear("linear attn proj", n_layer, b, c, c, s),
         _linear("linear fc + gelu", n_layer, b, c, f, s),
         _linear("linear mlp proj", n_layer, b, f, c, s),

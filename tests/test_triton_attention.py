@@ -1,8 +1,11 @@
-"""Triton paged attention (prefill, split-K decode, probs) vs ``gpt2fast.ops.reference.attention``.
+"""Triton paged attention (prefill, one-launch split-K decode, probs) vs ``gpt2fast.ops.reference.attention``.
 
 On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set before the kernel
 module is imported). Caches are poisoned with NaN outside the written slots, so any read of a wrong
-slot, page or position shows up as NaN in the output.
+slot, page or position shows up as NaN in the output. The decode merge (the split that draws the last
+ticket merges all partials) is checked with NaN-poisoned workspaces, forced split counts, programs run
+in other orders, and the ticket counters read back as zeros; races between splits cannot show in the
+interpreter (it runs programs one at a time) and are argued in the kernel's comments.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ if not torch.cuda.is_available():
 
 from gpt2fast.metadata import AttentionMetadata  # noqa: E402
 from gpt2fast.ops import reference  # noqa: E402
+from gpt2fast.ops.triton import attention as attention_module  # noqa: E402
 from gpt2fast.ops.triton.attention import (  # noqa: E402
     COMPILE_VARIANTS,
     attention,
     attention_with_probs,
     decode_splits,
 )
+from gpt2fast.ops.triton.counters import MIN_SLOTS, ticket_counters  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -141,7 +146,7 @@ def test_decode_with_idle_sequence():
                          [([1, 5, 16, 9, 3], 2, 1), ([33, 1, 7, 20, 2, 17, 9, 40] * 3, 12, 3)],
                          ids=["one-page-table", "batch-fills-gpu"])
 def test_decode_one_split_writes_output_directly(seq_lens, n_head, width):
-    """One split (table of one page, or batch x heads >= 2 x 132): the split kernel stores the output itself."""
+    """One split (table of one page, or batch x heads >= 2 x 132): each program stores its output, no ticket."""
     query_lens = [1] * len(seq_lens)
     query_lens[1] = 0  # an idle sequence: its row belongs to the next sequence and must stay untouched
     case = make_case(seq_lens, query_lens, block_size=16, n_head=n_head, seed=19, table_width=width)
@@ -180,6 +185,119 @@ def test_q_strided_along_head_dim():
     wide = torch.randn(q.shape[0], q.shape[1], 2 * q.shape[2], device=DEVICE)  # (T, H, 2*D)
     wide[..., ::2] = q
     check(wide[..., ::2], kc, vc, meta, torch.float32)
+
+
+def _counters_are_zero() -> bool:
+    return int(ticket_counters(DEVICE, 1).abs().sum()) == 0
+
+
+def _force_splits(monkeypatch, num_splits: int):
+    """Make the decode split the block table into ``num_splits`` equal runs of pages (the rule picks its own)."""
+
+    def forced(num_seqs, n_head, max_blocks):
+        assert max_blocks % num_splits == 0, "choose a split count that divides the table width"
+        return num_splits, max_blocks // num_splits
+
+    monkeypatch.setattr(attention_module, "decode_splits", forced)
+
+
+def _poisoned_empty(real_empty):
+    """``torch.empty`` filled with NaN: a workspace slot or output row the decode forgets to write shows."""
+
+    def empty(*shape, dtype=None, **kwargs):
+        out = real_empty(*shape, dtype=dtype, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    return empty
+
+
+def run_programs_in(order: str, monkeypatch) -> None:
+    """Make the interpreter run each launch's programs in ``order`` ("forward", "reverse" or "shuffle") instead of
+    its fixed x, y, z loop, by remapping the grid index it hands each program: another split draws the last ticket.
+    """
+    from triton.runtime.interpreter import interpreter_builder
+
+    real = interpreter_builder.set_grid_idx
+
+    def remapped(x, y, z):
+        nx, ny, nz = interpreter_builder.grid_dim
+        i, n = (x * ny + y) * nz + z, nx * ny * nz
+        if order == "reverse":
+            i = n - 1 - i
+        elif order == "shuffle":
+            i = int(torch.randperm(n, generator=torch.Generator().manual_seed(n))[i])
+        real(i // (ny * nz), i // nz % ny, i % nz)
+
+    monkeypatch.setattr(interpreter_builder, "set_grid_idx", remapped)
+
+
+# Decode steps whose splits all take tickets: a table of 12 pages, sequences that end in the first, a middle
+# and the last split, and an idle sequence (no query: no partial, no ticket, no output row).
+MERGE_LENS, MERGE_QUERIES = [1, 40, 190, 16, 100], [1, 1, 1, 0, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_counters_are_zero_after_every_call(dtype):
+    case = make_case(MERGE_LENS, MERGE_QUERIES, block_size=16, dtype=dtype, seed=21, table_width=12)
+    assert decode_splits(len(MERGE_LENS), 2, 12)[0] > 1
+    first = check(*case, dtype)
+    assert _counters_are_zero()
+    assert torch.equal(check(*case, dtype), first)  # a second call: the same bits
+    assert _counters_are_zero()
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 4, 12])
+def test_decode_forced_split_counts(num_splits, monkeypatch):
+    """Every split count a 12-page table allows, down to one page per split: matches the reference with a NaN-
+    poisoned workspace and output (a partial read before it was written, or a row never stored, shows as NaN)."""
+    _force_splits(monkeypatch, num_splits)
+    case = make_case(MERGE_LENS, MERGE_QUERIES, block_size=16, seed=22, table_width=12)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    check(*case, torch.float32)
+    assert _counters_are_zero()
+
+
+def test_decode_is_bit_identical_across_split_counts_when_every_sum_is_exact(monkeypatch):
+    """Each head's key is the same at every position, so every score is the same number, every softmax weight is
+    exp2(0) = 1 and every rescale factor is 1 (or 0 for a split past the end); V holds small integers. Then
+    each split's sum is exact and the output is (sum of V) / length whatever the split count: a split merged
+    twice, or never, would change it."""
+    q, kc, vc, meta = make_case(MERGE_LENS, MERGE_QUERIES, block_size=16, seed=23, table_width=12)
+    gen = torch.Generator().manual_seed(24)
+    keys = torch.randn(1, kc.shape[1], 1, kc.shape[3], generator=gen).to(DEVICE)  # (1, H, 1, D): one per head
+    kc = torch.where(kc.isnan(), kc, keys)
+    vc = torch.where(vc.isnan(), vc, torch.randint(-8, 9, vc.shape, generator=gen).float().to(DEVICE))
+    want = reference.attention(q, kc, vc, meta, 0.25)
+    outs = []
+    for num_splits in (1, 2, 3, 4, 6, 12):
+        _force_splits(monkeypatch, num_splits)
+        outs.append(attention(q, kc, vc, meta, 0.25))
+        assert _counters_are_zero()
+    for num_splits, out in zip((2, 3, 4, 6, 12), outs[1:]):
+        assert torch.equal(out, outs[0]), f"{num_splits} splits differ from one"
+    torch.testing.assert_close(outs[0], want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the Triton interpreter's programs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_the_same_bits_whichever_split_draws_the_last_ticket(dtype, monkeypatch):
+    """Programs run forward, in reverse and shuffled: the last split merges in split order, so the bits agree."""
+    case = make_case(MERGE_LENS, MERGE_QUERIES, block_size=16, dtype=dtype, seed=25, table_width=12)
+    outs = []
+    for order in ("forward", "reverse", "shuffle"):
+        run_programs_in(order, monkeypatch)
+        outs.append(check(*case, dtype))
+        assert _counters_are_zero()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("n_head", [12, 16, 20, 25, 2])
+def test_decode_split_rule_never_asks_for_more_counters_than_the_first_buffer(n_head):
+    """Only batches of fewer than 2 x 132 (sequence, head) pairs split, so MIN_SLOTS counters always suffice:
+    the buffer made on the first decode step never grows, before or during CUDA graph capture."""
+    for num_seqs in (1, 2, 4, 8, 16, 21, 22, 32, 64, 128, 256, 512):
+        if decode_splits(num_seqs, n_head, 64)[0] > 1:
+            assert num_seqs * n_head < MIN_SLOTS
 
 
 def reference_probs(q, k_cache, v_cache, meta, scale):
@@ -231,8 +349,7 @@ def test_compile_variants_match_kernels():
     compiles exactly these)."""
     assert len({v["name"] for v in COMPILE_VARIANTS}) == len(COMPILE_VARIANTS)
     kernels = {v["fn"].fn.__name__ if hasattr(v["fn"], "fn") else v["fn"].__name__ for v in COMPILE_VARIANTS}
-    assert kernels == {"_attention_prefill_kernel", "_attention_decode_split_kernel",
-                       "_attention_decode_merge_kernel", "_attention_probs_kernel"}
+    assert kernels == {"_attention_prefill_kernel", "_attention_decode_kernel", "_attention_probs_kernel"}
     for v in COMPILE_VARIANTS:
         assert list(v["signature"]) == list(v["fn"].arg_names), v["name"]
         assert {k for k, t in v["signature"].items() if t == "constexpr"} == set(v["constexprs"]), v["name"]

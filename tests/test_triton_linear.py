@@ -1,7 +1,13 @@
-"""Triton linear (prefill tiles and the decode split-K GEMV, each epilogue) vs ``gpt2fast.ops.reference.linear``.
+"""Triton linear (prefill tiles and the one-launch decode split-K GEMV, each epilogue) vs
+``gpt2fast.ops.reference.linear``, and the split-K ticket counters it shares with the decode attention.
 
 On CPU these run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1); shapes stay
-small. ``gpu``-marked tests repeat the checks on CUDA at GPT-2 124M / 1.5B shapes in fp16 and bf16.
+small. The interpreter runs programs one at a time, so no test here can see a race between the split
+programs: the memory ordering is argued in the kernel's comments. What the tests do pin down: every
+split's partial is merged exactly once (bit-identical results across forced split counts on inputs
+whose sums are exact), every workspace slot is written before it is read (NaN-poisoned buffers), and
+the counters are back to zero after every call. ``gpu``-marked tests repeat the checks on CUDA at
+GPT-2 124M / 1.5B shapes in fp16 and bf16.
 """
 
 from __future__ import annotations
@@ -15,8 +21,17 @@ from gpt2fast.ops.triton import available, unavailable_reason
 pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
 
 if available():
+    from gpt2fast.ops.triton import counters
     from gpt2fast.ops.triton import linear as linear_module
-    from gpt2fast.ops.triton.linear import DECODE_MAX_ROWS, PREFILL_TILES, decode_split, linear, prefill_tile
+    from gpt2fast.ops.triton.linear import (
+        BLOCK_K_DECODE,
+        BLOCK_N_DECODE,
+        DECODE_MAX_ROWS,
+        PREFILL_TILES,
+        decode_split,
+        linear,
+        prefill_tile,
+    )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,6 +51,7 @@ EPILOGUES = {
 # (summation order only). fp16: one rounding of the output (2**-10) plus the reference's own rounding.
 # bf16: the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), so up to 2 bf16 ulps (2**-7 each).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3.2e-2}
+ETYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _inputs(rows, k, n, dtype, seed=0, strided=False):
@@ -173,3 +189,157 @@ def test_linear_writes_every_output_and_partial(shape, monkeypatch):
     x, w, b, r = _inputs(*shape, torch.float32, seed=11)
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
     _check(x, w, b, r, torch.float32, EPILOGUES["gelu_residual"])
+
+
+# ---- the one-launch split-K merge: tickets, fixed-order sums, counters -----------------------------------
+
+
+def _counters_are_zero() -> bool:
+    return int(counters.ticket_counters(DEVICE, 1).abs().sum()) == 0
+
+
+def _force_splits(monkeypatch, splits: int):
+    """Make linear() split K into ``splits`` chunks of whole BLOCK_K steps (the split rule picks its own S)."""
+
+    def forced(n, k, block_k=128):
+        steps = -(-k // block_k)
+        assert steps % splits == 0, "choose a split count that divides the K steps: no empty split"
+        return splits, steps // splits * block_k
+
+    monkeypatch.setattr(linear_module, "decode_split", forced)
+
+
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 300, 200), (17, 97, 131), (64, 300, 70)], ids=str)
+def test_counters_are_zero_after_every_decode_call(shape):
+    """The last program of each N slice puts its counter back to 0, so the next launch (or graph replay) starts
+    from zeros; (1, 96, 96) has one split and draws no ticket at all."""
+    x, w, b, r = _inputs(*shape, torch.float32, seed=5)
+    splits = decode_split(shape[2], shape[1], BLOCK_K_DECODE["fp32"])[0]
+    assert (splits > 1) == (shape[1] > 32)
+    for _ in range(2):
+        _check(x, w, b, r, torch.float32, EPILOGUES["gelu_residual"])
+        assert _counters_are_zero()
+
+
+def _integer_inputs(rows, k, n, dtype, seed):
+    """Small integers: every product and partial sum is exact (|y| <= 4 K + 4 < 2**11, exact in fp16 too), so any
+    order of summing the splits gives the same bits, and a split merged twice or never changes the result."""
+    g = torch.Generator().manual_seed(seed)
+    ints = lambda *shape: torch.randint(-2, 3, shape, generator=g).to(DEVICE, dtype)  # noqa: E731
+    return ints(rows, k), ints(n, k), ints(n), ints(rows, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [3, 17])  # row tiles 16 and 64
+def test_results_are_bit_identical_across_split_counts(rows, dtype, monkeypatch):
+    """Forced split counts, each called twice, all give the reference's exact integers (bias + residual, no
+    GELU, so the outputs stay integers)."""
+    k, n = 320, 70  # fp32: 10 K steps of 32 (S = 1, 2, 5, 10); fp16: 3 steps of 128 (S = 1, 3)
+    x, w, b, r = _integer_inputs(rows, k, n, dtype, seed=rows)
+    want = reference.linear(x, w, b, residual=r)
+    assert want.abs().max() > 20  # not a degenerate case
+    steps = -(-k // BLOCK_K_DECODE[ETYPE[dtype]])
+    tried = [s for s in (1, 2, 3, 5, 10) if steps % s == 0]
+    assert len(tried) >= 2
+    for splits in tried:
+        _force_splits(monkeypatch, splits)
+        for _ in range(2):  # a second call: the same bits
+            assert torch.equal(linear(x, w, b, residual=r), want), f"S={splits}"
+        assert _counters_are_zero()
+
+
+def run_programs_in(order: str, monkeypatch) -> None:
+    """Make the interpreter run each launch's programs in ``order`` ("forward", "reverse" or "shuffle") instead of
+    its fixed x, y, z loop, by remapping the grid index it hands each program: another split draws the last ticket.
+    """
+    from triton.runtime.interpreter import interpreter_builder
+
+    real = interpreter_builder.set_grid_idx
+
+    def remapped(x, y, z):
+        nx, ny, nz = interpreter_builder.grid_dim
+        i, n = (x * ny + y) * nz + z, nx * ny * nz
+        if order == "reverse":
+            i = n - 1 - i
+        elif order == "shuffle":
+            i = int(torch.randperm(n, generator=torch.Generator().manual_seed(n))[i])
+        real(i // (ny * nz), i // nz % ny, i % nz)
+
+    monkeypatch.setattr(interpreter_builder, "set_grid_idx", remapped)
+
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the Triton interpreter's programs")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows", [3, 17])
+def test_the_same_bits_whichever_split_draws_the_last_ticket(rows, monkeypatch):
+    """Random inputs, S = 10 (fp32) and 3 (fp16): programs run forward, in reverse and shuffled give identical
+    results, because the last program sums the partials in split order, not arrival order."""
+    for dtype in (torch.float32, torch.float16):
+        x, w, b, r = _inputs(rows, 320, 131, dtype, seed=rows)
+        assert decode_split(131, 320, BLOCK_K_DECODE[ETYPE[dtype]])[0] > 1
+        outs = []
+        for order in ("forward", "reverse", "shuffle"):
+            run_programs_in(order, monkeypatch)
+            outs.append(linear(x, w, b, gelu=True, residual=r))
+            assert _counters_are_zero()
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        _check(x, w, b, r, dtype, EPILOGUES["gelu_residual"])
+
+
+@pytest.mark.parametrize("splits", [2, 5, 10])
+def test_forced_splits_write_every_partial_before_reading_it(splits, monkeypatch):
+    """NaN-poisoned workspace and output at every forced split count: a partial the merge read before its
+    program wrote it (or an output tile no program stored) would come out NaN."""
+    _force_splits(monkeypatch, splits)
+    x, w, b, r = _inputs(17, 320, 131, torch.float32, seed=splits)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    _check(x, w, b, r, torch.float32, EPILOGUES["gelu_residual"])
+    assert _counters_are_zero()
+
+
+def test_decode_linear_draws_tickets_only_when_it_splits(monkeypatch):
+    """S > 1 asks for one counter per 32-wide N slice; with S = 1 the kernel never touches the counters: a
+    buffer of nonzero counters stays as it was and the (NaN-poisoned) output is still written in full."""
+    x, w, b, r = _inputs(3, 96, 131, torch.float32, seed=1)
+    asked = []
+    real = counters.ticket_counters
+    monkeypatch.setattr(linear_module, "ticket_counters", lambda dev, slots: asked.append(slots) or real(dev, slots))
+    _check(x, w, b, r, torch.float32, EPILOGUES["bias"])
+    assert asked == [-(-131 // BLOCK_N_DECODE)]
+    nonzero = torch.full((8,), 5, dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(linear_module, "ticket_counters", lambda dev, slots: nonzero)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    _force_splits(monkeypatch, 1)
+    _check(x, w, b, r, torch.float32, EPILOGUES["bias"])
+    assert torch.equal(nonzero, torch.full((8,), 5, dtype=torch.int32, device=DEVICE))
+
+
+def test_ticket_counters_grow_keep_old_buffers_and_refuse_to_grow_in_capture(monkeypatch):
+    monkeypatch.setattr(counters, "_BUFFERS", {})
+    monkeypatch.setattr(counters, "_RETIRED", [])
+    first = counters.ticket_counters(DEVICE, 3)
+    assert first.numel() == counters.MIN_SLOTS and first.dtype == torch.int32 and not first.any()
+    assert counters.ticket_counters(DEVICE, counters.MIN_SLOTS) is first  # large enough: the same buffer
+    bigger = counters.ticket_counters(DEVICE, counters.MIN_SLOTS + 1)
+    assert bigger.numel() >= counters.MIN_SLOTS + 1 and not bigger.any()
+    assert counters._RETIRED == [first]  # a graph captured with the old address must stay valid
+    monkeypatch.setattr(counters, "_capturing", lambda device: True)
+    assert counters.ticket_counters(DEVICE, 5) is bigger  # no allocation needed: fine during capture
+    with pytest.raises(RuntimeError, match="during CUDA graph capture"):
+        counters.ticket_counters(DEVICE, 10 * bigger.numel())
+    monkeypatch.setattr(counters, "_BUFFERS", {})
+    with pytest.raises(RuntimeError, match="warm-up"):
+        counters.ticket_counters(DEVICE, 1)  # creating it in capture would record a fill into the graph
+
+
+@pytest.mark.parametrize("n_embd", [768, 1024, 1280, 1600, 60, 96])
+def test_split_rule_never_asks_for_more_counters_than_the_first_buffer(n_embd):
+    """Only linears with fewer than 2 x 132 N slices split, so MIN_SLOTS counters always suffice: the buffer
+    made on the first decode step never grows, before or during CUDA graph capture."""
+    for k, n in ((n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, 4 * n_embd), (4 * n_embd, n_embd),
+                 (n_embd, 50257), (n_embd, 9000)):
+        for etype in ("fp32", "fp16"):
+            if decode_split(n, k, BLOCK_K_DECODE[etype])[0] > 1:
+                assert -(-n // BLOCK_N_DECODE) < counters.MIN_SLOTS

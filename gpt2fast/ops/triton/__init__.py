@@ -6,7 +6,9 @@ The kernels run on a CUDA GPU, or on CPU tensors under the Triton interpreter wh
 import triton themselves, and ``available()`` imports it only when asked.
 
 Every kernel module also lists ``COMPILE_VARIANTS``: each configuration its launcher can launch, so
-``aot.py`` compiles for sm_80/sm_90 exactly what runs.
+``aot.py`` compiles for sm_80/sm_90 exactly what runs. Two modules hold no kernels: ``aot`` and
+``counters`` (the zeroed int32 ticket counters with which the decode linear and the decode attention
+merge their split-K partials inside the same launch).
 """
 
 from __future__ import annotations

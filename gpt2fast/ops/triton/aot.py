@@ -44,8 +44,8 @@ import time
 ARCHES = (80, 90)
 # shared memory one block may use (opt-in maximum): A100 163 KB, H100 227 KB
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-# modules of this package that hold no kernels
-NOT_KERNELS = {"aot"}
+# modules of this package that hold no kernels (counters: the split-K ticket buffer)
+NOT_KERNELS = {"aot", "counters"}
 
 
 def _compiles_here(fn) -> bool:
@@ -183,7 +183,7 @@ def compile_variant(variant: dict, arch: int) -> dict:
 
 
 def kernel_modules() -> list[str]:
-    """Names of the kernel modules of ``gpt2fast.ops.triton`` (every module but ``aot``).
+    """Names of the kernel modules of ``gpt2fast.ops.triton`` (every module but those in ``NOT_KERNELS``).
 
     Example:
         >>> "gpt2fast.ops.triton.layer_norm" in kernel_modules()

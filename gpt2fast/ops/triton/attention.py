@@ -14,15 +14,18 @@ Three kernels, picked by :func:`attention` from the host-side ``meta.max_query_l
   each position's page id from the block table (a tile may span several pages), stopping at the
   tile's last causal position. ``tl.dot`` for QK^T and PV, online softmax in fp32 (exp2 with
   ``scale * log2(e)`` folded in), one cast at the store.
-* ``_attention_decode_split_kernel`` + ``_attention_decode_merge_kernel`` (every sequence has at
-  most one query: ``max_query_len == 1``). Flash-decoding: grid ``(num_seqs, H, num_splits)``;
-  split ``s`` covers context positions ``[s * split_len, (s + 1) * split_len)`` with
-  ``split_len = pages_per_split * block_size`` and writes its partial (max, sum, acc) to an fp32
-  workspace; a split past the sequence's end writes the neutral partial (-inf, 0, 0). The merge
-  kernel (grid ``(num_seqs, H)``) rescales and sums the partials, 16 splits per loop step. With
-  one split (``WRITE_OUT``) the split kernel normalises and stores the output itself: no
-  workspace round trip, no second launch. With one query the scores are a GEMV, so it uses
-  broadcast-multiply-reduce in fp32 rather than ``tl.dot`` (no M >= 16 tile).
+* ``_attention_decode_kernel`` (every sequence has at most one query: ``max_query_len == 1``).
+  Flash-decoding in one launch: grid ``(num_seqs, H, num_splits)``; split ``s`` covers context
+  positions ``[s * split_len, (s + 1) * split_len)`` with ``split_len = pages_per_split *
+  block_size``. With more than one split each program writes its partial (max, sum, acc) to an
+  fp32 workspace -- a split past the sequence's end writes the neutral partial (-inf, 0, 0) -- and
+  draws a ticket (``tl.atomic_add``, acq_rel, gpu scope) on its (sequence, head)'s int32 counter
+  (:mod:`gpt2fast.ops.triton.counters`). The split that draws the last ticket, whichever it is,
+  rescales and sums the partials in the fixed order 0..S-1 (16 per loop step; the same bits every
+  run), stores the output and puts the counter back to 0; the kernel's comments give the
+  memory-ordering argument. With one split it normalises and stores its own output: no workspace,
+  no ticket. A sequence without a query this step returns at once. With one query the scores are
+  a GEMV, so it uses broadcast-multiply-reduce in fp32 rather than ``tl.dot`` (no M >= 16 tile).
 * ``_attention_probs_kernel`` (:func:`attention_with_probs`, for inspection, not speed): the
   prefill tiling done twice, a first pass for the row max and sum, a second that writes the
   normalised probabilities and accumulates the output.
@@ -36,7 +39,7 @@ bucket replays with any lengths: the engine pads every ``block_tables`` to the f
 ``n_positions / block_size`` (64 for GPT-2 at block 16; ``AttentionMetadata.build(max_blocks=)``).
 ``2 * 132`` asks for two waves of programs on an H100's 132 SMs, so one sequence at GPT-2 124M
 (12 heads, 64-page tables) runs 22 splits of 3 pages; from 22 sequences up the batch alone fills
-the GPU, there is one split and no merge.
+the GPU, there is one split and no merge step.
 
 **Napkin math (decode, GPT-2 124M: 12 heads x 64, fp16, 64-page tables at block 16; one layer).**
 Bytes = K and V of every context token (``2 * B * L * 12 * 64 * 2``) + q and out + tables + fp32
@@ -52,8 +55,10 @@ batch       context  splits      KV bytes    total     roofline
 64          1024     1           201.3 MB    201.5 MB  60.2 us
 ==========  =======  ==========  ==========  ========  ==========
 
-At batch 1 the floor is far below two launches' latency (a few us): splits there buy parallelism,
-not bandwidth, and the 139 KB of partials is the price of a grid fixed by shapes.
+At batch 1 the floor is far below one launch's latency (a few us): splits there buy parallelism,
+not bandwidth, and the 139 KB of partials (written and read back within the launch, in L2) is the
+price of a grid fixed by shapes. The merge runs inside the same launch (in the last split of each
+sequence and head), so splitting costs no second launch.
 
 **tl.dot precision.** For fp16/bf16 the prefill operands stay in their storage dtype and the
 dot accumulates in fp32 (tensor cores, exact products); P is cast to the value dtype for PV, as
@@ -75,6 +80,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.metadata import AttentionMetadata
+from gpt2fast.ops.triton.counters import ticket_counters
 
 _NUM_SMS = 132  # H100 SXM; the split rule aims at two waves of programs on it
 # Prefill query rows per program; fp32 tiles (FMA dots, no tensor cores) spill at 64 on sm_80/sm_90.
@@ -85,8 +91,7 @@ _NUM_WARPS = 4
 # dtype on sm_80 and sm_90 (32-wide key tiles spilled a few bytes for some dtype/arch pairs).
 _PROBS_NUM_WARPS = 8
 _PROBS_BLOCK_N = 16
-_MERGE_BLOCK_S = 16  # splits per merge-loop step: 16 x 64 fp32 partials over 2 warps, no spills
-_MERGE_NUM_WARPS = 2
+_MERGE_BLOCK_S = 16  # splits per step of the decode merge loop: 16 x 64 fp32 partials, no spills
 
 
 @triton.jit
@@ -164,13 +169,14 @@ def _attention_prefill_kernel(
 
 
 @triton.jit
-def _attention_decode_split_kernel(
+def _attention_decode_kernel(
     q_ptr,  # (T, H, D) queries, at most one per sequence, unit stride along D
     k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
-    part_ml_ptr,  # (B * H * num_splits, 2) fp32 workspace out: running max (log2 domain) and sum per split
-    part_acc_ptr,  # (B * H * num_splits, BLOCK_D) fp32 workspace out: unnormalised output per split
-    out_ptr,  # (T, H, D) output, unit stride along D; written instead of the workspace when WRITE_OUT
+    part_ml_ptr,  # (B * H * num_splits, 2) fp32 workspace: running max (log2 domain) and sum per split (S > 1)
+    part_acc_ptr,  # (B * H * num_splits, BLOCK_D) fp32 workspace: unnormalised output per split (S > 1)
+    counter_ptr,  # (>= B * H,) int32 ticket per (sequence, head), 0 on entry, left 0 (S > 1; else unread)
+    out_ptr,  # (T, H, D) output, unit stride along D
     cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
     seq_lens_ptr,  # (B,) int32 context lengths
     block_tables_ptr,  # (B, max_blocks) int32 page ids, -1 padded
@@ -184,19 +190,19 @@ def _attention_decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WRITE_OUT: tl.constexpr,  # one split (the batch alone fills the GPU): normalise and store, no merge launch
+    BLOCK_S: tl.constexpr,  # splits merged per loop step (any num_splits works: registers stay bounded)
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     q_row = tl.load(cu_seqlens_ptr + seq)
-    has_query = tl.load(cu_seqlens_ptr + seq + 1) > q_row
+    if tl.load(cu_seqlens_ptr + seq + 1) == q_row:
+        return  # no query this step (idle or padding sequence; row q_row is the next one's): no partial, no ticket
     context_len = tl.load(seq_lens_ptr + seq)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q_mask = d < tl.where(has_query, HEAD_DIM, 0)  # row q_row may not exist when the sequence has no query
-    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + d, mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + q_row * stride_qt + head * stride_qh + d, mask=d_ok, other=0.0)
     q = q.to(tl.float32) * (scale * 1.4426950408889634)  # (BLOCK_D,), exp2 domain
 
     m_i = float("-inf")
@@ -204,9 +210,8 @@ def _attention_decode_split_kernel(
     acc = tl.zeros((BLOCK_D,), tl.float32)
     split_start = split * split_len
     split_end = tl.minimum(split_start + split_len, context_len)
-    split_end = tl.where(has_query, split_end, 0)  # a sequence without a query this step reads nothing
     table = block_tables_ptr + seq * stride_bt
-    for start in range(split_start, split_end, BLOCK_N):
+    for start in range(split_start, split_end, BLOCK_N):  # a split past the end leaves (-inf, 0, 0)
         pos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         pos_ok = pos < split_end
         page = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
@@ -222,45 +227,34 @@ def _attention_decode_split_kernel(
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
-    if WRITE_OUT:
+    if num_splits == 1:  # the batch alone fills the GPU: normalise and store, no workspace, no ticket
         o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d
-        l_i = tl.where(has_query, l_i, 1.0)  # an idle sequence stores nothing; avoid computing 0 / 0
-        tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=q_mask)
-    else:
-        part = (seq * tl.num_programs(1) + head) * num_splits + split
-        tl.store(part_ml_ptr + part * 2, m_i)
-        tl.store(part_ml_ptr + part * 2 + 1, l_i)
-        tl.store(part_acc_ptr + part * BLOCK_D + d, acc)
-
-
-@triton.jit
-def _attention_decode_merge_kernel(
-    part_ml_ptr,  # (B * H * num_splits, 2) fp32 partial max (log2 domain) and sum
-    part_acc_ptr,  # (B * H * num_splits, BLOCK_D) fp32 partial unnormalised outputs
-    out_ptr,  # (T, H, D) output, unit stride along D
-    cu_seqlens_ptr,  # (B + 1,) int32 query row offsets
-    num_splits,
-    stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # splits merged per loop step (any num_splits works: registers stay bounded)
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_row = tl.load(cu_seqlens_ptr + seq)
-    if tl.load(cu_seqlens_ptr + seq + 1) == q_row:
+        tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)  # l_i > 0: position 0 is here
         return
-    d = tl.arange(0, BLOCK_D)
-    first = (seq * tl.num_programs(1) + head) * num_splits
+    slot = seq * tl.num_programs(1) + head  # this (sequence, head)'s counter
+    first = slot * num_splits  # its split 0 in the workspace
+    tl.store(part_ml_ptr + (first + split) * 2, m_i)
+    tl.store(part_ml_ptr + (first + split) * 2 + 1, l_i)
+    tl.store(part_acc_ptr + (first + split) * BLOCK_D + d, acc)
+    # Memory ordering, as in linear.py's decode kernel: the barrier orders every thread's partial stores
+    # before the one thread's acq_rel, gpu-scope ticket (release is cumulative); the counter's chain of
+    # read-modify-writes carries the other splits' releases to the last ticket's acquire, which Triton
+    # hands to the whole program through shared memory and a barrier; the merge loads bypass the
+    # non-coherent L1 (".cg") so no line cached there earlier stands in for a partial.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel", scope="gpu")
+    if ticket != num_splits - 1:
+        return
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for start in range(0, num_splits, BLOCK_S):
+    for start in range(0, num_splits, BLOCK_S):  # fixed order: the same bits whichever split drew the last ticket
         sp = start + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
         sp_ok = sp < num_splits
-        m = tl.load(part_ml_ptr + (first + sp) * 2, mask=sp_ok, other=float("-inf"))
-        l_s = tl.load(part_ml_ptr + (first + sp) * 2 + 1, mask=sp_ok, other=0.0)
-        part = tl.load(part_acc_ptr + (first + sp)[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
+        m = tl.load(part_ml_ptr + (first + sp) * 2, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_ml_ptr + (first + sp) * 2 + 1, mask=sp_ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_acc_ptr + (first + sp)[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0,
+                       cache_modifier=".cg")  # (BLOCK_S, BLOCK_D)
         # Split 0 holds position 0, so m_new is finite from the first step on; empty splits weigh exp2(-inf) = 0.
         m_new = tl.maximum(m_i, tl.max(m, 0))
         alpha = tl.exp2(m_i - m_new)
@@ -269,7 +263,8 @@ def _attention_decode_merge_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * part, 0)
         m_i = m_new
     o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d
-    tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(counter_ptr + slot, 0)  # every ticket drawn: nothing else touches it in this launch
 
 
 @triton.jit
@@ -407,22 +402,15 @@ def _decode(q, k_cache, v_cache, meta, scale, out) -> None:
     n_head, block_size, head_dim = k_cache.shape[1:]
     num_seqs, block_d = meta.num_seqs, _block_d(head_dim)
     num_splits, pages_per_split = decode_splits(num_seqs, n_head, meta.block_tables.shape[1])
-    write_out = num_splits == 1
-    workspace = 1 if write_out else num_seqs * n_head * num_splits  # 1: a valid, unused pointer
+    workspace = num_seqs * n_head * num_splits if num_splits > 1 else 1  # 1: a valid, unused pointer
     part_ml = torch.empty(workspace, 2, dtype=torch.float32, device=q.device)  # (B * H * splits, 2)
     part_acc = torch.empty(workspace, block_d, dtype=torch.float32, device=q.device)  # (B * H * splits, BLOCK_D)
-    _attention_decode_split_kernel[(num_seqs, n_head, num_splits)](
-        q, k_cache, v_cache, part_ml, part_acc, out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, scale,
-        *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2], meta.block_tables.stride(0),
-        pages_per_split * block_size,
+    _attention_decode_kernel[(num_seqs, n_head, num_splits)](
+        q, k_cache, v_cache, part_ml, part_acc, ticket_counters(q.device, num_seqs * n_head), out, meta.cu_seqlens_q,
+        meta.seq_lens, meta.block_tables, scale, *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2],
+        meta.block_tables.stride(0), pages_per_split * block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size),
-        WRITE_OUT=write_out, num_warps=_NUM_WARPS,
-    )
-    if write_out:
-        return
-    _attention_decode_merge_kernel[(num_seqs, n_head)](
-        part_ml, part_acc, out, meta.cu_seqlens_q, num_splits, *out.stride()[:2],
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S, num_warps=_MERGE_NUM_WARPS,
+        BLOCK_S=_MERGE_BLOCK_S, num_warps=_NUM_WARPS,
     )
 
 
@@ -437,9 +425,9 @@ def attention(
 
     ``q``: ``(T, H, D)`` with any row/head strides (a view of the fused qkv; a non-unit stride along D
     is copied first); caches ``(num_blocks, H, block_size, D)``. Returns a new ``(T, H, D)`` tensor in
-    ``q.dtype``. Decode steps (``meta.max_query_len == 1``) take the split-K path (it allocates its
-    fp32 partials with torch, from the graph's pool under CUDA-graph capture), everything else the
-    varlen flash kernel.
+    ``q.dtype``. Decode steps (``meta.max_query_len == 1``) take the split-K path (one launch; it
+    allocates its fp32 partials with torch, from the graph's pool under CUDA-graph capture, and
+    draws tickets from ``counters.ticket_counters``), everything else the varlen flash kernel.
 
     Example (runs where Triton can: on CUDA, or on CPU under ``TRITON_INTERPRET=1``):
         >>> import os
@@ -544,19 +532,16 @@ def _compile_variants() -> list[dict]:
                 constexprs={**shape, "BLOCK_M": _BLOCK_M[torch_dtype], "DOT_FP32": dtype == "fp32"},
                 num_warps=_NUM_WARPS, divisible_by_16=qkvo_strides,
             ))
-            for write_out in (False, True):
-                variants.append(dict(
-                    name=f"attention_decode_{'single' if write_out else 'split'}_{dtype}_bs{block_size}",
-                    fn=_attention_decode_split_kernel,
-                    signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": ptr, **tables,
-                               "scale": "fp32",
-                               **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
-                                         "stride_ot", "stride_oh", "stride_bt", "split_len"),
-                               **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N", "WRITE_OUT"),
-                                               "constexpr")},
-                    constexprs={**shape, "WRITE_OUT": write_out}, num_warps=_NUM_WARPS,
-                    divisible_by_16=qkvo_strides + ("split_len",),
-                ))
+            variants.append(dict(
+                name=f"attention_decode_{dtype}_bs{block_size}", fn=_attention_decode_kernel,
+                signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "counter_ptr": "*i32",
+                           "out_ptr": ptr, **tables, "scale": "fp32",
+                           **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
+                                     "stride_ot", "stride_oh", "stride_bt", "split_len"),
+                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N", "BLOCK_S"), "constexpr")},
+                constexprs={**shape, "BLOCK_S": _MERGE_BLOCK_S}, num_warps=_NUM_WARPS,
+                divisible_by_16=qkvo_strides + ("split_len",),
+            ))
             variants.append(dict(
                 name=f"attention_probs_{dtype}_bs{block_size}", fn=_attention_probs_kernel,
                 signature={**q_kv, "out_ptr": ptr, "probs_ptr": "*fp32", **tables, "scale": "fp32",
@@ -568,14 +553,6 @@ def _compile_variants() -> list[dict]:
                 num_warps=_PROBS_NUM_WARPS,
                 divisible_by_16=qkvo_strides,
             ))
-        variants.append(dict(
-            name=f"attention_decode_merge_{dtype}", fn=_attention_decode_merge_kernel,
-            signature={"part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": ptr, "cu_seqlens_ptr": "*i32",
-                       "num_splits": "i32", **strides("stride_ot", "stride_oh"),
-                       **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_S"), "constexpr")},
-            constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S), num_warps=_MERGE_NUM_WARPS,
-            divisible_by_16=("stride_ot", "stride_oh"),
-        ))
     return variants
 
 

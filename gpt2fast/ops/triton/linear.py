@@ -15,22 +15,30 @@ Two shapes of work, chosen by the number of rows ``T``:
   ``triton.autotune``: the same tile everywhere (interpreter, every GPU), so results are
   reproducible bit for bit, and no timing run on the first call of each shape; measured
   autotuning waits for a GPU to measure it on. fp32 (the CPU/test dtype) keeps one 64x64x32 tile.
-- **decode** (``T <= DECODE_MAX_ROWS`` = 64): memory-bound, the weight is the traffic. A two-phase
-  split-K GEMV without atomics: ``_linear_splitk_kernel`` gives each program a
-  ``BLOCK_N_DECODE`` (32) slice of the outputs times one K chunk, streams that weight slice once
+- **decode** (``T <= DECODE_MAX_ROWS`` = 64): memory-bound, the weight is the traffic. A split-K GEMV
+  in one launch, ``_linear_decode_kernel``, grid ``(cdiv(N, 32), S)``: each program takes a
+  ``BLOCK_N_DECODE`` (32) slice of the outputs times one K chunk and streams that weight slice once
   (32 rows x 128 contiguous elements = 8 KB fp16 per step) against all T rows (one ``tl.dot`` with
-  M padded to 16, or 64 when T > 16) and writes fp32 partials to a workspace ``(S, T, N)``; ``_linear_epilogue_kernel``
-  sums the S partials in a fixed order (deterministic, unlike atomics), applies the epilogue and
-  casts. The split S is the smallest that gives ~``TARGET_PROGRAMS`` (2 x 132 H100 SMs) programs,
-  in whole ``BLOCK_K`` steps: 768->768 runs 24 N-slices x 6 splits = 144 programs,
-  768->2304 72 x 3 = 216, 768->3072 96 x 3 = 288, 3072->768 24 x 8 = 192 -- every SM gets a
-  program, where one program per 32-wide N slice would leave 108 of 132 SMs idle at N=768.
-  The partials are S x T x N x 4 bytes (<= 0.6 MB at T=16, 1.2-2.4 MB at T=64), written and read
-  back at once: they stay in the 50 MB L2, so DRAM still moves about the weight alone (at T=64 the L2
-  traffic of the partials is ~half the weight's bytes: a split rule that also weighs T is for a GPU to
-  measure). The prefill tiles
-  would give a 64-row decode batch only cdiv(768, 128) = 6 programs at N=768; split-K gives 144.
-  The split rule does not depend on the device, so results are the same bits everywhere.
+  M padded to 16, or 64 when T > 16). With S > 1 it stores its fp32 partial to a workspace
+  ``(S, T, N)`` and draws a ticket: ``tl.atomic_add`` (acq_rel, gpu scope) on its N slice's int32
+  counter (:mod:`gpt2fast.ops.triton.counters`). The program that draws ticket S - 1 -- whichever
+  split it is -- loads the S partials of its slice in the fixed order 0..S-1 (so the sum has the same
+  bits every run, unlike atomic float adds), applies the epilogue, casts, stores, and puts the counter
+  back to 0 for the next launch or graph replay. The other S - 1 programs end after their ticket.
+  With S = 1 (a short K, or N so wide that its slices alone fill the GPU) the one program applies the
+  epilogue to its own tile: no workspace, no ticket. The kernel's comments give the memory-ordering
+  argument (no test can: the interpreter runs programs one at a time). The split S is the smallest
+  that gives ~``TARGET_PROGRAMS`` (2 x 132 H100 SMs) programs, in whole ``BLOCK_K`` steps: 768->768
+  runs 24 N-slices x 6 splits = 144 programs, 768->2304 72 x 3 = 216, 768->3072 96 x 3 = 288,
+  3072->768 24 x 8 = 192 -- every SM gets a program, where one program per 32-wide N slice would leave
+  108 of 132 SMs idle at N=768. The partials are S x T x N x 4 bytes (<= 0.6 MB at T=16, 1.2-2.4 MB at
+  T=64), written and read back within the launch: they stay in the 50 MB L2, so DRAM still moves
+  about the weight alone (at T=64 the L2 traffic of the partials is ~half the weight's bytes: a split
+  rule that also weighs T is for a GPU to measure). One launch instead of a GEMV launch plus an
+  epilogue launch: a launch costs a few microseconds, more than a 124M decode linear needs at the
+  bandwidth floor (fp16 at 3.35 TB/s: 0.35 us for 768->768, 1.4 us for 768->3072). The prefill
+  tiles would give a 64-row decode batch only cdiv(768, 128) = 6 programs at N=768; split-K gives
+  144. The split rule does not depend on the device, so results are the same bits everywhere.
 
 ``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (the GPU default is TF32, whose
 10-bit mantissa would break the ~1e-5 agreement with the fp32 reference that CPU-dtype models rely on);
@@ -52,6 +60,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
+from gpt2fast.ops.triton.counters import ticket_counters
 
 DECODE_MAX_ROWS = 64  # at most this many rows: the split-K GEMV path (row tile 16, or 64 above 16 rows)
 TARGET_PROGRAMS = 2 * 132  # split-K aims for two programs per H100 SM
@@ -59,7 +68,6 @@ BLOCK_N_DECODE = 32
 # K step of the decode GEMV: 128 contiguous fp16/bf16 (256 B per weight row); fp32 runs the FMA path of
 # an ieee tl.dot, which holds its operands in registers, so 32 (128 B) keeps it from spilling
 BLOCK_K_DECODE = {"fp32": 32, "fp16": 128, "bf16": 128}
-EPILOGUE_BLOCK = 256
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles per element type, largest first
 _HALF_TILES = ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4))
 PREFILL_TILES = {"fp32": ((64, 64, 32, 4),), "fp16": _HALF_TILES, "bf16": _HALF_TILES}
@@ -114,6 +122,34 @@ def x_times_w_t(
     return acc
 
 
+@triton.jit
+def _epilogue_store(
+    acc,  # (BM, BN) fp32 tile of x @ w.T
+    b_ptr,  # (N,) bias (HAS_BIAS; else unread)
+    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
+    y_ptr,  # (M, N) output, contiguous
+    rows,  # (BM,) row ids of the tile
+    cols,  # (BN,) output columns of the tile
+    row_ok,  # (BM,) rows < M
+    col_ok,  # (BN,) cols < N
+    N,
+    res_row_stride,
+    HAS_BIAS,
+    HAS_RESIDUAL,
+    GELU: tl.constexpr,
+):
+    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (prefill and decode)."""
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _tanh_gelu(acc)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :], mask=out_mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
 def _linear_kernel(
     x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
@@ -143,27 +179,28 @@ def _linear_kernel(
     col_ok = cols < N
     acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, 0, K,
                       IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = _tanh_gelu(acc)
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :], mask=out_mask, other=0.0)
-        acc += res.to(tl.float32)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    _epilogue_store(acc, b_ptr, res_ptr, y_ptr, rows, cols, row_ok, col_ok, N, res_row_stride, HAS_BIAS,
+                    HAS_RESIDUAL, GELU)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _linear_splitk_kernel(
+@triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
+def _linear_decode_kernel(
     x_ptr,  # (M, K) input rows, M <= BLOCK_M, row stride x_row_stride, last dim contiguous
     w_ptr,  # (N, K) weight, contiguous
-    part_ptr,  # (S, M, N) fp32 workspace: split s's partial sums
+    b_ptr,  # (N,) bias (HAS_BIAS; else unread)
+    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
+    y_ptr,  # (M, N) output, contiguous
+    part_ptr,  # (S, M, N) fp32 workspace: split s's partial sums (S > 1; else unread)
+    counter_ptr,  # (>= cdiv(N, BLOCK_N),) int32 ticket per N tile, 0 on entry, left 0 (S > 1; else unread)
     M,
     N,
     K,
     x_row_stride,
+    res_row_stride,
     k_per_split,  # K elements per split, a multiple of BLOCK_K
+    HAS_BIAS,  # i32 0/1
+    HAS_RESIDUAL,  # i32 0/1
+    GELU: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # 16 (tl.dot's smallest M) or 64; rows >= M are masked
@@ -172,6 +209,7 @@ def _linear_splitk_kernel(
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     rows = tl.arange(0, BLOCK_M)  # (BM,)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     row_ok = rows < M
@@ -179,38 +217,33 @@ def _linear_splitk_kernel(
     k_start = split * k_per_split
     acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start, k_start + k_per_split,
                       IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
-    part = part_ptr + (split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]  # (BM, BN)
-    tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["M", "num_splits", "HAS_BIAS", "HAS_RESIDUAL"])
-def _linear_epilogue_kernel(
-    part_ptr,  # (S, M, N) fp32 partial sums
-    b_ptr,  # (N,) bias (HAS_BIAS; else unread)
-    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
-    y_ptr,  # (M, N) output, contiguous
-    M,
-    N,
-    num_splits,
-    res_row_stride,
-    HAS_BIAS,  # i32 0/1
-    HAS_RESIDUAL,  # i32 0/1
-    GELU: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
-    ok = cols < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, num_splits):  # fixed order: the same bits every run
-        acc += tl.load(part_ptr + (s * M + row).to(tl.int64) * N + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if GELU:
-        acc = _tanh_gelu(acc)
-    if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + row.to(tl.int64) * res_row_stride + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row.to(tl.int64) * N + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    if num_splits > 1:
+        tile = rows[:, None].to(tl.int64) * N + cols[None, :]  # (BM, BN) offsets in one split's (M, N) slab
+        tile_mask = row_ok[:, None] & col_ok[None, :]
+        split_stride = M.to(tl.int64) * N
+        tl.store(part_ptr + split * split_stride + tile, acc, mask=tile_mask)
+        # Memory ordering (the interpreter runs programs one at a time, so no test can check this). Every
+        # thread of this program stored part of the tile; the barrier (bar.sync) orders those stores before
+        # the ticket, which one thread draws with an acq_rel, gpu-scope atomic (Triton 3.9's PTX: thread 0's
+        # atom.global.gpu.acq_rel.add): its release half publishes everything the barrier ordered before it
+        # (release is cumulative), and the counter's chain of read-modify-writes carries all S - 1 earlier
+        # releases to the acquire half of the last ticket. Triton hands the scalar result to the other
+        # threads through shared memory and a barrier, so every thread of the last program loads after that
+        # acquire. Its loads go through L2 (".cg"): the SM's L1 is not coherent, and a line of this workspace
+        # cached there before (another program on this SM, or an earlier kernel that used the same memory)
+        # must not be read instead. No program waits on another, so no grid size can deadlock.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket != num_splits - 1:
+            return
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(0, num_splits):  # fixed order: the same bits whichever program drew the last ticket
+            acc += tl.load(part_ptr + s * split_stride + tile, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        # Every ticket of this tile is drawn, so nothing else touches the counter in this launch: a plain
+        # store leaves it 0 for the next launch (or graph replay), which kernel order on the stream publishes.
+        tl.store(counter_ptr + pid_n, 0)
+    _epilogue_store(acc, b_ptr, res_ptr, y_ptr, rows, cols, row_ok, col_ok, N, res_row_stride, HAS_BIAS,
+                    HAS_RESIDUAL, GELU)
 
 
 def prefill_tile(etype: str, t: int, n: int) -> tuple[int, int, int, int]:
@@ -303,14 +336,13 @@ def linear(
         )
         return y
     splits, k_per_split = decode_split(n, k, BLOCK_K_DECODE[etype])
-    partials = torch.empty((splits, t, n), dtype=torch.float32, device=x.device)  # (S, T, N) workspace
-    _linear_splitk_kernel[(triton.cdiv(n, BLOCK_N_DECODE), splits)](
-        x, weight, partials, t, n, k, x.stride(0), k_per_split, IEEE=ieee, UPCAST=upcast,
+    n_tiles = triton.cdiv(n, BLOCK_N_DECODE)
+    # (S, T, N) fp32 workspace when K is split; one split applies the epilogue to its own tile (no workspace)
+    partials = torch.empty((splits, t, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    _linear_decode_kernel[(n_tiles, splits)](
+        x, weight, b_arg, res_arg, y, partials, ticket_counters(x.device, n_tiles), t, n, k, x.stride(0), res_stride,
+        k_per_split, int(bias is not None), int(residual is not None), GELU=gelu, IEEE=ieee, UPCAST=upcast,
         BLOCK_M=16 if t <= 16 else 64, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype], num_warps=4,
-    )
-    _linear_epilogue_kernel[(t, triton.cdiv(n, EPILOGUE_BLOCK))](
-        partials, b_arg, res_arg, y, t, n, splits, res_stride, int(bias is not None), int(residual is not None),
-        GELU=gelu, BLOCK=EPILOGUE_BLOCK, num_warps=2,
     )
     return y
 
@@ -332,28 +364,22 @@ def _variants() -> list[dict]:
                     constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                     num_warps=warps, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride"),
                 ))
-            out.append(dict(
-                name=f"linear_epilogue_{suffix}", fn=_linear_epilogue_kernel,
-                signature=dict(part_ptr="*fp32", b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32",
-                               num_splits="i32", res_row_stride="i64", HAS_BIAS="i32", HAS_RESIDUAL="i32",
-                               GELU="constexpr", BLOCK="constexpr"),
-                constexprs=dict(GELU=gelu, BLOCK=EPILOGUE_BLOCK),
-                num_warps=2, divisible_by_16=("N", "res_row_stride"),
-            ))
-        for block_m in (16, 64):
-            out.append(dict(
-                name=f"linear_splitk_{etype}_m{block_m}", fn=_linear_splitk_kernel,
-                signature=dict(x_ptr=ptr, w_ptr=ptr, part_ptr="*fp32", M="i32", N="i32", K="i32",
-                               x_row_stride="i64", k_per_split="i32", IEEE="constexpr", UPCAST="constexpr",
-                               BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                constexprs=dict(IEEE=ieee, UPCAST=False, BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE,
-                                BLOCK_K=BLOCK_K_DECODE[etype]),
-                num_warps=4, divisible_by_16=("N", "K", "x_row_stride", "k_per_split"),
-            ))
+            for block_m in (16, 64):
+                out.append(dict(
+                    name=f"linear_decode_{suffix}_m{block_m}", fn=_linear_decode_kernel,
+                    signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, part_ptr="*fp32",
+                                   counter_ptr="*i32", M="i32", N="i32", K="i32", x_row_stride="i64",
+                                   res_row_stride="i64", k_per_split="i32", HAS_BIAS="i32", HAS_RESIDUAL="i32",
+                                   GELU="constexpr", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
+                                   BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                    constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE,
+                                    BLOCK_K=BLOCK_K_DECODE[etype]),
+                    num_warps=4, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride", "k_per_split"),
+                ))
     return out
 
 
-# Every configuration linear() can launch: per dtype, each prefill tile and the epilogue with and
-# without GELU, and the split-K GEMV. GPT-2's widths (768, 2304, 3072, ... 6400) and strides are
+# Every configuration linear() can launch: per dtype, with and without GELU, each prefill tile and the
+# decode kernel at row tiles 16 and 64. GPT-2's widths (768, 2304, 3072, ... 6400) and strides are
 # multiples of 16, as the JIT will see them on the GPU.
 COMPILE_VARIANTS: list[dict] = _variants()
