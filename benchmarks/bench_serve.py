@@ -6,8 +6,9 @@ token ids, different per request) and exactly ``--max-tokens`` tokens (``ignore_
 on the client, per request: TTFT (request sent -> first SSE chunk with a token), latency (sent ->
 ``[DONE]``), and ITL = (latency - TTFT) / (tokens - 1). Reported: requests/s and output tokens/s
 over the level's wall time, and p50/p90/p99 of each. Without ``--url`` a server is started on a
-free 127.0.0.1 port (``--max-num-seqs`` = the largest concurrency) and stopped with SIGTERM after;
-the script checks it exits 0 and that ``/metrics`` shows every KV block free at the end.
+free 127.0.0.1 port (``--max-num-seqs`` = the largest concurrency) and stopped with SIGTERM after.
+The script exits 1 (saying why on stderr) when a request failed, when ``/metrics`` still shows KV
+blocks in use after the run, or when the server it started did not exit 0 on SIGTERM; else 0.
 
 Run:
     python benchmarks/bench_serve.py --model 'random:{"n_layer": 2, "n_embd": 32, "n_head": 2}' --quick
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -132,9 +134,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class ServerRun:
+    """The server a run talks to, and (for one started here) how it exited."""
+
+    url: str
+    exit_status: int | None = None  # after SIGTERM, for a server started here (-9: killed, it did not stop)
+
+
 @contextmanager
-def started_server(args: argparse.Namespace):
-    """``gpt2fast serve`` on a free port; yields its URL; SIGTERM at the end must give exit status 0."""
+def started_server(args: argparse.Namespace) -> Iterator[ServerRun]:
+    """``gpt2fast serve`` on a free port; stopped with SIGTERM at the end, its exit status then recorded."""
     port = free_port()
     cmd = [sys.executable, "-m", "gpt2fast", "serve", "--model", args.model, "--port", str(port),
            "--max-num-seqs", str(max(args.concurrency)), "--log-level", "warning", *args.server_args]
@@ -143,6 +153,7 @@ def started_server(args: argparse.Namespace):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    run = ServerRun(url)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -157,19 +168,51 @@ def started_server(args: argparse.Namespace):
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not become healthy in 300 s")
             time.sleep(0.2)
-        yield url
+        yield run
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            status = proc.wait(60)
-            print(f"server stopped by SIGTERM: exit status {status}", file=sys.stderr)
+            try:
+                run.exit_status = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                run.exit_status = -9
+            print(f"server stopped by SIGTERM: exit status {run.exit_status}", file=sys.stderr)
+        else:
+            run.exit_status = proc.returncode
         log.close()
 
 
-def pool_state(url: str) -> str:
-    wanted = ("gpt2fast_kv_blocks_used ", "gpt2fast_kv_blocks_free ", "gpt2fast_kv_pool_check_ok ")
-    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
-    return ", ".join(line for line in lines if line.startswith(wanted))
+def pool_state(url: str) -> dict[str, float]:
+    """The server's KV block gauges from ``/metrics``: blocks used, blocks free, and the idle pool check."""
+    names = ("gpt2fast_kv_blocks_used", "gpt2fast_kv_blocks_free", "gpt2fast_kv_pool_check_ok")
+    state = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            state[name] = float(value)
+    return state
+
+
+def problems(levels: list[Level], pool: dict[str, float], exit_status: int | None) -> list[str]:
+    """Why the run failed: requests that failed, KV blocks still in use, a server that did not exit 0.
+
+    Example:
+        >>> problems([], {"gpt2fast_kv_blocks_used": 0.0}, 0), problems([], {"gpt2fast_kv_blocks_used": 3.0}, None)
+        ([], ['3 KV blocks still in use after the run (gpt2fast_kv_blocks_used)'])
+        >>> problems([], {"gpt2fast_kv_blocks_used": 0.0}, 1)
+        ['the server exited with status 1 after SIGTERM, not 0']
+    """
+    found = [f"{lv.errors} of {lv.requests} requests failed at concurrency {lv.concurrency}"
+             for lv in levels if lv.errors]
+    used = pool.get("gpt2fast_kv_blocks_used")
+    if used != 0:
+        found.append(f"{'no' if used is None else f'{used:g}'} KV blocks still in use after the run "
+                     "(gpt2fast_kv_blocks_used)")
+    if exit_status not in (None, 0):
+        found.append(f"the server exited with status {exit_status} after SIGTERM, not 0")
+    return found
 
 
 def table(levels: list[Level]) -> str:
@@ -212,24 +255,28 @@ def main(argv: list[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     make_body = body_maker(args, model)
     server = started_server(args) if args.url is None else _given(args.url)
-    with server as url:
-        asyncio.run(run_level(url, headers, make_body, 1, 2))  # warm-up
-        levels = [asyncio.run(run_level(url, headers, make_body, c, max(8, args.requests_per_level * c)))
+    with server as run:
+        asyncio.run(run_level(run.url, headers, make_body, 1, 2))  # warm-up
+        levels = [asyncio.run(run_level(run.url, headers, make_body, c, max(8, args.requests_per_level * c)))
                   for c in args.concurrency]
         print(f"model {model}; prompt {args.prompt_tokens} tokens, {args.max_tokens} out, "
               f"temperature {args.temperature}")
         print(table(levels))
-        print(f"after the run: {pool_state(url)}", flush=True)
+        pool = pool_state(run.url)
+        print(f"after the run: {', '.join(f'{k} {v:g}' for k, v in pool.items())}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"model": model, "args": {k: v for k, v in vars(args).items() if k != "api_key"},
                        "levels": [asdict(lv) for lv in levels]}, f, indent=1)
-    return 0 if all(lv.errors == 0 for lv in levels) else 1
+    found = problems(levels, pool, run.exit_status)
+    for problem in found:
+        print(f"bench_serve: FAILED: {problem}", file=sys.stderr)
+    return 1 if found else 0
 
 
 @contextmanager
-def _given(url: str):
-    yield url.rstrip("/")
+def _given(url: str) -> Iterator[ServerRun]:
+    yield ServerRun(url.rstrip("/"))
 
 
 if __name__ == "__main__":

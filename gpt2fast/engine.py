@@ -363,10 +363,11 @@ class Engine:
             if any(p.has_penalties or p.logprobs is not None for p in params):
                 return sample_batch(logits, rows)
             temps, seeds = self._fused_choice(rows)
-            dev = logits.device
+            dev, vocab = logits.device, logits.shape[-1]
             token_ids = ops.sample_top_k_top_p(
                 logits, torch.tensor(temps, dtype=torch.float32, device=dev),
-                torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
+                # top_k >= the vocabulary keeps every token: off (0), which also fits int32 (top_k may not)
+                torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.int32, device=dev),
                 torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
                 torch.tensor(seeds, dtype=torch.int64, device=dev),
                 torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
@@ -426,12 +427,13 @@ class Engine:
             return
         start = len(sample.text)
         sample.text += delta
-        for stop in params.stop_strings:
-            at = sample.text.find(stop, max(0, start - len(stop) + 1))
-            if at != -1:
-                sample.text = sample.text[:at]
-                sample.finish_reason, sample.stop_reason = "stop", stop
-                return
+        # The earliest match in the text wins, whichever entry of ``stop`` it is (as OpenAI stops).
+        hits = [(at, stop) for stop in params.stop_strings
+                if (at := sample.text.find(stop, max(0, start - len(stop) + 1))) != -1]
+        if hits:
+            at, stop = min(hits, key=lambda hit: hit[0])
+            sample.text = sample.text[:at]
+            sample.finish_reason, sample.stop_reason = "stop", stop
 
     def _output(self, request: _Request) -> RequestOutput:
         # While a stop string could still be completing, hold its possible start back from the visible text.

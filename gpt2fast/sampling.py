@@ -47,8 +47,9 @@ class SamplingParams:
     """How to pick tokens for one request. Invalid values raise ``ValueError`` naming the field.
 
     ``temperature=0`` is greedy (ties go to the lowest token id), and so is ``top_k=1``.
-    ``top_k`` 0 or -1, ``top_p=1`` and ``min_p=0`` are off. ``logprobs=N`` returns the chosen
-    token's logprob and the ``N`` most likely tokens' (N in 0..20).
+    ``top_k`` 0 or -1 (or any value >= the vocabulary size), ``top_p=1`` and ``min_p=0`` are off.
+    A ``top_p`` too small for fp32 keeps just the most likely token(s). ``logprobs=N`` returns the
+    chosen token's logprob and the ``N`` most likely tokens' (N in 0..20).
 
     Example:
         >>> SamplingParams(max_tokens=8, temperature=0.7, top_k=40, seed=1).top_k
@@ -388,17 +389,20 @@ def top_k_floor(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
 
 def top_p_floor(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The least likely value in each row's nucleus ((B, 1)): the smallest most-likely-first prefix whose
-    probability reaches ``top_p`` ((B, 1), in (0, 1)). Always at least the top token; ties with the
-    floor stay in. ``logits`` may hold ``-inf`` for tokens an earlier filter removed.
+    probability reaches ``top_p`` ((B, 1), in [0, 1)). Always at least the top token (also when a tiny
+    ``top_p`` rounded to 0 in fp32); ties with the floor stay in. ``logits`` may hold ``-inf`` for
+    tokens an earlier filter removed.
 
     Example:
         >>> top_p_floor(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), torch.tensor([[0.8]])).tolist()  # probs .64 .09 .24 .03
         [[2.0]]
+        >>> top_p_floor(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), torch.tensor([[1e-46]])).tolist()  # 0 in fp32: the top
+        [[3.0]]
     """
     sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
     probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) mass of the more likely tokens
-    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (B, 1) >= 1
+    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min_(1)  # (B, 1) >= 1
     return sorted_logits.gather(1, num_kept - 1)
 
 

@@ -275,6 +275,24 @@ def test_greedy_threshold_and_empty_batch(emu):
     assert _sample(torch.randn(0, 9), []).shape == (0,)
 
 
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_tokens(emu):
+    """A top_p below fp32's smallest subnormal is 0 in the (B,) fp32 settings: the nucleus is still the most
+    likely token (with its ties), as in sample_batch; alone or after top-k, min-p, any temperature."""
+    vocab = 111
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(5))  # (5, 111)
+    logits[2, [4, 90]] = logits[2].max() + 0.5  # row 2: two tied maxima
+    settings = [(0.9, 0, 1e-46, 0.0), (1.5, 40, 5e-324, 0.0), (0.9, 0, 1e-46, 0.0), (0.7, 3, 1e-46, 0.05),
+                (2.0, vocab, 1e-46, 0.0)]
+    rows = _rows([SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in settings])
+    assert float(_kernel_args(rows)["top_p"][0]) == 0.0  # what the kernel sees
+    got = _sample(logits, rows).tolist()
+    assert got == _expected(logits, rows)
+    assert [got[b] for b in (0, 1, 3, 4)] == [int(logits[b].argmax()) for b in (0, 1, 3, 4)] and got[2] in (4, 90)
+    seeds = [SampleRow(rows[2].params, seed=s, sample_index=0, step=0) for s in range(40)]
+    tied = _sample(logits[2].expand(40, vocab).contiguous(), seeds).tolist()
+    assert set(tied) == {4, 90} and tied == _expected(logits[2].expand(40, vocab).contiguous(), seeds)
+
+
 # ---- the distribution --------------------------------------------------------------------------------------
 
 

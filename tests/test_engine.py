@@ -199,3 +199,60 @@ def test_block_tables_have_one_fixed_width(tiny, monkeypatch):
     assert widths and set(widths) == {-(-engine.config.n_positions // engine.block_size)}
     with pytest.raises(ValueError, match="more than max_blocks=2"):
         AttentionMetadata.build([[0, 1, 2]], [40], [1], block_size=16, max_blocks=2)
+
+
+def test_extreme_but_legal_top_k_and_top_p_in_one_batch(tiny):
+    """top_k >= the vocabulary is off (also past int32), a top_p below fp32's smallest subnormal keeps the most
+    likely token: each row equals what it draws alone with the plain equivalent (top_k=0; greedy)."""
+    vocab, prompts = tiny.engine.config.vocab_size, [[1, 2, 3], [4, 5], [6]]
+
+    def alone(prompt: list[int], **fields) -> list[int]:
+        return tiny.generate(prompt, SamplingParams(max_tokens=6, **fields))[0].outputs[0].token_ids
+
+    want = [alone(prompts[0], temperature=0.9, top_k=0, seed=8), alone(prompts[1], temperature=0),
+            alone(prompts[2], temperature=0, repetition_penalty=1.3)]
+    for big_k in (vocab, 2**31, 10**30):
+        for tiny_p in (1e-46, 5e-324):
+            batch = [SamplingParams(max_tokens=6, temperature=0.9, top_k=big_k, seed=8),
+                     SamplingParams(max_tokens=6, temperature=0.8, top_p=tiny_p, seed=9),
+                     SamplingParams(max_tokens=6, temperature=1.0, top_p=tiny_p, repetition_penalty=1.3, seed=3)]
+            got = [r.outputs[0].token_ids for r in tiny.generate(prompts, batch)]
+            assert got == want, (big_k, tiny_p)
+            assert [r.outputs[0].token_ids for r in tiny.generate(prompts[:2], batch[:2])] == want[:2]  # the sampler
+    assert tiny.engine.pool.num_free == tiny.engine.pool.num_blocks
+
+
+STOP_MODEL = 'random:{"n_layer": 1, "n_embd": 32, "n_head": 2}'  # GPT-2's tokenizer: multi-character tokens
+
+
+def stops_completing_together(tokenizer, text: str, ids: list[int]) -> tuple[str, str] | None:
+    """``(a, b)``, both first found where one token ends: ``b`` spans that token's start (two tokens' text) and
+    so starts before ``a``, the rest of the token. None when the text has no such token."""
+    pos = 0
+    for first, second in zip(ids, ids[1:]):
+        left, right = tokenizer.decode([first]), tokenizer.decode([second])
+        pos += len(left)  # where ``second``'s text starts
+        if text[pos - len(left):pos + len(right)] != left + right or len(right) < 2:
+            continue  # part of a UTF-8 character, or too short to split
+        a, b = right[1:], left[-1] + right[0]
+        if text.find(a) == pos + 1 and text.find(b) == pos - 1:
+            return a, b
+    return None
+
+
+def test_the_earliest_stop_string_in_the_text_wins_not_the_first_listed():
+    """Generate without stops, then stop at two strings that complete at the same token, listed so that the
+    later entry starts earlier: the text ends where the earliest match starts (as OpenAI stops)."""
+    llm = LLM(STOP_MODEL, device="cpu")
+    for seed in range(20):
+        base = dict(max_tokens=40, temperature=1.0, seed=seed)
+        free = llm.generate("Once upon a time", SamplingParams(**base))[0].outputs[0]
+        found = stops_completing_together(llm.tokenizer, free.text, free.token_ids)
+        if found is not None:
+            break
+    assert found is not None, "no seed generated a usable pair of tokens"
+    stops = [found[0], "never-generated-\u2603", found[1]]
+    want = free.text[:min(free.text.find(s) for s in stops if s in free.text)]
+    out = llm.generate("Once upon a time", SamplingParams(stop=stops, **base))[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == (want, "stop", found[1])
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]

@@ -443,3 +443,31 @@ def test_tiny_temperatures_are_greedy_not_overflowed(temperature):
     logits = torch.tensor([[1.0, 5.0, -2.0, 4.0]])
     row = SampleRow(SamplingParams(temperature=temperature, seed=1), seed=1, sample_index=0, step=0)
     assert sample_batch(logits, [row])[0].token_id == 1
+
+
+# A top_p below fp32's smallest subnormal (~1.4e-45) rounds to 0 in the (B, 1) column the filter compares with.
+TINY_TOP_PS = [1e-46, 5e-324, 1e-45]
+
+
+@pytest.mark.parametrize("top_p", TINY_TOP_PS)
+def test_a_top_p_too_small_for_fp32_keeps_just_the_top_tokens(top_p):
+    """The nucleus is always at least the most likely token (with its ties), never empty: such rows draw
+    the argmax (ties: one of the tied maxima), alone in a batch and beside other rows."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 111, generator=gen)  # (5, 111)
+    logits[3, [7, 50]] = logits[3].max() + 1.0  # row 3: two tied maxima
+    rows = [SampleRow(SamplingParams(temperature=0.9, top_p=top_p, top_k=k, seed=5), seed=5, sample_index=b, step=b)
+            for b, k in enumerate([0, 0, 40, 0, 3])]
+    rows[1] = SampleRow(SamplingParams(temperature=0.7, top_p=0.9), seed=5, sample_index=1, step=0)  # a normal row
+    filtered = filter_logits(logits, rows)  # (5, 111)
+    for b in (0, 2, 3, 4):
+        top = logits[b] == logits[b].max()
+        assert torch.equal(torch.isfinite(filtered[b]), top), b
+    drawn = [t.token_id for t in sample_batch(logits, rows)]
+    assert [drawn[b] for b in (0, 2, 4)] == [int(logits[b].argmax()) for b in (0, 2, 4)]
+    assert drawn[3] in (7, 50)
+    assert sample_batch(logits[:1], rows[:1])[0].token_id == int(logits[0].argmax())
+    with_penalty = SamplingParams(temperature=1.0, top_p=top_p, repetition_penalty=1.5)
+    penalised = apply_penalties(logits[:1], [SampleRow(with_penalty, 0, 0, 0, [int(logits[0].argmax())])])
+    row = SampleRow(with_penalty, 1, 0, 0, [int(logits[0].argmax())])
+    assert sample_batch(logits[:1], [row])[0].token_id == int(penalised[0].argmax())

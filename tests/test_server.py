@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.engine import Engine
-from gpt2fast.server import EngineLoop
+from gpt2fast.server import EngineLoop, make_app
+from gpt2fast.server.serve import loopback_host_names
 from tests.serverproc import TINY_MODEL, running
 
 # Server and tests share two busy cores: one torch thread each (tests/conftest.py).
@@ -93,14 +96,38 @@ def test_seeded_n_samples_with_logprobs_equal_offline_generate(client, llm):
     assert got.object == "text_completion" and got.model == TINY_MODEL and got.id.startswith("cmpl-")
 
 
-def test_stop_string_trims_the_text_like_offline(client, llm):
-    base = dict(max_tokens=20, temperature=1.0, seed=7)
-    ids = llm.generate("Once upon a time", SamplingParams(**base))[0].outputs[0].token_ids
-    stop = next(t for t in token_texts(llm, ids[4:]) if t.strip().isalpha())  # a word it will generate
-    got = complete(client, "Once upon a time", stop=[stop, "never-generated"], **base).choices[0]
-    want = llm.generate("Once upon a time", SamplingParams(stop=[stop, "never-generated"], **base))[0].outputs[0]
-    assert got.finish_reason == want.finish_reason == "stop"
-    assert got.text == want.text and stop not in got.text
+def stops_completing_together(llm: LLM, text: str, ids: list[int]) -> tuple[str, str] | None:
+    """``(a, b)``, both first found where one token ends: ``b`` spans that token's start (two tokens' text) and
+    so starts before ``a``, the rest of the token. None when the text has no such token."""
+    pos = 0
+    for first, second in zip(ids, ids[1:]):
+        left, right = llm.tokenizer.decode([first]), llm.tokenizer.decode([second])
+        pos += len(left)  # where ``second``'s text starts
+        if text[pos - len(left):pos + len(right)] != left + right or len(right) < 2:
+            continue  # part of a UTF-8 character, or too short to split
+        a, b = right[1:], left[-1] + right[0]
+        if text.find(a) == pos + 1 and text.find(b) == pos - 1:
+            return a, b
+    return None
+
+
+def test_the_earliest_stop_string_in_the_text_wins(client, llm):
+    """Independent of the engine's stop logic: generate without stops, then cut the text where the earliest stop
+    starts. The stops complete at the same token; the one listed later spans two tokens and starts earlier."""
+    for seed in range(20):
+        base = dict(max_tokens=40, temperature=1.0, seed=seed)
+        free = llm.generate("Once upon a time", SamplingParams(**base))[0].outputs[0]
+        found = stops_completing_together(llm, free.text, free.token_ids)
+        if found is not None:
+            break
+    assert found is not None, "no seed generated a usable pair of tokens"
+    stops = [found[0], "never-generated-\u2603", found[1]]
+    want = free.text[:min(free.text.find(s) for s in stops if s in free.text)]
+    got = complete(client, "Once upon a time", stop=stops, **base).choices[0]
+    assert (got.text, got.finish_reason) == (want, "stop")
+    chunks = list(complete(client, "Once upon a time", stop=stops, stream=True, **base))
+    assert "".join(c.choices[0].text for c in chunks) == want  # held-back text never leaks past the stop
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
 
 
 def test_streaming_n_with_usage_equals_offline(client, llm):
@@ -235,3 +262,93 @@ def test_engine_loop_fails_the_requests_of_a_broken_step_and_keeps_serving():
     assert kind2 == "output" and len(out.outputs[0].token_ids) == 4
     assert engine.pool.num_free == engine.pool.num_blocks
     engine.scheduler.check()
+
+
+def broken_check() -> None:
+    """An unexpected exception outside ``Engine.step`` (here in the idle pool check) kills the engine thread."""
+    raise KeyError("simulated bug")
+
+
+def test_after_the_engine_thread_dies_requests_get_503_at_once():
+    """In-process over ASGI: the request that was running completes; later ones (plain, streaming, echo-scored)
+    get 503 ``engine_stopped`` within seconds instead of waiting forever, and give their admission back."""
+    engine = Engine(TINY_MODEL, device="cpu")
+    app = make_app(engine, model_name="tiny")
+    frontend = app.state.frontend
+    engine.scheduler.check = broken_check  # after make_app: the loop checked the pool once when it was built
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+
+    async def run() -> tuple[httpx.Response, httpx.Response, list[httpx.Response]]:
+        frontend.loop.start(asyncio.get_running_loop())
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+                first = await asyncio.wait_for(c.post("/v1/completions", json=body), 30)
+                deadline = time.monotonic() + 10
+                while frontend.loop.alive:
+                    assert time.monotonic() < deadline, "the engine thread did not die"
+                    await asyncio.sleep(0.01)
+                health = await c.get("/health")
+                later = [await asyncio.wait_for(c.post("/v1/completions", json=body | extra), 10)
+                         for extra in ({}, {"stream": True}, {"echo": True, "logprobs": 1, "max_tokens": 0})]
+        finally:
+            frontend.begin_shutdown()
+            await asyncio.to_thread(frontend.loop.stop)
+        return first, health, later
+
+    first, health, later = asyncio.run(run())
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 2
+    assert health.status_code == 503 and isinstance(frontend.loop.failure, KeyError)
+    for r in later:
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "engine_stopped" and "server log" in r.json()["error"]["message"]
+    assert frontend.admitted == 0
+
+
+def test_requests_queued_when_the_engine_thread_dies_hear_an_error():
+    """Adds and scores the thread took but never handled, and those sent after it died, each hear 503."""
+    engine = Engine(TINY_MODEL, device="cpu")
+    real_add = engine.add_request
+
+    def add_request(request_id, *args):
+        if request_id == "boom":
+            raise KeyError("simulated bug")  # not a ValueError: nothing expects it, the thread dies
+        return real_add(request_id, *args)
+
+    engine.add_request = add_request
+    params = SamplingParams(max_tokens=2, temperature=0)
+
+    async def run() -> tuple[EngineLoop, dict[str, tuple[str, object]]]:
+        aloop = asyncio.get_running_loop()
+        heard = {name: aloop.create_future() for name in ("boom", "queued", "scored", "late", "late_score")}
+
+        def deliver_to(name: str):
+            return lambda kind, payload: heard[name].done() or heard[name].set_result((kind, payload))
+
+        loop = EngineLoop(engine)
+        loop.add("boom", [1, 2, 3], params, deliver_to("boom"))
+        loop.add("queued", [4, 5], params, deliver_to("queued"))
+        loop.score([1, 2, 3], 0, deliver_to("scored"))
+        loop.start(aloop)  # the thread takes all three at once and dies on the first
+        await asyncio.wait_for(asyncio.gather(heard["boom"], heard["queued"], heard["scored"]), 10)
+        loop.add("late", [6], params, deliver_to("late"))
+        loop.score([6, 7], 1, deliver_to("late_score"))
+        await asyncio.wait_for(asyncio.gather(heard["late"], heard["late_score"]), 10)
+        loop.stop(5)
+        return loop, {name: future.result() for name, future in heard.items()}
+
+    loop, heard = asyncio.run(run())
+    assert isinstance(loop.failure, KeyError) and loop.ended and not loop.alive
+    for name, (kind, error) in heard.items():
+        assert kind == "error" and error.status == 503 and error.code == "engine_stopped", (name, kind, error)
+
+
+def test_a_loopback_server_answers_only_loopback_host_names():
+    """DNS rebinding: a page elsewhere can make the browser send to 127.0.0.1 with the page's own Host."""
+    allowed = loopback_host_names("::1")
+    with TestClient(make_app(Engine(TINY_MODEL, device="cpu"), model_name="tiny", allowed_hosts=allowed)) as c:
+        for host in ("[::1]:8000", "[::1]", "127.0.0.1:8000", "localhost:8000"):
+            assert c.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "::1", "localhost.evil.example"):
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi"}, headers={"Host": host})
+            assert r.status_code == 400 and "invalid host" in r.text.lower(), host
+    assert loopback_host_names("0.0.0.0") is None and loopback_host_names("192.168.1.10") is None

@@ -1,5 +1,6 @@
 """Bad input against a real ``gpt2fast serve``: each case gets the right status and OpenAI's error body naming the
-problem, and a good request still works right after it. Also: 503 + Retry-After when the queue is full.
+problem, and a good request still works right after it. Extreme but legal values reach the engine and get a 200.
+Also: 503 + Retry-After when the queue is full, and a Host check (DNS rebinding) on the loopback address.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ CASES = [
     Case("unknown_model_card", 404, "does not exist", "model", method="GET", path="/v1/models/gpt-4"),
     Case("chat_completions", 400, "no chat template", path="/v1/chat/completions",
          body={"messages": [{"role": "user", "content": "Hi"}]}),
+    # half a UTF-16 pair, escaped in valid JSON: no text, so nothing can tokenize, echo or UTF-8 encode it
+    Case("lone_surrogate_prompt_echoed", 400, "lone utf-16 surrogate", body={"prompt": "\ud800", "echo": True}),
+    Case("lone_surrogate_in_prompts", 400, "lone utf-16 surrogate", body={"prompt": ["ok", "a\udfffb"]}),
+    Case("lone_surrogate_model", 400, "lone utf-16 surrogate", body={"model": "\ud800"}),
+    Case("lone_surrogate_field_name", 400, "lone utf-16 surrogate", body={"\ud800": 1}),
+    Case("lone_surrogate_stop", 400, "lone utf-16 surrogate", body={"stop": ["\udc00"]}),
+    Case("reversed_surrogate_pair", 400, "lone utf-16 surrogate", body={"user": "\udc00\ud800"}),
 ]
 
 
@@ -134,7 +142,7 @@ def send(server, case: Case) -> httpx.Response:
     elif case.raw is not None:
         content = case.raw
     else:
-        content = httpx.Request("POST", "http://x", json=body).content
+        content = json.dumps(body).encode()  # ASCII, \uXXXX escapes: lone surrogates travel as JSON allows
     if case.method == "GET":
         return httpx.get(server.url + case.path, headers=case.headers, timeout=30)
     return httpx.request(case.method, server.url + case.path, content=content, headers=case.headers, timeout=30)
@@ -162,10 +170,10 @@ def test_bad_input_gets_the_right_status_and_names_the_problem(server, case):
 # Odd values for each field: the random requests below mix them, valid and not.
 ODD_VALUES = {
     "prompt": ["Hi", "", None, [], [[]], [1, 2], [[1], [2]], ["a", "b"], [1, "a"], [50257], [-3], {"a": 1}, 7, True,
-               "x" * 10, [[True]], [1.5]],
+               "x" * 10, [[True]], [1.5], "\ud800", ["a", "\udc00"]],
     "max_tokens": [0, 1, 2, -1, None, "2", 2.0, 10**12, True],
     "temperature": [0, 0.5, 2, 2.01, -1, None, "0.5", float("inf"), [1], True],
-    "top_p": [0, 0.5, 1, 1.01, None, "1", -0.1],
+    "top_p": [0, 0.5, 1, 1.01, None, "1", -0.1, 1e-46, 5e-324],
     "n": [1, 2, 3, 0, 129, None, True, 1.0, "2"],
     "logprobs": [0, 5, 6, -1, None, True, "1"],
     "echo": [True, False, None, 1, "yes"],
@@ -173,38 +181,85 @@ ODD_VALUES = {
     "stop": ["\n", ["a", "b"], [], "", [""], 5, ["a"] * 5, None, [None]],
     "seed": [0, 1, -1, 2**64, None, "7", 1.5],
     "presence_penalty": [0, 2, -2, 2.5, None, "0"],
-    "top_k": [0, -1, 5, -2, 1.5, None],
-    "min_p": [0, 0.5, 1, 2, None],
+    "top_k": [0, -1, 5, -2, 1.5, None, 2**31, 10**30],
+    "min_p": [0, 0.5, 1, 2, None, 1e-46],
+    "model": [TINY_MODEL, "gpt-4", "\ud800"],
+    "user": ["u", "\ud800"],
     "repetition_penalty": [1, 1.2, 0, -1, None],
     "stop_token_ids": [[1], [], [-1], ["a"], None, 3],
     "bogus_field": [1],
+    "\ud800": [1],
 }
 
 
 def test_random_mixes_of_odd_values_never_give_a_server_error(server):
     rng = random.Random(8)
     statuses = set()
-    for _ in range(60):
-        body = {"model": TINY_MODEL, "max_tokens": 1}
-        for name in rng.sample(sorted(ODD_VALUES), 4):
+    for _ in range(80):
+        body = {"model": TINY_MODEL, "max_tokens": 1, "temperature": 1.0}  # sampled: top_k/top_p reach the sampler
+        for name in rng.sample(sorted(ODD_VALUES), 3):
             body[name] = rng.choice(ODD_VALUES[name])
         raw = json.dumps(body).replace("Infinity", "1e999").encode()  # 1e999 parses as inf, not as a constant
         r = httpx.post(server.url + "/v1/completions", content=raw, headers={**AUTH, **JSON}, timeout=30)
         statuses.add(r.status_code)
-        assert r.status_code in (200, 400), (body, r.text)
-        if r.status_code == 400:
+        assert r.status_code in (200, 400, 404), (body, r.text)
+        if r.status_code == 404:
+            assert r.json()["error"]["param"] == "model" and body["model"] != TINY_MODEL, (body, r.text)
+        elif r.status_code == 400:
             error = r.json()["error"]
-            assert error["param"] in body and error["message"], (body, error)
+            named = error["param"] in body or (error["code"] == "invalid_json" and "surrogate" in error["message"])
+            assert named and error["message"], (body, error)
         elif not body.get("stream"):
             assert r.json()["object"] == "text_completion", body
         else:
             assert r.text.endswith("data: [DONE]\n\n"), body
-    assert statuses == {200, 400}, "the mix has both valid and invalid requests"
+    assert {200, 400} <= statuses, "the mix has both valid and invalid requests"
     good_request_works(server)
 
 
 def test_the_battery_covers_at_least_30_cases():
+    """A guard on the list above (not a server test): it keeps its size and its names stay unique."""
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
+
+
+def complete(server, **fields) -> httpx.Response:
+    body = json.dumps(GOOD | {"prompt": "Odd but legal", "max_tokens": 4} | fields).encode()
+    return httpx.post(server.url + "/v1/completions", content=body, headers={**AUTH, **JSON}, timeout=30)
+
+
+# (fields, the plain fields that must give the same tokens): a top_k of the vocabulary or more is off (even past
+# int32), a top_p below fp32's smallest subnormal keeps the top token (greedy), so does a tiny temperature.
+LEGAL_EXTREMES = [
+    ({"temperature": 0.9, "seed": 4, "top_k": 2**31}, {"temperature": 0.9, "seed": 4, "top_k": 0}),
+    ({"temperature": 0.9, "seed": 4, "top_k": 10**30}, {"temperature": 0.9, "seed": 4}),
+    ({"temperature": 0.9, "seed": 4, "top_k": 50257}, {"temperature": 0.9, "seed": 4}),
+    ({"temperature": 0.9, "seed": 4, "top_p": 1e-46}, {"temperature": 0}),
+    ({"temperature": 1.5, "seed": 4, "top_p": 5e-324, "presence_penalty": 1.0}, {"temperature": 0,
+                                                                                   "presence_penalty": 1.0}),
+    ({"temperature": 1e-46, "seed": 4}, {"temperature": 0}),
+    ({"temperature": 0.9, "seed": 4, "min_p": 1e-46}, {"temperature": 0.9, "seed": 4}),
+]
+
+
+@pytest.mark.parametrize("fields,plain", LEGAL_EXTREMES, ids=[json.dumps(f) for f, _ in LEGAL_EXTREMES])
+def test_extreme_but_legal_values_reach_the_engine_and_answer_200(server, fields, plain):
+    got, want = complete(server, **fields), complete(server, **plain)
+    assert got.status_code == want.status_code == 200, got.text
+    assert got.json()["choices"][0]["text"] == want.json()["choices"][0]["text"]
+    assert got.json()["usage"] == want.json()["usage"]
+    good_request_works(server)
+
+
+def test_a_foreign_host_header_is_refused_on_loopback(server):
+    """Listening on 127.0.0.1: a page on another origin that rebinds its name to 127.0.0.1 sends its own Host."""
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}"):
+        r = httpx.post(server.url + "/v1/completions", json=GOOD, headers={**AUTH, "Host": host}, timeout=30)
+        assert r.status_code == 400 and "invalid host" in r.text.lower(), (host, r.text)
+        assert httpx.get(server.url + "/health", headers={"Host": host}, timeout=10).status_code == 400
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        r = httpx.post(server.url + "/v1/completions", json=GOOD, headers={**AUTH, "Host": host}, timeout=30)
+        assert r.status_code == 200, (host, r.text)
 
 
 def test_a_full_queue_answers_503_with_retry_after_then_recovers(server):

@@ -1,6 +1,7 @@
 """``gpt2fast serve`` under load and faults: 200 concurrent streams, clients that vanish, a bad request among
-good ones, and SIGTERM in the middle of a load run. Streams are compared with offline ``LLM.generate``;
-the KV pool's state is read from ``/metrics`` (blocks used/free, and ``BlockPool.check`` run when idle).
+good ones, extreme but legal sampling values among good ones, and SIGTERM in the middle of a load run. Streams
+are compared with offline ``LLM.generate``; the KV pool's state is read from ``/metrics`` (blocks used/free,
+and ``BlockPool.check`` run when idle).
 """
 
 from __future__ import annotations
@@ -197,6 +198,35 @@ def test_a_bad_parameter_among_good_requests_fails_alone(server, llm):
     want = llm.generate([b["prompt"] for b in good], [params(b) for b in good], use_tqdm=False)
     for s, w in zip(seen[:6] + seen[9:], want):
         assert s.status == 200 and s.done and s.texts[0] == w.outputs[0].text
+    assert_pool_clean(wait_idle(server.url))
+
+
+# Values the protocol accepts that the engine's sampler must take in its stride, in the same steps as the good
+# requests (sampled rows send the whole batch through the logits sampler): each with the plain equivalent it
+# must draw the same tokens as offline.
+EXTREME = [({"top_k": 2**31, "temperature": 0.9, "seed": 5}, {"top_k": 0, "temperature": 0.9, "seed": 5}),
+           ({"top_k": 10**30, "temperature": 1.1, "seed": 6}, {"temperature": 1.1, "seed": 6}),
+           ({"top_p": 1e-46, "temperature": 0.9, "seed": 7}, {"temperature": 0}),
+           ({"top_p": 5e-324, "temperature": 0.9, "seed": 8, "presence_penalty": 0.5},
+            {"temperature": 0, "presence_penalty": 0.5})]
+
+
+def test_extreme_but_legal_values_among_good_requests_disturb_nothing(server, llm):
+    good = [request(i) | {"max_tokens": 24, "ignore_eos": True} for i in range(12)]
+    odd = [{"prompt": f"Odd {i} but legal", "max_tokens": 24, "ignore_eos": True} | fields
+           for i, (fields, _) in enumerate(EXTREME)]
+
+    async def run() -> list[Stream]:
+        async with client() as c:
+            return await asyncio.gather(*(stream(c, server.url, b) for b in good[:6] + odd + good[6:]))
+
+    seen = asyncio.run(run())
+    plain = [{k: v for k, v in b.items() if k not in extreme} | fields for b, (extreme, fields) in zip(odd, EXTREME)]
+    bodies = good[:6] + plain + good[6:]
+    want = llm.generate([b["prompt"] for b in bodies], [params(b) for b in bodies], use_tqdm=False)
+    for s, b, w in zip(seen, bodies, want):
+        assert s.status == 200 and s.done and s.error is None, (b, s.events[-2:])
+        assert s.texts[0] == w.outputs[0].text and s.finish[0] == ["length"], b
     assert_pool_clean(wait_idle(server.url))
 
 

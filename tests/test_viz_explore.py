@@ -11,6 +11,8 @@ import base64
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from serverproc import TINY_MODEL, running
 
 from gpt2fast import LLM
 from gpt2fast.viz import head_view_assets
-from gpt2fast.viz.explore import MAX_BODY_BYTES, main, make_app
+from gpt2fast.viz.explore import MAX_BODY_BYTES, allowed_hosts_for, main, make_app
 
 EOT = 50256
 HOSTILE = ('<script>window.__pwned=1</script> <img src=x onerror="window.__pwned=2"> "double" \'single\' '
@@ -101,11 +103,64 @@ def test_empty_text_means_endoftext(client, reference):
     (b'{"text": "a", "top": 3}', "application/json", 400, "unknown field(s) 'top'"),
     (b'{"text": "a"}', "text/plain", 415, "Content-Type: application/json"),
     (b'{"text": "' + b"a" * MAX_BODY_BYTES + b'"}', "application/json", 413, "over 1024 KB"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "not valid JSON"),  # nested past the recursion limit
+    (b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400, "not valid JSON"),
+    (b'{"text": "\\ud800", "k": 2}', "application/json", 400, "lone UTF-16 surrogate"),  # escaped half a pair
+    (b'{"text": "a\\udc00\\ud800b"}', "application/json", 400, "lone UTF-16 surrogate"),
+    (b'{"\\ud800": 1, "text": "a"}', "application/json", 400, "unknown field(s) '\\ud800'"),
+    (b'{"text": "a", "k": 1e309}', "application/json", 400, "got inf"),
 ])
 def test_bad_requests_get_a_message_not_a_500(client, body, content_type, status, message):
     reply = client.post("/api/next", content=body, headers={"Content-Type": content_type})
     assert reply.status_code == status
     assert message in reply.json()["error"]
+
+
+def test_loopback_host_names_are_allowed_and_others_refused(reference):
+    """DNS rebinding: a page elsewhere can send to the loopback port with its own Host. An IPv6 Host comes in
+    brackets ([::1]), which is how the explorer must list it."""
+    assert allowed_hosts_for("0.0.0.0") is None and allowed_hosts_for("192.168.1.10") is None
+    for address in ("127.0.0.1", "::1"):
+        client = TestClient(make_app(reference, allowed_hosts=allowed_hosts_for(address)))
+        for host in ("127.0.0.1:8001", "localhost:8001", "[::1]:8001", "[::1]"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, (address, host)
+        for host in ("evil.example", "evil.example:8001", "::1"):
+            reply = client.post("/api/next", json={"text": "a"}, headers={"Host": host})
+            assert reply.status_code == 400 and "Invalid host" in reply.text, (address, host)
+
+
+def _ipv6_loopback_port() -> int | None:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as s:
+            return s.getsockname()[1]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(_ipv6_loopback_port() is None, reason="no IPv6 loopback here")
+def test_the_explorer_on_ipv6_loopback_answers_its_own_url():
+    """``gpt2fast explore --host ::1``: the printed URL http://[::1]:PORT/ works; a foreign Host does not."""
+    port = _ipv6_loopback_port()
+    cmd = [sys.executable, "-m", "gpt2fast", "explore", "--model", TINY_MODEL, "--host", "::1", "--port", str(port)]
+    url = f"http://[::1]:{port}"
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        try:
+            deadline = time.monotonic() + 90
+            while True:  # any HTTP answer means it listens (before the fix it was a 400 to every request)
+                assert proc.poll() is None and time.monotonic() < deadline, "the explorer did not start"
+                try:
+                    health = httpx.get(url + "/health", timeout=2)
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            assert health.status_code == 200, health.text
+            reply = httpx.post(url + "/api/next", json={"text": "The dog", "k": 2}, timeout=30)
+            assert reply.status_code == 200 and reply.json()["tokens"] == ["The", " dog"]
+            assert httpx.get(url + "/", timeout=10).status_code == 200
+            assert httpx.get(url + "/health", headers={"Host": "evil.example"}, timeout=10).status_code == 400
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
 
 
 def test_text_over_the_context_is_refused(client, reference):

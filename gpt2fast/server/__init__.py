@@ -34,7 +34,13 @@ Design (what was decided, and why):
   parameters (``param`` names the field), 401 missing/wrong key (when ``--api-key`` is set;
   ``/health`` and ``/metrics`` stay open), 404 unknown route or model, 405, 413 bodies over
   ``--max-body-bytes`` (Content-Length checked before reading, chunked bodies counted), 415 a
-  Content-Type other than JSON, 503 busy or shutting down. Bad input is never a 500.
+  Content-Type other than JSON, 503 busy or shutting down (or ``engine_stopped``: the engine
+  thread died, so nothing would ever answer; ``/health`` says 503 too). Bad input is never a 500:
+  a JSON string holding half a UTF-16 surrogate pair (``"\\ud800"``) is a 400 at parse time, and
+  every JSON body is written as ASCII, so no text can break the response encoder.
+- **Host check**: listening on a loopback address, the app answers only ``Host: 127.0.0.1``,
+  ``localhost`` or ``[::1]`` (any port); any other Host gets 400, so a web page whose name
+  rebinds to 127.0.0.1 cannot use a server that has no ``--api-key`` (DNS rebinding).
 - **OpenAI's semantics kept**: ``max_tokens`` defaults to 16; a prompt plus ``max_tokens`` over
   the context is a 400 ("This model's maximum context length is ...") rather than the engine's
   silent clamp; ``n`` <= 128 and <= ``max_num_seqs``; ``logprobs`` 0..5 in the completions

@@ -9,12 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
@@ -42,6 +44,19 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 256
 CHAT_MESSAGE = ("GPT-2 is a base model with no chat template, so /v1/chat/completions is not served. Send the text "
                 "to continue to /v1/completions instead.")
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON as ASCII (``\\uXXXX`` escapes): whatever text gets in, even half a UTF-16 pair, the body encodes.
+
+    Example:
+        >>> AsciiJSONResponse({"text": "caf\u00e9 \\ud800"}).body
+        b'{"text":"caf\\\\u00e9 \\\\ud800"}'
+    """
+
+    def render(self, content: Any) -> bytes:
+        """``content`` as compact ASCII JSON; NaN or infinity raise (JSON has neither)."""
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class Frontend:
@@ -79,8 +94,11 @@ class Frontend:
             self.loop.close()
 
     def admit(self, seqs: int) -> None:
+        """Count ``seqs`` more sequences in flight, or ApiError 503: shutting down, engine stopped, or full."""
         if self.shutting_down:
             raise ApiError(503, "The server is shutting down", code="shutting_down")
+        if self.loop.ended:  # nothing would ever answer the request
+            raise ApiError(503, "The engine has stopped; see the server log", code="engine_stopped")
         if self.admitted + seqs > self.capacity:
             raise ApiError(503, f"The server is busy: {self.admitted} sequences are running or queued (limit "
                            f"{self.capacity}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
@@ -88,6 +106,7 @@ class Frontend:
         self.metrics.admitted.set(self.admitted)
 
     def release(self, seqs: int) -> None:
+        """Give back what ``admit(seqs)`` took (the request ended, however it ended)."""
         self.admitted -= seqs
         self.metrics.admitted.set(self.admitted)
 
@@ -357,14 +376,17 @@ async def _until_done_or_gone(job: _Job, request: Request) -> bool:
             task.cancel()
 
 
-def _error_response(frontend: Frontend, error: ApiError) -> JSONResponse:
+def _error_response(frontend: Frontend, error: ApiError) -> Response:
     frontend.metrics.requests.labels(str(error.status)).inc()
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return AsciiJSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``engine``; its engine thread runs for the app's lifespan.
+
+    ``allowed_hosts``: answer only requests whose ``Host`` is one of these (others get 400), so a web
+    page elsewhere cannot reach a loopback server through DNS rebinding; None accepts any.
 
     Example:
         >>> from fastapi.testclient import TestClient
@@ -376,95 +398,115 @@ def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max
     """
     frontend = Frontend(engine, model_name=model_name, api_key=api_key, max_queue=max_queue,
                         max_body_bytes=max_body_bytes)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        frontend.loop.start(asyncio.get_running_loop())
-        yield
-        frontend.begin_shutdown()
-        await asyncio.to_thread(frontend.loop.stop)
-
-    app = FastAPI(title="gpt2fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gpt2fast", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=AsciiJSONResponse)
     app.state.frontend = frontend
-    _add_error_handlers(app, frontend)
-
-    async def check_key(request: Request) -> None:
-        if frontend.api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "You didn't provide an API key. Send it in an Authorization header using Bearer "
-                           "auth (Authorization: Bearer YOUR_KEY)", code="missing_api_key")
-        if not hmac.compare_digest(key.strip().encode(), frontend.api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    keyed = [Depends(check_key)]
-
-    @app.get("/health")
-    async def health() -> Response:
-        ok = frontend.loop.alive and not frontend.shutting_down
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(frontend.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    def model_card() -> dict:
-        return {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "gpt2fast",
-                "max_model_len": frontend.limits.n_positions}
-
-    @app.get("/v1/models", dependencies=keyed)
-    async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}", dependencies=keyed)
-    async def model(model_id: str) -> dict:
-        if model_id != frontend.model_name:
-            raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
-        return model_card()
-
-    @app.post("/v1/chat/completions", dependencies=keyed)
-    async def chat() -> Response:
-        raise ApiError(400, CHAT_MESSAGE, code="chat_template_missing")
-
-    @app.post("/v1/completions", dependencies=keyed)
-    async def completions(request: Request) -> Response:
-        req = await _parse_request(request, frontend)
-        job = await _new_job(req, frontend)
-        try:
-            await job.start()
-        except BaseException:
-            job.close()
-            raise
-        if req.stream:
-            frontend.metrics.requests.labels("200").inc()
-            return _JobStream(job, bool(req.stream_options and req.stream_options.include_usage))
-        try:
-            if not await _until_done_or_gone(job, request):
-                return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-        finally:
-            job.close()
-        if job.error is not None:
-            raise job.error
-        if job.aborted:
-            raise ApiError(503, "The server is shutting down; the request was not finished", code="shutting_down")
-        frontend.metrics.requests.labels("200").inc()
-        return JSONResponse(_complete_body(job))
-
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    _add_error_handlers(app)
+    keyed = [Depends(_check_key)]
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_api_route("/v1/models", _models, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/v1/models/{model_id:path}", _model, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/v1/chat/completions", _chat, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/completions", _completions, methods=["POST"], dependencies=keyed)
     return app
 
 
-def _add_error_handlers(app: FastAPI, frontend: Frontend) -> None:
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    frontend: Frontend = app.state.frontend
+    frontend.loop.start(asyncio.get_running_loop())
+    yield
+    frontend.begin_shutdown()
+    await asyncio.to_thread(frontend.loop.stop)
+
+
+def _frontend(request: Request) -> Frontend:
+    return request.app.state.frontend
+
+
+async def _check_key(request: Request) -> None:
+    """ApiError 401 unless the server has no key or ``Authorization: Bearer KEY`` carries it."""
+    api_key = _frontend(request).api_key
+    if api_key is None:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(401, "You didn't provide an API key. Send it in an Authorization header using Bearer "
+                       "auth (Authorization: Bearer YOUR_KEY)", code="missing_api_key")
+    if not hmac.compare_digest(key.strip().encode(), api_key.encode()):
+        raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+
+async def _health(request: Request) -> Response:
+    frontend = _frontend(request)
+    ok = frontend.loop.alive and not frontend.shutting_down
+    return AsciiJSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+
+async def _metrics(request: Request) -> Response:
+    return Response(_frontend(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_card(frontend: Frontend) -> dict:
+    return {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "gpt2fast",
+            "max_model_len": frontend.limits.n_positions}
+
+
+async def _models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(_frontend(request))]}
+
+
+async def _model(request: Request, model_id: str) -> dict:
+    frontend = _frontend(request)
+    if model_id != frontend.model_name:
+        raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
+    return _model_card(frontend)
+
+
+async def _chat() -> Response:
+    raise ApiError(400, CHAT_MESSAGE, code="chat_template_missing")
+
+
+async def _completions(request: Request) -> Response:
+    frontend = _frontend(request)
+    req = await _parse_request(request, frontend)
+    job = await _new_job(req, frontend)
+    try:
+        await job.start()
+    except BaseException:
+        job.close()
+        raise
+    if req.stream:
+        frontend.metrics.requests.labels("200").inc()
+        return _JobStream(job, bool(req.stream_options and req.stream_options.include_usage))
+    try:
+        if not await _until_done_or_gone(job, request):
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+    finally:
+        job.close()
+    if job.error is not None:
+        raise job.error
+    if job.aborted:
+        raise ApiError(503, "The server is shutting down; the request was not finished", code="shutting_down")
+    frontend.metrics.requests.labels("200").inc()
+    return AsciiJSONResponse(_complete_body(job))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
-        return _error_response(frontend, error)
+        return _error_response(_frontend(request), error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         where = f"{request.method} {request.url.path}"
         message = f"Invalid URL ({where})" if error.status_code == 404 else f"{error.detail} ({where})"
-        return _error_response(frontend, ApiError(error.status_code, message, headers=dict(error.headers or {})))
+        return _error_response(_frontend(request), ApiError(error.status_code, message,
+                                                            headers=dict(error.headers or {})))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> Response:
-        return _error_response(frontend, ApiError(500, f"Internal server error: {type(error).__name__}"))
+        return _error_response(_frontend(request), ApiError(500, f"Internal server error: {type(error).__name__}"))

@@ -5,6 +5,10 @@ anything is unfinished, and otherwise blocks on the inbox. What each request is 
 to the asyncio loop in one ``call_soon_threadsafe`` per iteration, as ``deliver(kind, payload)``
 calls: ``"output"`` (the cumulative ``RequestOutput``), ``"scored"`` (prompt logprobs),
 ``"error"`` (an ``ApiError``), ``"aborted"`` (the server is closing).
+
+Every add and score is answered, even when the thread ends: on its way out (stopped, or killed by an
+unexpected exception) it answers what it took but never handled and what is still in the inbox, and
+one sent after that is answered at once (503 ``engine_stopped``, or ``"aborted"`` after a clean stop).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +73,9 @@ class EngineLoop:
         self.metrics = metrics or ServerMetrics()
         self.max_num_seqs = engine.scheduler.max_num_seqs
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # put() is safe from a signal handler
+        self._pending: deque[tuple] = deque()  # taken from the inbox, not yet handled (answered if the thread ends)
+        self._lock = threading.Lock()  # an add/score either reaches the inbox before the thread ends, or is answered
+        self._ended = False  # the thread takes no more work
         self._live: dict[str, _Live] = {}
         self._outbox: list[tuple[Deliver, str, Any]] = []
         self._closed = False
@@ -88,11 +96,17 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
+        """True while the engine thread runs."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ended(self) -> bool:
+        """True once the thread takes no more work: it was stopped, or it died (``failure`` says why)."""
+        return self._ended or self.failure is not None
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, deliver: Deliver) -> None:
         """Queue an engine request; ``deliver`` gets its outputs (or an error, or ``"aborted"``)."""
-        self._inbox.put(("add", request_id, prompt_ids, params, deliver, time.monotonic()))
+        self._submit(("add", request_id, prompt_ids, params, deliver, time.monotonic()))
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks (the client went away: nothing is delivered)."""
@@ -100,7 +114,7 @@ class EngineLoop:
 
     def score(self, prompt_ids: list[int], top_n: int, deliver: Deliver) -> None:
         """Prompt logprobs: ``deliver("scored", entries)``, ``entries[i]`` for token ``i`` (``None`` for the first)."""
-        self._inbox.put(("score", prompt_ids, top_n, deliver))
+        self._submit(("score", prompt_ids, top_n, deliver))
 
     def close(self) -> None:
         """Abort everything in flight (each is told ``"aborted"``) and refuse what comes after."""
@@ -112,6 +126,15 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _submit(self, command: tuple) -> None:
+        """Queue an add/score for the thread, or, once it has ended, answer it at once (nothing would read it)."""
+        with self._lock:
+            if not self._ended:
+                self._inbox.put(command)
+                return
+        self._answer_unhandled([command])
+        self._flush()
+
     # ---- the engine thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -119,12 +142,15 @@ class EngineLoop:
             torch.cuda.set_device(self.engine.device)
         try:
             while True:
-                commands = self._take(block=not self.engine.has_unfinished())
-                for command in commands:
+                self._take(block=not self.engine.has_unfinished())
+                while self._pending:
+                    command = self._pending[0]  # left in place while handled: if that raises, it is still answered
                     if command[0] == "stop":
+                        self._pending.popleft()
                         self._abort_all()
                         return
                     self._handle(command)
+                    self._pending.popleft()
                 if self.engine.has_unfinished():
                     self._step()
                 self._publish()
@@ -134,15 +160,31 @@ class EngineLoop:
             log.exception("the engine thread stopped")
             self._fail_all(ApiError(500, f"the engine stopped: {e}"))
         finally:
+            with self._lock:
+                self._ended = True
+            self._take(block=False)  # what was queued before that: nobody else will ever read it
+            self._answer_unhandled(self._pending)
+            self._pending.clear()
             self._flush()
 
-    def _take(self, block: bool) -> list[tuple]:
-        commands = [self._inbox.get()] if block else []
+    def _take(self, block: bool) -> None:
+        """Move what the inbox holds to ``_pending`` (waiting for a first command when ``block``)."""
+        if block:
+            self._pending.append(self._inbox.get())
         while True:
             try:
-                commands.append(self._inbox.get_nowait())
+                self._pending.append(self._inbox.get_nowait())
             except queue.Empty:
-                return commands
+                return
+
+    def _answer_unhandled(self, commands: Iterable[tuple]) -> None:
+        """Tell the senders of adds and scores the thread will never handle: an error if it died, else aborted."""
+        stopped = ApiError(503, "The engine has stopped; see the server log", code="engine_stopped")
+        for command in commands:
+            if command[0] == "add":
+                self._send(command[4], *(("error", stopped) if self.failure is not None else ("aborted", None)))
+            elif command[0] == "score":
+                self._send(command[3], "error", stopped)
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]
@@ -264,12 +306,14 @@ class EngineLoop:
             m.pool_checks.inc()
 
     def _send(self, deliver: Deliver, kind: str, payload: Any) -> None:
-        self._outbox.append((deliver, kind, payload))
+        with self._lock:  # the engine thread and, once it has ended, _submit's callers
+            self._outbox.append((deliver, kind, payload))
 
     def _flush(self) -> None:
-        if not self._outbox or self._aloop is None:
-            return
-        batch, self._outbox = self._outbox, []
+        with self._lock:
+            if not self._outbox or self._aloop is None:
+                return
+            batch, self._outbox = self._outbox, []
         try:
             self._aloop.call_soon_threadsafe(_deliver_all, batch)
         except RuntimeError:  # the asyncio loop has closed: nobody is left to tell

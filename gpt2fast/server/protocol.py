@@ -44,6 +44,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
+        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``, type ``server_error`` for 5xx."""
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
@@ -62,6 +63,11 @@ def parse_json_object(body: bytes) -> dict:
         Traceback (most recent call last):
         ...
         gpt2fast.server.protocol.ApiError: The request body must be a JSON object, got a list
+        >>> parse_json_object(b'{"prompt": "\\\\ud800"}')
+        Traceback (most recent call last):
+        ...
+        gpt2fast.server.protocol.ApiError: The request body holds a lone UTF-16 surrogate (an escape such as \
+\\ud800 without its pair), which is not text; send valid Unicode
     """
     if not body.strip():
         raise ApiError(400, "The request body is empty; send a JSON object", code="invalid_json")
@@ -73,6 +79,13 @@ def parse_json_object(body: bytes) -> dict:
     if not isinstance(data, dict):
         raise ApiError(400, f"The request body must be a JSON object, got a {type(data).__name__}",
                        code="invalid_json")
+    try:  # JSON may escape half a UTF-16 pair; such a string cannot be tokenized, echoed or encoded as UTF-8
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "The request body holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
+                       "pair), which is not text; send valid Unicode", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "The request body is nested too deeply", code="invalid_json") from None
     return data
 
 
@@ -102,6 +115,13 @@ def validation_error(err: ValidationError) -> ApiError:
 
 
 class StreamOptions(BaseModel):
+    """``stream_options`` of a streaming request: ``include_usage`` adds a last chunk with the token counts.
+
+    Example:
+        >>> StreamOptions.model_validate({"include_usage": True}).include_usage
+        True
+    """
+
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool | None = False
     include_obfuscation: bool | None = None  # sent by some clients; meaningless here
@@ -209,7 +229,14 @@ class CompletionRequest(BaseModel):
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What a prompt is checked against: the tokenizer, the vocabulary, the context, and what runs at once."""
+    """What a prompt is checked against: the tokenizer, the vocabulary, the context, and what runs at once.
+
+    Example:
+        >>> from gpt2fast.tokenizer import load_tokenizer
+        >>> limits = ModelLimits(load_tokenizer(), vocab_size=50257, n_positions=1024, eos_token_id=50256, max_seqs=8)
+        >>> limits.n_positions, limits.tokenizer.encode("Hello")
+        (1024, [15496])
+    """
 
     tokenizer: tiktoken.Encoding
     vocab_size: int
@@ -220,7 +247,12 @@ class ModelLimits:
 
 @dataclass
 class Prompt:
-    """One prompt of a request: its token ids and the text echoed for it."""
+    """One prompt of a request: its token ids and the text echoed for it.
+
+    Example:
+        >>> Prompt(ids=[15496, 995], text="Hello world").ids
+        [15496, 995]
+    """
 
     ids: list[int]
     text: str
@@ -345,6 +377,7 @@ class LogprobsWriter:
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
     def write(self, tokens: Sequence[int], entries: Sequence[dict[int, float] | None]) -> dict:
+        """The logprobs object of the next ``tokens`` (``entries[i]`` for ``tokens[i]``), offsets continuing on."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, entry in zip(tokens, entries):
             out["tokens"].append(token_text(self.tokenizer, token))

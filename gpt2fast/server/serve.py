@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
@@ -16,6 +17,30 @@ from gpt2fast.ops import BACKENDS
 from gpt2fast.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
 
 API_KEY_ENV = "GPT2FAST_API_KEY"
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]  # as the Host header names them (IPv6 in brackets)
+
+
+def loopback_host_names(host: str) -> list[str] | None:
+    """The ``Host`` header values to accept when listening on ``host``: the loopback names (and ``host``
+    itself) when ``host`` is a loopback address, so a web page elsewhere cannot use the server through DNS
+    rebinding; None (any ``Host``) when it listens beyond this machine.
+
+    Example:
+        >>> loopback_host_names("127.0.0.1"), loopback_host_names("0.0.0.0")
+        (['127.0.0.1', 'localhost', '[::1]'], None)
+        >>> loopback_host_names("::1"), loopback_host_names("127.0.0.2")[-1]
+        (['127.0.0.1', 'localhost', '[::1]'], '127.0.0.2')
+    """
+    if host.lower() == "localhost":
+        return list(LOOPBACK_HOSTS)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name: it may resolve anywhere
+        return None
+    if not address.is_loopback:
+        return None
+    name = f"[{address.compressed}]" if address.version == 6 else address.compressed
+    return LOOPBACK_HOSTS + ([name] if name not in LOOPBACK_HOSTS else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs)
         app = make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
-                       max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+                       max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                       allowed_hosts=loopback_host_names(args.host))
     except (ValueError, CheckpointError) as e:
         print(f"gpt2fast serve: error: {e}", file=sys.stderr)
         return 2
     if engine.is_random:
         print(f"gpt2fast serve: warning: {args.model} has random weights: completions are gibberish.", file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if loopback_host_names(args.host) is None and not args.api_key:
         print(f"gpt2fast serve: warning: listening on {args.host} without --api-key: anyone who reaches it can use it",
               file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,

@@ -18,9 +18,13 @@ HTTP (FastAPI; uvicorn serves it):
   [{"text", "id", "prob"}], "trace": gpt2fast.viz.trace_payload(...)}``. Empty text means the
   ``<|endoftext|>`` token (``context`` and ``note`` say so), as unconditional generation starts.
   Bad input is a 400 (415 for a body that is not ``application/json``, 413 over 1 MB) with JSON
-  ``{"error": "<what is wrong>"}``; text over the model's context (``n_positions``, 1024 for GPT-2)
-  is a 400 that also gives ``n_tokens`` and ``max_tokens``.
+  ``{"error": "<what is wrong>"}`` (JSON nested too deep, or text holding half a UTF-16 surrogate
+  pair, included); text over the model's context (``n_positions``, 1024 for GPT-2) is a 400 that
+  also gives ``n_tokens`` and ``max_tokens``.
 * ``GET /health``: ``{"status": "ok"}``.
+
+On a loopback address (the default) only ``Host: 127.0.0.1``, ``localhost`` or ``[::1]`` is answered
+(any other gets 400), so a web page elsewhere cannot reach the explorer through DNS rebinding.
 
 Model calls run one at a time (a lock) in a worker thread, so the server keeps answering meanwhile.
 """
@@ -29,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import html
+import ipaddress
 import json
 import secrets
 import signal
 import socket
 import sys
 import threading
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -44,6 +50,9 @@ from gpt2fast.errors import CheckpointError
 from gpt2fast.ops import BACKENDS
 from gpt2fast.viz.html import head_view_assets, payload_json, trace_payload
 
+if TYPE_CHECKING:
+    from gpt2fast.engine import LLM
+
 PROG = "gpt2fast explore"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001  # next to `gpt2fast serve`'s 8000
@@ -52,7 +61,7 @@ MAX_K = 100
 MAX_BODY_BYTES = 1 << 20  # a 1024-token text is a few KB; this only stops a runaway client
 DEBOUNCE_MS = 250  # typing pauses this long before the page asks the model
 ENDOFTEXT = "<|endoftext|>"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as the Host header names them (IPv6 in brackets)
 
 
 class RequestError(ValueError):
@@ -81,7 +90,7 @@ def parse_request(body: bytes) -> tuple[str, int]:
     """
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep; UnicodeDecodeError is a ValueError
         raise RequestError(f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise RequestError(f'the body must be a JSON object like {{"text": "..."}}, got {type(data).__name__}')
@@ -93,6 +102,11 @@ def parse_request(body: bytes) -> tuple[str, int]:
     text, k = data["text"], data.get("k", DEFAULT_K)
     if not isinstance(text, str):
         raise RequestError(f"'text' must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape half a UTF-16 pair (\ud800): not text, cannot be tokenized
+        raise RequestError("'text' holds a lone UTF-16 surrogate (such as \\ud800 without its pair): send valid "
+                           "Unicode") from None
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise RequestError(f"'k' must be an integer from 1 to {MAX_K}, got {k!r}")
     return text, k
@@ -111,7 +125,7 @@ class Explorer:
         (['<|endoftext|>'], '<|endoftext|>', 2)
     """
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self.lock = threading.Lock()  # uvicorn runs requests concurrently; the engine is not re-entrant
         self.max_tokens = int(llm.config.n_positions)
@@ -152,6 +166,13 @@ class Explorer:
         }
 
 
+class _JSONResponse(JSONResponse):
+    """JSON as ASCII (``\\uXXXX`` escapes), so any text, even half a UTF-16 pair, encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) once it passes ``limit`` bytes instead of buffering it all."""
     chunks, size = [], 0
@@ -163,7 +184,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def make_app(llm, allowed_hosts: list[str] | None = None) -> FastAPI:
+def make_app(llm: LLM, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The explorer's web app (page + JSON API) over ``llm``. ``allowed_hosts``: accept only requests whose
     ``Host`` is one of these (``serve`` passes the loopback names when it listens on loopback, so a web page
     elsewhere cannot reach the server through DNS rebinding); None accepts any.
@@ -180,7 +201,7 @@ def make_app(llm, allowed_hosts: list[str] | None = None) -> FastAPI:
         (400, "'k' must be an integer from 1 to 100, got 0")
     """
     explorer = Explorer(llm)
-    app = FastAPI(title=PROG, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title=PROG, docs_url=None, redoc_url=None, openapi_url=None, default_response_class=_JSONResponse)
     if allowed_hosts is not None:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -206,10 +227,10 @@ def make_app(llm, allowed_hosts: list[str] | None = None) -> FastAPI:
             text, k = parse_request(await _read_body(request, MAX_BODY_BYTES))
             reply = await run_in_threadpool(explorer.answer, text, k)  # the model runs off the event loop
         except RequestError as e:
-            return JSONResponse({"error": str(e), **e.extra}, status_code=e.status)
+            return _JSONResponse({"error": str(e), **e.extra}, status_code=e.status)
         except ValueError as e:  # the engine's own checks (ids outside a small vocabulary, ...)
-            return JSONResponse({"error": str(e)}, status_code=400)
-        return JSONResponse(reply)
+            return _JSONResponse({"error": str(e)}, status_code=400)
+        return _JSONResponse(reply)
 
     return app
 
@@ -421,6 +442,27 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def allowed_hosts_for(address: str) -> list[str] | None:
+    """The ``Host`` header values to accept on a socket bound to ``address``: the loopback names (and the
+    address itself) for a loopback address, so a web page elsewhere cannot reach the explorer through DNS
+    rebinding; None (any ``Host``) otherwise.
+
+    Example:
+        >>> allowed_hosts_for("::1"), allowed_hosts_for("0.0.0.0")
+        (['127.0.0.1', 'localhost', '[::1]'], None)
+        >>> allowed_hosts_for("127.0.0.5")
+        ['127.0.0.1', 'localhost', '[::1]', '127.0.0.5']
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 address may carry a zone: fe80::1%eth0
+    except ValueError:
+        return list(LOOPBACK_HOSTS) if address.lower() == "localhost" else None
+    if not ip.is_loopback:
+        return None
+    name = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    return list(LOOPBACK_HOSTS) + ([name] if name not in LOOPBACK_HOSTS else [])
+
+
 class _Terminated(Exception):
     """SIGTERM arrived: stop like Ctrl-C."""
 
@@ -429,7 +471,7 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated
 
 
-def serve(llm, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, sock: socket.socket | None = None) -> None:
+def serve(llm: LLM, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, sock: socket.socket | None = None) -> None:
     """Serve the explorer over ``llm`` on ``host:port`` (or on the listening ``sock``) until Ctrl-C or SIGTERM.
 
     Prints the URL once it listens. uvicorn catches SIGINT/SIGTERM, finishes the requests in flight, and raises
@@ -441,9 +483,7 @@ def serve(llm, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, sock: sock
     import uvicorn
 
     sock = sock if sock is not None else listen(host, port)
-    bound = sock.getsockname()[0]
-    allowed = list(LOOPBACK_HOSTS) if bound in LOOPBACK_HOSTS else None
-    app = make_app(llm, allowed_hosts=allowed)
+    app = make_app(llm, allowed_hosts=allowed_hosts_for(sock.getsockname()[0]))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     print(f"{PROG}: serving {llm.model_name} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread only
