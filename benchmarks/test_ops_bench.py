@@ -23,7 +23,7 @@ synchronizing timer (pytest-benchmark's calibration then loops enough calls per 
 
 Reading the numbers: each op + shape + device is one pytest-benchmark group, so its table lists the
 providers side by side. ``extra_info`` of each (and the "roofline" table printed at the end) holds
-``bytes``: what one call must move through memory (``gpt2fast.roofline.decode_step``: inputs read once,
+``bytes``: what one call must move through memory (``gpt2fast.roofline.op_bytes``: inputs read once,
 outputs written once), ``achieved_gbs`` = bytes / median, and ``pct_of_floor`` = (bytes / copy bandwidth)
 / median, where the copy bandwidth is a large tensor copy on the same device counting bytes read +
 written, measured once per session. 100% is what memory bandwidth allows; small shapes sit far below it
@@ -47,7 +47,7 @@ import torch
 from gpt2fast.config import PRESETS, GPT2Config
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import CUDA_MAX_LINEAR_ROWS, get_ops, reference
-from gpt2fast.roofline import decode_step
+from gpt2fast.roofline import op_bytes
 
 BLOCK_SIZE = 16
 GPT2 = PRESETS["gpt2"]
@@ -74,7 +74,7 @@ GPU = Target("cuda", torch.float16)
 @dataclass(frozen=True)
 class Shape:
     """One benchmarked call: the model it comes from, its rows (tokens; sequences for attention), the
-    ``decode_step`` kernel whose bytes it moves, and whether the CPU interpreter/emulator time it."""
+    ``op_bytes`` entry whose bytes it moves, and whether the CPU interpreter/emulator time it."""
 
     label: str
     config: GPT2Config
@@ -95,8 +95,7 @@ class Shape:
             >>> Shape("qkv M1", GPT2, 1, "linear qkv").moved_bytes(torch.float16)  # weight, bias, x, y in fp16
             3549696
         """
-        step = decode_step(self.config, batch=self.rows, context=self.context, dtype_bytes=dtype.itemsize)
-        return next(k.dram_bytes for k in step if k.name == self.kernel)
+        return op_bytes(self.config, self.rows, self.context, dtype.itemsize)[self.kernel].dram_bytes
 
 
 ADD_LAYER_NORM = [

@@ -135,6 +135,13 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """Run one step up to the LM head: the final LayerNorm's output ``(N, C)`` for ``meta.logits_indices``.
 
+        Per layer (pre-LN): ``ln_linear(residual, ln_1, c_attn)`` -> ``write_kv`` -> ``attention`` ->
+        ``linear(c_proj, residual=residual)`` -> ``ln_linear(residual, ln_2, c_fc, gelu)`` ->
+        ``linear(mlp.c_proj, residual=residual)``. Each LayerNorm rides in the linear that reads its output
+        (on Triton's decode path: one launch) and each projection adds itself to the residual stream in its
+        epilogue (one rounding to the model dtype, of ``x @ W.T + b + residual``), so no op touches the
+        residual stream alone; ``ln_f`` runs on the ``N`` rows that need logits.
+
         The caller then projects it (``ops.lm_head``) or lets the LM head pick the token itself
         (``ops.lm_head_argmax`` / ``ops.lm_head_gumbel``), which never writes the ``(N, V)`` logits.
         With ``capture`` every layer attends through ``ops.attention_with_probs`` (slow, for inspection)
@@ -144,13 +151,9 @@ class GPT2(nn.Module):
         num_tokens = input_ids.shape[0]
         eps = cfg.layer_norm_epsilon
         residual = ops.embed(input_ids, positions, self.wte.weight, self.wpe.weight)  # (T, C)
-        mlp_out = None
         for i, block in enumerate(self.h):
-            if mlp_out is None:
-                x = ops.layer_norm(residual, block.ln_1.weight, block.ln_1.bias, eps)
-            else:
-                x = ops.add_layer_norm(mlp_out, residual, block.ln_1.weight, block.ln_1.bias, eps)
-            qkv = ops.linear(x, block.attn.c_attn.weight, block.attn.c_attn.bias)  # (T, 3C)
+            attn_in = (block.ln_1.weight, block.ln_1.bias, eps, block.attn.c_attn.weight, block.attn.c_attn.bias)
+            qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)
             q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)  # 3 x (T, H, D)
             ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
             if capture is None:
@@ -158,12 +161,12 @@ class GPT2(nn.Module):
             else:
                 attn = capture.attend(ops, q, k, cache, i, meta, cfg.attn_scale(i))  # (T, H, D)
             attn = attn.reshape(num_tokens, cfg.n_embd)  # (T, C)
-            attn_out = ops.linear(attn, block.attn.c_proj.weight, block.attn.c_proj.bias)
-            x = ops.add_layer_norm(attn_out, residual, block.ln_2.weight, block.ln_2.bias, eps)
-            hidden = ops.linear(x, block.mlp.c_fc.weight, block.mlp.c_fc.bias, gelu=True)  # (T, F)
-            mlp_out = ops.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)  # (T, C)
+            residual = ops.linear(attn, block.attn.c_proj.weight, block.attn.c_proj.bias, residual=residual)  # (T, C)
+            mlp_in = (block.ln_2.weight, block.ln_2.bias, eps, block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+            hidden = ops.ln_linear(residual, *mlp_in, gelu=True)  # (T, F)
+            residual = ops.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias, residual=residual)  # (T, C)
         rows = meta.logits_indices
-        return ops.add_layer_norm(mlp_out[rows], residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
+        return ops.layer_norm(residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
 
     @classmethod
     def from_state_dict(

@@ -2,15 +2,20 @@
 
 A decode step of GPT-2 is memory-bound: every weight is read once per step whatever the batch, plus
 each sequence's K/V cache. This module counts, per kernel call of the Triton backend, the bytes
-that must cross DRAM (inputs read once, outputs written once) and, separately, the fp32 workspace
-our split-K designs write and read back (small enough to stay in an H100's 50 MB L2). Dividing by
-the memory bandwidth gives the roofline time each kernel is held against in ``benchmarks/``.
+that must cross DRAM (inputs read once, outputs written once) and, separately, the L2 traffic on
+top: the fp32 workspace our split-K designs write and read back, and the rows each ``ln_linear``
+program re-reads for its LayerNorm statistics (small enough to stay in an H100's 50 MB L2). Dividing
+by the memory bandwidth gives the roofline time each kernel is held against in ``benchmarks/``.
+A layer is 6 launches (``ln_linear`` x 2, the residual-adding projections x 2, ``write_kv``,
+attention); a step adds embed, the final LayerNorm and the LM head's two.
 
 Example:
     >>> from gpt2fast.config import PRESETS
     >>> step = decode_step(PRESETS["gpt2"], batch=1, context=128)
     >>> round(sum(k.calls * k.dram_bytes for k in step) / 1e6)  # MB per decode step
-    253
+    252
+    >>> sum(k.calls * k.launches for k in step)  # 6 per layer + 4
+    76
     >>> round(step_time(step) * 1e6)  # us at the H100's 3.35 TB/s
     75
 """
@@ -34,7 +39,9 @@ class KernelBytes:
     name: str
     calls: int  # per step
     dram_bytes: int  # per call: inputs read once + outputs written once
-    workspace_bytes: int = 0  # per call: fp32 partials written and read back (L2-resident)
+    # per call, L2-resident traffic on top of dram_bytes: fp32 split-K partials written and read back, and
+    # (ln_linear) the x rows each split program re-reads for its LayerNorm statistics
+    workspace_bytes: int = 0
     launches: int = 1  # kernel launches per call
 
     def seconds(self, bandwidth: float = H100_BANDWIDTH) -> float:
@@ -42,14 +49,20 @@ class KernelBytes:
         return self.dram_bytes / bandwidth
 
 
-def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int) -> KernelBytes:
+def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int, ln: bool = False,
+            residual: bool = False) -> KernelBytes:
     """A decode linear (rows <= 64): one split-K GEMV launch that merges its partials and applies the epilogue,
-    as ``ops/triton/linear.py`` launches it."""
-    from gpt2fast.ops.triton.linear import BLOCK_K_DECODE, decode_split
+    as ``ops/triton/linear.py`` launches it. ``ln``: ``ln_linear``, the LayerNorm in the prologue (its weight
+    and bias read; every one of the ``cdiv(n, 32) x splits`` programs reads the rows twice more, from L2, for
+    the statistics). ``residual``: the epilogue adds a ``(rows, n)`` residual."""
+    from gpt2fast.ops.triton.linear import BLOCK_K_DECODE, BLOCK_N_DECODE, decode_split
 
     splits, _ = decode_split(n, k, BLOCK_K_DECODE["fp16"])
     dram = size * (n * k + n + rows * k + rows * n)  # weight, bias, x, y
+    dram += size * (2 * k if ln else 0) + size * (rows * n if residual else 0)  # LayerNorm weight + bias; residual
     workspace = 2 * splits * rows * n * FP32 if splits > 1 else 0  # one split keeps its tile in registers
+    if ln:
+        workspace += -(-n // BLOCK_N_DECODE) * splits * 2 * rows * k * size  # the stats' two passes over x
     return KernelBytes(name, calls, dram, workspace_bytes=workspace)
 
 
@@ -62,7 +75,7 @@ def decode_step(
 
     Example:
         >>> [k.name for k in decode_step(PRESETS["gpt2"], 1, 16)][:3]
-        ['embed', 'layer_norm', 'add_layer_norm']
+        ['embed', 'ln_1 + linear qkv', 'write_kv']
     """
     from gpt2fast.ops.triton.attention import decode_splits
     from gpt2fast.ops.triton.lm_head import _tiles
@@ -76,19 +89,38 @@ def decode_step(
     head_out = b * v_tiles * (FP32 + INT32) + b * INT64 if fused_choice else b * v * FP32
     return [
         KernelBytes("embed", 1, s * 3 * b * c + 2 * b * INT64),  # wte rows, wpe rows, out; ids + positions
-        KernelBytes("layer_norm", 1, s * (2 * b * c + 2 * c)),  # x, y, weight + bias
-        KernelBytes("add_layer_norm", 2 * n_layer, s * (4 * b * c + 2 * c)),  # x, residual in and out, y
-        _linear("linear qkv", n_layer, b, c, 3 * c, s),
+        _linear("ln_1 + linear qkv", n_layer, b, c, 3 * c, s, ln=True),
         KernelBytes("write_kv", n_layer, s * 4 * b * c + b * INT64),  # k, v in; k, v into pages; slots
         KernelBytes("attention decode", n_layer,
                     s * (2 * b * context * c + 2 * b * c) + INT32 * b * (max_blocks + 2),  # K, V, q, out, tables
                     workspace_bytes=attn_workspace),  # one launch: the last split merges
-        _linear("linear attn proj", n_layer, b, c, c, s),
-        _linear("linear fc + gelu", n_layer, b, c, f, s),
-        _linear("linear mlp proj", n_layer, b, f, c, s),
+        _linear("linear attn proj + residual", n_layer, b, c, c, s, residual=True),
+        _linear("ln_2 + linear fc + gelu", n_layer, b, c, f, s, ln=True),
+        _linear("linear mlp proj + residual", n_layer, b, f, c, s, residual=True),
+        KernelBytes("layer_norm ln_f", 1, s * (2 * b * c + 2 * c)),  # x, y, weight + bias
         KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out,
                     launches=2 if fused_choice else 1),
     ]
+
+
+def op_bytes(config: GPT2Config, batch: int, context: int, dtype_bytes: int = 2) -> dict[str, KernelBytes]:
+    """Every kernel of ``decode_step`` by name, plus the ops the benchmarks time one by one that the step no
+    longer runs as such: ``add_layer_norm`` (``residual += x; LN``), the plain ``linear qkv`` and
+    ``linear fc + gelu`` (without the LayerNorm prologue) and ``linear mlp proj`` (without the residual).
+
+    Example:
+        >>> ops = op_bytes(PRESETS["gpt2"], 1, 1)
+        >>> ops["linear qkv"].dram_bytes, ops["ln_1 + linear qkv"].dram_bytes - ops["linear qkv"].dram_bytes
+        (3549696, 3072)
+    """
+    b, c, s, n_layer, f = batch, config.n_embd, dtype_bytes, config.n_layer, config.mlp_width
+    standalone = [
+        KernelBytes("add_layer_norm", 2 * n_layer, s * (4 * b * c + 2 * c)),  # x, residual in and out, y, w + b
+        _linear("linear qkv", n_layer, b, c, 3 * c, s),
+        _linear("linear fc + gelu", n_layer, b, c, f, s),
+        _linear("linear mlp proj", n_layer, b, f, c, s),
+    ]
+    return {k.name: k for k in decode_step(config, batch, context, dtype_bytes) + standalone}
 
 
 def step_time(kernels: list[KernelBytes], bandwidth: float = H100_BANDWIDTH) -> float:
@@ -97,14 +129,14 @@ def step_time(kernels: list[KernelBytes], bandwidth: float = H100_BANDWIDTH) -> 
 
 
 def table(config: GPT2Config, batch: int, context: int, bandwidth: float = H100_BANDWIDTH) -> str:
-    """A markdown table of one decode step, per kernel: calls, MB per call, L2 workspace, launches, roofline us.
+    """A markdown table of one decode step, per kernel: calls, MB per call, extra L2 KB, launches, roofline us.
 
     Example:
         >>> print(table(PRESETS["gpt2"], 1, 128).splitlines()[0])
-        | kernel | calls | MB / call | workspace KB / call | launches | us / call | us / step |
+        | kernel | calls | MB / call | L2 extra KB / call | launches | us / call | us / step |
     """
     kernels = decode_step(config, batch, context)
-    lines = ["| kernel | calls | MB / call | workspace KB / call | launches | us / call | us / step |",
+    lines = ["| kernel | calls | MB / call | L2 extra KB / call | launches | us / call | us / step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for k in kernels:
         us = k.seconds(bandwidth) * 1e6

@@ -29,13 +29,33 @@ def test_interpreted_triton_launches_are_counted():
 
 @needs_triton
 def test_triton_decode_step_launches():
-    """Per layer: add_layer_norm x 2, four linears (split-K merged in-kernel) x 1, write_kv, decode attention
-    (split-K merged in-kernel) = 8; per step: embed, one more LayerNorm, the LM head's two. The test model's
-    decode attention splits (2 sequences x 2 heads x 4-page tables), so its one launch includes the merge."""
+    """Per layer: four linears (split-K merged in-kernel) x 1, the two that read a LayerNorm's output with the
+    LayerNorm in their prologue (ln_linear), the two after them adding the residual in their epilogue, write_kv,
+    decode attention (split-K merged in-kernel) = 6; per step: embed, the final LayerNorm, the LM head's two.
+    The test model's decode attention splits (2 sequences x 2 heads x 4-page tables), so its one launch
+    includes the merge."""
     from gpt2fast.ops.triton.attention import decode_splits
 
     assert decode_splits(2, 2, 4)[0] > 1
-    assert decode_launches("triton", "cpu") == (8, 4)
+    assert decode_launches("triton", "cpu") == (6, 4)
+
+
+@needs_triton
+def test_triton_ln_linear_decode_is_one_launch():
+    from gpt2fast.ops.triton import linear
+
+    x, g, h = torch.randn(3, 96), torch.rand(96), torch.randn(96)
+    with count_launches("cpu") as seen:
+        linear.ln_linear(x, g, h, 1e-5, torch.randn(64, 96), None)
+    assert seen.count == 1
+
+
+@needs_emulator
+def test_cuda_decode_step_launches():
+    """Per layer: the CUDA LayerNorm before each ln_linear's GEMV (no fused CUDA kernel), four GEMVs, write_kv
+    and the decode attention's launches; per step: embed and the final LayerNorm (the LM head falls back to
+    the torch backend on a CPU: no launches)."""
+    assert decode_launches("cuda", "cpu") == (9, 2)
 
 
 @needs_emulator

@@ -67,6 +67,37 @@ def test_linear(rows, epilogue):
     np.testing.assert_allclose(y.numpy(), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("width", [3, 97, 768])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_ln_linear_is_linear_of_layer_norm(rows, width, gelu):
+    """fp32: LayerNorm, GEMM, bias (and GELU) in float64 numpy; the spec's fp32 is within summation error."""
+    n = 131
+    x = rand(rows, width, seed=15) * 3 + 2  # a mean far from 0: two-pass statistics
+    g, h, w, b = rand(width, seed=16), rand(width, seed=17), rand(n, width, seed=18) / width**0.5, rand(n, seed=19)
+    expected = layer_norm64(np64(x), np64(g), np64(h), 1e-5) @ np64(w).T + np64(b)
+    if gelu:
+        expected = gelu_tanh64(expected)
+    y = ref.ln_linear(x, g, h, 1e-5, w, b, gelu=gelu)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    np.testing.assert_allclose(y.numpy(), expected, atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+def test_half_ln_linear_rounds_the_normalised_row_before_the_gemm(rows):
+    """fp16: the LayerNorm output is rounded to fp16 (what layer_norm returns), then the GEMM accumulates it
+    exactly (fp32 here, float64 in numpy), then one rounding of the output; no bias row: ``bias=None``."""
+    k, n = 96, 37
+    x = rand(rows, k, seed=20, dtype=torch.float16)
+    g, h = rand(k, seed=21, dtype=torch.float16), rand(k, seed=22, dtype=torch.float16)
+    w = (rand(n, k, seed=23) / k**0.5).half()
+    normed = layer_norm64(np64(x), np64(g), np64(h), 1e-5).astype(np.float16).astype(np.float64)
+    expected = (normed @ np64(w).T).astype(np.float16)
+    y = ref.ln_linear(x, g, h, 1e-5, w, None)
+    assert y.dtype == torch.float16
+    np.testing.assert_allclose(y.double().numpy(), expected.astype(np.float64), atol=2e-3, rtol=2e-3)
+
+
 def test_embed_and_lm_head():
     wte, wpe = rand(50, 12, seed=12), rand(9, 12, seed=13)
     ids, pos = torch.tensor([49, 0, 7, 7]), torch.tensor([0, 8, 2, 3])

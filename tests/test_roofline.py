@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpt2fast.config import PRESETS
-from gpt2fast.roofline import H100_BANDWIDTH, decode_step, step_time
+from gpt2fast.roofline import H100_BANDWIDTH, decode_step, op_bytes, step_time
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-xl"])
@@ -34,3 +34,30 @@ def test_fused_choice_saves_the_logits_and_the_time_adds_up():
     saved = sum(k.calls * k.dram_bytes for k in plain) - sum(k.calls * k.dram_bytes for k in fused)
     assert saved > 8 * cfg.vocab_size * 4 * 0.95  # the (B, V) fp32 logits no longer written
     assert step_time(fused) == pytest.approx(sum(k.calls * k.dram_bytes for k in fused) / H100_BANDWIDTH)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-xl"])
+def test_launches_per_step_are_the_measured_triton_counts(name):
+    """6 per layer + 4, the counts tests/test_launches.py measures on the interpreter (decode_launches)."""
+    cfg = PRESETS[name]
+    assert sum(k.calls * k.launches for k in decode_step(cfg, 4, 128)) == 6 * cfg.n_layer + 4
+
+
+def test_ln_linear_statistics_rereads_stay_in_l2_and_grow_with_the_batch():
+    """The LayerNorm prologue re-reads x per split program from L2: extra L2 bytes, never DRAM bytes."""
+    cfg = PRESETS["gpt2"]
+    qkv = {b: next(k for k in decode_step(cfg, b, 128) if k.name.startswith("ln_1")) for b in (1, 64)}
+    assert qkv[64].dram_bytes - qkv[1].dram_bytes == 2 * 63 * (cfg.n_embd + 3 * cfg.n_embd)  # x in, y out
+    assert qkv[64].workspace_bytes > 32 * qkv[1].workspace_bytes > 0
+
+
+def test_op_bytes_holds_the_step_and_the_unfused_ops_the_benchmarks_time():
+    """The fused kernels move the unfused linear's bytes plus the LayerNorm's weight and bias (ln_linear) or
+    the residual (the projections); add_layer_norm moves x, residual in and out, y and the LN parameters."""
+    cfg, b = PRESETS["gpt2"], 8
+    ops, c = op_bytes(cfg, b, 64), cfg.n_embd
+    assert all(ops[k.name] == k for k in decode_step(cfg, b, 64))
+    assert ops["ln_1 + linear qkv"].dram_bytes == ops["linear qkv"].dram_bytes + 2 * 2 * c
+    assert ops["ln_2 + linear fc + gelu"].dram_bytes == ops["linear fc + gelu"].dram_bytes + 2 * 2 * c
+    assert ops["linear mlp proj + residual"].dram_bytes == ops["linear mlp proj"].dram_bytes + 2 * b * c
+    assert ops["add_layer_norm"].dram_bytes == 2 * (4 * b * c + 2 * c)

@@ -36,6 +36,7 @@ class Ops:
     layer_norm: Callable[..., torch.Tensor]
     add_layer_norm: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    ln_linear: Callable[..., torch.Tensor]  # linear(layer_norm(x)): the decode kernels fuse the LN into the GEMV
     write_kv: Callable[..., None]
     attention: Callable[..., torch.Tensor]
     attention_with_probs: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # inspection only, never the hot path
@@ -51,6 +52,7 @@ REFERENCE = Ops(
     layer_norm=reference.layer_norm,
     add_layer_norm=reference.add_layer_norm,
     linear=reference.linear,
+    ln_linear=reference.ln_linear,
     write_kv=reference.write_kv,
     attention=reference.attention,
     attention_with_probs=reference.attention_with_probs,
@@ -68,6 +70,7 @@ TORCH = Ops(
     layer_norm=reference.layer_norm,
     add_layer_norm=reference.add_layer_norm,
     linear=torch_native.linear,
+    ln_linear=torch_native.ln_linear,
     write_kv=reference.write_kv,
     attention=torch_native.attention,
     attention_with_probs=reference.attention_with_probs,
@@ -133,6 +136,7 @@ def triton_ops() -> Ops:
         layer_norm=layer_norm.layer_norm,
         add_layer_norm=layer_norm.add_layer_norm,
         linear=linear.linear,
+        ln_linear=linear.ln_linear,
         write_kv=write_kv.write_kv,
         attention=attention.attention,
         attention_with_probs=attention.attention_with_probs,
@@ -151,8 +155,9 @@ def cuda_ops(device: torch.device) -> Ops:
     """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``), with a fallback where they stop.
 
     CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear for at most
-    ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV), attention for decode steps (every sequence has at
-    most one query), and the top-k/top-p/min-p sampler. The fallback runs prefill linears and prefill
+    ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV; ``ln_linear`` is the CUDA LayerNorm, then that linear),
+    attention for decode steps (every sequence has at most one query), and the top-k/top-p/min-p sampler.
+    The fallback runs prefill linears and prefill
     attention (tensor-core ``tl.dot`` work the CUDA-core kernels do not do) and the LM head: Triton on
     a GPU, the PyTorch reference on the CPU (where the CUDA kernels run emulated, for tests). The
     fallback also computes ``attention_with_probs`` (inspection; there is no CUDA C++ variant).
@@ -171,6 +176,10 @@ def cuda_ops(device: torch.device) -> Ops:
         op = cuda.linear if x.shape[0] <= CUDA_MAX_LINEAR_ROWS else fallback.linear
         return op(x, weight, bias, gelu=gelu, residual=residual)
 
+    def ln_linear(x, ln_weight, ln_bias, eps, weight, bias, *, gelu=False):
+        # the composition of this table's own ops: the CUDA LayerNorm, then the linear dispatch above
+        return linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
+
     def attention(q, k_cache, v_cache, meta, scale):
         op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
         return op(q, k_cache, v_cache, meta, scale)
@@ -181,6 +190,7 @@ def cuda_ops(device: torch.device) -> Ops:
         layer_norm=cuda.layer_norm,
         add_layer_norm=cuda.add_layer_norm,
         linear=linear,
+        ln_linear=ln_linear,
         write_kv=cuda.write_kv,
         attention=attention,
         attention_with_probs=fallback.attention_with_probs,  # inspection: no CUDA C++ variant

@@ -93,6 +93,30 @@ def linear(
     return y.to(x.dtype)
 
 
+def ln_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """``linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)``: a pre-LN sub-block's input.
+
+    The composition is the definition: LayerNorm statistics in fp32, the normalised row cast to
+    ``x.dtype`` (as ``layer_norm`` returns it), then the GEMM with fp32 accumulation. ``x``: ``(T, K)``;
+    ``ln_weight``, ``ln_bias``: ``(K,)``; ``weight``: ``(N, K)``; returns ``(T, N)`` in ``x.dtype``.
+
+    Example:
+        >>> x, g, h, w, b = torch.randn(3, 4), torch.rand(4), torch.randn(4), torch.randn(5, 4), torch.randn(5)
+        >>> torch.equal(ln_linear(x, g, h, 1e-5, w, b), linear(layer_norm(x, g, h, 1e-5), w, b))
+        True
+    """
+    return linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

@@ -54,6 +54,26 @@ def linear(
     return y.t().contiguous()  # (T, N)
 
 
+def ln_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """``reference.ln_linear``: the reference LayerNorm, then this module's ``linear``.
+
+    Example:
+        >>> x, g, h, w, b = torch.randn(3, 4), torch.rand(4), torch.randn(4), torch.randn(5, 4), torch.randn(5)
+        >>> torch.allclose(ln_linear(x, g, h, 1e-5, w, b), reference.ln_linear(x, g, h, 1e-5, w, b), atol=1e-5)
+        True
+    """
+    return linear(reference.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
+
+
 def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     """``reference.lm_head``: fp32 logits ``(N, V)``, computed weight-major (``W @ x.T``) for fp32 weights.
 

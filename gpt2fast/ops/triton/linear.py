@@ -40,6 +40,14 @@ Two shapes of work, chosen by the number of rows ``T``:
   tiles would give a 64-row decode batch only cdiv(768, 128) = 6 programs at N=768; split-K gives
   144. The split rule does not depend on the device, so results are the same bits everywhere.
 
+``ln_linear(x, ln_weight, ln_bias, eps, weight, bias, gelu=)`` is ``linear(layer_norm(x))``, the way a pre-LN
+GPT-2 layer enters both sub-blocks: ``ln_linear(residual, ln_1, c_attn)`` and ``ln_linear(residual, ln_2, c_fc,
+gelu)``, while ``c_proj`` and ``mlp.c_proj`` add themselves to the residual stream in their epilogue
+(``residual=``). On the decode path it is the same single launch with the constexpr ``LN`` prologue (each
+program computes its rows' fp32 mean/rstd over the full K, then normalises every x chunk before the dot; see
+:func:`ln_linear` for the cost of recomputing the stats per program), so a decode layer is 6 launches:
+4 projections, ``write_kv``, attention. A prefill runs the LayerNorm kernel, then the tiles.
+
 ``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (the GPU default is TF32, whose
 10-bit mantissa would break the ~1e-5 agreement with the fp32 reference that CPU-dtype models rely on);
 fp16/bf16 inputs take the default tensor-core path (fp32 accumulation). The interpreter gets bf16
@@ -68,6 +76,20 @@ BLOCK_N_DECODE = 32
 # K step of the decode GEMV: 128 contiguous fp16/bf16 (256 B per weight row); fp32 runs the FMA path of
 # an ieee tl.dot, which holds its operands in registers, so 32 (128 B) keeps it from spilling
 BLOCK_K_DECODE = {"fp32": 32, "fp16": 128, "bf16": 128}
+
+
+def decode_warps(block_m: int, ln: bool) -> int:
+    """Warps of a decode program: 4, or 8 for the LayerNorm prologue at row tile 64, whose (64, BLOCK_K) fp32
+    normalisation needs the registers of 8 warps (4 warps: sm_80 spills the fp32 variant; fp16 needs ~170
+    registers a thread, 8 warps ~110-140).
+
+    Example:
+        >>> decode_warps(16, True), decode_warps(64, False), decode_warps(64, True)
+        (4, 4, 8)
+    """
+    return 8 if ln and block_m == 64 else 4
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles per element type, largest first
 _HALF_TILES = ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4))
 PREFILL_TILES = {"fp32": ((64, 64, 32, 4),), "fp16": _HALF_TILES, "bf16": _HALF_TILES}
@@ -111,6 +133,83 @@ def x_times_w_t(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = (k0 + ks) < K
         a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _row_stats(
+    x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
+    rows,  # (BM,) row ids of the tile
+    row_ok,  # (BM,) rows < M
+    x_row_stride,
+    K,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 ``(mean, rstd)`` (BM,) of each row over all K, two passes like ``reference.layer_norm``: the mean,
+    then the biased variance around it (a large mean cannot cancel it away), ``rstd = 1 / sqrt(var + eps)``."""
+    ks = tl.arange(0, BLOCK_K)  # (BK,)
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)  # per-chunk row sums: a (BM,) carry, not a (BM, BK) one
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & ((k0 + ks) < K)[None, :]
+        total += tl.sum(tl.load(x_tile + k0, mask=mask, other=0.0).to(tl.float32), axis=1)
+    mean = total / K  # (BM,)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = row_ok[:, None] & ((k0 + ks) < K)[None, :]
+        v = tl.load(x_tile + k0, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, v - mean[:, None], 0.0)
+        total += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(total / K + eps)  # (BM,)
+    return mean, rstd
+
+
+@triton.jit
+def _ln_x_times_w_t(
+    x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
+    w_ptr,  # (N, K) weight, contiguous
+    ln_w_ptr,  # (K,) LayerNorm weight
+    ln_b_ptr,  # (K,) LayerNorm bias
+    mean,  # (BM,) fp32 row means (_row_stats)
+    rstd,  # (BM,) fp32 row 1/std (_row_stats)
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    x_row_stride,
+    K,
+    k_begin,
+    k_end,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``x_times_w_t`` of ``LayerNorm(x)``: each x chunk is normalised in fp32, ``(x - mean) * rstd * ln_w + ln_b``,
+    and cast to x's dtype -- the value ``reference.layer_norm`` would have stored -- before the ``tl.dot``."""
+    ks = tl.arange(0, BLOCK_K)  # (BK,)
+    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
+    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN): w.T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x_mask = row_ok[:, None] & k_ok[None, :]
+        v = tl.load(x_tile + k0, mask=x_mask, other=0.0).to(tl.float32)  # (BM, BK)
+        g = tl.load(ln_w_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+        h = tl.load(ln_b_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+        normed = (v - mean[:, None]) * rstd[:, None] * g[None, :] + h[None, :]
+        a = tl.where(x_mask, normed, 0.0).to(x_ptr.dtype.element_ty)  # (BM, BK): LayerNorm's output dtype
         b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
         if UPCAST:
             a = a.to(tl.float32)
@@ -192,6 +291,8 @@ def _linear_decode_kernel(
     y_ptr,  # (M, N) output, contiguous
     part_ptr,  # (S, M, N) fp32 workspace: split s's partial sums (S > 1; else unread)
     counter_ptr,  # (>= cdiv(N, BLOCK_N),) int32 ticket per N tile, 0 on entry, left 0 (S > 1; else unread)
+    ln_w_ptr,  # (K,) LayerNorm weight applied to x first (LN; else unread)
+    ln_b_ptr,  # (K,) LayerNorm bias (LN; else unread)
     M,
     N,
     K,
@@ -200,6 +301,8 @@ def _linear_decode_kernel(
     k_per_split,  # K elements per split, a multiple of BLOCK_K
     HAS_BIAS,  # i32 0/1
     HAS_RESIDUAL,  # i32 0/1
+    eps,  # fp32 LayerNorm epsilon (LN; else unused)
+    LN: tl.constexpr,  # y = LayerNorm(x) @ w.T ...: every program computes its rows' stats over the full K
     GELU: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -215,8 +318,15 @@ def _linear_decode_kernel(
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
-    acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start, k_start + k_per_split,
-                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
+    if LN:
+        # Every split program of every N slice recomputes the same (M,) stats: reads of x that hit L2,
+        # instead of a stats launch (or a cross-program hand-off) before the GEMV. See ln_linear.
+        mean, rstd = _row_stats(x_ptr, rows, row_ok, x_row_stride, K, eps, BLOCK_M, BLOCK_K)  # (BM,) x 2 fp32
+        acc = _ln_x_times_w_t(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, mean, rstd, rows, cols, row_ok, col_ok, x_row_stride,
+                              K, k_start, k_start + k_per_split, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start,
+                          k_start + k_per_split, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
     if num_splits > 1:
         tile = rows[:, None].to(tl.int64) * N + cols[None, :]  # (BM, BN) offsets in one split's (M, N) slab
         tile_mask = row_ok[:, None] & col_ok[None, :]
@@ -316,33 +426,100 @@ def linear(
         ...     assert torch.allclose(linear(x, w, b, gelu=True), reference.linear(x, w, b, gelu=True), atol=1e-5)
     """
     etype = _check(x, weight, bias, residual)
+    if x.shape[0] > DECODE_MAX_ROWS:
+        return _prefill(x, weight, bias, gelu, residual, etype)
+    return _decode(x, weight, bias, gelu, residual, etype, None)
+
+
+def ln_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """``linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)`` (as ``reference.ln_linear``).
+
+    ``x``: (T, K) (rows may be strided); ``ln_weight``, ``ln_bias``: (K,); ``weight``: (N, K); ``bias``: (N,)
+    or None. Returns a new (T, N) tensor in ``x.dtype``.
+
+    A prefill (``T > DECODE_MAX_ROWS``) runs the LayerNorm kernel, then the ``tl.dot`` tiles: two launches,
+    the (T, K) LayerNorm output written and read back once, which is small next to a prefill GEMM. A decode
+    step is ONE launch: ``_linear_decode_kernel`` with ``LN``, whose every program first computes its T rows'
+    mean and rstd over the full K in fp32 (two passes over the rows, as ``reference.layer_norm``: biased
+    variance, eps inside the sqrt), then normalises each x chunk it loads, ``(x - mean) * rstd * ln_w + ln_b``,
+    cast to x's dtype as the LayerNorm's output would be, before the dot. The trade: all
+    ``cdiv(N, 32) x S`` programs recompute the same stats, each reading the T x K rows twice from L2
+    (x is tiny and hot: T x 768 fp16 = 1.5 KB per row). At T <= 16 that is <= 48 KB per program, on the
+    order of its 8 KB-per-K-step weight slice, and saves a launch (a few microseconds, more than the 0.35-1.4
+    us a 124M decode linear needs at the bandwidth floor) and the (T, K) LayerNorm output's write and read.
+    At T = 64 the re-reads are ~200 KB per program (~30 MB of L2 traffic per 768-wide linear, several times the
+    weight): still L2, not DRAM, but a GPU should measure whether a one-pass (Welford/Chan) prologue or a stats
+    hand-off wins there. The stats could not be computed once by the previous linear's epilogue for free: its
+    N slices are spread over programs, so a row's sum would need another cross-program merge.
+
+    Example (runs where ``available()``: a GPU, or ``TRITON_INTERPRET=1``):
+        >>> from gpt2fast.ops import reference
+        >>> from gpt2fast.ops.triton import available, default_device
+        >>> if available():
+        ...     x, g, h, w, b = (torch.randn(*s, device=default_device()) for s in ((3, 8), (8,), (8,), (5, 8), (5,)))
+        ...     y = ln_linear(x, g, h, 1e-5, w, b, gelu=True)
+        ...     assert torch.allclose(y, reference.ln_linear(x, g, h, 1e-5, w, b, gelu=True), atol=1e-5)
+    """
+    from gpt2fast.ops.triton.layer_norm import layer_norm
+
+    etype = _check(x, weight, bias, None)
+    k = x.shape[1]
+    for name, tensor in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if tensor.shape != (k,) or tensor.stride(0) != 1 or tensor.dtype != x.dtype:
+            raise ValueError(f"ln_linear: {name} must be a contiguous ({k},) of x's dtype {x.dtype}, "
+                             f"got {tuple(tensor.shape)} {tensor.dtype}")
+    if x.shape[0] > DECODE_MAX_ROWS:
+        return _prefill(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu, None, etype)
+    return _decode(x, weight, bias, gelu, None, etype, (ln_weight, ln_bias, eps))
+
+
+def _prefill(x, weight, bias, gelu, residual, etype) -> torch.Tensor:
+    """The ``tl.dot`` tile kernel for ``T > DECODE_MAX_ROWS`` rows (arguments checked by the caller)."""
+    t, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((t, n), dtype=x.dtype, device=x.device)  # (T, N)
+    if n == 0:
+        return y
+    bm, bn, bk, warps = prefill_tile(etype, t, n)
+    _linear_kernel[(triton.cdiv(t, bm), triton.cdiv(n, bn))](
+        x, weight, weight if bias is None else bias, y if residual is None else residual, y, t, n, k, x.stride(0),
+        0 if residual is None else residual.stride(0), int(bias is not None), int(residual is not None), GELU=gelu,
+        IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps,
+    )
+    return y
+
+
+def _decode(x, weight, bias, gelu, residual, etype, ln) -> torch.Tensor:
+    """The one-launch split-K GEMV for ``T <= DECODE_MAX_ROWS`` rows; ``ln = (ln_weight, ln_bias, eps)`` normalises
+    x in the kernel (``LN``), ``None`` takes x as it is."""
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)  # (T, N)
     if t == 0 or n == 0:
         return y
-    ieee = etype == "fp32"
-    upcast = etype == "bf16" and interpreting()
-    b_arg = weight if bias is None else bias  # a valid pointer of the right type, never read
-    res_arg = y if residual is None else residual
-    res_stride = 0 if residual is None else residual.stride(0)
-    if t > DECODE_MAX_ROWS:
-        bm, bn, bk, warps = prefill_tile(etype, t, n)
-        grid = (triton.cdiv(t, bm), triton.cdiv(n, bn))
-        _linear_kernel[grid](
-            x, weight, b_arg, res_arg, y, t, n, k, x.stride(0), res_stride, int(bias is not None),
-            int(residual is not None), GELU=gelu, IEEE=ieee, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps,
-        )
-        return y
     splits, k_per_split = decode_split(n, k, BLOCK_K_DECODE[etype])
     n_tiles = triton.cdiv(n, BLOCK_N_DECODE)
     # (S, T, N) fp32 workspace when K is split; one split applies the epilogue to its own tile (no workspace)
     partials = torch.empty((splits, t, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    ln_w, ln_b, eps = (weight, weight, 0.0) if ln is None else ln  # unread without LN
+    block_m = 16 if t <= 16 else 64
     _linear_decode_kernel[(n_tiles, splits)](
-        x, weight, b_arg, res_arg, y, partials, ticket_counters(x.device, n_tiles), t, n, k, x.stride(0), res_stride,
-        k_per_split, int(bias is not None), int(residual is not None), GELU=gelu, IEEE=ieee, UPCAST=upcast,
-        BLOCK_M=16 if t <= 16 else 64, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype], num_warps=4,
+        x, weight, weight if bias is None else bias, y if residual is None else residual, y, partials,
+        ticket_counters(x.device, n_tiles), ln_w, ln_b, t, n, k, x.stride(0),
+        0 if residual is None else residual.stride(0), k_per_split, int(bias is not None), int(residual is not None),
+        float(eps), LN=ln is not None, GELU=gelu, IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype],
+        num_warps=decode_warps(block_m, ln is not None),
     )
     return y
 
@@ -364,22 +541,25 @@ def _variants() -> list[dict]:
                     constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                     num_warps=warps, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride"),
                 ))
-            for block_m in (16, 64):
-                out.append(dict(
-                    name=f"linear_decode_{suffix}_m{block_m}", fn=_linear_decode_kernel,
-                    signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, part_ptr="*fp32",
-                                   counter_ptr="*i32", M="i32", N="i32", K="i32", x_row_stride="i64",
-                                   res_row_stride="i64", k_per_split="i32", HAS_BIAS="i32", HAS_RESIDUAL="i32",
-                                   GELU="constexpr", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
-                                   BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                    constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE,
-                                    BLOCK_K=BLOCK_K_DECODE[etype]),
-                    num_warps=4, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride", "k_per_split"),
-                ))
+            for ln in (False, True):
+                for block_m in (16, 64):
+                    out.append(dict(
+                        name=f"linear_decode_{'ln_' if ln else ''}{suffix}_m{block_m}", fn=_linear_decode_kernel,
+                        signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, part_ptr="*fp32",
+                                       counter_ptr="*i32", ln_w_ptr=ptr, ln_b_ptr=ptr, M="i32", N="i32", K="i32",
+                                       x_row_stride="i64", res_row_stride="i64", k_per_split="i32", HAS_BIAS="i32",
+                                       HAS_RESIDUAL="i32", eps="fp32", LN="constexpr", GELU="constexpr",
+                                       IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
+                                       BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                        constexprs=dict(LN=ln, GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=block_m,
+                                        BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype]),
+                        num_warps=decode_warps(block_m, ln),
+                        divisible_by_16=("N", "K", "x_row_stride", "res_row_stride", "k_per_split"),
+                    ))
     return out
 
 
-# Every configuration linear() can launch: per dtype, with and without GELU, each prefill tile and the
-# decode kernel at row tiles 16 and 64. GPT-2's widths (768, 2304, 3072, ... 6400) and strides are
-# multiples of 16, as the JIT will see them on the GPU.
+# Every configuration linear() and ln_linear() can launch: per dtype, with and without GELU, each prefill
+# tile and the decode kernel, plain and with the LayerNorm prologue (LN), at row tiles 16 and 64. GPT-2's
+# widths (768, 2304, 3072, ... 6400) and strides are multiples of 16, as the JIT will see them on the GPU.
 COMPILE_VARIANTS: list[dict] = _variants()
