@@ -8,7 +8,6 @@ mask moves them by much more than the tolerance).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -313,8 +312,6 @@ def test_trace_rejects_inconsistent_shapes():
 
 
 def test_html_and_notebook_views(llm, tmp_path):
-    if importlib.util.find_spec("gpt2fast.viz") is None:
-        pytest.skip("gpt2fast.viz (issue 7, the views) is not in this tree yet")
     trace = llm.attention('<script>alert("x")</script> and "quotes"', qk=True)
     page = trace.to_html()
     assert page.lstrip().lower().startswith("<!doctype html")
