@@ -135,7 +135,8 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """Run one step up to the LM head: the final LayerNorm's output ``(N, C)`` for ``meta.logits_indices``.
 
-        Per layer (pre-LN): ``ln_linear(residual, ln_1, c_attn)`` -> ``write_kv`` -> ``attention`` ->
+        Per layer (pre-LN): ``ln_linear(residual, ln_1, c_attn)`` -> ``write_kv_attention`` (``write_kv`` then
+        ``attention``; on Triton's decode path one launch) ->
         ``linear(c_proj, residual=residual)`` -> ``ln_linear(residual, ln_2, c_fc, gelu)`` ->
         ``linear(mlp.c_proj, residual=residual)``. Each LayerNorm rides in the linear that reads its output
         (on Triton's decode path: one launch) and each projection adds itself to the residual stream in its
@@ -155,10 +156,10 @@ class GPT2(nn.Module):
             attn_in = (block.ln_1.weight, block.ln_1.bias, eps, block.attn.c_attn.weight, block.attn.c_attn.bias)
             qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)
             q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)  # 3 x (T, H, D)
-            ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
-            if capture is None:
-                attn = ops.attention(q, cache.k[i], cache.v[i], meta, cfg.attn_scale(i))  # (T, H, D)
+            if capture is None:  # write_kv then attention; Triton's decode does both in one launch
+                attn = ops.write_kv_attention(q, k, v, cache.k[i], cache.v[i], meta, cfg.attn_scale(i))  # (T, H, D)
             else:
+                ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
                 attn = capture.attend(ops, q, k, cache, i, meta, cfg.attn_scale(i))  # (T, H, D)
             attn = attn.reshape(num_tokens, cfg.n_embd)  # (T, C)
             residual = ops.linear(attn, block.attn.c_proj.weight, block.attn.c_proj.bias, residual=residual)  # (T, C)

@@ -6,16 +6,16 @@ that must cross DRAM (inputs read once, outputs written once) and, separately, t
 top: the fp32 workspace our split-K designs write and read back, and the rows each ``ln_linear``
 program re-reads for its LayerNorm statistics (small enough to stay in an H100's 50 MB L2). Dividing
 by the memory bandwidth gives the roofline time each kernel is held against in ``benchmarks/``.
-A layer is 6 launches (``ln_linear`` x 2, the residual-adding projections x 2, ``write_kv``,
-attention); a step adds embed, the final LayerNorm and the LM head's two.
+A layer is 5 launches (``ln_linear`` x 2, the residual-adding projections x 2, and the decode attention that
+stores the step's k/v itself, ``write_kv_attention``); a step adds embed, the final LayerNorm and the LM head.
 
 Example:
     >>> from gpt2fast.config import PRESETS
     >>> step = decode_step(PRESETS["gpt2"], batch=1, context=128)
     >>> round(sum(k.calls * k.dram_bytes for k in step) / 1e6)  # MB per decode step
     252
-    >>> sum(k.calls * k.launches for k in step)  # 6 per layer + 4
-    76
+    >>> sum(k.calls * k.launches for k in step)  # 5 per layer + 3
+    63
     >>> round(step_time(step) * 1e6)  # us at the H100's 3.35 TB/s
     75
 """
@@ -75,7 +75,7 @@ def decode_step(
 
     Example:
         >>> [k.name for k in decode_step(PRESETS["gpt2"], 1, 16)][:3]
-        ['embed', 'ln_1 + linear qkv', 'write_kv']
+        ['embed', 'ln_1 + linear qkv', 'write_kv + attention decode']
     """
     from gpt2fast.ops.triton.attention import decode_splits
     from gpt2fast.ops.triton.lm_head import _tiles
@@ -85,28 +85,30 @@ def decode_step(
     max_blocks = -(-config.n_positions // 16)
     splits, _ = decode_splits(b, h, max_blocks)
     attn_workspace = 2 * b * h * splits * (d + 2) * FP32 if splits > 1 else 0
+    tables = INT32 * b * (max_blocks + 2)  # block tables, seq_lens, cu_seqlens
     v_tiles = -(-v // _tiles("fp16", b)[1])
     head_out = b * v_tiles * (FP32 + INT32) + b * INT64 if fused_choice else b * v * FP32
     return [
         KernelBytes("embed", 1, s * 3 * b * c + 2 * b * INT64),  # wte rows, wpe rows, out; ids + positions
         _linear("ln_1 + linear qkv", n_layer, b, c, 3 * c, s, ln=True),
-        KernelBytes("write_kv", n_layer, s * 4 * b * c + b * INT64),  # k, v in; k, v into pages; slots
-        KernelBytes("attention decode", n_layer,
-                    s * (2 * b * context * c + 2 * b * c) + INT32 * b * (max_blocks + 2),  # K, V, q, out, tables
-                    workspace_bytes=attn_workspace),  # one launch: the last split merges
+        # one launch: the newest position's split stores k, v and attends to them from registers (the other
+        # context - 1 positions' K, V from the pages); the last split merges
+        KernelBytes("write_kv + attention decode", n_layer,
+                    s * (2 * b * (context - 1) * c + 2 * b * c + 2 * b * c + 2 * b * c) + b * INT64 + tables,
+                    workspace_bytes=attn_workspace),  # cached K, V; k, v in; k, v into pages; q, out; slots
         _linear("linear attn proj + residual", n_layer, b, c, c, s, residual=True),
         _linear("ln_2 + linear fc + gelu", n_layer, b, c, f, s, ln=True),
         _linear("linear mlp proj + residual", n_layer, b, f, c, s, residual=True),
         KernelBytes("layer_norm ln_f", 1, s * (2 * b * c + 2 * c)),  # x, y, weight + bias
-        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out,
-                    launches=2 if fused_choice else 1),
+        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out),
     ]
 
 
 def op_bytes(config: GPT2Config, batch: int, context: int, dtype_bytes: int = 2) -> dict[str, KernelBytes]:
     """Every kernel of ``decode_step`` by name, plus the ops the benchmarks time one by one that the step no
     longer runs as such: ``add_layer_norm`` (``residual += x; LN``), the plain ``linear qkv`` and
-    ``linear fc + gelu`` (without the LayerNorm prologue) and ``linear mlp proj`` (without the residual).
+    ``linear fc + gelu`` (without the LayerNorm prologue), ``linear mlp proj`` (without the residual), and
+    ``write_kv`` and ``attention decode`` (K, V of every context position from the pages) on their own.
 
     Example:
         >>> ops = op_bytes(PRESETS["gpt2"], 1, 1)
@@ -114,7 +116,13 @@ def op_bytes(config: GPT2Config, batch: int, context: int, dtype_bytes: int = 2)
         (3549696, 3072)
     """
     b, c, s, n_layer, f = batch, config.n_embd, dtype_bytes, config.n_layer, config.mlp_width
+    max_blocks = -(-config.n_positions // 16)
+    fused = next(k for k in decode_step(config, batch, context, dtype_bytes) if k.name.startswith("write_kv"))
     standalone = [
+        KernelBytes("write_kv", n_layer, s * 4 * b * c + b * INT64),  # k, v in; k, v into pages; slots
+        KernelBytes("attention decode", n_layer,
+                    s * (2 * b * context * c + 2 * b * c) + INT32 * b * (max_blocks + 2),  # K, V, q, out, tables
+                    workspace_bytes=fused.workspace_bytes),
         KernelBytes("add_layer_norm", 2 * n_layer, s * (4 * b * c + 2 * c)),  # x, residual in and out, y, w + b
         _linear("linear qkv", n_layer, b, c, 3 * c, s),
         _linear("linear fc + gelu", n_layer, b, c, f, s),

@@ -30,14 +30,16 @@ def test_interpreted_triton_launches_are_counted():
 @needs_triton
 def test_triton_decode_step_launches():
     """Per layer: four linears (split-K merged in-kernel) x 1, the two that read a LayerNorm's output with the
-    LayerNorm in their prologue (ln_linear), the two after them adding the residual in their epilogue, write_kv,
-    decode attention (split-K merged in-kernel) = 6; per step: embed, the final LayerNorm, the LM head's two.
-    The test model's decode attention splits (2 sequences x 2 heads x 4-page tables), so its one launch
-    includes the merge."""
+    LayerNorm in their prologue (ln_linear), the two after them adding the residual in their epilogue, and
+    write_kv_attention's decode attention that stores the step's k/v itself (split-K merged in-kernel) = 5; per
+    step: embed, the final LayerNorm and the greedy LM head's one launch (its per-vocab-tile partials merged in-kernel
+    by the last program of each row tile). The test model's decode attention
+    splits (2 sequences x 2 heads x 4-page tables), so its one launch includes the merge and the store from the
+    newest position's split."""
     from gpt2fast.ops.triton.attention import decode_splits
 
     assert decode_splits(2, 2, 4)[0] > 1
-    assert decode_launches("triton", "cpu") == (6, 4)
+    assert decode_launches("triton", "cpu") == (5, 3)
 
 
 @needs_triton
@@ -53,8 +55,8 @@ def test_triton_ln_linear_decode_is_one_launch():
 @needs_emulator
 def test_cuda_decode_step_launches():
     """Per layer: the CUDA LayerNorm before each ln_linear's GEMV (no fused CUDA kernel), four GEMVs, write_kv
-    and the decode attention's launches; per step: embed and the final LayerNorm (the LM head falls back to
-    the torch backend on a CPU: no launches)."""
+    and the decode attention's launches (write_kv_attention is their composition: no fused CUDA kernel);
+    per step: embed and the final LayerNorm (the LM head falls back to the torch backend on a CPU: no launches)."""
     assert decode_launches("cuda", "cpu") == (9, 2)
 
 

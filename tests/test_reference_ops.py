@@ -187,3 +187,34 @@ def test_paged_write_and_attention(batch, block_size):
         expected = dense_causal_attention64(np64(q[start:start + n]), np64(k), np64(v), head_dim**-0.5)
         np.testing.assert_allclose(out[start:start + n].numpy(), expected, atol=1e-5)
         start += n
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_write_kv_attention_stores_the_step_and_attends_over_it(batch):
+    """The fused op's definition against dense float64 attention: the cache holds only the earlier context (NaN
+    elsewhere) and ``write_kv_attention`` must store this step's k/v before attending (a missed store is NaN)."""
+    n_head, head_dim, block_size = 2, 8, 4
+    gen = torch.Generator().manual_seed(16)
+    num_blocks = sum(-(-L // block_size) for L, _ in batch) + 2
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for L, _ in batch:
+        tables.append(order[: -(-L // block_size)])
+        order = order[len(tables[-1]):]
+    full_k = [torch.randn(L, n_head, head_dim, generator=gen) for L, _ in batch]
+    full_v = [torch.randn(L, n_head, head_dim, generator=gen) for L, _ in batch]
+    k_cache = torch.full((num_blocks, n_head, block_size, head_dim), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    past = AttentionMetadata.build(tables, [L - n for L, n in batch], [L - n for L, n in batch], block_size=block_size)
+    ref.write_kv(torch.cat([k[: L - n] for k, (L, n) in zip(full_k, batch)]),
+                 torch.cat([v[: L - n] for v, (L, n) in zip(full_v, batch)]), k_cache, v_cache, past.slot_mapping)
+    meta = AttentionMetadata.build(tables, [L for L, _ in batch], [n for _, n in batch], block_size=block_size)
+    q = torch.randn(sum(n for _, n in batch), n_head, head_dim, generator=gen)
+    out = ref.write_kv_attention(q, torch.cat([k[L - n:] for k, (L, n) in zip(full_k, batch)]),
+                                 torch.cat([v[L - n:] for v, (L, n) in zip(full_v, batch)]), k_cache, v_cache, meta,
+                                 head_dim**-0.5)
+    start = 0
+    for (L, n), k, v in zip(batch, full_k, full_v):
+        expected = dense_causal_attention64(np64(q[start:start + n]), np64(k), np64(v), head_dim**-0.5)
+        np.testing.assert_allclose(out[start:start + n].numpy(), expected, atol=1e-5)
+        start += n

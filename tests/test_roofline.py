@@ -38,9 +38,9 @@ def test_fused_choice_saves_the_logits_and_the_time_adds_up():
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-xl"])
 def test_launches_per_step_are_the_measured_triton_counts(name):
-    """6 per layer + 4, the counts tests/test_launches.py measures on the interpreter (decode_launches)."""
+    """5 per layer + 3, the counts tests/test_launches.py measures on the interpreter (decode_launches)."""
     cfg = PRESETS[name]
-    assert sum(k.calls * k.launches for k in decode_step(cfg, 4, 128)) == 6 * cfg.n_layer + 4
+    assert sum(k.calls * k.launches for k in decode_step(cfg, 4, 128)) == 5 * cfg.n_layer + 3
 
 
 def test_ln_linear_statistics_rereads_stay_in_l2_and_grow_with_the_batch():
@@ -61,3 +61,16 @@ def test_op_bytes_holds_the_step_and_the_unfused_ops_the_benchmarks_time():
     assert ops["ln_2 + linear fc + gelu"].dram_bytes == ops["linear fc + gelu"].dram_bytes + 2 * 2 * c
     assert ops["linear mlp proj + residual"].dram_bytes == ops["linear mlp proj"].dram_bytes + 2 * b * c
     assert ops["add_layer_norm"].dram_bytes == 2 * (4 * b * c + 2 * c)
+
+
+@pytest.mark.parametrize("batch, context", [(1, 128), (8, 64), (64, 1024)])
+def test_fused_write_kv_attention_moves_both_ops_bytes_less_the_newest_kv_read_back(batch, context):
+    """The fused decode attention moves what write_kv and attention move on their own, less the newest position's
+    K and V, which it takes from its registers instead of reading back from the pages; one launch for both."""
+    cfg = PRESETS["gpt2"]
+    ops = op_bytes(cfg, batch, context)
+    fused = ops["write_kv + attention decode"]
+    newest_kv = 2 * 2 * batch * cfg.n_embd  # fp16 K and V of one position per sequence
+    assert fused.dram_bytes == ops["write_kv"].dram_bytes + ops["attention decode"].dram_bytes - newest_kv
+    assert fused.launches == 1 and fused.workspace_bytes == ops["attention decode"].workspace_bytes
+    assert "write_kv" not in [k.name for k in decode_step(cfg, batch, context)]

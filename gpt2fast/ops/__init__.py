@@ -39,6 +39,7 @@ class Ops:
     ln_linear: Callable[..., torch.Tensor]  # linear(layer_norm(x)): the decode kernels fuse the LN into the GEMV
     write_kv: Callable[..., None]
     attention: Callable[..., torch.Tensor]
+    write_kv_attention: Callable[..., torch.Tensor]  # write_kv then attention: Triton's decode does both in a launch
     attention_with_probs: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # inspection only, never the hot path
     lm_head: Callable[..., torch.Tensor]
     lm_head_argmax: Callable[..., torch.Tensor]
@@ -55,6 +56,7 @@ REFERENCE = Ops(
     ln_linear=reference.ln_linear,
     write_kv=reference.write_kv,
     attention=reference.attention,
+    write_kv_attention=reference.write_kv_attention,
     attention_with_probs=reference.attention_with_probs,
     lm_head=reference.lm_head,
     lm_head_argmax=reference.lm_head_argmax,
@@ -73,6 +75,7 @@ TORCH = Ops(
     ln_linear=torch_native.ln_linear,
     write_kv=reference.write_kv,
     attention=torch_native.attention,
+    write_kv_attention=torch_native.write_kv_attention,
     attention_with_probs=reference.attention_with_probs,
     lm_head=torch_native.lm_head,
     lm_head_argmax=torch_native.lm_head_argmax,
@@ -139,6 +142,7 @@ def triton_ops() -> Ops:
         ln_linear=linear.ln_linear,
         write_kv=write_kv.write_kv,
         attention=attention.attention,
+        write_kv_attention=attention.write_kv_attention,
         attention_with_probs=attention.attention_with_probs,
         lm_head=lm_head.lm_head,
         lm_head_argmax=lm_head.lm_head_argmax,
@@ -184,6 +188,11 @@ def cuda_ops(device: torch.device) -> Ops:
         op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
         return op(q, k_cache, v_cache, meta, scale)
 
+    def write_kv_attention(q, k, v, k_cache, v_cache, meta, scale):
+        # the composition of this table's own ops: the CUDA write_kv, then the attention dispatch above
+        cuda.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return attention(q, k_cache, v_cache, meta, scale)
+
     return Ops(
         name="cuda",
         embed=cuda.embed,
@@ -193,6 +202,7 @@ def cuda_ops(device: torch.device) -> Ops:
         ln_linear=ln_linear,
         write_kv=cuda.write_kv,
         attention=attention,
+        write_kv_attention=write_kv_attention,
         attention_with_probs=fallback.attention_with_probs,  # inspection: no CUDA C++ variant
         lm_head=fallback.lm_head,
         lm_head_argmax=fallback.lm_head_argmax,

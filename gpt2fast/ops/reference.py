@@ -182,6 +182,33 @@ def attention(
     return out
 
 
+def write_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`write_kv` of this step's ``k``, ``v`` at ``meta.slot_mapping``, then :func:`attention`: the definition.
+
+    One op so a backend may do both in one launch (Triton's decode kernel stores each sequence's new k/v
+    and attends with them). ``q``, ``k``, ``v``: ``(T, H, D)``; caches ``(NB, H, BS, D)``, updated in
+    place; returns ``(T, H, D)`` in ``q.dtype``.
+
+    Example:
+        >>> kc = torch.randn(4, 2, 16, 8); vc = torch.randn_like(kc)
+        >>> meta = AttentionMetadata.build([[0, 1]], [17], [1], block_size=16)
+        >>> q, k, v = torch.randn(3, 1, 2, 8).unbind(0)
+        >>> out = write_kv_attention(q, k, v, kc, vc, meta, 8**-0.5)
+        >>> out.shape, torch.equal(kc[1, :, 0], k[0])
+        (torch.Size([1, 2, 8]), True)
+    """
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attention(q, k_cache, v_cache, meta, scale)
+
+
 def attention_with_probs(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -146,6 +146,23 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     return out
 
 
+def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """``reference.write_kv`` then :func:`attention`: the composition (``reference.write_kv_attention``).
+
+    Example:
+        >>> kc = torch.randn(3, 2, 4, 8); vc = torch.randn_like(kc); kc2, vc2 = kc.clone(), vc.clone()
+        >>> meta = AttentionMetadata.build([[0, 1], [2]], [6, 3], [1, 1], block_size=4)
+        >>> q, k, v = torch.randn(3, 2, 2, 8).unbind(0)
+        >>> out = write_kv_attention(q, k, v, kc, vc, meta, 0.3)
+        >>> expected = reference.write_kv_attention(q, k, v, kc2, vc2, meta, 0.3)
+        >>> torch.allclose(out, expected, atol=1e-6), torch.equal(kc, kc2)
+        (True, True)
+    """
+    reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attention(q, k_cache, v_cache, meta, scale)
+
+
 def decode_groups(seqs: list[int], lens: list[int], bytes_per_token: int) -> list[list[int]]:
     """``seqs`` sorted by context length and cut into runs whose padded keys fit ``DECODE_GROUP_BYTES``.
 

@@ -26,6 +26,10 @@ Three kernels, picked by :func:`attention` from the host-side ``meta.max_query_l
   memory-ordering argument. With one split it normalises and stores its own output: no workspace,
   no ticket. A sequence without a query this step returns at once. With one query the scores are
   a GEMV, so it uses broadcast-multiply-reduce in fp32 rather than ``tl.dot`` (no M >= 16 tile).
+  With ``WRITE_KV`` (:func:`write_kv_attention`, the model's decode path) it is also ``write_kv``: the one
+  program of each (sequence, head) whose split holds the sequence's newest position stores this step's k/v
+  there and folds that position in from registers; every split's cache loop stops short of it, so no program
+  reads a slot this launch writes (the kernel's comments give the argument). A decode layer is then 5 launches.
 * ``_attention_probs_kernel`` (:func:`attention_with_probs`, for inspection, not speed): the
   prefill tiling done twice, a first pass for the row max and sum, a second that writes the
   normalised probabilities and accumulates the output.
@@ -173,6 +177,9 @@ def _attention_decode_kernel(
     q_ptr,  # (T, H, D) queries, at most one per sequence, unit stride along D
     k_cache_ptr,  # (num_blocks, H, block_size, D) keys, last dim contiguous
     v_cache_ptr,  # (num_blocks, H, block_size, D) values, same strides as k_cache
+    k_ptr,  # (T, H, D) this step's keys, unit stride along D (WRITE_KV; else unread)
+    v_ptr,  # (T, H, D) this step's values, unit stride along D (WRITE_KV; else unread)
+    slot_ptr,  # (T,) int64 cache slot of each row, -1 = not stored (WRITE_KV; else unread)
     part_ml_ptr,  # (B * H * num_splits, 2) fp32 workspace: running max (log2 domain) and sum per split (S > 1)
     part_acc_ptr,  # (B * H * num_splits, BLOCK_D) fp32 workspace: unnormalised output per split (S > 1)
     counter_ptr,  # (>= B * H,) int32 ticket per (sequence, head), 0 on entry, left 0 (S > 1; else unread)
@@ -185,12 +192,14 @@ def _attention_decode_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_ot, stride_oh,
     stride_bt,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,  # k_ptr / v_ptr row and head strides (WRITE_KV)
     split_len,  # context positions per split: pages_per_split * BLOCK_SIZE
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,  # splits merged per loop step (any num_splits works: registers stay bounded)
+    WRITE_KV: tl.constexpr,  # write_kv fused in: this step's k/v stored into the cache by this launch
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -211,22 +220,55 @@ def _attention_decode_kernel(
     split_start = split * split_len
     split_end = tl.minimum(split_start + split_len, context_len)
     table = block_tables_ptr + seq * stride_bt
-    for start in range(split_start, split_end, BLOCK_N):  # a split past the end leaves (-inf, 0, 0)
+    newest = context_len - 1  # the query's own position: its k/v are this step's
+    # WRITE_KV: the splits' ranges [split_start, split_end) are disjoint, so exactly one program of this
+    # (sequence, head) -- the split with split_start <= newest < split_end -- covers the newest position. That
+    # program alone stores this head's k/v into the slot and is its only reader in this launch: the cache loop
+    # below stops short of it in every split (no other split reaches it anyway), and the writer folds it in
+    # from the k/v it loaded itself, in registers -- so no program ever loads a cache slot this launch stores
+    # (no store -> load ordering to get right, within or across programs). Other (sequence, head) programs
+    # touch other heads' rows or other sequences' pages; the slot of a sequence's newest position is in a page
+    # only that sequence writes (the cache copies a shared page before a sequence writes into it).
+    loop_end = tl.minimum(split_end, newest) if WRITE_KV else split_end
+    for start in range(split_start, loop_end, BLOCK_N):  # a split past the end leaves (-inf, 0, 0)
         pos = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        pos_ok = pos < split_end
+        pos_ok = pos < loop_end
         page = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + head * stride_kh + (pos % BLOCK_SIZE) * stride_kt
         kv_mask = pos_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1)  # (BLOCK_N,)
         s = tl.where(pos_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile holds a position < split_end
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile holds a position < loop_end
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         m_i = m_new
+    if WRITE_KV:
+        if (split_start <= newest) & (newest < split_end):  # the writer (see above); context_len >= 1
+            kv_slot = tl.load(slot_ptr + q_row)
+            k_row = tl.load(k_ptr + q_row * stride_knt + head * stride_knh + d, mask=d_ok, other=0.0)
+            v_row = tl.load(v_ptr + q_row * stride_vnt + head * stride_vnh + d, mask=d_ok, other=0.0)
+            k_row = k_row.to(k_cache_ptr.dtype.element_ty)  # (BLOCK_D,) rounded as the cache stores it
+            v_row = v_row.to(v_cache_ptr.dtype.element_ty)
+            if kv_slot >= 0:
+                dst = (kv_slot // BLOCK_SIZE) * stride_kb + head * stride_kh + (kv_slot % BLOCK_SIZE) * stride_kt
+                tl.store(k_cache_ptr + dst + d, k_row, mask=d_ok)
+                tl.store(v_cache_ptr + dst + d, v_row, mask=d_ok)
+            else:  # nothing stored (the reference's write_kv skips -1): attend to what the cache holds there
+                last_page = tl.load(table + newest // BLOCK_SIZE).to(tl.int64)
+                src = last_page * stride_kb + head * stride_kh + (newest % BLOCK_SIZE) * stride_kt
+                k_row = tl.load(k_cache_ptr + src + d, mask=d_ok, other=0.0)
+                v_row = tl.load(v_cache_ptr + src + d, mask=d_ok, other=0.0)
+            s_new = tl.sum(k_row.to(tl.float32) * q, 0)  # the newest position's score, exp2 domain
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)  # 0 when the loop saw nothing (m_i = -inf)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha + p_new * v_row.to(tl.float32)
+            m_i = m_new
     if num_splits == 1:  # the batch alone fills the GPU: normalise and store, no workspace, no ticket
         o_ptrs = out_ptr + q_row * stride_ot + head * stride_oh + d
         tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)  # l_i > 0: position 0 is here
@@ -398,19 +440,22 @@ def _prefill(q, k_cache, v_cache, meta, scale, out) -> None:
     )
 
 
-def _decode(q, k_cache, v_cache, meta, scale, out) -> None:
+def _decode(q, k_cache, v_cache, meta, scale, out, kv=None) -> None:
+    """One split-K decode launch; ``kv = (k, v)``: this step's keys/values, stored by the same launch (WRITE_KV)."""
     n_head, block_size, head_dim = k_cache.shape[1:]
     num_seqs, block_d = meta.num_seqs, _block_d(head_dim)
     num_splits, pages_per_split = decode_splits(num_seqs, n_head, meta.block_tables.shape[1])
     workspace = num_seqs * n_head * num_splits if num_splits > 1 else 1  # 1: a valid, unused pointer
     part_ml = torch.empty(workspace, 2, dtype=torch.float32, device=q.device)  # (B * H * splits, 2)
     part_acc = torch.empty(workspace, block_d, dtype=torch.float32, device=q.device)  # (B * H * splits, BLOCK_D)
+    k, v = kv if kv is not None else (q, q)  # q: valid, unread pointers when nothing is written
     _attention_decode_kernel[(num_seqs, n_head, num_splits)](
-        q, k_cache, v_cache, part_ml, part_acc, ticket_counters(q.device, num_seqs * n_head), out, meta.cu_seqlens_q,
-        meta.seq_lens, meta.block_tables, scale, *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2],
-        meta.block_tables.stride(0), pages_per_split * block_size,
+        q, k_cache, v_cache, k, v, meta.slot_mapping, part_ml, part_acc,
+        ticket_counters(q.device, num_seqs * n_head), out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+        scale, *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2], meta.block_tables.stride(0),
+        *k.stride()[:2], *v.stride()[:2], pages_per_split * block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size),
-        BLOCK_S=_MERGE_BLOCK_S, num_warps=_NUM_WARPS,
+        BLOCK_S=_MERGE_BLOCK_S, WRITE_KV=kv is not None, num_warps=_NUM_WARPS,
     )
 
 
@@ -453,6 +498,57 @@ def attention(
         _decode(q, k_cache, v_cache, meta, scale, out)
     else:
         _prefill(q, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def write_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """``write_kv(k, v, ..., meta.slot_mapping)`` then :func:`attention`; see ``reference.write_kv_attention``.
+
+    Decode steps (``meta.max_query_len == 1``) are ONE launch: the split-K decode kernel with ``WRITE_KV``, where
+    the program of each (sequence, head) whose split holds the sequence's newest position stores that token's
+    k/v (slot ``-1``: nothing stored) and takes them from registers rather than the cache (the kernel's comments
+    give the no-race argument). Rows no sequence owns store nothing: every row with a slot belongs to a
+    sequence (``AttentionMetadata.build``, the decode runner's padding has slot -1). Other steps run
+    ``write_kv`` then :func:`attention` (two launches). ``k``, ``v``: ``(T, H, D)``, any dtype pair ``write_kv``
+    takes (stored, and attended to, as the cache rounds them).
+
+    Example (runs where Triton can: on CUDA, or on CPU under ``TRITON_INTERPRET=1``):
+        >>> import os
+        >>> from gpt2fast.ops import reference
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> if dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        ...     kc = torch.randn(4, 2, 16, 16, device=dev); vc = torch.randn_like(kc)
+        ...     kc2, vc2 = kc.clone(), vc.clone()
+        ...     meta = AttentionMetadata.build([[3, 1], [2]], [20, 7], [1, 1], block_size=16, device=dev)
+        ...     q, k, v = (torch.randn(2, 2, 16, device=dev) for _ in range(3))
+        ...     out = write_kv_attention(q, k, v, kc, vc, meta, 0.25)
+        ...     expected = reference.write_kv_attention(q, k, v, kc2, vc2, meta, 0.25)
+        ...     ok = torch.allclose(out, expected, atol=1e-4) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+        ... else:
+        ...     ok = True
+        >>> ok
+        True
+    """
+    from gpt2fast.ops.triton import write_kv as write_kv_module
+
+    if meta.max_query_len != 1 or q.shape[0] == 0 or meta.num_seqs == 0:
+        write_kv_module.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return attention(q, k_cache, v_cache, meta, scale)
+    _check(q, k_cache, v_cache)
+    write_kv_module._check(k, v, k_cache, v_cache, meta.slot_mapping)
+    if k.shape != q.shape:
+        raise ValueError(f"k and v must be (T, H, D) = {tuple(q.shape)} like q, got {tuple(k.shape)}")
+    q = q if q.stride(2) == 1 else q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (T, H, D)
+    _decode(q, k_cache, v_cache, meta, scale, out, kv=(k, v))
     return out
 
 
@@ -532,16 +628,23 @@ def _compile_variants() -> list[dict]:
                 constexprs={**shape, "BLOCK_M": _BLOCK_M[torch_dtype], "DOT_FP32": dtype == "fp32"},
                 num_warps=_NUM_WARPS, divisible_by_16=qkvo_strides,
             ))
-            variants.append(dict(
-                name=f"attention_decode_{dtype}_bs{block_size}", fn=_attention_decode_kernel,
-                signature={**q_kv, "part_ml_ptr": "*fp32", "part_acc_ptr": "*fp32", "counter_ptr": "*i32",
-                           "out_ptr": ptr, **tables, "scale": "fp32",
-                           **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
-                                     "stride_ot", "stride_oh", "stride_bt", "split_len"),
-                           **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N", "BLOCK_S"), "constexpr")},
-                constexprs={**shape, "BLOCK_S": _MERGE_BLOCK_S}, num_warps=_NUM_WARPS,
-                divisible_by_16=qkvo_strides + ("split_len",),
-            ))
+            for write_kv in (False, True):  # plain decode attention; write_kv_attention's fused decode
+                variants.append(dict(
+                    name=f"attention_decode{'_write_kv' if write_kv else ''}_{dtype}_bs{block_size}",
+                    fn=_attention_decode_kernel,
+                    signature={**q_kv, "k_ptr": ptr, "v_ptr": ptr, "slot_ptr": "*i64", "part_ml_ptr": "*fp32",
+                               "part_acc_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": ptr, **tables,
+                               "scale": "fp32",
+                               **strides("stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kt",
+                                         "stride_ot", "stride_oh", "stride_bt", "stride_knt", "stride_knh",
+                                         "stride_vnt", "stride_vnh", "split_len"),
+                               **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_SIZE", "BLOCK_N", "BLOCK_S", "WRITE_KV"),
+                                               "constexpr")},
+                    constexprs={**shape, "BLOCK_S": _MERGE_BLOCK_S, "WRITE_KV": write_kv}, num_warps=_NUM_WARPS,
+                    # k/v: views of the fused qkv, (3 * C, D) strides at GPT-2 shapes, as q's
+                    divisible_by_16=qkvo_strides + ("stride_knt", "stride_knh", "stride_vnt", "stride_vnh",
+                                                    "split_len"),
+                ))
             variants.append(dict(
                 name=f"attention_probs_{dtype}_bs{block_size}", fn=_attention_probs_kernel,
                 signature={**q_kv, "out_ptr": ptr, "probs_ptr": "*fp32", **tables, "scale": "fp32",

@@ -45,8 +45,9 @@ GPT-2 layer enters both sub-blocks: ``ln_linear(residual, ln_1, c_attn)`` and ``
 gelu)``, while ``c_proj`` and ``mlp.c_proj`` add themselves to the residual stream in their epilogue
 (``residual=``). On the decode path it is the same single launch with the constexpr ``LN`` prologue (each
 program computes its rows' fp32 mean/rstd over the full K, then normalises every x chunk before the dot; see
-:func:`ln_linear` for the cost of recomputing the stats per program), so a decode layer is 6 launches:
-4 projections, ``write_kv``, attention. A prefill runs the LayerNorm kernel, then the tiles.
+:func:`ln_linear` for the cost of recomputing the stats per program), so a decode layer is 5 launches:
+4 projections and attention (which stores the step's k/v itself: ``write_kv_attention``). A prefill
+runs the LayerNorm kernel, then the tiles.
 
 ``tl.dot`` precision: fp32 inputs use ``input_precision="ieee"`` (the GPU default is TF32, whose
 10-bit mantissa would break the ~1e-5 agreement with the fp32 reference that CPU-dtype models rely on);
