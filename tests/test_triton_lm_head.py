@@ -2,8 +2,14 @@
 
 ``lm_head_argmax`` must equal ``torch.argmax`` of the reference logits (ties -> lowest id) and
 ``lm_head_gumbel`` must pick what ``sampling.sample_batch`` picks for temperature-only rows with the same
-row seeds. On CPU these run under the Triton interpreter (tests/conftest.py); ``gpu``-marked tests repeat
-them on CUDA at GPT-2 124M / 1.5B shapes in fp16 and bf16.
+row seeds. Both are one launch that merges its per-vocab-tile partials in-kernel (the last program of a row
+tile to draw a ticket merges): the tests pin down that the counters are back to zero after every call, that
+every partial and id is written before it is read (NaN-poisoned buffers), that exact ties across vocab tiles
+and merge steps go to the lowest id, and that the ids are the same bits whichever program merges (the
+interpreter's programs run forward, reversed and shuffled). The interpreter runs programs one at a time, so
+no test here can see a race: the memory ordering is argued in the kernel's comments. On CPU these run under
+the Triton interpreter (tests/conftest.py); ``gpu``-marked tests repeat them on CUDA at GPT-2 124M / 1.5B
+shapes in fp16 and bf16.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2fast.launches import count_launches
 from gpt2fast.ops import reference
 from gpt2fast.ops.triton import available, unavailable_reason
 from gpt2fast.sampling import SampleRow, SamplingParams, row_seed, sample_batch
@@ -18,7 +25,9 @@ from gpt2fast.sampling import SampleRow, SamplingParams, row_seed, sample_batch
 pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
 
 if available():
-    from gpt2fast.ops.triton.lm_head import lm_head, lm_head_argmax, lm_head_gumbel
+    from gpt2fast.ops.triton import counters
+    from gpt2fast.ops.triton import lm_head as lm_head_module
+    from gpt2fast.ops.triton.lm_head import _tiles, lm_head, lm_head_argmax, lm_head_gumbel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -146,6 +155,181 @@ def test_lm_head_input_checks():
     with pytest.raises(ValueError, match="temperature must be"):
         lm_head_gumbel(x, wte, torch.ones(3, device=DEVICE), _row_seeds(2, 0, 0))
     assert lm_head_argmax(x[:0], wte).shape == (0,)
+
+
+# ---- the one-launch merge: tickets, counters, program order ------------------------------------------------
+
+ODD_ROWS = [1, 3, 17, 33]  # row tiles of 16 (1, 3) and 64 (17, 33)
+ODD_VOCABS = [1013, 777]
+# (low, high) token ids given the same wte row, in a vocabulary of 1013: one vocab tile; different tiles and
+# merge steps; the first and the last (masked-tail) tile
+TIE_PAIRS = [(5, 6), (40, 900), (0, 1012), (70, 600)]
+
+
+def _counters_are_zero() -> bool:
+    return int(counters.ticket_counters(DEVICE, 1).abs().sum()) == 0
+
+
+def _mixed_temperatures(rows):
+    """Greedy (0, 1e-6: below GREEDY_BELOW) and sampled rows interleaved."""
+    return torch.tensor([(0.0, 0.7, 1e-6, 1.3, 0.05)[i % 5] for i in range(rows)], device=DEVICE)
+
+
+def _poisoned_empty(real_empty):
+    """``torch.empty`` that fills floats with NaN and ints with -7: an element a kernel forgets to write shows."""
+
+    def empty(*shape, dtype=None, **kwargs):
+        out = real_empty(*shape, dtype=dtype, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    return empty
+
+
+def run_programs_in(order: str, monkeypatch) -> None:
+    """Make the interpreter run each launch's programs in ``order`` ("forward", "reverse" or "shuffle") instead of
+    its fixed loop, by remapping the grid index it hands each program: another vocab tile draws the last ticket.
+    (As tests/test_triton_linear.py does; test modules are not importable from each other.)"""
+    from triton.runtime.interpreter import interpreter_builder
+
+    real = interpreter_builder.set_grid_idx
+
+    def remapped(x, y, z):
+        nx, ny, nz = interpreter_builder.grid_dim
+        i, n = (x * ny + y) * nz + z, nx * ny * nz
+        if order == "reverse":
+            i = n - 1 - i
+        elif order == "shuffle":
+            i = int(torch.randperm(n, generator=torch.Generator().manual_seed(n))[i])
+        real(i // (ny * nz), i // nz % ny, i % nz)
+
+    monkeypatch.setattr(interpreter_builder, "set_grid_idx", remapped)
+
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the Triton interpreter's programs")
+ORDERS = ["forward", "reverse", "shuffle"]
+
+
+@pytest.mark.parametrize("v", ODD_VOCABS)
+@pytest.mark.parametrize("rows", ODD_ROWS)
+def test_one_launch_per_choice_matching_the_reference_and_leaving_counters_zero(rows, v):
+    """argmax and Gumbel (greedy and sampled rows mixed) each run as one launch, equal ``reference``'s
+    ``lm_head_argmax`` / ``lm_head_gumbel``, give the same bits when called again and leave every counter 0."""
+    x, wte = _inputs(rows, 40, v, torch.float32, seed=rows + v)
+    temps, seeds = _mixed_temperatures(rows), _row_seeds(rows, 2024, rows)
+    want_argmax = reference.lm_head_argmax(x, wte)
+    want_gumbel = reference.lm_head_gumbel(x, wte, temps, seeds)
+    assert _counters_are_zero()  # also creates the buffer, so no fill kernel is counted below
+    for _ in range(2):
+        with count_launches(DEVICE) as argmax_launches:
+            got_argmax = lm_head_argmax(x, wte)
+        assert _counters_are_zero()
+        with count_launches(DEVICE) as gumbel_launches:
+            got_gumbel = lm_head_gumbel(x, wte, temps, seeds)
+        assert _counters_are_zero()
+        assert (argmax_launches.count, gumbel_launches.count) == (1, 1)
+        assert torch.equal(got_argmax, want_argmax) and torch.equal(got_gumbel, want_gumbel)
+    if rows > 1:  # greedy rows and a sampled row that draws another token than its argmax: both kinds are here
+        assert not torch.equal(want_gumbel, want_argmax)
+
+
+def test_logits_are_one_launch_and_draw_no_ticket(monkeypatch):
+    """MODE 0 stores logits: one launch, and it never asks for (or touches) the ticket counters."""
+    monkeypatch.setattr(lm_head_module, "ticket_counters", lambda *a: pytest.fail("MODE 0 asked for counters"))
+    x, wte = _inputs(3, 40, 777, torch.float32, seed=8)
+    with count_launches(DEVICE) as seen:
+        got = lm_head(x, wte)
+    assert seen.count == 1
+    _assert_logits_close(got, reference.lm_head(x, wte))
+
+
+@pytest.mark.parametrize("rows", [1, 17, 33, 111, 512])
+def test_one_counter_per_row_tile_within_the_first_buffer(rows, monkeypatch):
+    """The choice asks for cdiv(N, BLOCK_M) counters: at the largest decode bucket (512 rows) 8, far below
+    ``MIN_SLOTS``, so the buffer made by the warm-up never has to grow (it cannot during graph capture)."""
+    block_m = _tiles("fp32", rows)[0]
+    assert -(-rows // block_m) <= counters.MIN_SLOTS
+    if rows > 111:
+        return  # the arithmetic above is the point; the interpreter is slow at 512 rows
+    asked = []
+    real = counters.ticket_counters
+    monkeypatch.setattr(lm_head_module, "ticket_counters", lambda dev, slots: asked.append(slots) or real(dev, slots))
+    x, wte = _inputs(rows, 32, 77, torch.float32, seed=rows)
+    assert torch.equal(lm_head_argmax(x, wte), reference.lm_head_argmax(x, wte))
+    assert asked == [-(-rows // block_m)] and _counters_are_zero()
+
+
+def _tied_inputs(rows, pairs, v=1013, c=40, seed=9):
+    """wte rows ``high`` copy ``low`` for every pair, and row r of x strongly prefers ``pairs[r % len][0]``: its
+    logits for low and high are exactly equal and beat every other token."""
+    x, wte = _inputs(rows, c, v, torch.float32, seed=seed)
+    for low, high in pairs:
+        wte[high] = wte[low]
+    lows = [pairs[r % len(pairs)][0] for r in range(rows)]
+    x = x + 20 * wte[lows] / wte[lows].norm(dim=-1, keepdim=True)  # (N, C)
+    logits = reference.lm_head(x, wte)  # (N, V)
+    highs = [pairs[r % len(pairs)][1] for r in range(rows)]
+    r = torch.arange(rows)
+    assert torch.equal(logits[r, lows], logits[r, highs]) and logits.argmax(-1).tolist() == lows
+    return x, wte, lows
+
+
+def _merge_two_tiles_a_step(monkeypatch):
+    """The in-kernel merge takes 2 vocab tiles a step instead of all 16 (fp32, 16 rows) or 32 (64 rows) at once."""
+    monkeypatch.setattr(lm_head_module, "_merge_tiles", lambda etype, block_m, warps: 2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("two_a_step", [False, True], ids=["default_step", "two_tiles_a_step"])
+@pytest.mark.parametrize("rows", [3, 33])
+def test_exact_ties_across_vocab_tiles_and_merge_steps_go_to_the_lowest_id(rows, two_a_step, monkeypatch):
+    """Equal maxima in one tile, in two tiles, in two merge steps (at two tiles a step) and in the masked last
+    tile: the lowest id wins whichever program merges (forward, reversed, shuffled), for argmax and for greedy
+    rows of the Gumbel path."""
+    assert lm_head_module._merge_tiles("fp32", 16, 4) * 64 >= 1013  # the default: one step at 16 rows
+    if two_a_step:
+        _merge_two_tiles_a_step(monkeypatch)
+    x, wte, lows = _tied_inputs(rows, TIE_PAIRS)
+    greedy = torch.zeros(rows, device=DEVICE)
+    for order in ORDERS:
+        run_programs_in(order, monkeypatch)
+        assert lm_head_argmax(x, wte).tolist() == lows, order
+        assert lm_head_gumbel(x, wte, greedy, _row_seeds(rows, 1, 1)).tolist() == lows, order
+        assert _counters_are_zero()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows", [3, 33])
+def test_the_same_ids_whichever_vocab_tile_draws_the_last_ticket(rows, monkeypatch):
+    """Random inputs (fp32 and fp16), programs run forward, reversed and shuffled, merge steps of the default size
+    and of two vocab tiles: identical ids, equal to the reference, counters back to 0 after each call."""
+    temps, seeds = _mixed_temperatures(rows), _row_seeds(rows, 77, 3)
+    for dtype in (torch.float32, torch.float16):
+        x, wte = _inputs(rows, 40, 1013, dtype, seed=rows)
+        want = (reference.lm_head_argmax(x, wte), reference.lm_head_gumbel(x, wte, temps, seeds))
+        for two_a_step in (False, True):
+            if two_a_step:
+                _merge_two_tiles_a_step(monkeypatch)
+            for order in ORDERS:
+                run_programs_in(order, monkeypatch)
+                got = (lm_head_argmax(x, wte), lm_head_gumbel(x, wte, temps, seeds))
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, two_a_step, order)
+                assert _counters_are_zero()
+
+
+@pytest.mark.parametrize("rows", [3, 33])
+def test_poisoned_workspace_and_output_are_written_before_read(rows, monkeypatch):
+    """Partials, partial ids and the chosen ids start as NaN / -7, twice in a row: a partial the merge read before
+    its program wrote it, an id no program stored, or a counter left nonzero (the second call's merge would never
+    run) would show."""
+    x, wte = _inputs(rows, 40, 777, torch.float32, seed=10 + rows)
+    temps, seeds = _mixed_temperatures(rows), _row_seeds(rows, 3, 4)
+    want = (reference.lm_head_argmax(x, wte), reference.lm_head_gumbel(x, wte, temps, seeds))
+    assert _counters_are_zero()
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    for _ in range(2):
+        assert torch.equal(lm_head_argmax(x, wte), want[0])
+        assert torch.equal(lm_head_gumbel(x, wte, temps, seeds), want[1])
+        assert _counters_are_zero()
 
 
 # ---- GPU: GPT-2 124M and 1.5B shapes -------------------------------------------------------------------

@@ -25,10 +25,19 @@ bf16 tiles are upcast first (its bf16 ``tl.dot`` is wrong). The vocab tail (V od
 masked columns are never stored and score ``-inf``.
 
 - MODE 0 stores the logits tile.
-- MODE 1/2 reduce the tile to one ``(max, lowest id of the max)`` per row, stored as partials
-  ``(N, num_v_tiles)``; ``_argmax_merge_kernel`` (one program per row) takes the max over tiles
-  and, among equal maxima, the lowest id: tiles ascend in id, so that is the global lowest id. Only
-  ``8 x N x num_v_tiles`` bytes leave the first kernel instead of ``4 x N x V`` of logits.
+- MODE 1/2 reduce the tile to one ``(max, lowest id of the max)`` per row and merge them in the same
+  launch: each program stores its rows' pair to a workspace ``(N, num_v_tiles)`` (fp32 score, i32 id),
+  then draws a ticket: ``tl.atomic_add`` (acq_rel, gpu scope) on its row tile's int32 counter
+  (:mod:`gpt2fast.ops.triton.counters`, one per row tile: ``cdiv(N, BLOCK_M)``, 4 for a 256-row batch,
+  far below ``MIN_SLOTS``). The program that draws ticket ``num_v_tiles - 1`` -- whichever vocab tile it
+  is -- loads its BLOCK_M rows' pairs over every vocab tile, ``_merge_tiles`` tiles a step in
+  ascending tile order, keeps the max and, among equal maxima, the lowest id (tiles ascend in id, so that
+  is the global lowest id, as ``torch.argmax``; the result does not depend on which program merges nor
+  on the step size), stores the ``(N,)`` int64 ids and puts the counter back to 0 for the next launch or
+  graph replay. Only ``8 x N x num_v_tiles`` bytes of workspace (written and read back within the
+  launch, in L2) instead of ``4 x N x V`` of logits, and one launch instead of a partials kernel plus a
+  merge kernel. The kernel's comments give the memory-ordering argument (the interpreter runs programs
+  one at a time, so no test can check it).
 
 Row and tile counts are ``do_not_specialize`` (the JIT would make a 1 a constant: another kernel per
 batch size than the ``COMPILE_VARIANTS`` compiled ahead of time).
@@ -41,6 +50,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
+from gpt2fast.ops.triton.counters import ticket_counters
 from gpt2fast.ops.triton.linear import x_times_w_t
 from gpt2fast.sampling import GREEDY_BELOW
 
@@ -56,8 +66,24 @@ TILES = {
     ("bf16", 16): (128, 64, 8),
     ("bf16", 64): (128, 64, 8),
 }
-MERGE_BLOCK = 512
+# MODE 1/2: partial pairs each thread loads per step of the in-kernel merge, per (element type, BLOCK_M): as
+# many as fit in the registers the tl.dot phase needs anyway (see _merge_tiles)
+MERGE_PER_THREAD = {("fp32", 16): 8, ("fp32", 64): 8, ("fp16", 16): 4, ("fp16", 64): 16, ("bf16", 16): 4,
+                    ("bf16", 64): 16}
 FLT_MIN = 1.1754943508222875e-38  # the smallest normal fp32: where an exact-zero uniform is lifted to
+
+
+def _merge_tiles(etype: str, block_m: int, warps: int) -> int:
+    """Vocab tiles per step of the in-kernel merge (``BLOCK_T``): ``MERGE_PER_THREAD`` pairs per thread.
+
+    A pair costs a thread two loaded values and two 64-bit addresses; more pairs a step mean fewer serial
+    L2 round trips, but a merge that needs more registers than the ``tl.dot`` phase lowers the blocks
+    resident per SM for the whole kernel. fp16 at BLOCK_M 16 stays at 62 registers on sm_80 (as without
+    the merge): 393 programs of 8 warps are one wave only at 3 blocks per H100 SM and 4 per A100 SM, which
+    64 registers allow. At BLOCK_M 64 the fp16 ``tl.dot`` phase already holds more than 16 pairs a thread
+    take. fp16: 16 x 64 or 64 x 64 pairs a step, V = 50257's 393 tiles in 7 steps.
+    """
+    return max(1, MERGE_PER_THREAD[etype, block_m] * 32 * warps // block_m)
 
 
 def _tiles(etype: str, n: int) -> tuple[int, int, int, int]:
@@ -71,8 +97,10 @@ def _lm_head_kernel(
     x_ptr,  # (N, C) hidden rows, row stride x_row_stride, last dim contiguous
     w_ptr,  # (V, C) tied token embedding, contiguous
     out_ptr,  # (N, V) fp32 logits (MODE 0; else unused)
-    val_ptr,  # (N, num_v_tiles) fp32 best score of each vocab tile (MODE 1, 2)
-    idx_ptr,  # (N, num_v_tiles) i32 lowest token id with that score (MODE 1, 2)
+    val_ptr,  # (N, num_v_tiles) fp32 workspace: best score of each vocab tile (MODE 1, 2)
+    idx_ptr,  # (N, num_v_tiles) i32 workspace: lowest token id with that score (MODE 1, 2)
+    counter_ptr,  # (>= num_m_tiles,) i32 ticket per row tile, 0 on entry, left 0 (MODE 1, 2)
+    token_ptr,  # (N,) i64 chosen token id per row (MODE 1, 2)
     temp_ptr,  # (N,) fp32 temperature per row (MODE 2)
     seed_ptr,  # (N,) i64 Philox row seed per row (MODE 2)
     N,
@@ -89,6 +117,7 @@ def _lm_head_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # vocab tiles per step of the merge (MODE 1, 2)
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_m_tiles
@@ -116,33 +145,39 @@ def _lm_head_kernel(
         scores = tl.where(col_ok[None, :], scores, float("-inf"))
         best = tl.max(scores, axis=1)  # (BM,)
         best_id = tl.min(tl.where(scores == best[:, None], cols[None, :], V), axis=1)  # (BM,) lowest id
-        part = rows.to(tl.int64) * num_v_tiles + pid_v
-        tl.store(val_ptr + part, best, mask=row_ok)
-        tl.store(idx_ptr + part, best_id, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["num_tiles"])
-def _argmax_merge_kernel(
-    val_ptr,  # (N, num_tiles) fp32 best score per vocab tile
-    idx_ptr,  # (N, num_tiles) i32 its lowest token id; tiles ascend in id
-    out_ptr,  # (N,) i64 chosen token id
-    num_tiles,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    best = float("-inf")
-    best_id = 0
-    for start in range(0, num_tiles, BLOCK):
-        ok = start + offs < num_tiles
-        vals = tl.load(val_ptr + row * num_tiles + start + offs, mask=ok, other=float("-inf"))  # (BLOCK,)
-        ids = tl.load(idx_ptr + row * num_tiles + start + offs, mask=ok, other=2147483647)  # (BLOCK,)
-        chunk_best = tl.max(vals, axis=0)
-        chunk_id = tl.min(tl.where(vals == chunk_best, ids, 2147483647), axis=0)
-        # strictly greater: on a tie the earlier chunk (lower ids) keeps it
-        best_id = tl.where(chunk_best > best, chunk_id, best_id)
-        best = tl.maximum(best, chunk_best)
-    tl.store(out_ptr + row, best_id.to(tl.int64))
+        part_row = rows.to(tl.int64) * num_v_tiles  # (BM,) this row's first partial
+        tl.store(val_ptr + part_row + pid_v, best, mask=row_ok)
+        tl.store(idx_ptr + part_row + pid_v, best_id, mask=row_ok)
+        # Memory ordering, as in linear.py's decode kernel (no test can check it: the interpreter runs
+        # programs one at a time). Every thread stored part of this tile's pairs; the barrier (bar.sync)
+        # orders those stores before the ticket, which one thread draws with an acq_rel, gpu-scope atomic:
+        # its release half publishes everything the barrier ordered before it (release is cumulative), and
+        # the counter's chain of read-modify-writes carries the other vocab tiles' releases to the acquire
+        # half of the last ticket. Triton hands the scalar result to every thread through shared memory and
+        # a barrier, so all of the last program's loads come after that acquire; they go through L2 (".cg")
+        # because the SM's L1 is not coherent and a line of this workspace cached there earlier must not
+        # stand in for a partial. No program waits on another, so no grid size can deadlock.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
+        if ticket != num_v_tiles - 1:
+            return
+        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_id = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for start in range(0, num_v_tiles, BLOCK_T):  # ascending tiles: ascending ids
+            tiles = start + tl.arange(0, BLOCK_T)  # (BT,)
+            ok = row_ok[:, None] & (tiles < num_v_tiles)[None, :]  # (BM, BT)
+            offs = part_row[:, None] + tiles[None, :]
+            vals = tl.load(val_ptr + offs, mask=ok, other=float("-inf"), cache_modifier=".cg")  # (BM, BT)
+            ids = tl.load(idx_ptr + offs, mask=ok, other=2147483647, cache_modifier=".cg")  # (BM, BT)
+            step_best = tl.max(vals, axis=1)  # (BM,)
+            step_id = tl.min(tl.where(vals == step_best[:, None], ids, 2147483647), axis=1)  # (BM,)
+            # strictly greater: on a tie the earlier step (lower ids) keeps it
+            best_id = tl.where(step_best > best, step_id, best_id)
+            best = tl.maximum(best, step_best)
+        tl.store(token_ptr + rows, best_id.to(tl.int64), mask=row_ok)
+        # Every ticket of this row tile is drawn, so nothing else touches the counter in this launch: a plain
+        # store leaves it 0 for the next launch (or graph replay), which kernel order on the stream publishes.
+        tl.store(counter_ptr + pid_m, 0)
 
 
 def _check(x: torch.Tensor, wte: torch.Tensor) -> str:
@@ -155,26 +190,28 @@ def _check(x: torch.Tensor, wte: torch.Tensor) -> str:
     return element_type(x.dtype, FLOAT_TYPES, "lm_head: x")
 
 
-def _launch(x, wte, mode, out=None, vals=None, ids=None, temperature=None, seeds=None):
-    """Run ``_lm_head_kernel``; returns the number of vocab tiles."""
+def _launch(x, wte, mode, out=None, vals=None, ids=None, token_ids=None, temperature=None, seeds=None):
+    """Run ``_lm_head_kernel`` once (MODE 1, 2: partials and their merge, ``token_ids`` written)."""
     etype = _check(x, wte)
     n, c = x.shape
     v = wte.shape[0]
     block_m, block_v, block_k, warps = _tiles(etype, n)
     num_v_tiles, num_m_tiles = triton.cdiv(v, block_v), triton.cdiv(n, block_m)
     if n == 0:
-        return num_v_tiles
-    # pointers a mode does not use still need valid tensors: any of this launch's own
-    unused = out if out is not None else vals
+        return
+    # pointers a mode does not use still need valid tensors: this launch's own, of the pointer's type if it has one
+    f32 = out if out is not None else vals
+    i32 = ids if ids is not None else f32
+    i64 = token_ids if token_ids is not None else f32
+    counters = ticket_counters(x.device, num_m_tiles) if mode != MODE_LOGITS else i32
     _lm_head_kernel[(num_v_tiles * num_m_tiles,)](
-        x, wte, unused if out is None else out, unused if vals is None else vals, unused if ids is None else ids,
-        unused if temperature is None else temperature, unused if seeds is None else seeds,
+        x, wte, f32 if out is None else out, f32, i32, counters, i64,
+        f32 if temperature is None else temperature, i64 if seeds is None else seeds,
         n, v, c, x.stride(0), num_v_tiles, num_m_tiles,
         MODE=mode, GREEDY_T=GREEDY_BELOW, TINY=FLT_MIN, IEEE=etype == "fp32",
         UPCAST=etype == "bf16" and interpreting(), BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
-        num_warps=warps,
+        BLOCK_T=_merge_tiles(etype, block_m, warps), num_warps=warps,
     )
-    return num_v_tiles
 
 
 def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
@@ -202,10 +239,7 @@ def _choose(x, wte, mode, temperature=None, seeds=None) -> torch.Tensor:
     vals = torch.empty((n, num_v_tiles), dtype=torch.float32, device=x.device)  # (N, tiles) partial maxima
     ids = torch.empty((n, num_v_tiles), dtype=torch.int32, device=x.device)  # (N, tiles) their lowest ids
     token_ids = torch.empty((n,), dtype=torch.int64, device=x.device)  # (N,)
-    if n == 0:
-        return token_ids
-    _launch(x, wte, mode, vals=vals, ids=ids, temperature=temperature, seeds=seeds)
-    _argmax_merge_kernel[(n,)](vals, ids, token_ids, num_v_tiles, BLOCK=MERGE_BLOCK, num_warps=4)
+    _launch(x, wte, mode, vals=vals, ids=ids, token_ids=token_ids, temperature=temperature, seeds=seeds)
     return token_ids
 
 
@@ -260,21 +294,18 @@ def _variants() -> list[dict]:
                 out.append(dict(
                     name=f"lm_head_{mode_name}_{etype}_m{block_m}", fn=_lm_head_kernel,
                     signature=dict(x_ptr="*" + etype, w_ptr="*" + etype, out_ptr="*fp32", val_ptr="*fp32",
-                                   idx_ptr="*i32", temp_ptr="*fp32", seed_ptr="*i64", N="i32", V="i32", C="i32",
-                                   x_row_stride="i64", num_v_tiles="i32", num_m_tiles="i32", MODE="constexpr",
-                                   GREEDY_T="constexpr", TINY="constexpr", IEEE="constexpr", UPCAST="constexpr",
-                                   BLOCK_M="constexpr", BLOCK_V="constexpr", BLOCK_K="constexpr"),
+                                   idx_ptr="*i32", counter_ptr="*i32", token_ptr="*i64", temp_ptr="*fp32",
+                                   seed_ptr="*i64", N="i32", V="i32", C="i32", x_row_stride="i64",
+                                   num_v_tiles="i32", num_m_tiles="i32", MODE="constexpr", GREEDY_T="constexpr",
+                                   TINY="constexpr", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
+                                   BLOCK_V="constexpr", BLOCK_K="constexpr", BLOCK_T="constexpr"),
                     constexprs=dict(MODE=mode, GREEDY_T=GREEDY_BELOW, TINY=FLT_MIN, IEEE=etype == "fp32",
-                                    UPCAST=False, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k),
+                                    UPCAST=False, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+                                    BLOCK_T=_merge_tiles(etype, block_m, warps)),
                     num_warps=warps, divisible_by_16=("C", "x_row_stride"),  # V = 50257 is not
                 ))
-    out.append(dict(
-        name="lm_head_argmax_merge", fn=_argmax_merge_kernel,
-        signature=dict(val_ptr="*fp32", idx_ptr="*i32", out_ptr="*i64", num_tiles="i32", BLOCK="constexpr"),
-        constexprs=dict(BLOCK=MERGE_BLOCK), num_warps=4,
-    ))
     return out
 
 
-# Every configuration the three launchers can launch: mode x dtype x row tile, and the merge.
+# Every configuration the three launchers can launch: mode x dtype x row tile (MODE 1/2 merge in-kernel).
 COMPILE_VARIANTS: list[dict] = _variants()
