@@ -28,6 +28,7 @@ from gpt2fast.ops.triton.attention import (  # noqa: E402
     decode_splits,
 )
 from gpt2fast.ops.triton.counters import MIN_SLOTS, ticket_counters  # noqa: E402
+from tests.triton_programs import needs_interpreter, run_programs_in
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -211,26 +212,6 @@ def _poisoned_empty(real_empty):
     return empty
 
 
-def run_programs_in(order: str, monkeypatch) -> None:
-    """Make the interpreter run each launch's programs in ``order`` ("forward", "reverse" or "shuffle") instead of
-    its fixed x, y, z loop, by remapping the grid index it hands each program: another split draws the last ticket.
-    """
-    from triton.runtime.interpreter import interpreter_builder
-
-    real = interpreter_builder.set_grid_idx
-
-    def remapped(x, y, z):
-        nx, ny, nz = interpreter_builder.grid_dim
-        i, n = (x * ny + y) * nz + z, nx * ny * nz
-        if order == "reverse":
-            i = n - 1 - i
-        elif order == "shuffle":
-            i = int(torch.randperm(n, generator=torch.Generator().manual_seed(n))[i])
-        real(i // (ny * nz), i // nz % ny, i % nz)
-
-    monkeypatch.setattr(interpreter_builder, "set_grid_idx", remapped)
-
-
 # Decode steps whose splits all take tickets: a table of 12 pages, sequences that end in the first, a middle
 # and the last split, and an idle sequence (no query: no partial, no ticket, no output row).
 MERGE_LENS, MERGE_QUERIES = [1, 40, 190, 16, 100], [1, 1, 1, 0, 1]
@@ -278,7 +259,7 @@ def test_decode_is_bit_identical_across_split_counts_when_every_sum_is_exact(mon
     torch.testing.assert_close(outs[0], want, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the Triton interpreter's programs")
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decode_the_same_bits_whichever_split_draws_the_last_ticket(dtype, monkeypatch):
     """Programs run forward, in reverse and shuffled: the last split merges in split order, so the bits agree."""

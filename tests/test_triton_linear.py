@@ -17,6 +17,7 @@ import torch
 
 from gpt2fast.ops import reference
 from gpt2fast.ops.triton import available, unavailable_reason
+from tests.triton_programs import needs_interpreter, run_programs_in
 
 pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
 
@@ -246,29 +247,6 @@ def test_results_are_bit_identical_across_split_counts(rows, dtype, monkeypatch)
         for _ in range(2):  # a second call: the same bits
             assert torch.equal(linear(x, w, b, residual=r), want), f"S={splits}"
         assert _counters_are_zero()
-
-
-def run_programs_in(order: str, monkeypatch) -> None:
-    """Make the interpreter run each launch's programs in ``order`` ("forward", "reverse" or "shuffle") instead of
-    its fixed x, y, z loop, by remapping the grid index it hands each program: another split draws the last ticket.
-    """
-    from triton.runtime.interpreter import interpreter_builder
-
-    real = interpreter_builder.set_grid_idx
-
-    def remapped(x, y, z):
-        nx, ny, nz = interpreter_builder.grid_dim
-        i, n = (x * ny + y) * nz + z, nx * ny * nz
-        if order == "reverse":
-            i = n - 1 - i
-        elif order == "shuffle":
-            i = int(torch.randperm(n, generator=torch.Generator().manual_seed(n))[i])
-        real(i // (ny * nz), i // nz % ny, i % nz)
-
-    monkeypatch.setattr(interpreter_builder, "set_grid_idx", remapped)
-
-
-needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the Triton interpreter's programs")
 
 
 @needs_interpreter

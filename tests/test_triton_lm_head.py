@@ -21,6 +21,7 @@ from gpt2fast.launches import count_launches
 from gpt2fast.ops import reference
 from gpt2fast.ops.triton import available, unavailable_reason
 from gpt2fast.sampling import SampleRow, SamplingParams, row_seed, sample_batch
+from tests.triton_programs import ORDERS, needs_interpreter, run_programs_in
 
 pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
 
@@ -185,28 +186,6 @@ def _poisoned_empty(real_empty):
     return empty
 
 
-def run_programs_in(order: str, monkeypatch) -> None:
-    """Make the interpreter run each launch's programs in ``order`` ("forward", "reverse" or "shuffle") instead of
-    its fixed loop, by remapping the grid index it hands each program: another vocab tile draws the last ticket.
-    (As tests/test_triton_linear.py does; test modules are not importable from each other.)"""
-    from triton.runtime.interpreter import interpreter_builder
-
-    real = interpreter_builder.set_grid_idx
-
-    def remapped(x, y, z):
-        nx, ny, nz = interpreter_builder.grid_dim
-        i, n = (x * ny + y) * nz + z, nx * ny * nz
-        if order == "reverse":
-            i = n - 1 - i
-        elif order == "shuffle":
-            i = int(torch.randperm(n, generator=torch.Generator().manual_seed(n))[i])
-        real(i // (ny * nz), i // nz % ny, i % nz)
-
-    monkeypatch.setattr(interpreter_builder, "set_grid_idx", remapped)
-
-
-needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="reorders the Triton interpreter's programs")
-ORDERS = ["forward", "reverse", "shuffle"]
 
 
 @pytest.mark.parametrize("v", ODD_VOCABS)

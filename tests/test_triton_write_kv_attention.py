@@ -24,6 +24,7 @@ from gpt2fast.ops import reference  # noqa: E402
 from gpt2fast.ops.triton import attention as attention_module  # noqa: E402
 from gpt2fast.ops.triton.attention import decode_splits, write_kv_attention  # noqa: E402
 from gpt2fast.ops.triton.counters import ticket_counters  # noqa: E402
+from tests.triton_programs import run_programs_in
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # vs the fp32-upcasting reference: fp32 summation order only; fp16 / bf16 the output's rounding (and P in prefill)
@@ -138,16 +139,7 @@ def test_a_second_call_gives_the_same_bits_and_programs_in_reverse_too(monkeypat
     first = write_kv_attention(q, k, v, kc, vc, meta, 0.25)
     assert torch.equal(write_kv_attention(q, k, v, kc, vc, meta, 0.25), first)
     if DEVICE == "cpu":
-        from triton.runtime.interpreter import interpreter_builder
-
-        real = interpreter_builder.set_grid_idx
-
-        def reversed_grid(x, y, z):
-            nx, ny, nz = interpreter_builder.grid_dim
-            i = nx * ny * nz - 1 - (x * ny + y) * nz - z
-            real(i // (ny * nz), i // nz % ny, i % nz)
-
-        monkeypatch.setattr(interpreter_builder, "set_grid_idx", reversed_grid)
+        run_programs_in("reverse", monkeypatch)
         assert torch.equal(write_kv_attention(q, k, v, kc, vc, meta, 0.25), first)
 
 
