@@ -14,6 +14,7 @@ from conftest import TINY
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.sampling import SampleRow, sample_batch
+from tests.stop_strings import stops_completing_together
 
 
 @pytest.fixture(scope="module")
@@ -223,21 +224,6 @@ def test_extreme_but_legal_top_k_and_top_p_in_one_batch(tiny):
 
 
 STOP_MODEL = 'random:{"n_layer": 1, "n_embd": 32, "n_head": 2}'  # GPT-2's tokenizer: multi-character tokens
-
-
-def stops_completing_together(tokenizer, text: str, ids: list[int]) -> tuple[str, str] | None:
-    """``(a, b)``, both first found where one token ends: ``b`` spans that token's start (two tokens' text) and
-    so starts before ``a``, the rest of the token. None when the text has no such token."""
-    pos = 0
-    for first, second in zip(ids, ids[1:]):
-        left, right = tokenizer.decode([first]), tokenizer.decode([second])
-        pos += len(left)  # where ``second``'s text starts
-        if text[pos - len(left):pos + len(right)] != left + right or len(right) < 2:
-            continue  # part of a UTF-8 character, or too short to split
-        a, b = right[1:], left[-1] + right[0]
-        if text.find(a) == pos + 1 and text.find(b) == pos - 1:
-            return a, b
-    return None
 
 
 def test_the_earliest_stop_string_in_the_text_wins_not_the_first_listed():

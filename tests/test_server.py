@@ -23,6 +23,7 @@ from gpt2fast.engine import Engine
 from gpt2fast.server import EngineLoop, make_app
 from gpt2fast.server.serve import loopback_host_names
 from tests.serverproc import TINY_MODEL, running
+from tests.stop_strings import stops_completing_together
 
 # Server and tests share two busy cores: one torch thread each (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,28 +97,13 @@ def test_seeded_n_samples_with_logprobs_equal_offline_generate(client, llm):
     assert got.object == "text_completion" and got.model == TINY_MODEL and got.id.startswith("cmpl-")
 
 
-def stops_completing_together(llm: LLM, text: str, ids: list[int]) -> tuple[str, str] | None:
-    """``(a, b)``, both first found where one token ends: ``b`` spans that token's start (two tokens' text) and
-    so starts before ``a``, the rest of the token. None when the text has no such token."""
-    pos = 0
-    for first, second in zip(ids, ids[1:]):
-        left, right = llm.tokenizer.decode([first]), llm.tokenizer.decode([second])
-        pos += len(left)  # where ``second``'s text starts
-        if text[pos - len(left):pos + len(right)] != left + right or len(right) < 2:
-            continue  # part of a UTF-8 character, or too short to split
-        a, b = right[1:], left[-1] + right[0]
-        if text.find(a) == pos + 1 and text.find(b) == pos - 1:
-            return a, b
-    return None
-
-
 def test_the_earliest_stop_string_in_the_text_wins(client, llm):
     """Independent of the engine's stop logic: generate without stops, then cut the text where the earliest stop
     starts. The stops complete at the same token; the one listed later spans two tokens and starts earlier."""
     for seed in range(20):
         base = dict(max_tokens=40, temperature=1.0, seed=seed)
         free = llm.generate("Once upon a time", SamplingParams(**base))[0].outputs[0]
-        found = stops_completing_together(llm, free.text, free.token_ids)
+        found = stops_completing_together(llm.tokenizer, free.text, free.token_ids)
         if found is not None:
             break
     assert found is not None, "no seed generated a usable pair of tokens"
