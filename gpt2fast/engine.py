@@ -113,6 +113,19 @@ class _Request:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+def _ranks_samples(params: SamplingParams) -> bool:
+    """True for OpenAI's ``best_of > n``: more samples run than are returned."""
+    return params.num_samples > params.n
+
+
+def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """The ``n`` samples with the highest cumulative logprob (equal ones in sample order), indexed 0..n-1."""
+    ranked = sorted(outputs, key=lambda o: -o.cumulative_logprob)[:n]  # sorted() is stable: ties keep their order
+    for i, out in enumerate(ranked):
+        out.index = i
+    return ranked
+
+
 class Engine:
     """Continuous batching over a paged KV cache; one ``step()`` is one model forward.
 
@@ -247,17 +260,28 @@ class Engine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str) or request_id in self._requests:
             raise ValueError(f"request id {request_id!r} must be a string not already in use")
-        if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} samples cannot run at once with max_num_seqs={self.scheduler.max_num_seqs}")
+        if params.num_samples > self.scheduler.max_num_seqs:
+            field = "n" if params.best_of is None else "best_of"
+            raise ValueError(f"{field}={params.num_samples} samples cannot run at once with "
+                             f"max_num_seqs={self.scheduler.max_num_seqs}")
+        self._check_logit_bias(params)
         ids = self.encode(prompt)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         samples = [_Sample(i, logprobs=[] if params.logprobs is not None else None,
-                           cumulative_logprob=0.0 if params.logprobs is not None else None) for i in range(params.n)]
+                           cumulative_logprob=0.0 if params.needs_logprobs else None)
+                   for i in range(params.num_samples)]
         request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seed, samples)
-        first = Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size), fork_n=params.n)
+        first = Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size), fork_n=params.num_samples)
         samples[0].seq = first
         self._requests[request_id] = request
         self.scheduler.add(first)
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.config.vocab_size
+        bad = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.logit_bias: token id {bad[0]} is outside the model's vocabulary "
+                             f"(0..{vocab - 1})")
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks."""
@@ -292,7 +316,8 @@ class Engine:
             request = self._requests[seq.request_id]
             self._append(request, seq, token)
             advanced[request.request_id] = request
-        outputs = [self._output(r) for r in advanced.values()]
+        # A best_of > n request has no partial answer: which samples are best is known only at the end.
+        outputs = [self._output(r) for r in advanced.values() if r.finished or not _ranks_samples(r.params)]
         for r in advanced.values():
             if r.finished:
                 del self._requests[r.request_id]
@@ -300,8 +325,16 @@ class Engine:
 
     def _row(self, seq: Seq) -> SampleRow:
         request = self._requests[seq.request_id]
-        return SampleRow(request.params, request.seed, seq.sample_index, len(seq.output_ids), request.prompt_ids,
-                         seq.output_ids)
+        params, step = request.params, len(seq.output_ids)
+        return SampleRow(params, request.seed, seq.sample_index, step, request.prompt_ids, seq.output_ids,
+                         self._stop_ids(params) if step < params.min_tokens else ())
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        """The tokens that would end a sample: banned while ``min_tokens`` are not yet generated (as vLLM)."""
+        stops = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stops.add(self.config.eos_token_id)
+        return sorted(t for t in stops if t < self.config.vocab_size)
 
     def _step_dynamic(self, batch: Batch) -> tuple[list[Seq], list[SampledToken]]:
         """Any step (prefills, chunks, decodes, forks): metadata built to this batch's shapes."""
@@ -360,7 +393,7 @@ class Engine:
         params = [r.params for r in rows]
         if any(p.needs_logits for p in params):
             logits = ops.lm_head(hidden, wte)  # (N, V)
-            if any(p.has_penalties or p.logprobs is not None for p in params):
+            if any(p.has_penalties or p.needs_logprobs or p.logit_bias or r.banned_ids for p, r in zip(params, rows)):
                 return sample_batch(logits, rows)
             temps, seeds = self._fused_choice(rows)
             dev, vocab = logits.device, logits.shape[-1]
@@ -403,36 +436,45 @@ class Engine:
         seq.token_ids.append(token.token_id)
         if sample.logprobs is not None:
             sample.logprobs.append({token.token_id: token.logprob, **(token.top_logprobs or {})})
+        if sample.cumulative_logprob is not None:
             sample.cumulative_logprob += token.logprob
         t = token.token_id
+        # Stop strings match only in text after the first min_tokens tokens (vLLM's detokenizer does the same).
+        check_stops = len(seq.output_ids) > params.min_tokens
         if t == self.config.eos_token_id and not params.ignore_eos:
             sample.finish_reason = "stop"
         elif params.stop_token_ids and t in params.stop_token_ids:
             sample.finish_reason, sample.stop_reason = "stop", t
-        else:
-            if t != self.tokenizer.eot_token:  # the end token is not text, even when ignored
-                self._add_text(sample, params, sample.decoder.decode(self.tokenizer.decode_single_token_bytes(t)))
+        if sample.finish_reason is None or params.include_stop_str_in_output:
+            # The end token is text only when asked for (skip_special_tokens=False), even when ignored.
+            if t != self.tokenizer.eot_token or not params.skip_special_tokens:
+                delta = sample.decoder.decode(self.tokenizer.decode_single_token_bytes(t))
+                self._add_text(sample, params, delta, check_stops and sample.finish_reason is None)
             if sample.finish_reason is None and (len(seq.output_ids) >= params.max_tokens
                                                  or len(seq.token_ids) >= self.config.n_positions):
                 sample.finish_reason = "length"
         if sample.finish_reason is not None:
             if sample.stop_reason is None or isinstance(sample.stop_reason, int):
-                self._add_text(sample, params, sample.decoder.decode(b"", final=True))
+                tail = sample.decoder.decode(b"", final=True)
+                self._add_text(sample, params, tail, check_stops and sample.finish_reason == "length")
             self.scheduler.finish(seq)
 
     @staticmethod
-    def _add_text(sample: _Sample, params: SamplingParams, delta: str) -> None:
-        """Append decoded text; a stop string (also one split across tokens) ends the sample, trimmed."""
+    def _add_text(sample: _Sample, params: SamplingParams, delta: str, check_stops: bool = True) -> None:
+        """Append decoded text; a stop string (also one split across tokens) ends the sample, trimmed after it
+        (``include_stop_str_in_output``) or before it."""
         if not delta:
             return
         start = len(sample.text)
         sample.text += delta
+        if not check_stops:
+            return
         # The earliest match in the text wins, whichever entry of ``stop`` it is (as OpenAI stops).
         hits = [(at, stop) for stop in params.stop_strings
                 if (at := sample.text.find(stop, max(0, start - len(stop) + 1))) != -1]
         if hits:
             at, stop = min(hits, key=lambda hit: hit[0])
-            sample.text = sample.text[:at]
+            sample.text = sample.text[:at + len(stop)] if params.include_stop_str_in_output else sample.text[:at]
             sample.finish_reason, sample.stop_reason = "stop", stop
 
     def _output(self, request: _Request) -> RequestOutput:
@@ -446,7 +488,11 @@ class Engine:
             outputs.append(CompletionOutput(sample.index, text, tokens, sample.finish_reason,
                                             list(sample.logprobs) if sample.logprobs is not None else None,
                                             sample.cumulative_logprob, sample.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished)
+        generated = sum(len(o.token_ids) for o in outputs)
+        if _ranks_samples(request.params):
+            outputs = _best(outputs, request.params.n)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished,
+                             generated)
 
     # ---- one pass, for verification ---------------------------------------------------------------
 

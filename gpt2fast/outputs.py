@@ -35,10 +35,13 @@ class CompletionOutput:
 class RequestOutput:
     """A request's prompt and its samples, in sample order.
 
+    ``num_generated_tokens`` counts every sample's tokens, also those ``best_of`` ran and did not
+    return (what a server bills as completion tokens); by default the tokens of ``outputs``.
+
     Example:
         >>> out = RequestOutput("0", "Hello", [15496], [CompletionOutput(0, " world", [995], "length")], True)
-        >>> out.outputs[0].token_ids
-        [995]
+        >>> out.outputs[0].token_ids, out.num_generated_tokens
+        ([995], 1)
     """
 
     request_id: str
@@ -46,3 +49,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    num_generated_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_generated_tokens is None:
+            self.num_generated_tokens = sum(len(o.token_ids) for o in self.outputs)

@@ -3,7 +3,9 @@
 ``sample_batch(logits, rows)`` takes one row of logits per sequence in the step and applies each
 row's own settings, in the order Hugging Face's ``generate`` applies them:
 
-1. penalties, on the raw logits: repetition (HF/CTRL, over prompt + output tokens), then
+0. ``logit_bias`` (OpenAI) is added to the raw logits, and the row's ``banned_ids`` (the stop
+   tokens while ``min_tokens`` are not yet generated) are set to ``-inf``.
+1. penalties, on those logits: repetition (HF/CTRL, over prompt + output tokens), then
    presence and frequency (OpenAI, over output tokens). They apply in greedy mode too.
 2. greedy rows (``temperature < 1e-5`` or ``top_k == 1``): argmax, ties to the lowest token id.
 3. other rows: temperature -> top-k -> top-p -> min-p -> a Gumbel-max draw
@@ -16,8 +18,8 @@ the batch and in whatever order. It is Philox-4x32-10 exactly as Triton's ``tl.r
 computes it, with ``seed = row_seed(seed, sample_index, step)`` and ``offsets = token ids``: a fused
 LM-head kernel that calls ``tl.rand`` with the same seeds sees the same noise, bit for bit.
 
-Logprobs are ``log_softmax`` of the raw logits (before penalties, temperature and filters), as vLLM
-returns them by default.
+Logprobs are ``log_softmax`` of the raw logits (before bias, penalties, temperature and filters), as
+vLLM returns them by default.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -51,6 +54,13 @@ class SamplingParams:
     A ``top_p`` too small for fp32 keeps just the most likely token(s). ``logprobs=N`` returns the
     chosen token's logprob and the ``N`` most likely tokens' (N in 0..20).
 
+    vLLM's and OpenAI's extras: ``min_tokens`` (EOS and ``stop_token_ids`` cannot be drawn, and stop
+    strings do not match, before that many tokens), ``logit_bias`` (token id -> bias in [-100, 100]
+    added to the raw logits, at most 300 entries), ``best_of`` (sample that many, return the ``n``
+    with the highest cumulative logprob), ``include_stop_str_in_output`` (keep the stop string or stop
+    token's text), ``skip_special_tokens`` (False: ``<|endoftext|>`` shows in the text) and
+    ``spaces_between_special_tokens`` (accepted; no effect on a byte-level BPE, see below).
+
     Example:
         >>> SamplingParams(max_tokens=8, temperature=0.7, top_k=40, seed=1).top_k
         40
@@ -60,6 +70,8 @@ class SamplingParams:
         Traceback (most recent call last):
         ...
         ValueError: SamplingParams.top_p must be in (0, 1], got 0
+        >>> SamplingParams(n=2, best_of=3, logit_bias={50256: -100}).num_samples
+        3
     """
 
     max_tokens: int = 16
@@ -76,6 +88,15 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    best_of: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # In Hugging Face's slow tokenizers this puts a space between an added special token and its
+    # neighbours when they are decoded together. A byte-level BPE (GPT-2's tiktoken) decodes by joining
+    # each token's bytes, so <|endoftext|> is its 13 bytes whatever this says: accepted, and no effect.
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1)
@@ -95,6 +116,23 @@ class SamplingParams:
         _check_int("n", self.n, 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens)
+        _check_logit_bias(self.logit_bias)
+        if self.best_of is not None and not (_is_int(self.best_of) and self.best_of >= self.n):
+            raise ValueError(f"SamplingParams.best_of must be an integer >= n ({self.n}), got {self.best_of!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences the request runs: ``best_of`` when set, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """True when the sampler must compute the chosen token's logprob: asked for, or ``best_of`` ranks by it."""
+        return self.logprobs is not None or self.num_samples > self.n
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -123,13 +161,17 @@ class SamplingParams:
             >>> SamplingParams(temperature=0.8).needs_logits, SamplingParams(top_p=0.9).needs_logits
             (False, True)
         """
-        if self.has_penalties or self.logprobs is not None:
+        if self.has_penalties or self.needs_logprobs or self.logit_bias or self.min_tokens:
             return True
         return not self.greedy and (self.top_k > 1 or self.top_p < 1 or self.min_p > 0)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    ok = _is_int(value) and value >= minimum
     if not ok or (maximum is not None and value > maximum):
         bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
         raise ValueError(f"SamplingParams.{name} must be an integer {bound}, got {value!r}")
@@ -151,6 +193,22 @@ def _check_stop(stop: object) -> None:
     raise ValueError(f"SamplingParams.stop must be a non-empty str or a list of non-empty str, got {stop!r}")
 
 
+def _check_logit_bias(bias: object) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise ValueError(f"SamplingParams.logit_bias must be a dict of token id -> bias, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"SamplingParams.logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+    for token, value in bias.items():
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not -100 <= value <= 100:
+            raise ValueError(f"SamplingParams.logit_bias values must be in [-100, 100], got {value!r} "
+                             f"for token {token}")
+
+
 def _check_stop_token_ids(ids: object) -> None:
     if ids is None:
         return
@@ -169,7 +227,8 @@ class SampleRow:
     """One row of a step's logits: whose settings apply and where it stands.
 
     ``seed`` is already resolved by the engine (the request's seed, or a random one for unseeded
-    requests); ``step`` counts the tokens this sample has generated so far.
+    requests); ``step`` counts the tokens this sample has generated so far. ``banned_ids`` cannot be
+    drawn this step (the engine bans the stop tokens until ``min_tokens`` are generated).
     """
 
     params: SamplingParams
@@ -178,6 +237,7 @@ class SampleRow:
     step: int
     prompt_ids: Sequence[int] = ()
     output_ids: Sequence[int] = ()
+    banned_ids: Sequence[int] = ()
 
 
 @dataclass
@@ -348,6 +408,32 @@ def _apply_presence_frequency_penalty(
     frequency = _batch_column([r.params.frequency_penalty for r in rows], logits.device)[batch_idx, 0]  # (N,)
     picked = logits[batch_idx, token_ids]  # (N,)
     logits[batch_idx, token_ids] = picked - (presence * (counts > 0) + frequency * counts)
+
+
+def apply_bias_and_bans(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Each row's ``logit_bias`` added, its ``banned_ids`` set to ``-inf``: a new (B, V) tensor.
+
+    Example:
+        >>> row = SampleRow(SamplingParams(logit_bias={0: 2.5}), 0, 0, 0, banned_ids=[2])
+        >>> apply_bias_and_bans(torch.tensor([[1.0, 0.0, 3.0]]), [row]).tolist()
+        [[3.5, 0.0, -inf]]
+    """
+    logits = logits.clone()
+    biased = [(b, t, v) for b, r in enumerate(rows) for t, v in (r.params.logit_bias or {}).items()]
+    if biased:
+        batch_idx, token_ids, values = zip(*biased)
+        index = (_to_device(batch_idx, torch.int64, logits.device), _to_device(token_ids, torch.int64, logits.device))
+        logits.index_put_(index, _to_device(values, torch.float32, logits.device), accumulate=True)
+    banned = [(b, t) for b, r in enumerate(rows) for t in r.banned_ids]
+    if banned:
+        batch_idx, token_ids = zip(*banned)
+        logits[_to_device(batch_idx, torch.int64, logits.device), _to_device(token_ids, torch.int64, logits.device)] \
+            = -math.inf
+    return logits
+
+
+def _has_bias_or_bans(row: SampleRow) -> bool:
+    return bool(row.params.logit_bias) or bool(row.banned_ids)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -536,13 +622,16 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"sample_batch: logits must be (len(rows)={len(rows)}, V), got {tuple(logits.shape)}")
     params = [r.params for r in rows]
-    if all(p.greedy and not p.has_penalties and p.logprobs is None for p in params):
+    plain = [not p.has_penalties and not p.needs_logprobs and not _has_bias_or_bans(r) for p, r in zip(params, rows)]
+    if all(p.greedy for p in params) and all(plain):
         return [SampledToken(t) for t in argmax_rows(logits).tolist()]  # the common fast path
 
     raw = logits.float()  # (B, V)
-    penalised = apply_penalties(raw, rows) if any(p.has_penalties for p in params) else raw  # (B, V)
-    token_ids = _choose(penalised, rows)  # (B,)
-    if all(p.logprobs is None for p in params):
+    processed = apply_bias_and_bans(raw, rows) if any(_has_bias_or_bans(r) for r in rows) else raw  # (B, V)
+    if any(p.has_penalties for p in params):
+        processed = apply_penalties(processed, rows)  # (B, V)
+    token_ids = _choose(processed, rows)  # (B,)
+    if not any(p.needs_logprobs for p in params):
         return [SampledToken(t) for t in token_ids.tolist()]
     return _with_logprobs(raw, token_ids, rows)
 
@@ -561,18 +650,19 @@ def _choose(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
 
 
 def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampledToken]:
-    """Attach log_softmax(raw logits) of the chosen token and the top-N to the rows that ask for them."""
+    """Attach log_softmax(raw logits) of the chosen token and the top-N to the rows that need them
+    (top-N only where ``logprobs`` is asked for; ``best_of`` alone needs the chosen token's)."""
     out = [SampledToken(t) for t in token_ids.tolist()]
-    wanted = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
+    wanted = [b for b, r in enumerate(rows) if r.params.needs_logprobs]
     if len(wanted) < len(rows):
         idx = _to_device(wanted, torch.int64, raw.device)
         raw, token_ids = raw[idx], token_ids[idx]
     logprobs = torch.log_softmax(raw, dim=-1)  # (L, V)
     chosen = logprobs.gather(1, token_ids[:, None])[:, 0].tolist()  # (L,)
-    top = torch.topk(logprobs, max(rows[b].params.logprobs for b in wanted), dim=-1)  # (L, N) most likely first
+    top = torch.topk(logprobs, max(rows[b].params.logprobs or 0 for b in wanted), dim=-1)  # (L, N) likeliest first
     top_ids, top_values = top.indices.tolist(), top.values.tolist()
     for j, b in enumerate(wanted):
-        n = rows[b].params.logprobs
+        n = rows[b].params.logprobs or 0
         out[b].logprob = chosen[j]
         out[b].top_logprobs = dict(zip(top_ids[j][:n], top_values[j][:n]))
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 
@@ -242,3 +243,139 @@ def test_the_earliest_stop_string_in_the_text_wins_not_the_first_listed():
     out = llm.generate("Once upon a time", SamplingParams(stop=stops, **base))[0].outputs[0]
     assert (out.text, out.finish_reason, out.stop_reason) == (want, "stop", found[1])
     assert out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+# ---- vLLM's and OpenAI's extras: min_tokens, logit_bias, best_of, stop-string and special-token text ----------
+
+EOS = 50256  # GPT-2's <|endoftext|>
+
+
+@pytest.fixture(scope="module")
+def gpt2_vocab() -> LLM:
+    return LLM(STOP_MODEL, device="cpu")
+
+
+def greedy_reference(llm: LLM, ids: list[int], steps: int, bias: dict[int, float],
+                     banned: dict[int, list[int]] | None = None) -> list[int]:
+    """Greedy tokens from full-sequence logits in float64: argmax(logits + bias), ``banned[step]`` set to -inf."""
+    out = []
+    for step in range(steps):
+        logits = llm.logits(ids + out)[-1].double()  # (V,)
+        for token, value in bias.items():
+            logits[token] += value
+        for token in (banned or {}).get(step, []):
+            logits[token] = -math.inf
+        out.append(int(logits.argmax()))
+    return out
+
+
+def test_min_tokens_bans_the_end_and_stop_tokens_until_reached(gpt2_vocab):
+    llm, ids = gpt2_vocab, gpt2_vocab.tokenizer.encode("Hello there")
+    to_eos = dict(max_tokens=12, temperature=0, logit_bias={EOS: 100.0})
+    assert llm.generate(ids, SamplingParams(**to_eos))[0].outputs[0].token_ids == [EOS]
+    out = llm.generate(ids, SamplingParams(**to_eos, min_tokens=4))[0].outputs[0]
+    assert out.token_ids == greedy_reference(llm, ids, 4, {EOS: 100.0}, {s: [EOS] for s in range(4)}) + [EOS]
+    assert out.finish_reason == "stop" and out.stop_reason is None
+
+    stop = greedy_reference(llm, ids, 1, {})[0]  # the token greedy picks first, made a stop token and favoured
+    kw = dict(max_tokens=12, temperature=0, logit_bias={stop: 100.0}, stop_token_ids=[stop], ignore_eos=True)
+    assert llm.generate(ids, SamplingParams(**kw))[0].outputs[0].token_ids == [stop]
+    out = llm.generate(ids, SamplingParams(**kw, min_tokens=3))[0].outputs[0]
+    assert out.token_ids == greedy_reference(llm, ids, 3, {stop: 100.0}, {s: [stop] for s in range(3)}) + [stop]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_stop_strings_match_after_min_tokens_and_may_stay_in_the_output(gpt2_vocab):
+    """Independent: the free greedy text cut at the first stop string that ends after min_tokens tokens' text."""
+    llm, prompt = gpt2_vocab, "The ship sailed"
+    base = dict(max_tokens=24, temperature=0, ignore_eos=True)
+    free = llm.generate(prompt, SamplingParams(**base))[0].outputs[0]
+    stop = llm.tokenizer.decode(free.token_ids[1:2])
+    assert stop and stop.isascii() and free.text.count(stop) >= 2, "the test needs a stop string that recurs"
+    for min_tokens in (0, 2, 5):
+        boundary = len(llm.tokenizer.decode(free.token_ids[:min_tokens]))
+        at = free.text.find(stop, max(0, boundary - len(stop) + 1))
+        for include in (False, True):
+            out = llm.generate(prompt, SamplingParams(**base, stop=stop, min_tokens=min_tokens,
+                                                      include_stop_str_in_output=include))[0].outputs[0]
+            if at == -1:
+                assert (out.text, out.finish_reason) == (free.text, "length")
+            else:
+                assert out.text == free.text[:at + (len(stop) if include else 0)], (min_tokens, include)
+                assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+
+
+def test_skip_special_tokens_false_shows_endoftext_and_include_keeps_the_stop_token(gpt2_vocab):
+    llm, ids = gpt2_vocab, [464, 3290]
+    ignored = dict(max_tokens=3, temperature=0, logit_bias={EOS: 100.0}, ignore_eos=True)
+    assert llm.generate(ids, SamplingParams(**ignored))[0].outputs[0].text == ""
+    for spaces in (True, False):  # a byte-level BPE puts nothing between special tokens either way
+        out = llm.generate(ids, SamplingParams(**ignored, skip_special_tokens=False,
+                                               spaces_between_special_tokens=spaces))[0].outputs[0]
+        assert out.text == "<|endoftext|>" * 3 and out.token_ids == [EOS] * 3
+    stopping = dict(max_tokens=9, temperature=0, logit_bias={EOS: 100.0}, min_tokens=2)
+    first_two = llm.tokenizer.decode(greedy_reference(llm, ids, 2, {EOS: 100.0}, {0: [EOS], 1: [EOS]}))
+    for include, skip, tail in [(False, False, ""), (True, True, ""), (True, False, "<|endoftext|>")]:
+        out = llm.generate(ids, SamplingParams(**stopping, include_stop_str_in_output=include,
+                                               skip_special_tokens=skip))[0].outputs[0]
+        assert (out.text, out.finish_reason) == (first_two + tail, "stop"), (include, skip)
+
+
+def test_logit_bias_greedy_equals_the_argmax_of_reference_logits_plus_bias(gpt2_vocab):
+    llm, ids = gpt2_vocab, gpt2_vocab.tokenizer.encode("A dog")
+    free = greedy_reference(llm, ids, 6, {})
+    bias = {free[0]: -100.0, free[2]: -100.0, 318: 4.0, 11: 6.5}
+    got = llm.generate(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias=bias))[0]
+    assert got.outputs[0].token_ids == greedy_reference(llm, ids, 6, bias)
+    assert got.outputs[0].token_ids[0] != free[0]
+    forced = llm.generate(ids, SamplingParams(max_tokens=5, temperature=0, logit_bias={995: 100}))[0].outputs[0]
+    assert forced.token_ids == [995] * 5 and forced.text == " world" * 5
+
+
+def test_a_seeded_request_with_logit_bias_draws_the_same_alone_or_beside_others(gpt2_vocab):
+    llm = gpt2_vocab
+    favoured = range(1000, 1300)  # 300 tokens, OpenAI's limit: strong enough to move a nearly flat distribution
+    params = SamplingParams(max_tokens=10, temperature=0.9, seed=7, logit_bias={t: 8.0 for t in favoured})
+    alone = llm.generate("Seeded", params)[0].outputs[0].token_ids
+    others = [SamplingParams(max_tokens=6, temperature=0), params,
+              SamplingParams(max_tokens=12, top_p=0.5, logprobs=2, seed=3, logit_bias={0: -50.0})]
+    batch = llm.generate(["Other one", "Seeded", "A third"], others)
+    assert batch[1].outputs[0].token_ids == alone
+    unbiased = llm.generate("Seeded", dataclasses.replace(params, logit_bias=None))[0].outputs[0].token_ids
+    assert sum(t in favoured for t in alone) >= 8 > sum(t in favoured for t in unbiased)
+
+
+def cumulative_logprob_float64(llm: LLM, ids: list[int], tokens: list[int]) -> float:
+    logprobs = torch.log_softmax(llm.logits(ids + tokens).double(), dim=-1)  # (T, V)
+    return sum(logprobs[len(ids) - 1 + i, t].item() for i, t in enumerate(tokens))
+
+
+def test_best_of_returns_the_n_samples_with_the_highest_cumulative_logprob(gpt2_vocab):
+    llm, ids = gpt2_vocab, gpt2_vocab.tokenizer.encode("Best of five")
+    kw = dict(max_tokens=8, temperature=1.0, seed=11)
+    every = llm.generate(ids, SamplingParams(**kw, n=5))[0].outputs  # the same seeds: the same five samples
+    scores = [cumulative_logprob_float64(llm, ids, o.token_ids) for o in every]
+    ranked = sorted(range(5), key=lambda i: -scores[i])
+    assert scores[ranked[1]] - scores[ranked[2]] > 1e-3, "near-tied samples: pick another seed"
+    best = llm.generate(ids, SamplingParams(**kw, n=2, best_of=5))[0]
+    assert [o.index for o in best.outputs] == [0, 1]
+    assert [o.token_ids for o in best.outputs] == [every[i].token_ids for i in ranked[:2]]
+    assert [o.text for o in best.outputs] == [every[i].text for i in ranked[:2]]
+    assert [o.cumulative_logprob for o in best.outputs] == pytest.approx([scores[i] for i in ranked[:2]], abs=1e-3)
+    assert best.num_generated_tokens == sum(len(o.token_ids) for o in every)
+    assert best.outputs[0].logprobs is None  # ranked by logprobs, but none were asked for
+
+
+def test_a_best_of_request_has_no_partial_output_and_bad_values_raise(gpt2_vocab):
+    engine = gpt2_vocab.engine
+    engine.add_request("best", [1, 2, 3], SamplingParams(max_tokens=4, n=1, best_of=3, seed=1))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert len(outputs) == 1 and outputs[0].finished and len(outputs[0].outputs) == 1
+    assert outputs[0].num_generated_tokens == 12
+    with pytest.raises(ValueError, match=r"logit_bias: token id 50257 is outside the model's vocabulary"):
+        engine.add_request("bias", [1], SamplingParams(logit_bias={50257: 1.0}))
+    with pytest.raises(ValueError, match=r"best_of=65 samples cannot run at once with max_num_seqs=64"):
+        engine.add_request("many", [1], SamplingParams(best_of=65))
+    assert not engine.has_unfinished()

@@ -20,6 +20,7 @@ from gpt2fast.sampling import (
     SampledToken,
     SampleRow,
     SamplingParams,
+    apply_bias_and_bans,
     apply_penalties,
     filter_logits,
     gumbel_from_uniform,
@@ -50,6 +51,13 @@ INVALID = [
     ("seed", -1), ("seed", 1.0), ("seed", "7"), ("seed", True), ("seed", 2**64),
     ("n", 0), ("n", 2.0), ("n", False),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.0), ("logprobs", True),
+    ("min_tokens", -1), ("min_tokens", 17), ("min_tokens", 2.0), ("min_tokens", True), ("min_tokens", None),
+    ("logit_bias", [1, 2]), ("logit_bias", {"5": 1.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {True: 1.0}),
+    ("logit_bias", {5: 100.5}), ("logit_bias", {5: -101}), ("logit_bias", {5: math.nan}), ("logit_bias", {5: math.inf}),
+    ("logit_bias", {5: "1"}), ("logit_bias", {5: True}), ("logit_bias", {i: 1.0 for i in range(301)}),
+    ("best_of", 0), ("best_of", 2.0), ("best_of", True), ("best_of", "3"),
+    ("include_stop_str_in_output", 1), ("include_stop_str_in_output", None),
+    ("skip_special_tokens", "no"), ("skip_special_tokens", 0), ("spaces_between_special_tokens", None),
 ]
 
 VALID = [
@@ -58,6 +66,9 @@ VALID = [
     dict(presence_penalty=-2, frequency_penalty=2), dict(stop="\n"), dict(stop=["a", "bc"]), dict(stop=[]),
     dict(stop_token_ids=[0, 50256]), dict(stop_token_ids=[]), dict(ignore_eos=True), dict(seed=0),
     dict(seed=2**64 - 1), dict(n=7), dict(logprobs=0), dict(logprobs=20), dict(max_tokens=1),
+    dict(min_tokens=0), dict(max_tokens=5, min_tokens=5), dict(logit_bias={}), dict(logit_bias={0: -100, 50256: 100}),
+    dict(logit_bias={i: 0.5 for i in range(300)}), dict(best_of=1), dict(n=3, best_of=3), dict(n=2, best_of=9),
+    dict(include_stop_str_in_output=True), dict(skip_special_tokens=False), dict(spaces_between_special_tokens=False),
 ]
 
 
@@ -65,6 +76,11 @@ VALID = [
 def test_invalid_params_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^SamplingParams\.{field} "):
         SamplingParams(**{field: value})
+
+
+def test_best_of_below_n_names_both():
+    with pytest.raises(ValueError, match=r"^SamplingParams\.best_of must be an integer >= n \(3\), got 2"):
+        SamplingParams(n=3, best_of=2)
 
 
 @pytest.mark.parametrize("fields", VALID)
@@ -311,6 +327,84 @@ def test_logprobs_only_where_asked():
     with_lp, without = sample_batch(logits, rows)
     assert with_lp.logprob is not None and len(with_lp.top_logprobs) == 2
     assert without.logprob is None and without.top_logprobs is None
+
+
+# --------------------------------------------------------------------------------------------
+# logit_bias, the stop tokens banned before min_tokens, and the logprob best_of ranks by
+# --------------------------------------------------------------------------------------------
+
+
+def biased_float64(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
+    """logits + bias in float64, one dict per row: a plain loop, independent of the sampler's scatter."""
+    out = logits.double().clone()
+    for b, bias in enumerate(biases):
+        for token, value in bias.items():
+            out[b, token] += value
+    return out
+
+
+@pytest.mark.parametrize("vocab", [17, 1023, 50257])
+def test_greedy_with_logit_bias_is_the_argmax_of_logits_plus_bias(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=gen) * 3 + 0.01  # (6, V)
+    top = logits.argmax(-1).tolist()
+    biases = [{}, {top[1]: -100.0}, {vocab - 1: 100.0}, {3: 7.5, top[3]: -2.0, 0: 1.25},
+              {t: -100.0 for t in torch.topk(logits[4], 5).indices.tolist()}, {top[5]: 100.0, 2: 100.0}]
+    rows = [SampleRow(SamplingParams(temperature=0, logit_bias=bias), 0, 0, 0) for bias in biases]
+    got = [t.token_id for t in sample_batch(logits, rows)]
+    assert got == biased_float64(logits, biases).argmax(-1).tolist()
+    assert got[1] != top[1] and got[2] == vocab - 1 and got[4] not in torch.topk(logits[4], 5).indices.tolist()
+
+
+def test_apply_bias_and_bans_adds_and_masks_only_what_each_row_names():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))  # (3, 40)
+    rows = [SampleRow(SamplingParams(logit_bias={1: 2.0, 39: -3.0}), 0, 0, 0, banned_ids=[5, 6]),
+            SampleRow(SamplingParams(), 0, 0, 0), SampleRow(SamplingParams(logit_bias={1: 0.5}), 0, 0, 0)]
+    want = biased_float64(logits, [{1: 2.0, 39: -3.0}, {}, {1: 0.5}])
+    want[0, [5, 6]] = -math.inf
+    torch.testing.assert_close(apply_bias_and_bans(logits, rows).double(), want)
+
+
+def test_sampled_frequencies_follow_the_biased_distribution_and_banned_tokens_never_come():
+    bias = {2: 1.5, 6: -100.0, 9: 2.0}
+    banned = [0, 3]  # two likely tokens, as the engine bans the stop tokens before min_tokens
+    params, draws = SamplingParams(temperature=0.8, logit_bias=bias), N_DRAWS // 2  # expected TV ~0.004
+    logits = torch.tensor(LOGITS12, dtype=torch.float32).expand(draws, -1)  # (N, 12): one draw per step
+    rows = [SampleRow(params, seed=5, sample_index=0, step=s, banned_ids=banned) for s in range(draws)]
+    observed = np.bincount([t.token_id for t in sample_batch(logits, rows)], minlength=12) / draws
+    scaled = LOGITS12.copy()
+    for token, value in bias.items():
+        scaled[token] += value
+    scaled[banned] = -np.inf
+    expected = np.exp((scaled - scaled.max()) / 0.8)
+    expected /= expected.sum()
+    assert observed[banned].sum() == 0
+    assert 0.5 * np.abs(observed - expected).sum() < 0.01, (observed.round(4), expected.round(4))
+
+
+@pytest.mark.parametrize("vocab", [1000, 50257])
+def test_a_seeded_row_with_logit_bias_is_batch_invariant(vocab):
+    gen = torch.Generator().manual_seed(3 * vocab)
+    params = SamplingParams(temperature=0.9, top_k=100, seed=31, logit_bias={7: 3.0, 11: -100.0, vocab - 1: 2.5})
+    alone, in_batch = [], []
+    for step in range(4):
+        target = SampleRow(params, seed=31, sample_index=2, step=step, prompt_ids=[1], output_ids=list(range(step)),
+                           banned_ids=[13] if step < 2 else ())
+        rows = mixed_batch(target, vocab, gen)
+        logits = torch.randn(len(rows), vocab, generator=gen) * 2 + 0.01  # (16, V)
+        alone.append(sample_batch(logits[5:6], [target])[0].token_id)
+        in_batch.append(sample_batch(logits, rows)[5].token_id)
+    assert alone == in_batch
+
+
+def test_best_of_gets_the_chosen_tokens_logprob_of_the_raw_logits_without_top_n():
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(4)) + 0.01
+    rows = [SampleRow(SamplingParams(n=1, best_of=3, seed=2, logit_bias={5: 9.0}), 2, 1, 0),
+            SampleRow(SamplingParams(n=2, best_of=2, seed=2), 2, 1, 0)]
+    ranked, plain = sample_batch(logits, rows)
+    expected = torch.log_softmax(logits[0].double(), dim=-1)[ranked.token_id].item()
+    assert ranked.logprob == pytest.approx(expected, abs=1e-5) and ranked.top_logprobs == {}
+    assert plain.logprob is None
 
 
 # --------------------------------------------------------------------------------------------

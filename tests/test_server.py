@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.engine import Engine
 from gpt2fast.server import EngineLoop, make_app
+from gpt2fast.server.protocol import token_text
 from gpt2fast.server.serve import loopback_host_names
 from tests.serverproc import TINY_MODEL, running
 from tests.stop_strings import stops_completing_together
@@ -191,6 +193,128 @@ def test_penalties_and_extra_sampling_fields_equal_offline(client, llm):
     got = complete(client, "Penalties apply", extra_body=extra, **kw).choices[0]
     want = llm.generate("Penalties apply", SamplingParams(**kw, **extra))[0].outputs[0]
     assert got.text == want.text and got.finish_reason == want.finish_reason
+
+
+# ---- vLLM's extensions, logit_bias and best_of: as tools built for vLLM/OpenAI servers send them ----------------
+
+
+def test_continuous_usage_stats_put_each_choices_counts_in_every_chunk(client, llm):
+    """guidellm always sends vLLM's ``continuous_usage_stats``: every chunk carries its choice's prompt and
+    completion tokens so far (counted here from the chunks' own logprobs tokens), the last chunk the totals."""
+    kw = dict(max_tokens=7, temperature=0.8, n=2, seed=21, logprobs=0)
+    ref = llm.generate("Usage counts", SamplingParams(**kw))[0]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(complete(client, "Usage counts", stream=True, stream_options=options, **kw))
+    prompt, seen, texts = len(ref.prompt_token_ids), {0: 0, 1: 0}, {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        c = chunk.choices[0]
+        seen[c.index] += len(c.logprobs.tokens)
+        texts[c.index] += c.text
+        assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (prompt, seen[c.index])
+        assert chunk.usage.total_tokens == prompt + seen[c.index]
+    assert [texts[i] for i in (0, 1)] == [o.text for o in ref.outputs]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(len(o.token_ids) for o in ref.outputs)
+    # vLLM's include_usage defaults to True beside continuous_usage_stats; turned off, no usage at all
+    alone = list(complete(client, "Usage counts", stream=True, stream_options={"continuous_usage_stats": True}, **kw))
+    assert all(c.usage is not None for c in alone) and alone[-1].choices == []
+    off = list(complete(client, "Usage counts", stream=True, stream_options={"include_usage": False,
+                                                                              "continuous_usage_stats": True}, **kw))
+    assert all(c.usage is None for c in off) and all(c.choices for c in off)
+
+
+def test_vllm_sampling_extensions_equal_offline(client, llm):
+    """min_tokens, include_stop_str_in_output, skip_special_tokens, spaces_between_special_tokens: the same
+    text as LLM.generate with the same SamplingParams fields."""
+    cases = [
+        dict(max_tokens=20, temperature=0.9, seed=3, stop=[" the", "e"], min_tokens=4, include_stop_str_in_output=True),
+        dict(max_tokens=20, temperature=0.9, seed=3, stop=[" the", "e"], min_tokens=4),
+        dict(max_tokens=6, temperature=0.7, seed=8, ignore_eos=True, logit_bias={50256: 3.0}, skip_special_tokens=False,
+             spaces_between_special_tokens=False),
+        dict(max_tokens=9, temperature=0, logit_bias={50256: 100.0}, min_tokens=3, include_stop_str_in_output=True,
+             skip_special_tokens=False),
+    ]
+    for case in cases:
+        openai_fields = {k: case[k] for k in ("max_tokens", "temperature", "seed", "stop") if k in case}
+        extra = {k: v for k, v in case.items() if k not in openai_fields}
+        extra["logit_bias"] = {str(t): b for t, b in extra.get("logit_bias", {}).items()} or None
+        got = complete(client, "Extensions apply", extra_body=extra, **openai_fields).choices[0]
+        want = llm.generate("Extensions apply", SamplingParams(**case))[0].outputs[0]
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason), case
+    assert want.text.endswith("<|endoftext|>") and want.finish_reason == "stop"
+
+
+def test_prompt_logprobs_are_vllms_against_float64_log_softmax(client, llm):
+    prompt = "The dog on the ship ran away"
+    ids = llm.tokenizer.encode(prompt)
+    got = complete(client, prompt, max_tokens=2, temperature=0, echo=True, logprobs=1,
+                   extra_body={"prompt_logprobs": 3}).choices[0]
+    field = got.model_extra["prompt_logprobs"]
+    logp = torch.log_softmax(llm.logits(ids).double(), dim=-1)  # (T, V)
+    assert len(field) == len(ids) and field[0] is None
+    for i in range(1, len(ids)):
+        row, token = logp[i - 1], ids[i]
+        entry = field[i]
+        assert next(iter(entry)) == str(token)  # the prompt's own token first, then the top 3
+        assert entry[str(token)]["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        # 1 + the tokens more likely; fp32 on the server may order near-ties (within 1e-5) either way
+        rank = entry[str(token)]["rank"]
+        assert int((row > row[token] + 1e-5).sum()) + 1 <= rank <= int((row > row[token] - 1e-5).sum()) + 1
+        top3 = row.topk(3).indices.tolist()
+        assert set(entry) == {str(t) for t in [token, *top3]}
+        for rank, t in enumerate(top3, start=1):
+            if t != token:
+                assert entry[str(t)]["rank"] == rank and entry[str(t)]["logprob"] == pytest.approx(row[t].item(),
+                                                                                                    abs=1e-4)
+        assert all(v["decoded_token"] == llm.tokenizer.decode([int(t)]) for t, v in entry.items())
+    assert all(len(top) <= 2 for top in got.logprobs.top_logprobs[1:])  # echo's logprobs=1 keeps its own top-N
+
+
+def test_return_tokens_as_token_ids_names_every_logprobs_token_by_id(client, llm):
+    prompt = "Caf\u00e9 \u2603 tokens"
+    ids = llm.tokenizer.encode(prompt)
+    got = complete(client, prompt, max_tokens=5, temperature=0, echo=True, logprobs=2,
+                   extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    want = llm.generate(prompt, SamplingParams(max_tokens=5, temperature=0))[0].outputs[0]
+    assert got.text == prompt + want.text
+    assert got.logprobs.tokens == [f"token_id:{t}" for t in ids + want.token_ids]
+    assert all(re.fullmatch(r"token_id:\d+", k) for top in got.logprobs.top_logprobs[1:] for k in top)
+    plain = complete(client, prompt, max_tokens=5, temperature=0, echo=True, logprobs=2).choices[0]
+    # without it, a token that is part of a character has no text of its own (``bytes:\xe2\x98``)
+    assert plain.logprobs.tokens == [token_text(llm.tokenizer, t) for t in ids + want.token_ids]
+    assert any(t.startswith("bytes:") for t in plain.logprobs.tokens)
+
+
+def test_logit_bias_moves_greedy_to_the_biased_argmax_and_matches_offline(client, llm):
+    ids = llm.tokenizer.encode("Bias this")
+    logits = llm.logits(ids)[-1].double()  # (V,)
+    first = int(logits.argmax())
+    banned = complete(client, ids, max_tokens=1, temperature=0, logit_bias={str(first): -100})
+    logits[first] -= 100
+    assert banned.choices[0].logprobs is None and llm.tokenizer.encode(banned.choices[0].text) == [int(logits.argmax())]
+    forced = complete(client, ids, max_tokens=4, temperature=0, logit_bias={"995": 100})
+    assert forced.choices[0].text == " world" * 4
+    kw = dict(max_tokens=10, temperature=1.0, seed=17)
+    bias = {t: 8.0 for t in range(2000, 2300)}
+    want = llm.generate("Bias this", SamplingParams(**kw, logit_bias=bias))[0].outputs[0].text
+    both = complete(client, ["Another prompt", "Bias this"], logit_bias={str(t): b for t, b in bias.items()}, **kw)
+    assert both.choices[1].text == want  # seeded: the same alone offline as beside another prompt here
+    assert want != llm.generate("Bias this", SamplingParams(**kw))[0].outputs[0].text
+
+
+def test_best_of_returns_the_n_likeliest_of_best_of_samples_and_bills_them_all(client, llm):
+    ids = llm.tokenizer.encode("Best of four")
+    kw = dict(max_tokens=8, temperature=1.0, seed=9)
+    every = llm.generate(ids, SamplingParams(**kw, n=4))[0].outputs
+    logp = [torch.log_softmax(llm.logits(ids + o.token_ids).double(), dim=-1) for o in every]
+    scores = [sum(lp[len(ids) - 1 + i, t].item() for i, t in enumerate(o.token_ids)) for lp, o in zip(logp, every)]
+    ranked = sorted(range(4), key=lambda i: -scores[i])
+    got = complete(client, ids, n=2, best_of=4, logprobs=1, **kw)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert [c.text for c in got.choices] == [every[i].text for i in ranked[:2]]
+    assert [sum(c.logprobs.token_logprobs) for c in got.choices] == pytest.approx([scores[i] for i in ranked[:2]],
+                                                                                  abs=1e-3)
+    assert got.usage.completion_tokens == sum(len(o.token_ids) for o in every)
+    assert got.usage.prompt_tokens == len(ids)
 
 
 def test_metrics_count_tokens_and_the_pool_ends_clean(server, client):

@@ -48,11 +48,22 @@ Design (what was decided, and why):
   token that is part of a UTF-8 character reads ``bytes:\\xNN``); ``echo`` prepends the prompt,
   and with ``logprobs`` its logprobs too (one ``Engine.logits`` pass on the engine thread; the
   first token's is null); ``max_tokens=0`` with ``echo`` scores a prompt without generating;
-  ``best_of`` only as ``n``; ``logit_bias`` and ``suffix`` are 400 (unsupported). Extras:
-  ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``.
+  ``logit_bias`` (token id string -> [-100, 100], at most 300, added to the raw logits);
+  ``best_of`` (<= 128 and ``max_num_seqs``, >= ``n``): that many samples run, the ``n`` with the
+  highest cumulative logprob come back, ``usage`` counts them all, and it cannot be streamed;
+  ``suffix`` is 400 (unsupported).
+- **vLLM's extras**, by vLLM's names and meanings, for tools built for vLLM servers: ``top_k``,
+  ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``,
+  ``include_stop_str_in_output``, ``skip_special_tokens``, ``spaces_between_special_tokens``
+  (accepted; nothing to do for a byte-level BPE), ``return_tokens_as_token_ids`` (logprobs tokens
+  as ``token_id:N``), ``prompt_logprobs`` (per choice, per prompt token ``{id: {logprob, rank,
+  decoded_token}}``, the first ``null``; from the same one-pass scoring as ``echo``; not with
+  ``stream``), ``stream_options.continuous_usage_stats`` (each chunk carries its choice's usage so
+  far). Any other field stays a 400.
 - **Streaming**: ``text_completion`` chunks, one choice per chunk, the last one of a choice with
-  its ``finish_reason``; ``usage`` in a final chunk only with ``stream_options.include_usage``;
-  then ``data: [DONE]``. An engine failure mid-stream is sent as ``data: {"error": ...}``.
+  its ``finish_reason``; ``usage`` in a final chunk only with ``stream_options.include_usage``
+  (and in every chunk with ``continuous_usage_stats``); then ``data: [DONE]``. An engine failure
+  mid-stream is sent as ``data: {"error": ...}``.
 - **Shutdown** (SIGINT/SIGTERM): uvicorn is run as a ``uvicorn.Server`` whose signal handler
   first marks the server closing (new requests: 503) and tells the engine thread to abort
   everything in flight; open streams then end with a ``finish_reason: "abort"`` chunk and

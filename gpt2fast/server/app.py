@@ -33,9 +33,11 @@ from gpt2fast.server.protocol import (
     LogprobsWriter,
     ModelLimits,
     Prompt,
+    StreamOptions,
     check_lengths,
     merge_logprobs,
     parse_json_object,
+    prompt_logprobs_field,
     split_prompts,
     validation_error,
 )
@@ -110,8 +112,8 @@ class Frontend:
         self.admitted -= seqs
         self.metrics.admitted.set(self.admitted)
 
-    async def score(self, ids: list[int], top_n: int) -> list:
-        """Prompt logprobs, computed on the engine thread."""
+    async def score(self, ids: list[int], top_n: int) -> tuple[list, list]:
+        """Prompt logprobs and ranks (``EngineLoop.score``), computed on the engine thread."""
         future = asyncio.get_running_loop().create_future()
 
         def deliver(kind: str, payload: object) -> None:
@@ -126,26 +128,34 @@ class _Job:
     """One HTTP completion request: its engine requests (one per prompt, each with ``n`` samples) and their outputs."""
 
     def __init__(self, frontend: Frontend, prompts: list[Prompt], params: SamplingParams, *, n: int, echo: bool,
-                 logprobs: int | None, generate: bool = True) -> None:
+                 logprobs: int | None, generate: bool = True, prompt_logprobs: int | None = None,
+                 token_ids: bool = False) -> None:
         self.frontend, self.prompts, self.params = frontend, prompts, params
         self.n, self.echo, self.logprobs, self.generate = n, echo, logprobs, generate
+        self.prompt_logprobs, self.token_ids = prompt_logprobs, token_ids  # vLLM's extras
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.engine_ids = [f"{self.id}-{i}" for i in range(len(prompts))]
         self.outputs: list[RequestOutput | None] = [None] * len(prompts)
         self.scores: list[list | None] = [None] * len(prompts)
+        self.prompt_scores: list[list | None] = [None] * len(prompts)  # vLLM's prompt_logprobs field, per prompt
         self.open: set[int] = set()  # prompts whose engine request has not ended
         self.error: ApiError | None = None
         self.aborted = False
         self.changed = asyncio.Event()
-        self.seqs = len(prompts) * n
+        self.seqs = len(prompts) * params.num_samples  # best_of of them run
         self.closed = False
 
     async def start(self) -> None:
         """Score prompts if echoed with logprobs, then submit every prompt (or finish at once for max_tokens=0)."""
         if self.echo and self.logprobs is not None:
             for i, prompt in enumerate(self.prompts):
-                self.scores[i] = await self.frontend.score(prompt.ids, self.logprobs)
+                self.scores[i] = (await self.frontend.score(prompt.ids, self.logprobs))[0]
+        if self.prompt_logprobs is not None:  # through the same scoring pass as echo (a separate one: its own top-N)
+            tokenizer = self.frontend.limits.tokenizer
+            for i, prompt in enumerate(self.prompts):
+                entries, ranks = await self.frontend.score(prompt.ids, self.prompt_logprobs)
+                self.prompt_scores[i] = prompt_logprobs_field(tokenizer, entries, ranks)
         if not self.generate:  # max_tokens=0: the echo (and its logprobs) is the whole answer
             samples = [CompletionOutput(j, "", [], "length", [] if self.logprobs is not None else None)
                        for j in range(self.n)]
@@ -198,7 +208,7 @@ class _Job:
 
     def usage(self) -> dict:
         prompt = sum(len(p.ids) for p in self.prompts)
-        completion = sum(len(s.token_ids) for out in self.outputs if out is not None for s in out.outputs)
+        completion = sum(out.num_generated_tokens for out in self.outputs if out is not None)  # best_of's too
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def envelope(self, choices: list[dict]) -> dict:
@@ -211,7 +221,8 @@ class _ChoiceStream:
 
     def __init__(self, job: _Job, index: int) -> None:
         self.index, self.sent_text, self.sent_tokens, self.finished = index, 0, 0, False
-        self.writer = LogprobsWriter(job.frontend.limits.tokenizer) if job.logprobs is not None else None
+        self.writer = (LogprobsWriter(job.frontend.limits.tokenizer, token_ids=job.token_ids)
+                       if job.logprobs is not None else None)
 
     def prefix(self, prompt: Prompt, scores: list | None) -> dict:
         """The echoed prompt (and its logprobs), as the choice's first piece."""
@@ -242,6 +253,8 @@ def _complete_body(job: _Job) -> dict:
             choices.append({"index": stream.index, "text": head["text"] + tail["text"],
                             "logprobs": merge_logprobs(head["logprobs"], tail["logprobs"]),
                             "finish_reason": tail["finish_reason"]})
+            if job.prompt_logprobs is not None:
+                choices[-1]["prompt_logprobs"] = job.prompt_scores[i]
     body = job.envelope(choices)
     body["usage"] = job.usage()
     return body
@@ -251,29 +264,41 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _stream_events(job: _Job, include_usage: bool) -> AsyncIterator[str]:
+def _usage_field(job: _Job, options: StreamOptions | None, stream: _ChoiceStream) -> dict:
+    """A chunk's ``usage``: the choice's counts so far (vLLM's ``continuous_usage_stats``), ``None`` before the
+    final usage chunk (``include_usage``), or no field."""
+    if options is None or not options.usage:
+        return {}
+    if not options.continuous_usage:
+        return {"usage": None}
+    prompt = len(job.prompts[stream.index // job.n].ids)
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": stream.sent_tokens,
+                      "total_tokens": prompt + stream.sent_tokens}}
+
+
+async def _stream_events(job: _Job, options: StreamOptions | None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per choice piece, the final piece with ``finish_reason``, then ``[DONE]``."""
-    usage_field = {"usage": None} if include_usage else {}
     streams = {}
     for i, prompt in enumerate(job.prompts):
         for j in range(job.n):
             stream = streams[i * job.n + j] = _ChoiceStream(job, i * job.n + j)
             if job.echo:
-                yield _sse(job.envelope([stream.prefix(prompt, job.scores[i])]) | usage_field)
+                yield _sse(job.envelope([stream.prefix(prompt, job.scores[i])]) | _usage_field(job, options, stream))
     async for _ in job.updates():
         for i, out in enumerate(job.outputs):
             for sample in out.outputs if out is not None else []:
-                piece = streams[i * job.n + sample.index].delta(sample)
+                stream = streams[i * job.n + sample.index]
+                piece = stream.delta(sample)
                 if piece is not None:
-                    yield _sse(job.envelope([piece]) | usage_field)
+                    yield _sse(job.envelope([piece]) | _usage_field(job, options, stream))
     if job.error is not None:
         yield _sse(job.error.body())
     else:
         for stream in streams.values():  # the server is closing: every choice still open ends here
             if not stream.finished:
                 yield _sse(job.envelope([{"index": stream.index, "text": "", "logprobs": None,
-                                          "finish_reason": "abort"}]) | usage_field)
-        if include_usage:
+                                          "finish_reason": "abort"}]) | _usage_field(job, options, stream))
+        if options is not None and options.usage:
             yield _sse(job.envelope([]) | {"usage": job.usage()})
     yield _sse("[DONE]")
 
@@ -281,8 +306,8 @@ async def _stream_events(job: _Job, include_usage: bool) -> AsyncIterator[str]:
 class _JobStream(StreamingResponse):
     """A streaming response that always closes its job, however the response ends (done, disconnect, cancel)."""
 
-    def __init__(self, job: _Job, include_usage: bool) -> None:
-        super().__init__(_stream_events(job, include_usage), media_type="text/event-stream",
+    def __init__(self, job: _Job, options: StreamOptions | None) -> None:
+        super().__init__(_stream_events(job, options), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
 
@@ -347,14 +372,17 @@ async def _new_job(req: CompletionRequest, frontend: Frontend) -> _Job:
     else:
         prompts = split_prompts(req.prompt, frontend.limits)
     n = req.n or 1
-    if n > min(MAX_N, frontend.loop.max_num_seqs):
-        raise ApiError(400, f"n={n} is more samples than run at once here (max_num_seqs="
-                       f"{frontend.loop.max_num_seqs})", param="n")
+    samples, name = (n, "n") if req.best_of is None else (req.best_of, "best_of")  # best_of >= n: checked already
+    if samples > min(MAX_N, frontend.loop.max_num_seqs):
+        raise ApiError(400, f"{name}={samples} is more samples than run at once here (max_num_seqs="
+                       f"{frontend.loop.max_num_seqs})", param=name)
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    check_lengths(prompts, max_tokens, n, frontend.limits)
-    params = req.sampling_params(max(max_tokens, 1))  # validated even when nothing is generated
-    frontend.admit(len(prompts) * n)
-    return _Job(frontend, prompts, params, n=n, echo=bool(req.echo), logprobs=req.logprobs, generate=max_tokens > 0)
+    check_lengths(prompts, max_tokens, samples, frontend.limits)
+    # validated even when nothing is generated
+    params = req.sampling_params(max(max_tokens, 1), frontend.limits.vocab_size)
+    frontend.admit(len(prompts) * samples)
+    return _Job(frontend, prompts, params, n=n, echo=bool(req.echo), logprobs=req.logprobs, generate=max_tokens > 0,
+                prompt_logprobs=req.prompt_logprobs, token_ids=bool(req.return_tokens_as_token_ids))
 
 
 async def _until_done_or_gone(job: _Job, request: Request) -> bool:
@@ -481,7 +509,7 @@ async def _completions(request: Request) -> Response:
         raise
     if req.stream:
         frontend.metrics.requests.labels("200").inc()
-        return _JobStream(job, bool(req.stream_options and req.stream_options.include_usage))
+        return _JobStream(job, req.stream_options)
     try:
         if not await _until_done_or_gone(job, request):
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"

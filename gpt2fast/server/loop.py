@@ -3,7 +3,7 @@
 It drains a thread-safe inbox (add, abort, score, close, stop) between steps, steps while
 anything is unfinished, and otherwise blocks on the inbox. What each request is owed goes back
 to the asyncio loop in one ``call_soon_threadsafe`` per iteration, as ``deliver(kind, payload)``
-calls: ``"output"`` (the cumulative ``RequestOutput``), ``"scored"`` (prompt logprobs),
+calls: ``"output"`` (the cumulative ``RequestOutput``), ``"scored"`` (prompt logprobs and ranks),
 ``"error"`` (an ``ApiError``), ``"aborted"`` (the server is closing).
 
 Every add and score is answered, even when the thread ends: on its way out (stopped, or killed by an
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from gpt2fast.engine import Engine
+from gpt2fast.outputs import RequestOutput
 from gpt2fast.sampling import SamplingParams
 from gpt2fast.server.metrics import ServerMetrics
 from gpt2fast.server.protocol import ApiError
@@ -113,7 +114,8 @@ class EngineLoop:
         self._inbox.put(("abort", request_id))
 
     def score(self, prompt_ids: list[int], top_n: int, deliver: Deliver) -> None:
-        """Prompt logprobs: ``deliver("scored", entries)``, ``entries[i]`` for token ``i`` (``None`` for the first)."""
+        """Prompt logprobs: ``deliver("scored", (entries, ranks))``, ``entries[i]`` for token ``i`` (``None`` for the
+        first) and ``ranks[i]`` its rank in the model's next-token distribution (1 = likeliest; ``None`` first)."""
         self._submit(("score", prompt_ids, top_n, deliver))
 
     def close(self) -> None:
@@ -226,7 +228,9 @@ class EngineLoop:
                                                   headers={"Retry-After": "1"}))
             return
         following = torch.tensor(ids[1:], dtype=torch.long)  # (T-1,)
-        chosen = logprobs.gather(1, following[:, None])[:, 0].tolist()
+        chosen_t = logprobs.gather(1, following[:, None])  # (T-1, 1)
+        chosen = chosen_t[:, 0].tolist()
+        ranks: list[int | None] = [None] + ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()  # vLLM's rank
         top = logprobs.topk(top_n, dim=-1) if top_n else None
         entries: list[dict[int, float] | None] = [None]
         for i, token in enumerate(ids[1:]):
@@ -234,7 +238,7 @@ class EngineLoop:
             if top is not None:
                 entry.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
             entries.append(entry)
-        self._send(deliver, "scored", entries)
+        self._send(deliver, "scored", (entries, ranks))
 
     def _step(self) -> None:
         try:
@@ -250,14 +254,14 @@ class EngineLoop:
             live = self._live.get(out.request_id)
             if live is None:
                 continue
-            self._observe(live, out.outputs, now)
+            self._observe(live, out, now)
             if out.finished:
                 del self._live[out.request_id]
                 self.metrics.e2e.observe(now - live.arrival)
             self._send(live.deliver, "output", out)
 
-    def _observe(self, live: _Live, samples: list, now: float) -> None:
-        tokens = sum(len(s.token_ids) for s in samples)
+    def _observe(self, live: _Live, out: RequestOutput, now: float) -> None:
+        tokens, samples = out.num_generated_tokens, out.outputs  # every sample's tokens, also best_of's unreturned
         if tokens > live.tokens:
             self.metrics.generation_tokens.inc(tokens - live.tokens)
             if live.last_token is None:

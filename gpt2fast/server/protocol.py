@@ -17,9 +17,10 @@ from typing import Any
 import tiktoken
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gpt2fast.sampling import SamplingParams
+from gpt2fast.sampling import MAX_LOGIT_BIAS, SamplingParams
+from gpt2fast.sampling import MAX_LOGPROBS as MAX_PROMPT_LOGPROBS  # vLLM's default max_logprobs (20)
 
-MAX_N = 128  # OpenAI's own cap on n
+MAX_N = 128  # OpenAI's own cap on n (and on best_of)
 MAX_LOGPROBS = 5  # OpenAI's cap on completions logprobs
 MAX_STOP = 4  # OpenAI's cap on stop sequences
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -115,22 +116,41 @@ def validation_error(err: ValidationError) -> ApiError:
 
 
 class StreamOptions(BaseModel):
-    """``stream_options`` of a streaming request: ``include_usage`` adds a last chunk with the token counts.
+    """``stream_options`` of a streaming request: ``include_usage`` adds a last chunk with the token counts;
+    vLLM's ``continuous_usage_stats`` also puts the choice's counts so far in every chunk.
+
+    ``include_usage`` left out is False (OpenAI), except beside ``continuous_usage_stats``, where it is
+    True as vLLM has it (there it defaults to True).
 
     Example:
-        >>> StreamOptions.model_validate({"include_usage": True}).include_usage
+        >>> StreamOptions.model_validate({"include_usage": True}).usage
+        True
+        >>> StreamOptions.model_validate({"continuous_usage_stats": True}).continuous_usage
         True
     """
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    include_usage: bool | None = False
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = False
     include_obfuscation: bool | None = None  # sent by some clients; meaningless here
+
+    @property
+    def usage(self) -> bool:
+        """True when the stream ends with a usage chunk."""
+        return self.include_usage if self.include_usage is not None else bool(self.continuous_usage_stats)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """True when every chunk carries usage (vLLM: only together with ``include_usage``)."""
+        return self.usage and bool(self.continuous_usage_stats)
 
 
 class CompletionRequest(BaseModel):
-    """``POST /v1/completions``: OpenAI's fields plus ``top_k``, ``min_p``, ``repetition_penalty``,
-    ``ignore_eos`` and ``stop_token_ids`` (as vLLM takes them). Strict types: ``"1"`` is no number,
-    ``true`` no integer. ``null`` means the default.
+    """``POST /v1/completions``: OpenAI's fields plus vLLM's extensions that mean something for GPT-2
+    (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens``,
+    ``include_stop_str_in_output``, ``skip_special_tokens``, ``spaces_between_special_tokens``,
+    ``prompt_logprobs``, ``return_tokens_as_token_ids``), by vLLM's names and meanings. Strict types:
+    ``"1"`` is no number, ``true`` no integer. ``null`` means the default. Any other field is a 400.
 
     Example:
         >>> CompletionRequest.model_validate({"model": "gpt2", "prompt": "Hi", "n": 2}).n
@@ -153,8 +173,8 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     suffix: str | None = None
     user: str | None = None
     # extras (vLLM's names)
@@ -163,6 +183,12 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    include_stop_str_in_output: bool | None = False
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True  # accepted; see SamplingParams
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    return_tokens_as_token_ids: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -181,8 +207,23 @@ class CompletionRequest(BaseModel):
             raise ValueError("token ids are >= 0")
         return ids
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(bias)}")
+        for token, value in bias.items():
+            if not (token.isascii() and token.isdigit()):
+                raise ValueError(f"keys must be token ids written as decimal strings, got {token!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {value!r} for token {token}")
+        return bias
+
     def check_unsupported(self) -> None:
-        """ApiError 400 for OpenAI fields this server cannot honour (rather than silently ignoring them).
+        """ApiError 400 for OpenAI fields this server cannot honour (rather than silently ignoring them), and
+        for fields that contradict each other.
 
         Example:
             >>> CompletionRequest.model_validate({"model": "m", "suffix": "!"}).check_unsupported()
@@ -190,19 +231,28 @@ class CompletionRequest(BaseModel):
             ...
             gpt2fast.server.protocol.ApiError: suffix is not supported: GPT-2 has no insertion mode
         """
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ApiError(400, "best_of is not supported (only best_of == n, which is plain sampling); leave it out",
+        n = self.n or 1
+        if self.best_of is not None and self.best_of < n:
+            raise ApiError(400, f"best_of must be greater than or equal to n, got best_of={self.best_of} and n={n}",
                            param="best_of")
-        if self.logit_bias:
-            raise ApiError(400, "logit_bias is not supported by this server", param="logit_bias")
+        if self.best_of is not None and self.best_of > n and self.stream:
+            raise ApiError(400, "best_of > n cannot be streamed: the best completions are known only at the end; "
+                           "set stream to false or best_of to n", param="best_of")
+        max_tokens = DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        if (self.min_tokens or 0) > max_tokens:
+            raise ApiError(400, f"min_tokens ({self.min_tokens}) must be less than or equal to max_tokens "
+                           f"({max_tokens})", param="min_tokens")
+        if self.prompt_logprobs is not None and self.stream:  # vLLM's rule: a stream chunk has no field for them
+            raise ApiError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
         if self.suffix:
             raise ApiError(400, "suffix is not supported: GPT-2 has no insertion mode", param="suffix")
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled",
                            param="stream_options")
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """One ``SamplingParams`` for every prompt of the request (``max_tokens`` >= 1, already checked).
+    def sampling_params(self, max_tokens: int, vocab_size: int | None = None) -> SamplingParams:
+        """One ``SamplingParams`` for every prompt of the request (``max_tokens`` >= 1, already checked);
+        ``logit_bias`` ids are checked against ``vocab_size`` when given.
 
         Example:
             >>> r = CompletionRequest.model_validate({"model": "m", "temperature": 0, "top_k": 5, "seed": 1})
@@ -212,6 +262,11 @@ class CompletionRequest(BaseModel):
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
+        bias = {int(token): value for token, value in self.logit_bias.items()} if self.logit_bias else None
+        outside = [t for t in bias or {} if vocab_size is not None and t >= vocab_size]
+        if outside:
+            raise ApiError(400, f"logit_bias: token id {outside[0]} is outside the model's vocabulary "
+                           f"(0..{vocab_size - 1})", param="logit_bias")
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=pick(self.temperature, 1.0), top_p=pick(self.top_p, 1.0),
@@ -219,7 +274,11 @@ class CompletionRequest(BaseModel):
                 repetition_penalty=pick(self.repetition_penalty, 1.0),
                 presence_penalty=pick(self.presence_penalty, 0.0), frequency_penalty=pick(self.frequency_penalty, 0.0),
                 stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos), seed=self.seed,
-                n=pick(self.n, 1), logprobs=self.logprobs,
+                n=pick(self.n, 1), logprobs=self.logprobs, best_of=self.best_of, logit_bias=bias,
+                min_tokens=min(pick(self.min_tokens, 0), max_tokens),  # above max_tokens only for max_tokens=0
+                include_stop_str_in_output=bool(self.include_stop_str_in_output),
+                skip_special_tokens=pick(self.skip_special_tokens, True),
+                spaces_between_special_tokens=pick(self.spaces_between_special_tokens, True),
             )
         except ValueError as e:  # a bound the model above does not mirror: still a 400 naming the field
             message = str(e)
@@ -363,7 +422,8 @@ class LogprobsWriter:
 
     ``entries[i]`` is the engine's ``{chosen_id: logprob, top ids...}`` for token ``i`` (``None``
     for a prompt's first token, which has no logprob). Offsets count characters of the decoded
-    text, continuing across calls.
+    text, continuing across calls. ``token_ids`` writes tokens as ``"token_id:N"`` (vLLM's
+    ``return_tokens_as_token_ids``), which names even a token that is part of a character.
 
     Example:
         >>> from gpt2fast.tokenizer import load_tokenizer
@@ -375,12 +435,16 @@ class LogprobsWriter:
     tokenizer: tiktoken.Encoding
     offset: int = 0
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    token_ids: bool = False
+
+    def _name(self, token: int) -> str:
+        return f"token_id:{token}" if self.token_ids else token_text(self.tokenizer, token)
 
     def write(self, tokens: Sequence[int], entries: Sequence[dict[int, float] | None]) -> dict:
         """The logprobs object of the next ``tokens`` (``entries[i]`` for ``tokens[i]``), offsets continuing on."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, entry in zip(tokens, entries):
-            out["tokens"].append(token_text(self.tokenizer, token))
+            out["tokens"].append(self._name(token))
             out["text_offset"].append(self.offset)
             if entry is None:
                 out["token_logprobs"].append(None)
@@ -388,7 +452,7 @@ class LogprobsWriter:
             else:
                 out["token_logprobs"].append(_finite(entry[token]))
                 ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-                out["top_logprobs"].append({token_text(self.tokenizer, t): _finite(lp) for t, lp in ranked})
+                out["top_logprobs"].append({self._name(t): _finite(lp) for t, lp in ranked})
             self.offset += len(self.decoder.decode(self.tokenizer.decode_single_token_bytes(token)))
         return out
 
@@ -396,6 +460,31 @@ class LogprobsWriter:
 def _finite(x: float) -> float:
     """JSON has no -inf: a token with zero probability is written as the most negative float (as vLLM does)."""
     return x if math.isfinite(x) else -9999.0
+
+
+def prompt_logprobs_field(tokenizer: tiktoken.Encoding, entries: Sequence[dict[int, float] | None],
+                          ranks: Sequence[int | None]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs`` of a choice: per prompt token ``None`` (the first) or
+    ``{token id: {"logprob", "rank", "decoded_token"}}``, the prompt's own token first, then the top-N.
+
+    ``rank`` is 1 + the number of tokens more likely than it; the top-N are ranked 1..N in order.
+
+    Example:
+        >>> from gpt2fast.tokenizer import load_tokenizer
+        >>> prompt_logprobs_field(load_tokenizer(), [None, {995: -2.0, 11: -0.5}], [None, 2])
+        [None, {'995': {'logprob': -2.0, 'rank': 2, 'decoded_token': ' world'}, \
+'11': {'logprob': -0.5, 'rank': 1, 'decoded_token': ','}}]
+    """
+    out: list[dict | None] = []
+    for entry, rank in zip(entries, ranks):
+        if entry is None:
+            out.append(None)
+            continue
+        token, *_ = entry  # the prompt's own token comes first
+        ranks_in_top = {t: i + 1 for i, t in enumerate(sorted(entry, key=lambda t: -entry[t]))}
+        out.append({str(t): {"logprob": _finite(entry[t]), "rank": rank if t == token else ranks_in_top[t],
+                             "decoded_token": tokenizer.decode([t], errors="replace")} for t in entry})
+    return out
 
 
 def merge_logprobs(a: dict | None, b: dict | None) -> dict | None:
