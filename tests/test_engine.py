@@ -242,3 +242,18 @@ def test_the_earliest_stop_string_in_the_text_wins_not_the_first_listed():
     out = llm.generate("Once upon a time", SamplingParams(stop=stops, **base))[0].outputs[0]
     assert (out.text, out.finish_reason, out.stop_reason) == (want, "stop", found[1])
     assert out.token_ids == free.token_ids[:len(out.token_ids)]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([True, False], r"a prompt's token ids must be integers, got True \(bool\) in a list"),
+    ((1, False), r"a prompt's token ids must be integers, got False \(bool\) in a tuple"),
+    (b"Hello", r"a prompt must be a string or a list of token ids, got bytes \(decode it to a str first\)"),
+    (bytearray(b"\x01\x02"), r"got bytearray \(decode it to a str first\)"),
+    ([b"Hi", b"there"], r"got (bytes \(decode it to a str first\)|b'Hi' \(bytes\) in a list)"),  # a batch, or one
+])
+def test_prompts_that_only_look_like_token_ids_are_refused_by_name(tiny, prompt, message):
+    """Bools used to say "got list"; bytes were taken as token ids (b"Hello" -> [72, 101, 108, 108, 111])."""
+    for call in (tiny.engine.encode, tiny.generate, lambda p: "".join(tiny.stream(p))):
+        with pytest.raises(ValueError, match=message):
+            call(prompt)
+    assert not tiny.engine.has_unfinished()
