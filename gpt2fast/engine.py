@@ -122,8 +122,8 @@ def _prompt_ids(prompt: object) -> list[int]:
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
     if bad:
-        raise ValueError(f"a prompt's token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__}) "
-                         f"in a {type(prompt).__name__}")
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {bad[0]!r} "
+                         f"({type(bad[0]).__name__}) in a {type(prompt).__name__}")
     return list(prompt)
 
 

@@ -245,8 +245,8 @@ def test_the_earliest_stop_string_in_the_text_wins_not_the_first_listed():
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ([True, False], r"a prompt's token ids must be integers, got True \(bool\) in a list"),
-    ((1, False), r"a prompt's token ids must be integers, got False \(bool\) in a tuple"),
+    ([True, False], r"a prompt must be a string or a list of token ids, got True \(bool\) in a list"),
+    ((1, False), r"a prompt must be a string or a list of token ids, got False \(bool\) in a tuple"),
     (b"Hello", r"a prompt must be a string or a list of token ids, got bytes \(decode it to a str first\)"),
     (bytearray(b"\x01\x02"), r"got bytearray \(decode it to a str first\)"),
     ([b"Hi", b"there"], r"got (bytes \(decode it to a str first\)|b'Hi' \(bytes\) in a list)"),  # a batch, or one
