@@ -15,6 +15,12 @@ from typing import Any
 # HF activation names that mean GPT-2's tanh-approximated GELU.
 _TANH_GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
+# Upper bounds far beyond any GPT-2 (48 layers, width 1600, 50257 tokens, 1024 positions), checked before
+# anything is allocated: a config asking for 10**9 positions or 10**6 layers fails at once, not after minutes
+# and gigabytes. The byte budget of a whole model is checked where weights are made (checkpoint.random).
+MAX_SIZES = {"n_layer": 1024, "n_embd": 65536, "n_head": 65536, "vocab_size": 2**21, "n_positions": 2**20,
+             "n_inner": 2**18}
+
 
 @dataclass(frozen=True)
 class GPT2Config:
@@ -41,6 +47,9 @@ class GPT2Config:
         for name in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"):
             if not _is_int(getattr(self, name), minimum=1):
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, limit in MAX_SIZES.items():
+            if isinstance(getattr(self, name), int) and getattr(self, name) > limit:
+                raise ValueError(f"GPT2Config.{name} is {getattr(self, name)}, more than gpt2fast's limit of {limit}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_inner is not None and not _is_int(self.n_inner, minimum=1):
@@ -163,6 +172,8 @@ class GPT2Config:
             fields = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"model config is not valid JSON: {e}") from None
+        except RecursionError:  # json recurses once per nesting level
+            raise ValueError("model config is not valid JSON: nested too deeply") from None
         if not isinstance(fields, dict):
             raise ValueError(f"model config JSON must be an object, got {type(fields).__name__}")
         base = preset(str(fields.pop("preset"))) if "preset" in fields else cls()

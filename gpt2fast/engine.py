@@ -126,6 +126,20 @@ def _best(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
     return ranked
 
 
+def _prompt_ids(prompt: object) -> list[int]:
+    """A token-id prompt as a list, refusing by name what only looks like one (bytes, bools)."""
+    if isinstance(prompt, bytes | bytearray | memoryview):  # a Sequence of ints, but text meant: decode it first
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__} "
+                         "(decode it to a str first)")
+    if not isinstance(prompt, Sequence):
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool)]
+    if bad:
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {bad[0]!r} "
+                         f"({type(bad[0]).__name__}) in a {type(prompt).__name__}")
+    return list(prompt)
+
+
 class Engine:
     """Continuous batching over a paged KV cache; one ``step()`` is one model forward.
 
@@ -228,10 +242,8 @@ class Engine:
         """
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, allowed_special="all")
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
         else:
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            ids = _prompt_ids(prompt)
         if not ids:
             eos = self.config.eos_token_id
             if eos >= self.config.vocab_size:

@@ -29,7 +29,9 @@ GPT2_EOT_ID = 50256
 GPT2_PATTERN = r50k_pat_str
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 PACKAGED_RANKS = Path(__file__).parent / "data" / "gpt2.tiktoken"
-_VOCAB_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+GPT2_VOCAB_SIZE = 50257
+# A checkpoint's own vocabulary: (token -> id JSON, BPE merges), OpenAI's names then Hugging Face's.
+VOCAB_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
 
 def load_tokenizer(vocab_dir: Path | None = None) -> tiktoken.Encoding:
@@ -40,10 +42,9 @@ def load_tokenizer(vocab_dir: Path | None = None) -> tiktoken.Encoding:
         >>> enc.encode("Hello world"), enc.eot_token
         ([15496, 995], 50256)
     """
-    if vocab_dir is not None:
-        for encoder_name, merges_name in _VOCAB_PAIRS:
-            if (vocab_dir / encoder_name).exists() and (vocab_dir / merges_name).exists():
-                return from_vocab_files(vocab_dir / encoder_name, vocab_dir / merges_name)
+    files = vocab_files(vocab_dir) if vocab_dir is not None else None
+    if files is not None:
+        return from_vocab_files(*files)
     sources: list[tuple[str, Callable[[], tiktoken.Encoding | None]]] = [
         ("the copy shipped with gpt2fast", lambda: _from_tiktoken_file(PACKAGED_RANKS)),
         ("tiktoken's gpt2 encoding (cache or internet)", lambda: tiktoken.get_encoding("gpt2")),
@@ -65,29 +66,63 @@ def load_tokenizer(vocab_dir: Path | None = None) -> tiktoken.Encoding:
     )
 
 
+def vocab_files(folder: Path) -> tuple[Path, Path] | None:
+    """The folder's own (encoder, merges) vocab files, the first complete pair of ``VOCAB_PAIRS``, or None.
+
+    Example:
+        >>> vocab_files(Path("/nowhere")) is None
+        True
+    """
+    for encoder_name, merges_name in VOCAB_PAIRS:
+        if (folder / encoder_name).exists() and (folder / merges_name).exists():
+            return folder / encoder_name, folder / merges_name
+    return None
+
+
 def from_vocab_files(encoder_path: Path, merges_path: Path) -> tiktoken.Encoding:
     """Build an Encoding from a pair of ``encoder.json``/``vocab.json`` and ``vocab.bpe``/``merges.txt``.
 
     Example:
         >>> enc = from_vocab_files(Path("gpt2/vocab.json"), Path("gpt2/merges.txt"))  # doctest: +SKIP
     """
+    encoder = _read_encoder(encoder_path)
+    if ENDOFTEXT not in encoder:
+        raise CheckpointError(f"{encoder_path}: has no {ENDOFTEXT} token")
     try:
-        encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
         # tiktoken caches files by path: key the cache by content too, so an edited file is re-read.
         ranks = data_gym_to_mergeable_bpe_ranks(
             str(merges_path), str(encoder_path), _sha256(merges_path), _sha256(encoder_path)
         )
-    except (OSError, ValueError, KeyError, AssertionError) as e:
+    except AssertionError:  # tiktoken's check that the merges rebuild the encoder's tokens, with no message
+        raise CheckpointError(f"{encoder_path.parent}: cannot build the tokenizer from {encoder_path.name} and "
+                              f"{merges_path.name} (the merges do not rebuild the encoder's tokens in id order)"
+                              ) from None
+    except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{encoder_path.parent}: cannot build the tokenizer from {encoder_path.name} and "
                               f"{merges_path.name} ({type(e).__name__}: {e})") from None
-    if ENDOFTEXT not in encoder:
-        raise CheckpointError(f"{encoder_path}: has no {ENDOFTEXT} token")
     return tiktoken.Encoding(
         name=f"gpt2:{encoder_path.parent.name}",
         pat_str=GPT2_PATTERN,
         mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: encoder[ENDOFTEXT]},
     )
+
+
+def _read_encoder(path: Path) -> dict[str, int]:
+    """``encoder.json``/``vocab.json``: a JSON object mapping each token to its id, or a clear error naming it."""
+    try:
+        encoder = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
+        raise CheckpointError(f"{path}: cannot read the vocabulary ({type(e).__name__}: {e})") from None
+    except RecursionError:  # json recurses once per nesting level: "[" * 100000 exhausts the stack
+        raise CheckpointError(f"{path}: cannot read the vocabulary (JSON nested too deeply)") from None
+    if not isinstance(encoder, dict):
+        raise CheckpointError(f"{path}: must be a JSON object mapping tokens to ids, got a {type(encoder).__name__}")
+    bad = next(((k, v) for k, v in encoder.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: token {bad[0][:50]!r} maps to {str(bad[1])[:50]!r}, not a token id "
+                              "(a non-negative integer)")
+    return encoder
 
 
 def whisper_ranks_path() -> Path | None:

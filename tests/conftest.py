@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -43,11 +44,39 @@ def hf_model(config: dict, seed: int = 0):
     return randomize_(GPT2LMHeadModel(GPT2Config(**config)).eval(), seed)
 
 
+@functools.cache
+def gpt2_vocab_files() -> tuple[str, str]:
+    """GPT-2's ``vocab.json`` and ``merges.txt`` (as the Hub's ``gpt2`` repo ships them), rebuilt from the ranks
+    gpt2fast ships: each merge is the pair that BPE with the lower ranks leaves of its token."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    from gpt2fast.tokenizer import ENDOFTEXT, GPT2_EOT_ID, GPT2_RANKS_SHA256, PACKAGED_RANKS
+
+    ranks = load_tiktoken_bpe(str(PACKAGED_RANKS), expected_hash=GPT2_RANKS_SHA256)
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}  # the data-gym bytes
+    text = lambda token: "".join(char[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1])[256:]:
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{text(parts[0])} {text(parts[1])}\n")
+    vocab = {text(token): rank for token, rank in ranks.items()} | {ENDOFTEXT: GPT2_EOT_ID}
+    return json.dumps(vocab), "#version: 0.2\n" + "".join(merges)
+
+
 def save_hf(model, folder: Path, fmt: str) -> Path:
     """Write ``model`` as a HF folder: ``safetensors``, ``sharded``, ``bin`` (transformers 4 style: the
     LM model's state dict with the ``transformer.`` prefix and the tied head), or ``bin-hub`` (as the
-    real ``gpt2`` repo ships it: no prefix, with the causal-mask buffers)."""
+    real ``gpt2`` repo ships it: no prefix, with the causal-mask buffers). Every folder gets GPT-2's
+    vocab files: a folder whose vocabulary is not GPT-2's 50257 tokens must bring its tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = gpt2_vocab_files()
+    (folder / "vocab.json").write_text(vocab, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
     if fmt == "safetensors":
         model.save_pretrained(folder)
     elif fmt == "sharded":

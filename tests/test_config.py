@@ -51,3 +51,21 @@ def test_openai_hparams_of_the_released_sizes():
     for name, n_embd, n_head, n_layer in [("gpt2", 768, 12, 12), ("gpt2-xl", 1600, 25, 48)]:
         hparams = dict(n_vocab=50257, n_ctx=1024, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
         assert GPT2Config.from_openai_hparams(hparams) == PRESETS[name]
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", 10**6), ("n_positions", 10**9), ("vocab_size", 10**10),
+                                          ("n_embd", 2**20), ("n_inner", 10**9)])
+def test_sizes_beyond_the_limits_are_refused(field, value):
+    """Checked before anything is listed or allocated (issue 13: n_layer 10**6 cost 19 s and 2.4 GB)."""
+    from gpt2fast.config import MAX_SIZES
+
+    fields = {field: value} | ({"n_head": 1} if field == "n_embd" else {})
+    with pytest.raises(ValueError, match=rf"GPT2Config.{field} is {value}, more than gpt2fast's limit of "
+                                         rf"{MAX_SIZES[field]}"):
+        GPT2Config(**fields)
+    assert all((getattr(p, name) or 0) <= limit for p in PRESETS.values() for name, limit in MAX_SIZES.items())
+
+
+def test_deeply_nested_json_config():
+    with pytest.raises(ValueError, match="model config is not valid JSON: nested too deeply"):
+        GPT2Config.from_json("[" * 100_000)

@@ -379,3 +379,18 @@ def test_a_best_of_request_has_no_partial_output_and_bad_values_raise(gpt2_vocab
     with pytest.raises(ValueError, match=r"best_of=65 samples cannot run at once with max_num_seqs=64"):
         engine.add_request("many", [1], SamplingParams(best_of=65))
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([True, False], r"a prompt must be a string or a list of token ids, got True \(bool\) in a list"),
+    ((1, False), r"a prompt must be a string or a list of token ids, got False \(bool\) in a tuple"),
+    (b"Hello", r"a prompt must be a string or a list of token ids, got bytes \(decode it to a str first\)"),
+    (bytearray(b"\x01\x02"), r"got bytearray \(decode it to a str first\)"),
+    ([b"Hi", b"there"], r"got (bytes \(decode it to a str first\)|b'Hi' \(bytes\) in a list)"),  # a batch, or one
+])
+def test_prompts_that_only_look_like_token_ids_are_refused_by_name(tiny, prompt, message):
+    """Bools used to say "got list"; bytes were taken as token ids (b"Hello" -> [72, 101, 108, 108, 111])."""
+    for call in (tiny.engine.encode, tiny.generate, lambda p: "".join(tiny.stream(p))):
+        with pytest.raises(ValueError, match=message):
+            call(prompt)
+    assert not tiny.engine.has_unfinished()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.checkpoint import load_checkpoint
+from gpt2fast.errors import CheckpointError
 
 FIXTURE = Path(__file__).parent / "data" / "openai-tiny"
 HF_NAME = {"g": "weight", "b": "bias", "w": "weight"}
@@ -38,6 +41,8 @@ def hf_twin(folder: Path) -> Path:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)
     model.save_pretrained(folder)
+    shutil.copy(FIXTURE / "encoder.json", folder / "vocab.json")  # the same 300-token vocabulary, HF's names
+    shutil.copy(FIXTURE / "vocab.bpe", folder / "merges.txt")
     return folder
 
 
@@ -75,3 +80,107 @@ def test_missing_hparams_names_the_file(tmp_path):
     (tmp_path / "hparams.json").write_text('{"n_vocab": 300}')
     with pytest.raises(ValueError, match=r"hparams.json: missing \['n_ctx'"):
         load_checkpoint(str(tmp_path))
+
+
+# ---- issue 13: non-finite weights, huge hparams, paths out of the folder, unreadable files ----
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return shutil.copytree(FIXTURE, tmp_path / "openai-tiny")
+
+
+def poke_float(folder: Path, tf_name: str, index: int, value: float) -> None:
+    """Overwrite one float32 of a variable in the data file, at the offset the index gives."""
+    from gpt2fast.checkpoint.tf_bundle import _read_index
+
+    _, _, entries = _read_index(folder / "model.ckpt.index")
+    with open(folder / "model.ckpt.data-00000-of-00001", "r+b") as f:
+        f.seek(entries[tf_name].offset + 4 * index)
+        f.write(np.float32(value).tobytes())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_named(folder, bad):
+    poke_float(folder, "model/h0/ln_1/g", 5, bad)
+    with pytest.raises(CheckpointError, match=r"model.ckpt: tensor 'model/h0/ln_1/g' holds 1 NaN/inf value\(s\), "
+                                              r"first at index \(5,\)"):
+        load_checkpoint(str(folder))
+
+
+def set_hparams(folder: Path, **fields) -> None:
+    path = folder / "hparams.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+
+
+def test_hparams_with_more_layers_than_the_index(folder, monkeypatch):
+    """Checked against the index's shapes before any data is read."""
+    from gpt2fast.checkpoint import tf_bundle
+
+    set_hparams(folder, n_layer=40)
+    monkeypatch.setattr(tf_bundle, "_read_tensor", lambda *args: pytest.fail("read data before checking hparams"))
+    with pytest.raises(CheckpointError, match=r"the config says n_layer=40 but the weights hold 2 layer\(s\)"):
+        load_checkpoint(str(folder))
+    set_hparams(folder, n_layer=2, n_ctx=1000)
+    with pytest.raises(CheckpointError, match=r"'model/wpe' has shape \(32, 48\), expected \(1000, 48\)"):
+        load_checkpoint(str(folder))
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", 10**7), ("n_ctx", 10**9), ("n_vocab", 10**10)])
+def test_huge_hparams_fail_at_once(folder, field, value):
+    set_hparams(folder, **{field: value})
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=rf"hparams.json: GPT2Config.\w+ is {value}, more than gpt2fast's limit"):
+        load_checkpoint(str(folder))
+    assert time.perf_counter() - start < 5
+
+
+def write_state(folder: Path, path: str) -> None:
+    (folder / "checkpoint").write_text(f'model_checkpoint_path: "{path}"\n')
+
+
+@pytest.mark.parametrize("named", ["../x/model.ckpt", "{outside}/model.ckpt", "sub/../../x/model.ckpt",
+                                   "link/model.ckpt", "datalink"])
+def test_checkpoint_file_may_not_name_a_prefix_outside_the_folder(folder, tmp_path, named):
+    """An OpenAI ``checkpoint`` naming a valid checkpoint elsewhere used to be followed."""
+    outside = shutil.copytree(FIXTURE, tmp_path / "x")
+    (folder / "link").symlink_to(outside, target_is_directory=True)
+    for name in ("model.ckpt.index", "model.ckpt.data-00000-of-00001"):
+        (folder / name).unlink()  # no stale-path fallback inside the folder
+    (folder / "datalink.index").symlink_to(outside / "model.ckpt.index")
+    (folder / "datalink.data-00000-of-00001").symlink_to(outside / "model.ckpt.data-00000-of-00001")
+    named = named.format(outside=outside)
+    write_state(folder, named)
+    with pytest.raises(CheckpointError, match=r"checkpoint: names '.*', which (is|leads) outside"):
+        load_checkpoint(str(folder))
+
+
+def test_checkpoint_file_naming_a_huge_path(folder):
+    write_state(folder, "a" * 100_000)
+    with pytest.raises(CheckpointError, match=r"checkpoint: names 'a{60}\.\.\.a{40} \(100000 characters\)', which is "
+                                              "not a usable file name"):
+        load_checkpoint(str(folder))
+
+
+def test_checkpoint_file_naming_a_long_component(folder):
+    write_state(folder, "a" * 300)  # under the length limit, over the OS's 255 bytes per name
+    with pytest.raises(CheckpointError, match=r"checkpoint: names 'a{60}.*', but .* does not exist"):
+        load_checkpoint(str(folder))
+
+
+def test_absolute_path_inside_the_folder_is_followed(folder):
+    write_state(folder, str(folder / "model.ckpt"))
+    assert load_checkpoint(str(folder)).config.vocab_size == 300
+
+
+@pytest.mark.parametrize("file_name", ["hparams.json", "encoder.json"])
+def test_deeply_nested_json_names_the_file(folder, file_name):
+    (folder / file_name).write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match=rf"{file_name}: cannot read .*JSON nested too deeply"):
+        LLM(str(folder), device="cpu")
+
+
+def test_folder_without_its_vocab_files(folder):
+    (folder / "vocab.bpe").unlink()
+    with pytest.raises(CheckpointError, match=r"has 300 tokens, not GPT-2's 50257.*it has only encoder.json"):
+        LLM(str(folder), device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -89,3 +90,34 @@ def test_clear_error_when_no_source_has_the_ranks(monkeypatch, tmp_path):
     monkeypatch.setattr(tok, "whisper_ranks_path", lambda: None)
     with pytest.raises(CheckpointError, match="cannot find GPT-2's BPE vocabulary.*ConnectionError"):
         tok.load_tokenizer()
+
+
+# ---- issue 13: an encoder.json that is not a token -> id object gets a clear error naming it ----
+
+BAD_ENCODERS = [
+    (b"[" * 100_000, r"cannot read the vocabulary \(JSON nested too deeply\)"),
+    (b'["!", "\\""]', "must be a JSON object mapping tokens to ids, got a list"),
+    (b'{"!": "0", "<|endoftext|>": "1"}', r"token '!' maps to '0', not a token id \(a non-negative integer\)"),
+    (b'{"!": 0, "<|endoftext|>": true}', r"token '<\|endoftext\|>' maps to 'True', not a token id"),
+    (b'{"caf\xe9": 0}', r"cannot read the vocabulary \(UnicodeDecodeError"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_ENCODERS)
+def test_bad_encoder_json_names_the_file(tmp_path, content, message):
+    shutil.copy(OPENAI_TINY / "vocab.bpe", tmp_path / "vocab.bpe")
+    (tmp_path / "encoder.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'encoder.json'}: {message}"):
+        tok.load_tokenizer(tmp_path)
+
+
+def test_encoder_and_merges_that_disagree_say_so(tmp_path):
+    """tiktoken's own check is a bare assert: the error says what it means."""
+    encoder = json.loads((OPENAI_TINY / "encoder.json").read_text())
+    first, second = list(encoder)[:2]
+    encoder[first], encoder[second] = encoder[second], encoder[first]  # two ids swapped
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder))
+    shutil.copy(OPENAI_TINY / "vocab.bpe", tmp_path / "vocab.bpe")
+    with pytest.raises(CheckpointError, match=r"encoder.json and vocab.bpe \(the merges do not rebuild the encoder's "
+                                              r"tokens in id order\)$"):
+        tok.load_tokenizer(tmp_path)

@@ -6,14 +6,15 @@ Names may carry the ``transformer.`` prefix (``GPT2LMHeadModel``) or not (``GPT2
 
 from __future__ import annotations
 
-import json
+import os
 import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from gpt2fast.checkpoint.layout import Entry, assemble, is_transposed, progress
+from gpt2fast.checkpoint.files import inside_folder, read_json
+from gpt2fast.checkpoint.layout import Entry, assemble, check_layout, is_transposed, progress
 from gpt2fast.config import GPT2Config
 from gpt2fast.errors import CheckpointError
 
@@ -30,10 +31,7 @@ _WEIGHT_FILES = (
 def read_config(folder: Path) -> GPT2Config:
     """The model shape from a Hugging Face ``config.json``, refusing what we cannot compute."""
     path = folder / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    hf = read_json(path, "config")
     try:
         return GPT2Config.from_hf_dict(hf)
     except ValueError as e:
@@ -49,50 +47,70 @@ def load_hf_folder(folder: Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
         torch.Size([2304, 768])
     """
     config = read_config(folder)
-    raw = _read_weights(folder)
+    files = _weight_files(folder)
+    if all(path.suffix == ".safetensors" for path in files):
+        # The headers list every name and shape: check them against the config before reading any tensor.
+        check_layout(_safetensors_layout(files), config, str(folder))
     entries: dict[str, Entry] = {}
     tied_head = None
-    for source_name, tensor in raw.items():
-        name = source_name.removeprefix("transformer.")
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if name == "lm_head.weight":
-            tied_head = tensor
-            continue
-        entries[name] = Entry(source_name, tensor, is_transposed(name))
+    for path in files:
+        for source_name, tensor in _read_file(path).items():
+            name = _canonical_name(source_name)
+            if name == "lm_head.weight":
+                tied_head = tensor
+            elif name is not None:
+                entries[name] = Entry(source_name, tensor, is_transposed(name), str(path))
     state = assemble(entries, config, str(folder))
     if tied_head is not None and not torch.equal(tied_head, entries["wte.weight"].tensor):
         raise CheckpointError(f"{folder}: lm_head.weight differs from wte.weight; GPT-2 ties them")
     return config, state
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _canonical_name(source_name: str) -> str | None:
+    """Our name for a tensor of the file (``lm_head.weight`` kept for the tie check); None for buffers."""
+    name = source_name.removeprefix("transformer.")
+    return None if name.endswith(_IGNORED_SUFFIXES) else name
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight file, or the shards an index names (each checked to lie inside the folder)."""
     for file_name in _WEIGHT_FILES:
         path = folder / file_name
         if not path.exists():
             continue
-        if file_name.endswith(".index.json"):
-            return _read_sharded(path)
-        return _read_file(path)
+        return _shards(path) if file_name.endswith(".index.json") else [path]
     present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
     looked_for = ", ".join(_WEIGHT_FILES)
     raise CheckpointError(f"{folder}: no weights found (looked for {looked_for}; the folder has {present})")
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: cannot read shard index ({e})") from None
+def _shards(index_path: Path) -> list[Path]:
+    index = read_json(index_path, "shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
-    tensors: dict[str, torch.Tensor] = {}
+    paths = []
     for shard in sorted(set(weight_map.values())):
-        path = index_path.parent / shard
-        if not path.exists():
+        path = inside_folder(index_path.parent, shard, index_path)
+        if not os.path.exists(path):  # unlike Path.exists, False (not OSError) for a name the OS refuses
             raise CheckpointError(f"{index_path}: shard {shard} is missing from the folder")
-        tensors |= _read_file(path)
-    return tensors
+        paths.append(path)
+    return paths
+
+
+def _safetensors_layout(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+    found = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        for source_name, shape in shapes.items():
+            name = _canonical_name(source_name)
+            if name is not None and name != "lm_head.weight":
+                found[name] = (source_name, shape, is_transposed(name))
+    return found
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:

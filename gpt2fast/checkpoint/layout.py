@@ -8,6 +8,7 @@ in the file's own terms, then transposes into our layout.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ TRANSPOSED_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.wei
 
 # Only show a progress bar for checkpoints big enough to make a person wait.
 _PROGRESS_MIN_BYTES = 256 * 2**20
+_LAYER_NAME = re.compile(r"h\.(\d{1,9})\.")
 
 
 def canonical_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
@@ -68,12 +70,66 @@ class Entry:
     source_name: str  # the name in the file, for error messages
     tensor: torch.Tensor  # as stored in the file
     transposed: bool  # the file stores it (in, out)
+    file: str | None = None  # the file holding it, when a checkpoint has several (shards)
+
+
+def check_layout(found: dict[str, tuple[str, tuple[int, ...], bool]], config: GPT2Config, where: str) -> None:
+    """Check names and shapes against the layout of ``config`` before any tensor is read.
+
+    ``found`` maps each canonical name to (name in the file, shape as stored, stored transposed), as a
+    file's header lists them. The layer count is compared first, so a config asking for more layers than
+    the file holds fails before a layout of that size is even listed.
+
+    Example:
+        >>> cfg = GPT2Config(n_layer=40, n_embd=2, n_head=1, vocab_size=3, n_positions=2)
+        >>> check_layout({"h.1.ln_1.weight": ("h.1.ln_1.weight", (2,), False)}, cfg, "demo")
+        Traceback (most recent call last):
+        ...
+        gpt2fast.errors.CheckpointError: demo: the config says n_layer=40 but the weights hold 2 layer(s) (h.0..h.1)
+    """
+    layers = 1 + max((int(m.group(1)) for n in found if (m := _LAYER_NAME.match(n))), default=-1)
+    if layers and config.n_layer > layers:  # fewer layers in the config: "unexpected tensor(s)" says more
+        raise CheckpointError(f"{where}: the config says n_layer={config.n_layer} but the weights hold "
+                              f"{layers} layer(s) (h.0..h.{layers - 1})")
+    shapes = canonical_shapes(config)
+    missing = [name for name in shapes if name not in found]
+    if missing:
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{where}: missing tensor(s) {listed}")
+    extra = sorted(source_name for name, (source_name, _, _) in found.items() if name not in shapes)
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(extra[:8])} (not part of {config})")
+    for name, (source_name, shape, transposed) in found.items():
+        expected = shapes[name][::-1] if transposed else shapes[name]
+        if tuple(shape) != expected:
+            raise CheckpointError(f"{where}: tensor {source_name!r} has shape {tuple(shape)}, expected {expected}")
+
+
+def check_finite(tensor: torch.Tensor, where: str, source_name: str) -> None:
+    """Refuse a tensor holding NaN or inf, naming it and the first bad element.
+
+    One ``sum`` per tensor (about 20 ms for all of GPT-2 124M on 2 CPU cores); a non-finite sum is
+    either a NaN/inf, which propagates into any sum, or an overflow, which the exact check then clears.
+
+    Example:
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "a.safetensors", "ln_f.bias")
+        Traceback (most recent call last):
+        ...
+        gpt2fast.errors.CheckpointError: a.safetensors: tensor 'ln_f.bias' holds 1 NaN/inf value(s), first at index (1,)
+    """
+    if torch.isfinite(tensor.sum()) or not tensor.numel():
+        return
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"{where}: tensor {source_name!r} holds {int(bad.sum())} NaN/inf value(s), "
+                              f"first at index {first}")
 
 
 def assemble(entries: dict[str, Entry], config: GPT2Config, where: str) -> dict[str, torch.Tensor]:
     """Check ``entries`` against the layout of ``config`` and return the canonical state dict.
 
-    ``where`` names the checkpoint in every error.
+    ``where`` names the checkpoint in every error. Every tensor must be a float tensor with only finite values.
 
     Example:
         >>> cfg = GPT2Config(n_layer=1, n_embd=2, n_head=1, vocab_size=3, n_positions=2)
@@ -82,23 +138,13 @@ def assemble(entries: dict[str, Entry], config: GPT2Config, where: str) -> dict[
         ...
         gpt2fast.errors.CheckpointError: demo: missing tensor(s) wpe.weight, h.0.ln_1.weight, ... and 7 more
     """
-    shapes = canonical_shapes(config)
-    missing = [name for name in shapes if name not in entries]
-    if missing:
-        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(f"{where}: missing tensor(s) {listed}")
-    extra = sorted(entry.source_name for name, entry in entries.items() if name not in shapes)
-    if extra:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(extra[:8])} (not part of {config})")
+    check_layout({name: (e.source_name, tuple(e.tensor.shape), e.transposed) for name, e in entries.items()},
+                 config, where)
     state: dict[str, torch.Tensor] = {}
     for name, entry in entries.items():
-        expected = shapes[name][::-1] if entry.transposed else shapes[name]
-        if tuple(entry.tensor.shape) != expected:
-            raise CheckpointError(
-                f"{where}: tensor {entry.source_name!r} has shape {tuple(entry.tensor.shape)}, expected {expected}"
-            )
         if not entry.tensor.is_floating_point():
             raise CheckpointError(f"{where}: tensor {entry.source_name!r} has dtype {entry.tensor.dtype}, not float")
+        check_finite(entry.tensor, entry.file or where, entry.source_name)
         state[name] = entry.tensor.t().contiguous() if entry.transposed else entry.tensor
     return state
 

@@ -7,13 +7,13 @@ A folder as OpenAI distributes it: ``hparams.json``, ``checkpoint``, ``model.ckp
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from gpt2fast.checkpoint.layout import Entry, assemble, is_transposed
+from gpt2fast.checkpoint.files import read_json
+from gpt2fast.checkpoint.layout import Entry, assemble, check_layout, is_transposed
 from gpt2fast.checkpoint.tf_bundle import find_checkpoint_prefix, read_tf_bundle
 from gpt2fast.config import GPT2Config
 from gpt2fast.errors import CheckpointError
@@ -56,6 +56,16 @@ def canonical_name(tf_name: str) -> str | None:
     return None
 
 
+def read_hparams(folder: Path) -> GPT2Config:
+    """The model shape from OpenAI's ``hparams.json``."""
+    path = folder / "hparams.json"
+    hparams = read_json(path, "hparams")
+    try:
+        return GPT2Config.from_openai_hparams(hparams)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def load_openai_folder(folder: Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     """Read an OpenAI GPT-2 TensorFlow checkpoint folder into our config and canonical state dict.
 
@@ -64,22 +74,30 @@ def load_openai_folder(folder: Path) -> tuple[GPT2Config, dict[str, torch.Tensor
         >>> config.n_layer, state["wte.weight"].shape  # doctest: +SKIP
         (12, torch.Size([50257, 768]))
     """
-    path = folder / "hparams.json"
-    try:
-        config = GPT2Config.from_openai_hparams(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    config = read_hparams(folder)
     prefix = find_checkpoint_prefix(folder)
+
+    def check_shapes(shapes: dict[str, tuple[int, ...]]) -> None:  # from the index, before any data is read
+        found = {}
+        for tf_name, shape in shapes.items():
+            name = canonical_name(tf_name)
+            if name is None:
+                # Optimizer slots and step counters are not weights; anything else under model/ is a surprise.
+                if tf_name.startswith("model/"):
+                    raise CheckpointError(f"{prefix}: unexpected variable {tf_name!r}")
+                continue
+            found[name] = (tf_name, _squeezed(name, shape), is_transposed(name))
+        check_layout(found, config, str(prefix))
+
     entries: dict[str, Entry] = {}
-    for tf_name, array in read_tf_bundle(prefix).items():
+    for tf_name, array in read_tf_bundle(prefix, check_shapes).items():
         name = canonical_name(tf_name)
-        if name is None:
-            # Optimizer slots and step counters are not weights; anything else under model/ is a surprise.
-            if tf_name.startswith("model/"):
-                raise CheckpointError(f"{prefix}: unexpected variable {tf_name!r}")
-            continue
-        tensor = torch.from_numpy(array)
-        if is_transposed(name) and tensor.dim() == 3 and tensor.shape[0] == 1:
-            tensor = tensor[0]  # OpenAI's conv1d keeps a leading kernel-width axis of 1
-        entries[name] = Entry(tf_name, tensor, is_transposed(name))
+        if name is not None:
+            tensor = torch.from_numpy(array)
+            entries[name] = Entry(tf_name, tensor.reshape(_squeezed(name, tensor.shape)), is_transposed(name))
     return config, assemble(entries, config, str(prefix))
+
+
+def _squeezed(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # OpenAI's conv1d weights keep a leading kernel-width axis of 1: [1, in, out].
+    return tuple(shape[1:]) if is_transposed(name) and len(shape) == 3 and shape[0] == 1 else tuple(shape)

@@ -17,16 +17,18 @@ Partitioned (sliced) variables and string tensors are not supported and raise ``
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from gpt2fast.checkpoint.files import MAX_NAME_CHARS, inside_folder
 from gpt2fast.errors import CheckpointError
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -280,13 +282,16 @@ def _read_tensor(file: BinaryIO, data_path: Path, name: str, entry: _Entry, byte
     return array
 
 
-def read_tf_bundle(prefix: str | Path) -> dict[str, np.ndarray]:
+def read_tf_bundle(
+    prefix: str | Path, check_shapes: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+) -> dict[str, np.ndarray]:
     """Read every variable of a TensorFlow V2 checkpoint into numpy arrays, keyed by variable name.
 
     ``prefix`` is the path without extension (``model.ckpt`` for ``model.ckpt.index`` and
     ``model.ckpt.data-00000-of-00001``). Arrays keep the checkpoint's shape and dtype, except that
     bfloat16 tensors are returned as float32 (exactly; numpy has no bfloat16). Big-endian bundles
     are converted to native byte order. Names come back in the index's (sorted) order.
+    ``check_shapes``, if given, sees every name and shape from the index before any data is read.
 
     Raises ``CheckpointError`` naming the file for any missing, truncated or unsupported input.
 
@@ -298,6 +303,8 @@ def read_tf_bundle(prefix: str | Path) -> dict[str, np.ndarray]:
     prefix = Path(prefix)
     index_path = prefix.with_name(prefix.name + ".index")
     num_shards, byte_order, entries = _read_index(index_path)
+    if check_shapes is not None:
+        check_shapes({name: entry.shape for name, entry in entries.items()})
     tensors = {}
     for shard_id in sorted({entry.shard_id for entry in entries.values()}):
         data_path = prefix.with_name(f"{prefix.name}.data-{shard_id:05d}-of-{num_shards:05d}")
@@ -336,7 +343,8 @@ def find_checkpoint_prefix(folder: str | Path) -> Path:
 
     Reads ``model_checkpoint_path`` from the text file ``folder/checkpoint``; a relative path is taken
     relative to ``folder``. TF writes absolute paths by default, which go stale when a folder is copied
-    or moved, so for an absolute path a prefix of the same name inside ``folder`` is preferred. Without a
+    or moved, so for an absolute path a prefix of the same name inside ``folder`` is preferred. A name that
+    leads outside ``folder`` (``..``, an absolute path elsewhere, a symlink) is refused. Without a
     ``checkpoint`` file, falls back to ``folder/model.ckpt`` when ``model.ckpt.index`` exists.
     Raises ``CheckpointError`` if no prefix with an index file is found.
 
@@ -356,10 +364,15 @@ def find_checkpoint_prefix(folder: str | Path) -> Path:
         raise CheckpointError(f"{state_path}: cannot read checkpoint state file: {e.strerror or e}") from None
     if match is None:
         raise CheckpointError(f"{state_path}: no model_checkpoint_path line")
-    named = Path(os.fsdecode(_c_unescape(match.group(1))))
-    candidates = [folder / named.name, named] if named.is_absolute() else [folder / named]
-    for prefix in candidates:
-        if prefix.with_name(prefix.name + ".index").exists():
-            return prefix
-    tried = " or ".join(f"{prefix}.index" for prefix in candidates)
-    raise CheckpointError(f"{state_path}: names {str(named)!r}, but {tried} does not exist")
+    text = os.fsdecode(_c_unescape(match.group(1)))
+    if len(text) <= MAX_NAME_CHARS and "\0" not in text and Path(text).is_absolute():  # else inside_folder refuses
+        if os.path.exists(f"{folder / Path(text).name}.index"):
+            text = Path(text).name  # TF writes absolute paths, stale once the folder moves: take the one here
+        elif Path(text).resolve().is_relative_to(folder.resolve()):
+            text = str(Path(text).resolve().relative_to(folder.resolve()))
+    prefix = inside_folder(folder, text, state_path)
+    if not os.path.exists(f"{prefix}.index"):  # os.path.exists: False, not OSError, for names the OS refuses
+        raise CheckpointError(f"{state_path}: names {text!r}, but {prefix}.index does not exist")
+    for path in (Path(f"{prefix}.index"), *prefix.parent.glob(glob.escape(prefix.name) + ".data-*")):
+        inside_folder(folder, str(path.relative_to(folder)), state_path)  # no link out of the folder either
+    return prefix
