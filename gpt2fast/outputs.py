@@ -11,7 +11,9 @@ class CompletionOutput:
 
     ``logprobs[i]`` maps token ids to log-probabilities under the model for generated token ``i``:
     the chosen token plus the top ``SamplingParams.logprobs``. ``stop_reason`` is the stop string
-    or stop token id that ended the sample, if one did.
+    or stop token id that ended the sample, if one did. ``finish_reason="error"`` (as vLLM names it)
+    means the model's logits went non-finite (NaN or infinity) for this request: ``error`` says so,
+    and ``text``/``token_ids`` hold what came before. Its batch-mates are not affected.
 
     Example:
         >>> CompletionOutput(index=0, text=" world", token_ids=[995], finish_reason="length").text
@@ -21,10 +23,12 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "length" (max_tokens or context limit), "stop" (end/stop token or string), None
+    finish_reason: str | None  # "length" (max_tokens or context limit), "stop" (end/stop token or string),
+    # "error" (non-finite logits), None while running
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why the sample failed, with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -34,6 +38,10 @@ class CompletionOutput:
 @dataclass
 class RequestOutput:
     """A request's prompt and its samples, in sample order.
+
+    ``prompt_logprobs`` (a prompt-scoring request, ``Engine.add_scoring_request``): entry ``i`` maps
+    prompt token ``i`` and the top-N tokens at position ``i`` to their log-probabilities given
+    tokens ``0..i-1``; entry 0 is ``None`` (nothing precedes it), as vLLM returns them.
 
     Example:
         >>> out = RequestOutput("0", "Hello", [15496], [CompletionOutput(0, " world", [995], "length")], True)
@@ -46,3 +54,26 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    @property
+    def error(self) -> str | None:
+        """The first failed sample's ``error`` (``finish_reason="error"``), or None."""
+        return next((s.error for s in self.outputs if s.finish_reason == "error"), None)
+
+
+class GenerationError(RuntimeError):
+    """``LLM.generate`` / ``LLM.stream``: a request failed at run time (its logits went non-finite).
+
+    Raised once every request of the call has finished, so nothing is left running; ``outputs``
+    holds the call's outputs (a failed sample has ``finish_reason="error"``), the others complete.
+
+    Example:
+        >>> e = GenerationError("request 'llm-3' failed", [])
+        >>> str(e), e.outputs
+        ("request 'llm-3' failed", [])
+    """
+
+    def __init__(self, message: str, outputs: list[RequestOutput]) -> None:
+        super().__init__(message)
+        self.outputs = outputs
