@@ -645,6 +645,8 @@ class LLM:
         # The latest output of every request a live generate/stream of this LLM owns (None until the first):
         # whichever call steps the engine files each output here, and each call reads its own.
         self._outputs: dict[str, RequestOutput | None] = {}
+        self._stepping = False
+        self._dropped: list[str] = []  # requests of streams finalised during a step: aborted right after it
 
     @property
     def backend(self) -> str:
@@ -800,14 +802,25 @@ class LLM:
         """One engine step; each output goes to the live call that owns its request, whichever call steps."""
         if not self.engine.has_unfinished():  # only an abort from outside the LLM gets here
             raise RuntimeError("the engine has nothing left to run, but a request of this LLM is unfinished")
-        for out in self.engine.step():
+        self._stepping = True
+        try:
+            outputs = self.engine.step()
+        finally:
+            self._stepping = False
+        for out in outputs:
             if out.request_id in self._outputs:
                 self._outputs[out.request_id] = out
+        dropped, self._dropped = self._dropped, []
+        self._release(dropped)
 
     def _release(self, ids: list[str]) -> None:
         """Forget ``ids``' outputs and abort those still running (the call ended early)."""
         for request_id in ids:
             self._outputs.pop(request_id, None)
+        if self._stepping:  # the garbage collector finalised a stream inside engine.step(): abort after it
+            self._dropped += ids
+            return
+        for request_id in ids:
             if request_id in self.engine._requests:
                 self.engine.abort(request_id)
 

@@ -76,6 +76,28 @@ def test_a_dropped_stream_aborts_its_request_and_forgets_its_outputs(llm, drop):
     assert_idle(llm)
 
 
+def test_a_stream_finalised_inside_another_calls_step_is_aborted_after_that_step(llm, monkeypatch):
+    """The garbage collector may close a dropped stream (one caught in a reference cycle) at any allocation,
+    also in the middle of ``engine.step()``: its abort must wait until the step is over."""
+    want = alone(llm, "Busy", SHORT)
+    doomed = llm.stream("Doomed", LONG)
+    next(doomed)
+    real_step, seen = llm.engine.step, []
+
+    def step_that_collects():
+        outputs = real_step()
+        if not seen:
+            seen.append(len(llm.engine._requests))
+            doomed.close()  # what a collection inside the step would do
+            seen.append(len(llm.engine._requests))  # not aborted yet: the step still runs
+        return outputs
+
+    monkeypatch.setattr(llm.engine, "step", step_that_collects)
+    assert llm.generate("Busy", SHORT)[0].outputs[0].text == want
+    assert seen == [2, 2]
+    assert_idle(llm)
+
+
 @pytest.mark.parametrize("bad", [
     pytest.param(SamplingParams(n=10**6), id="n-beyond-max_num_seqs"),
     pytest.param("not params", id="params-not-SamplingParams"),

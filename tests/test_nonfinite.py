@@ -102,6 +102,24 @@ def test_n_samples_of_a_nan_request_all_end_with_the_error(poisoned):
     assert_idle(poisoned)
 
 
+def test_scoring_a_prompt_that_goes_nan_fails_alone(clean, poisoned):
+    engine = poisoned.engine
+    engine.add_scoring_request("nan", LONG, top_n=2)
+    engine.add_scoring_request("fine", SHORT, top_n=2)
+    engine.add_request("gen", OTHER, SamplingParams(max_tokens=4, temperature=0))
+    done = {}
+    while engine.has_unfinished():
+        done.update({out.request_id: out for out in engine.step() if out.finished})
+    assert done["nan"].outputs[0].finish_reason == "error" and "while scoring its prompt" in done["nan"].error
+    want = torch.log_softmax(clean.logits(SHORT).double(), dim=-1)
+    got = done["fine"].prompt_logprobs
+    assert [got[i][SHORT[i]] for i in (1, 2)] == pytest.approx([want[i - 1, SHORT[i]].item() for i in (1, 2)],
+                                                               abs=1e-5)
+    assert done["gen"].outputs[0].token_ids == clean.generate(OTHER, SamplingParams(max_tokens=4, temperature=0))[0] \
+        .outputs[0].token_ids
+    assert_idle(poisoned)
+
+
 BAD_VALUES = [math.nan, math.inf]
 
 
@@ -154,18 +172,21 @@ def test_a_served_request_that_goes_nan_fails_alone_with_a_clear_error(clean, mo
         dict(prompt=OTHER, max_tokens=16, temperature=0, stream=True, ignore_eos=True),
     ]
     bad = [dict(prompt=LONG, max_tokens=4, logprobs=2),
-           dict(prompt=CROSSING, max_tokens=8, top_p=0.9, seed=1, stream=True)]
+           dict(prompt=CROSSING, max_tokens=8, top_p=0.9, seed=1, stream=True),
+           dict(prompt=LONG, max_tokens=0, echo=True, logprobs=1)]  # scoring the prompt goes NaN
     monkeypatch.setenv("POISON_WPE_ROW", str(POISONED))
     with running(*SERVE, module="tests.poisoned_serve") as server:
         async def run() -> list:
             async with httpx.AsyncClient(timeout=60) as c:
                 return await asyncio.gather(*[_post(c, server.url, body) for body in bad + good])
-        (long_status, long_body), (cross_status, cross_events), *answers = asyncio.run(run())
+        (long_status, long_body), (cross_status, cross_events), (echo_status, echo_body), *answers = asyncio.run(run())
         health = httpx.get(server.url + "/health", timeout=10)
         log = server.output()
     assert long_status == 500 and long_body["error"]["code"] == "nonfinite_logits"
     assert re.fullmatch(r"the model's logits are not finite \(NaN or infinity\) for request 'cmpl-\w+-0' when "
                         r"choosing its token at position 30; it was stopped", long_body["error"]["message"])
+    assert echo_status == 500 and echo_body["error"]["code"] == "nonfinite_logits"
+    assert "while scoring its prompt" in echo_body["error"]["message"]
     assert cross_status == 200 and cross_events[-1] == "[DONE]"
     assert "not finite" in cross_events[-2]["error"]["message"]
     for body, (status, answer) in zip(good, answers):
