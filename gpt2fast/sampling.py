@@ -235,7 +235,10 @@ def zero_nonfinite_rows(logits: torch.Tensor, check: torch.Tensor) -> torch.Tens
         >>> zero_nonfinite_rows(x, row_check(x)).tolist()
         [[1.0, 2.0], [0.0, 0.0]]
     """
-    return logits.masked_fill(_bad(check)[:, None], 0.0)
+    bad = _bad(check)  # (B,)
+    if logits.device.type == "cpu" and not bad.any():  # no device to keep busy: skip the (B, V) copy
+        return logits
+    return logits.masked_fill(bad[:, None], 0.0)
 
 
 # --------------------------------------------------------------------------------------------
