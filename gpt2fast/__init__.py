@@ -10,10 +10,10 @@ Example:
 from gpt2fast.config import PRESETS, GPT2Config
 from gpt2fast.engine import LLM
 from gpt2fast.errors import CheckpointError
-from gpt2fast.outputs import CompletionOutput, RequestOutput
+from gpt2fast.outputs import CompletionOutput, GenerationError, RequestOutput
 from gpt2fast.sampling import SamplingParams
 from gpt2fast.trace import AttentionTrace, NextToken
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "GPT2Config", "PRESETS", "CheckpointError",
-           "AttentionTrace", "NextToken"]
+           "GenerationError", "AttentionTrace", "NextToken"]
 __version__ = "0.1.0"

@@ -23,8 +23,18 @@ from gpt2fast.decode_runner import DecodeRunner
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2, AttentionCapture
 from gpt2fast.ops import default_backend, get_ops
-from gpt2fast.outputs import CompletionOutput, RequestOutput
-from gpt2fast.sampling import SampledToken, SampleRow, SamplingParams, row_seed, sample_batch
+from gpt2fast.outputs import CompletionOutput, GenerationError, RequestOutput
+from gpt2fast.sampling import (
+    NONFINITE,
+    SampledToken,
+    SampleRow,
+    SamplingParams,
+    mark_nonfinite,
+    row_check,
+    row_seed,
+    sample_batch,
+    zero_nonfinite_rows,
+)
 from gpt2fast.scheduler import Batch, Scheduler, Status
 from gpt2fast.scheduler import Sequence as Seq
 from gpt2fast.tokenizer import load_tokenizer
@@ -97,6 +107,7 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     seq: Seq | None = None
+    error: str | None = None  # with finish_reason "error"
 
 
 @dataclass(eq=False)
@@ -107,6 +118,9 @@ class _Request:
     params: SamplingParams
     seed: int
     samples: list[_Sample]
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # a scoring request's, filled as it prefills
+    prompt_ranks: list[int | None] | None = None  # each prompt token's rank at its position (1 = likeliest)
+    top_n: int = 0  # a scoring request's top tokens per position
 
     @property
     def finished(self) -> bool:
@@ -267,6 +281,59 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a request; its samples appear in ``step()`` outputs as tokens arrive."""
+        self.add_requests([(request_id, prompt, params)])
+
+    def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams | None]]) -> None:
+        """Queue several ``(request_id, prompt, params)`` at once, or none: all are checked before any is queued.
+
+        Example:
+            >>> engine = Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}', max_num_seqs=4)
+            >>> try:
+            ...     engine.add_requests([("a", "Hi", None), ("b", "Yo", SamplingParams(n=5))])
+            ... except ValueError as e:
+            ...     print(e, engine.has_unfinished())
+            n=5 samples cannot run at once with max_num_seqs=4 False
+        """
+        checked, seen = [], set()
+        for request_id, prompt, params in requests:
+            ids, params = self._check_request(request_id, prompt, params)
+            if request_id in seen:
+                raise ValueError(f"request id {request_id!r} is given twice")
+            seen.add(request_id)
+            checked.append((request_id, prompt, ids, params))
+        for request_id, prompt, ids, params in checked:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            samples = [_Sample(i, logprobs=[] if params.logprobs is not None else None,
+                               cumulative_logprob=0.0 if params.needs_logprobs else None)
+                       for i in range(params.num_samples)]
+            request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seed, samples)
+            self._queue(request, Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size),
+                                     fork_n=params.num_samples))
+
+    def add_scoring_request(self, request_id: str, prompt: Prompt, top_n: int = 0) -> None:
+        """Queue a request that only prefills its prompt and samples nothing: prompt scoring.
+
+        It waits for KV blocks, is ordered and preempted like any prefill (never served from the prefix
+        cache: every position's logits are needed). Its one output, when the prefill is done, is finished
+        with ``prompt_logprobs`` (each prompt token's log-probability and the ``top_n`` likeliest tokens at
+        each position, ``log_softmax`` of the fp32 logits) and one empty sample (``finish_reason="length"``).
+
+        Example:
+            >>> engine = Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
+            >>> engine.add_scoring_request("s", [1, 2, 3], top_n=2)
+            >>> out = engine.step()[0]
+            >>> out.finished, out.prompt_logprobs[0], len(out.prompt_logprobs[1]), out.outputs[0].token_ids
+            (True, None, 3, [])
+        """
+        params = SamplingParams(max_tokens=1, temperature=0, logprobs=top_n)  # checks top_n; never sampled
+        ids, params = self._check_request(request_id, prompt, params)
+        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, 0, [_Sample(0)],
+                           prompt_logprobs=[None] * len(ids), prompt_ranks=[None] * len(ids), top_n=top_n)
+        self._queue(request, Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size), all_logits=True))
+
+    def _check_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None
+                       ) -> tuple[list[int], SamplingParams]:
+        """Everything ``add_request`` checks, queuing nothing: the prompt's token ids and the params to use."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -277,15 +344,11 @@ class Engine:
             raise ValueError(f"{field}={params.num_samples} samples cannot run at once with "
                              f"max_num_seqs={self.scheduler.max_num_seqs}")
         self._check_logit_bias(params)
-        ids = self.encode(prompt)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        samples = [_Sample(i, logprobs=[] if params.logprobs is not None else None,
-                           cumulative_logprob=0.0 if params.needs_logprobs else None)
-                   for i in range(params.num_samples)]
-        request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seed, samples)
-        first = Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size), fork_n=params.num_samples)
-        samples[0].seq = first
-        self._requests[request_id] = request
+        return self.encode(prompt), params
+
+    def _queue(self, request: _Request, first: Seq) -> None:
+        request.samples[0].seq = first
+        self._requests[request.request_id] = request
         self.scheduler.add(first)
 
     def _check_logit_bias(self, params: SamplingParams) -> None:
@@ -317,16 +380,32 @@ class Engine:
                 raise RuntimeError("the scheduler could not place any sequence; the KV cache is too small")
             return []
         self.cache.copy_blocks(batch.copies)
+        scored: list[Seq] = []
         if self.decode_runner is not None and self._plain_decode(batch):
             seqs = batch.seqs
             sampled = self._decode_static(seqs)
             self.scheduler.step_done(batch)
         else:
-            seqs, sampled = self._step_dynamic(batch)
+            seqs, sampled, scored = self._step_dynamic(batch)
         advanced: dict[str, _Request] = {}
         for seq, token in zip(seqs, sampled):
             request = self._requests[seq.request_id]
-            self._append(request, seq, token)
+            if request.finished:  # a sibling sample failed this step and took the request with it
+                continue
+            if token.error is not None:
+                self._fail(request, f"{token.error} for request {request.request_id!r} when choosing its token "
+                                    f"at position {len(seq.token_ids)}; it was stopped")
+            else:
+                self._append(request, seq, token)
+            advanced[request.request_id] = request
+        for seq in scored:  # prompt scoring whose prefill is done: finished, nothing sampled
+            request = self._requests[seq.request_id]
+            sample = request.samples[0]
+            if sample.error is not None:
+                self._fail(request, sample.error)
+            elif sample.finish_reason is None:
+                sample.finish_reason = "length"
+                self.scheduler.finish(seq)
             advanced[request.request_id] = request
         # A best_of > n request has no partial answer: which samples are best is known only at the end.
         outputs = [self._output(r) for r in advanced.values() if r.finished or not _ranks_samples(r.params)]
@@ -348,10 +427,27 @@ class Engine:
             stops.add(self.config.eos_token_id)
         return sorted(t for t in stops if t < self.config.vocab_size)
 
-    def _step_dynamic(self, batch: Batch) -> tuple[list[Seq], list[SampledToken]]:
-        """Any step (prefills, chunks, decodes, forks): metadata built to this batch's shapes."""
-        ready = [seq for i, seq in enumerate(batch.seqs) if batch.needs_logits(i)]
-        hidden = self._forward(batch)  # (N, C), one row per sequence in `ready`
+    def _fail(self, request: _Request, message: str) -> None:
+        """End every unfinished sample of ``request`` with ``finish_reason="error"`` and free its blocks."""
+        for sample in request.samples:
+            if sample.finish_reason is None:
+                sample.finish_reason, sample.error = "error", message
+                if sample.seq is not None and sample.seq.status is not Status.FINISHED:
+                    self.scheduler.finish(sample.seq)
+
+    def _step_dynamic(self, batch: Batch) -> tuple[list[Seq], list[SampledToken], list[Seq]]:
+        """Any step (prefills, chunks, decodes, forks): metadata built to this batch's shapes.
+
+        Returns the sampled sequences and their tokens, and the scoring sequences whose prefill is done.
+        """
+        wants = [batch.needs_logits(i) for i in range(len(batch.seqs))]
+        ready = [seq for seq, want in zip(batch.seqs, wants) if want and not seq.all_logits]
+        if any(seq.all_logits for seq in batch.seqs):  # prompt scoring: every row, then the samplers' rows
+            hidden = self._score_chunks(batch, wants, self._forward(batch, all_rows=True))
+        else:
+            hidden = self._forward(batch)  # (N, C), one row per sequence in `ready`
+        scored = [seq for seq, want in zip(batch.seqs, wants)
+                  if seq.all_logits and (want or self._requests[seq.request_id].samples[0].error)]
         self.scheduler.step_done(batch)
         rows, seqs, logit_rows = [], [], []
         for row, seq in enumerate(ready):
@@ -361,12 +457,49 @@ class Engine:
                 logit_rows.append(row)
         if len(logit_rows) != len(ready):  # a fork: its samples share their prompt's hidden row
             hidden = hidden.index_select(0, torch.tensor(logit_rows, device=hidden.device))
-        return seqs, self._sample(hidden, rows) if rows else []
+        return seqs, self._sample(hidden, rows) if rows else [], scored
+
+    def _score_chunks(self, batch: Batch, wants: list[bool], hidden: torch.Tensor) -> torch.Tensor:
+        """Record the prompt logprobs of the scoring sequences' rows of ``hidden`` (T, C: every token of the
+        batch); return the last rows of the other sequences that sample ((N, C))."""
+        keep, row = [], 0
+        for seq, n, want in zip(batch.seqs, batch.num_new, wants):
+            if seq.all_logits:
+                self._record_prompt_logprobs(seq, hidden[row:row + n])
+            elif want:
+                keep.append(row + n - 1)
+            row += n
+        return hidden.index_select(0, torch.tensor(keep, dtype=torch.long, device=hidden.device))
+
+    def _record_prompt_logprobs(self, seq: Seq, hidden: torch.Tensor) -> None:
+        """Row ``j`` of ``hidden`` ((n, C), positions from ``seq.num_computed``) scores the token after it."""
+        request = self._requests[seq.request_id]
+        start = seq.num_computed
+        following = seq.token_ids[start + 1:start + 1 + hidden.shape[0]]  # one short at the prompt's end
+        if not following:
+            return
+        logits = self.model.ops.lm_head(hidden[:len(following)], self.model.wte.weight).float()  # (m, V)
+        if not torch.isfinite(logits).all():  # failed in step(), once the scheduler is done with the batch
+            request.samples[0].error = f"{NONFINITE} for request {request.request_id!r} while scoring its prompt"
+            return
+        logprobs = torch.log_softmax(logits, dim=-1)  # (m, V)
+        chosen_t = logprobs.gather(1, torch.tensor(following, device=logprobs.device)[:, None])  # (m, 1)
+        chosen = chosen_t[:, 0].tolist()
+        ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()  # vLLM's rank: 1 + how many are likelier
+        top = logprobs.topk(request.top_n, dim=-1) if request.top_n else None
+        top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+        for j, token in enumerate(following):
+            entry = {token: chosen[j]}
+            if top is not None:
+                entry.update(zip(top_ids[j], top_values[j]))
+            request.prompt_logprobs[start + 1 + j] = entry
+            request.prompt_ranks[start + 1 + j] = ranks[j]
 
     @staticmethod
     def _plain_decode(batch: Batch) -> bool:
         """Every sequence adds its one newest token and samples the next: the shape a CUDA graph replays."""
-        return all(n == 1 and seq.pending == 1 and seq.fork_n == 1 for seq, n in zip(batch.seqs, batch.num_new))
+        return all(n == 1 and seq.pending == 1 and seq.fork_n == 1 and not seq.all_logits
+                   for seq, n in zip(batch.seqs, batch.num_new))
 
     def _decode_static(self, seqs: list[Seq]) -> list[SampledToken]:
         """A plain decode step through the static-buffer runner (a CUDA graph replay on CUDA)."""
@@ -378,9 +511,9 @@ class Engine:
             return self._sample(self.decode_runner.run(token_ids, positions, tables, mode="hidden"), rows)
         temps, seeds = self._fused_choice(rows)
         chosen = self.decode_runner.run(token_ids, positions, tables, mode="tokens", temperature=temps, seeds=seeds)
-        return [SampledToken(t) for t in chosen.tolist()]
+        return mark_nonfinite([SampledToken(t) for t in chosen.tolist()], self.decode_runner.row_check[:len(seqs)])
 
-    def _forward(self, batch: Batch) -> torch.Tensor:
+    def _forward(self, batch: Batch, all_rows: bool = False) -> torch.Tensor:
         ids, positions = [], []
         for seq, n in zip(batch.seqs, batch.num_new):
             ids += seq.token_ids[seq.num_computed:seq.num_computed + n]
@@ -388,7 +521,7 @@ class Engine:
         meta = AttentionMetadata.build(
             [s.table.blocks for s in batch.seqs], [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
             batch.num_new, block_size=self.block_size, max_blocks=self.max_blocks, device=self.device,
-            needs_logits=[batch.needs_logits(i) for i in range(len(batch.seqs))],
+            needs_logits=[batch.needs_logits(i) for i in range(len(batch.seqs))], all_logits=all_rows,
         )
         ids_and_positions = torch.tensor([ids, positions], device=self.device)  # (2, T)
         return self.model.hidden(ids_and_positions[0], ids_and_positions[1], self.cache, meta)
@@ -400,6 +533,11 @@ class Engine:
         Gumbel-max draw with the sampler's Philox noise, so the same token as ``sample_batch``) and
         the (N, V) logits are never written. Rows with only top-k/top-p/min-p filters go to the
         backend's sampler (the CUDA backend's needs no sort); penalties or logprobs to ``sample_batch``.
+
+        A row whose logits hold a NaN or infinity gets an error instead of a token (``SampledToken.error``).
+        Where the logits are written, their row sums say so; where they never are, the hidden row's sum
+        does (weights are finite, checked at load: a finite hidden row gives finite logits). One reduction
+        either way, read with the tokens, no extra sync.
         """
         ops, wte = self.model.ops, self.model.wte.weight
         params = [r.params for r in rows]
@@ -407,6 +545,8 @@ class Engine:
             logits = ops.lm_head(hidden, wte)  # (N, V)
             if any(p.has_penalties or p.needs_logprobs or p.logit_bias or r.banned_ids for p, r in zip(params, rows)):
                 return sample_batch(logits, rows)
+            check = row_check(logits)  # (N,)
+            logits = zero_nonfinite_rows(logits, check)
             temps, seeds = self._fused_choice(rows)
             dev, vocab = logits.device, logits.shape[-1]
             token_ids = ops.sample_top_k_top_p(
@@ -417,14 +557,15 @@ class Engine:
                 torch.tensor(seeds, dtype=torch.int64, device=dev),
                 torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
             )  # (N,)
-            return [SampledToken(t) for t in token_ids.tolist()]
+            return mark_nonfinite([SampledToken(t) for t in token_ids.tolist()], check)
+        check = row_check(hidden)  # (N,)
         if all(r.params.greedy for r in rows):
             token_ids = ops.lm_head_argmax(hidden, wte)  # (N,)
         else:
             temps, seeds = self._fused_choice(rows)
             token_ids = ops.lm_head_gumbel(hidden, wte, torch.tensor(temps, dtype=torch.float32, device=hidden.device),
                                            torch.tensor(seeds, dtype=torch.int64, device=hidden.device))
-        return [SampledToken(t) for t in token_ids.tolist()]
+        return mark_nonfinite([SampledToken(t) for t in token_ids.tolist()], check)
 
     @staticmethod
     def _fused_choice(rows: list[SampleRow]) -> tuple[list[float], list[int]]:
@@ -499,12 +640,13 @@ class Engine:
             tokens = seq.output_ids if seq is not None and seq.num_prompt <= len(seq.token_ids) else []
             outputs.append(CompletionOutput(sample.index, text, tokens, sample.finish_reason,
                                             list(sample.logprobs) if sample.logprobs is not None else None,
-                                            sample.cumulative_logprob, sample.stop_reason))
+                                            sample.cumulative_logprob, sample.stop_reason, sample.error))
         generated = sum(len(o.token_ids) for o in outputs)
         if _ranks_samples(request.params):
             outputs = _best(outputs, request.params.n)
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished,
-                             generated)
+                             generated, *(list(x) if x is not None else None
+                                          for x in (request.prompt_logprobs, request.prompt_ranks)))
 
     # ---- one pass, for verification ---------------------------------------------------------------
 
@@ -561,6 +703,11 @@ class LLM:
         self.device, self.dtype, self.is_random = self.engine.device, self.engine.dtype, self.engine.is_random
         self.model_name = model
         self._next_id = 0
+        # The latest output of every request a live generate/stream of this LLM owns (None until the first):
+        # whichever call steps the engine files each output here, and each call reads its own.
+        self._outputs: dict[str, RequestOutput | None] = {}
+        self._stepping = False
+        self._dropped: list[str] = []  # requests of streams finalised during a step: aborted right after it
 
     @property
     def backend(self) -> str:
@@ -644,6 +791,11 @@ class LLM:
 
         ``prompts``: a string, a list of token ids, or a list of either. ``params``: one for all,
         or one per prompt. A progress bar shows for big batches (``use_tqdm``: default from 64 prompts).
+        Everything is checked before anything is queued (ValueError); whatever this call queued is aborted
+        if it ends early (an exception, Ctrl-C). Other calls (a paused ``stream``) may run meanwhile; each
+        gets all of its own outputs. If a request's logits go non-finite, the others still finish, then
+        ``GenerationError`` names it (its ``outputs`` hold every result; the failed sample's
+        ``finish_reason`` is ``"error"``).
 
         Example:
             >>> llm = LLM('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
@@ -658,23 +810,26 @@ class LLM:
         else:
             per_prompt = [params] * len(batch)
         ids = self._add_all(batch, per_prompt)
-        results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", unit="prompt",
-                  disable=not (use_tqdm if use_tqdm is not None else len(ids) >= 64)) as bar:
-            try:
-                while self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        if out.finished:
-                            results[out.request_id] = out
-                            bar.update()
-            finally:
-                for request_id in ids:
-                    if request_id not in results and request_id in self.engine._requests:
-                        self.engine.abort(request_id)
-        return [results[i] for i in ids]
+        try:
+            with tqdm(total=len(ids), desc="generating", unit="prompt",
+                      disable=not (use_tqdm if use_tqdm is not None else len(ids) >= 64)) as bar:
+                while (done := sum(self._finished(i) for i in ids)) < len(ids):
+                    bar.update(done - bar.n)
+                    self._step()
+                bar.update(done - bar.n)
+            results = [self._outputs[i] for i in ids]
+        finally:
+            self._release(ids)
+        self._raise_failed(results)
+        return results
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text in pieces as tokens arrive (sample 0 of the request).
+
+        The request is queued at the first ``next()``. Other calls may step the engine while the caller
+        holds a piece; nothing of this stream is lost. Closing the iterator early (``close()``, ``break``,
+        garbage collection) aborts the request. If its logits go non-finite, the text so far has been
+        yielded and ``GenerationError`` says why.
 
         Example:
             >>> llm = LLM('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
@@ -685,18 +840,57 @@ class LLM:
         (request_id,) = self._add_all([prompt], [params])
         sent = 0
         try:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        text = out.outputs[0].text
-                        if len(text) > sent:
-                            yield text[sent:]
-                            sent = len(text)
-                        if out.finished:
-                            return
+            while True:
+                out = self._outputs[request_id]  # other calls may have stepped the engine since the last look
+                if out is not None:
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
+                        continue  # look again: while the caller held this piece, others may have stepped
+                    if out.finished:
+                        break
+                self._step()
+        finally:  # also when the caller stops early (close(), or the iterator is garbage-collected)
+            self._release([request_id])
+        self._raise_failed([out])
+
+    def _finished(self, request_id: str) -> bool:
+        out = self._outputs[request_id]
+        return out is not None and out.finished
+
+    def _step(self) -> None:
+        """One engine step; each output goes to the live call that owns its request, whichever call steps."""
+        if not self.engine.has_unfinished():  # only an abort from outside the LLM gets here
+            raise RuntimeError("the engine has nothing left to run, but a request of this LLM is unfinished")
+        self._stepping = True
+        try:
+            outputs = self.engine.step()
         finally:
-            if request_id in self.engine._requests:  # the caller stopped early
+            self._stepping = False
+        for out in outputs:
+            if out.request_id in self._outputs:
+                self._outputs[out.request_id] = out
+        dropped, self._dropped = self._dropped, []
+        self._release(dropped)
+
+    def _release(self, ids: list[str]) -> None:
+        """Forget ``ids``' outputs and abort those still running (the call ended early)."""
+        for request_id in ids:
+            self._outputs.pop(request_id, None)
+        if self._stepping:  # the garbage collector finalised a stream inside engine.step(): abort after it
+            self._dropped += ids
+            return
+        for request_id in ids:
+            if request_id in self.engine._requests:
                 self.engine.abort(request_id)
+
+    @staticmethod
+    def _raise_failed(outputs: list[RequestOutput]) -> None:
+        failed = [out for out in outputs if out.error is not None]
+        if failed:
+            more = f" ({len(failed) - 1} more requests failed too)" if len(failed) > 1 else ""
+            raise GenerationError(failed[0].error + more, outputs)
 
     def _as_batch(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         if not isinstance(prompts, str | Sequence):
@@ -710,14 +904,9 @@ class LLM:
         return batch
 
     def _add_all(self, prompts: list[Prompt], params: list[SamplingParams | None]) -> list[str]:
-        # Validate everything before queuing anything, so a bad prompt leaves the engine untouched.
-        for prompt, p in zip(prompts, params):
-            self.engine.encode(prompt)
-            if p is not None and not isinstance(p, SamplingParams):
-                raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
-        ids = []
-        for prompt, p in zip(prompts, params):
-            ids.append(f"llm-{self._next_id}")
-            self._next_id += 1
-            self.engine.add_request(ids[-1], prompt, p)
+        """Queue every prompt, or none (``Engine.add_requests`` checks them all first); their ids, in order."""
+        ids = [f"llm-{self._next_id + i}" for i in range(len(prompts))]
+        self.engine.add_requests(list(zip(ids, prompts, params)))
+        self._next_id += len(ids)
+        self._outputs.update(dict.fromkeys(ids))
         return ids

@@ -19,7 +19,8 @@ computes it, with ``seed = row_seed(seed, sample_index, step)`` and ``offsets = 
 LM-head kernel that calls ``tl.rand`` with the same seeds sees the same noise, bit for bit.
 
 Logprobs are ``log_softmax`` of the raw logits (before bias, penalties, temperature and filters), as
-vLLM returns them by default.
+vLLM returns them by default. A row whose logits hold a NaN or an infinity gets no token but an error
+(``SampledToken.error``); the other rows are sampled as if it were not there.
 """
 
 from __future__ import annotations
@@ -242,11 +243,62 @@ class SampleRow:
 
 @dataclass
 class SampledToken:
-    """The chosen token, and logprobs (of the raw logits) when ``params.logprobs`` is set."""
+    """The chosen token, and logprobs (of the raw logits) when ``params.logprobs`` is set.
+
+    ``error`` is set (and ``token_id`` is -1) when the row's logits were not finite: no token was chosen.
+    """
 
     token_id: int
     logprob: float | None = None
     top_logprobs: dict[int, float] | None = None  # most likely first
+    error: str | None = None
+
+
+NONFINITE = "the model's logits are not finite (NaN or infinity)"
+
+
+def row_check(x: torch.Tensor) -> torch.Tensor:
+    """One fp32 sum per row of ``x`` ((B, D) -> (B,)): NaN or +inf exactly when the row holds a NaN or a +inf
+    (a sum of finite logits or hidden values stays far below fp32's range). ``-inf`` alone is a masked
+    token, not an error. One reduction launch and no host sync: it is read with the chosen tokens.
+
+    Example:
+        >>> row_check(torch.tensor([[1.0, -float("inf")], [float("nan"), 0.0]])).tolist()
+        [-inf, nan]
+    """
+    return x.sum(dim=-1, dtype=torch.float32)
+
+
+def _bad(check: torch.Tensor) -> torch.Tensor:
+    return torch.isnan(check) | (check == math.inf)
+
+
+def mark_nonfinite(tokens: list[SampledToken], check: torch.Tensor) -> list[SampledToken]:
+    """Replace the token of every row whose ``row_check`` is NaN or +inf by an error (``token_id`` -1).
+
+    Example:
+        >>> mark_nonfinite([SampledToken(3), SampledToken(4)], torch.tensor([0.5, float("inf")]))[1].error
+        "the model's logits are not finite (NaN or infinity)"
+    """
+    for b, total in enumerate(check.tolist()):
+        if math.isnan(total) or total == math.inf:
+            tokens[b] = SampledToken(-1, error=NONFINITE)
+    return tokens
+
+
+def zero_nonfinite_rows(logits: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
+    """``logits`` with its bad rows (by ``row_check``) set to 0, so the filters and draws that follow
+    never see a row with nothing to keep (their tokens are discarded by ``mark_nonfinite``). No host sync.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])
+        >>> zero_nonfinite_rows(x, row_check(x)).tolist()
+        [[1.0, 2.0], [0.0, 0.0]]
+    """
+    bad = _bad(check)  # (B,)
+    if logits.device.type == "cpu" and not bad.any():  # no device to keep busy: skip the (B, V) copy
+        return logits
+    return logits.masked_fill(bad[:, None], 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,18 +674,19 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"sample_batch: logits must be (len(rows)={len(rows)}, V), got {tuple(logits.shape)}")
     params = [r.params for r in rows]
+    check = row_check(logits)  # (B,): a row with a NaN or infinity gets an error instead of a token
     plain = [not p.has_penalties and not p.needs_logprobs and not _has_bias_or_bans(r) for p, r in zip(params, rows)]
     if all(p.greedy for p in params) and all(plain):
-        return [SampledToken(t) for t in argmax_rows(logits).tolist()]  # the common fast path
+        return mark_nonfinite([SampledToken(t) for t in argmax_rows(logits).tolist()], check)  # the common fast path
 
-    raw = logits.float()  # (B, V)
+    raw = zero_nonfinite_rows(logits.float(), check)  # (B, V)
     processed = apply_bias_and_bans(raw, rows) if any(_has_bias_or_bans(r) for r in rows) else raw  # (B, V)
     if any(p.has_penalties for p in params):
         processed = apply_penalties(processed, rows)  # (B, V)
     token_ids = _choose(processed, rows)  # (B,)
     if not any(p.needs_logprobs for p in params):
-        return [SampledToken(t) for t in token_ids.tolist()]
-    return _with_logprobs(raw, token_ids, rows)
+        return mark_nonfinite([SampledToken(t) for t in token_ids.tolist()], check)
+    return mark_nonfinite(_with_logprobs(raw, token_ids, rows), check)
 
 
 def _choose(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:

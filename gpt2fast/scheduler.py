@@ -44,6 +44,7 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     fork_n: int = 1  # samples to split into when the prompt is done (n > 1 share one prefill)
     status: Status = Status.WAITING
+    all_logits: bool = False  # prompt scoring: every position's logits, so never served from the prefix cache
 
     @property
     def pending(self) -> int:
@@ -113,7 +114,7 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + seq.fork_n > self.max_num_seqs:
                 break
-            if seq.num_computed == 0:
+            if seq.num_computed == 0 and not seq.all_logits:
                 self._use_prefix_cache(seq)
             num_new = min(seq.pending, budget)
             if not self._reserve(seq, num_new, batch):

@@ -56,13 +56,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(command: str, *args: str, ready_path: str = "/health", timeout: float = 90.0) -> Iterator[Server]:
+def running(command: str, *args: str, ready_path: str = "/health", timeout: float = 90.0,
+            module: str = "gpt2fast") -> Iterator[Server]:
     """Start ``python -m gpt2fast COMMAND ARGS --host 127.0.0.1 --port <free>``; yield once ``ready_path`` answers 200.
+
+    ``module`` runs another entry point with the same command line (a test hook such as ``tests.poisoned_serve``).
 
     The process is stopped (SIGTERM, then SIGKILL) when the block ends, whatever happened inside it.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "gpt2fast", command, *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", module, command, *args, "--host", "127.0.0.1", "--port", str(port)]
     log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     server = Server(proc, f"http://127.0.0.1:{port}", log)

@@ -113,15 +113,24 @@ class Frontend:
         self.metrics.admitted.set(self.admitted)
 
     async def score(self, ids: list[int], top_n: int) -> tuple[list, list]:
-        """Prompt logprobs and ranks (``EngineLoop.score``), computed on the engine thread."""
+        """Prompt logprobs and ranks: a prefill-only engine request, queued (waiting for KV blocks) like any other."""
         future = asyncio.get_running_loop().create_future()
 
         def deliver(kind: str, payload: object) -> None:
-            if not future.done():
-                (future.set_exception if kind == "error" else future.set_result)(payload)
+            if future.done():
+                return
+            if kind == "scored":
+                future.set_result(payload)
+            else:
+                future.set_exception(payload if kind == "error" else ApiError(
+                    503, "The server is shutting down; the request was not finished", code="shutting_down"))
 
-        self.loop.score(ids, top_n, deliver)
-        return await future
+        request_id = self.loop.score(ids, top_n, deliver)
+        try:
+            return await future
+        except asyncio.CancelledError:  # nobody waits for it any more
+            self.loop.abort(request_id)
+            raise
 
 
 class _Job:
@@ -169,6 +178,8 @@ class _Job:
 
     def _deliver_for(self, i: int):
         def deliver(kind: str, payload: object) -> None:
+            if kind == "output" and payload.error is not None:  # its logits went non-finite: it alone fails
+                kind, payload = "error", ApiError(500, payload.error, code="nonfinite_logits")
             if kind == "output":
                 self.outputs[i] = payload
                 if payload.finished:

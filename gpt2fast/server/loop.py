@@ -4,7 +4,8 @@ It drains a thread-safe inbox (add, abort, score, close, stop) between steps, st
 anything is unfinished, and otherwise blocks on the inbox. What each request is owed goes back
 to the asyncio loop in one ``call_soon_threadsafe`` per iteration, as ``deliver(kind, payload)``
 calls: ``"output"`` (the cumulative ``RequestOutput``), ``"scored"`` (prompt logprobs and ranks),
-``"error"`` (an ``ApiError``), ``"aborted"`` (the server is closing).
+``"error"`` (an ``ApiError``), ``"aborted"`` (the server is closing). Scoring is an engine request
+like any other (``Engine.add_scoring_request``): it waits for KV blocks in the scheduler's queue.
 
 Every add and score is answered, even when the thread ends: on its way out (stopped, or killed by an
 unexpected exception) it answers what it took but never handled and what is still in the inbox, and
@@ -14,6 +15,7 @@ one sent after that is answered at once (503 ``engine_stopped``, or ``"aborted"`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -42,10 +44,11 @@ class _Live:
 
     deliver: Deliver
     arrival: float
-    n: int
+    n: int  # samples (0 for prompt scoring, which samples nothing)
     tokens: int = 0
     last_token: float | None = None
     done: set[int] = field(default_factory=set)  # samples that have finished
+    score: bool = False  # prompt scoring: delivers "scored" (the prompt logprobs) once, when its prefill is done
 
 
 class EngineLoop:
@@ -78,6 +81,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # an add/score either reaches the inbox before the thread ends, or is answered
         self._ended = False  # the thread takes no more work
         self._live: dict[str, _Live] = {}
+        self._score_ids = itertools.count()  # next() is atomic under the GIL: any thread may score
         self._outbox: list[tuple[Deliver, str, Any]] = []
         self._closed = False
         self._dirty = True  # something changed since the last idle pool check
@@ -113,10 +117,15 @@ class EngineLoop:
         """Stop a request and free its blocks (the client went away: nothing is delivered)."""
         self._inbox.put(("abort", request_id))
 
-    def score(self, prompt_ids: list[int], top_n: int, deliver: Deliver) -> None:
+    def score(self, prompt_ids: list[int], top_n: int, deliver: Deliver) -> str:
         """Prompt logprobs: ``deliver("scored", (entries, ranks))``, ``entries[i]`` for token ``i`` (``None`` for the
-        first) and ``ranks[i]`` its rank in the model's next-token distribution (1 = likeliest; ``None`` first)."""
-        self._submit(("score", prompt_ids, top_n, deliver))
+        first) and ``ranks[i]`` its rank in the model's next-token distribution (1 = likeliest; ``None`` first).
+
+        Queued through the scheduler like any prefill; returns its request id, for ``abort``.
+        """
+        request_id = f"score-{next(self._score_ids)}"
+        self._submit(("score", request_id, prompt_ids, top_n, deliver))
+        return request_id
 
     def close(self) -> None:
         """Abort everything in flight (each is told ``"aborted"``) and refuse what comes after."""
@@ -186,7 +195,7 @@ class EngineLoop:
             if command[0] == "add":
                 self._send(command[4], *(("error", stopped) if self.failure is not None else ("aborted", None)))
             elif command[0] == "score":
-                self._send(command[3], "error", stopped)
+                self._send(command[4], "error", stopped)
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]
@@ -217,28 +226,17 @@ class EngineLoop:
         self.metrics.prompt_tokens.inc(len(ids))
         self._dirty = True
 
-    def _score(self, ids: list[int], top_n: int, deliver: Deliver) -> None:
+    def _score(self, request_id: str, ids: list[int], top_n: int, deliver: Deliver) -> None:
         if self._closed:
             self._send(deliver, "error", ApiError(503, "the server is shutting down", code="shutting_down"))
             return
         try:
-            logprobs = torch.log_softmax(self.engine.logits(ids).float(), dim=-1)[:-1]  # (T-1, V): next-token
-        except RuntimeError as e:  # the KV pool has no room for the pass right now
-            self._send(deliver, "error", ApiError(503, f"cannot score the prompt now: {e}", code="overloaded",
-                                                  headers={"Retry-After": "1"}))
+            self.engine.add_scoring_request(request_id, ids, top_n)
+        except ValueError as e:
+            self._send(deliver, "error", ApiError(400, str(e)))
             return
-        following = torch.tensor(ids[1:], dtype=torch.long)  # (T-1,)
-        chosen_t = logprobs.gather(1, following[:, None])  # (T-1, 1)
-        chosen = chosen_t[:, 0].tolist()
-        ranks: list[int | None] = [None] + ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()  # vLLM's rank
-        top = logprobs.topk(top_n, dim=-1) if top_n else None
-        entries: list[dict[int, float] | None] = [None]
-        for i, token in enumerate(ids[1:]):
-            entry = {token: chosen[i]}
-            if top is not None:
-                entry.update(zip(top.indices[i].tolist(), top.values[i].tolist()))
-            entries.append(entry)
-        self._send(deliver, "scored", (entries, ranks))
+        self._live[request_id] = _Live(deliver, time.monotonic(), 0, score=True)
+        self._dirty = True
 
     def _step(self) -> None:
         try:
@@ -253,6 +251,12 @@ class EngineLoop:
         for out in outputs:
             live = self._live.get(out.request_id)
             if live is None:
+                continue
+            if live.score:
+                if out.finished:
+                    del self._live[out.request_id]
+                    self._send(live.deliver, *(("scored", (out.prompt_logprobs, out.prompt_ranks)) if out.error is None
+                                               else ("error", ApiError(500, out.error, code="nonfinite_logits"))))
                 continue
             self._observe(live, out, now)
             if out.finished:
