@@ -4,6 +4,7 @@ Example:
     gpt2fast generate --model random:gpt2 --prompt "Hello" --length 20 --temperature 0.8 --top-k 40 --seed 1
     gpt2fast generate --model gpt2 --nsamples 4 --batch-size 2 --unconditional
     gpt2fast generate --model gpt2                 # interactive: "Model prompt >>> "
+    printf 'Hello\nThe dog\n' | gpt2fast generate --model gpt2 --length 20   # a pipe: one prompt per line
     gpt2fast bench --model random:gpt2 --quick     # speed, floor and accuracy tables (gpt2fast.bench)
     gpt2fast attention --model gpt2 --text "The dog on the ship ran" --out attn.html   # gpt2fast.viz.cli
     gpt2fast explore --model gpt2                  # next-token explorer page (gpt2fast.viz.explore)
@@ -225,7 +226,7 @@ def _complete(llm, prompt: str, rounds: list[list], stream: bool) -> None:
 def _interactive(llm, rounds: list[list], stream: bool, piped: Iterator[str] | None = None) -> None:
     """Ask for prompts until end of input, like OpenAI's interactive_conditional_samples.py.
 
-    ``piped``: the lines of a non-terminal stdin, already read, taken as if typed.
+    ``piped``: the lines of a non-terminal stdin (``_piped_lines``), taken as if typed.
     """
     while True:
         try:

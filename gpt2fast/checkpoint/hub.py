@@ -31,7 +31,7 @@ def download(repo_id: str) -> Path:
                 return folder
     why = _why(errors[-1]) if errors else "the repository has no model.safetensors or pytorch_model.bin"
     raise CheckpointError(
-        f"could not fetch {repo_id!r} from the Hugging Face Hub: {why}; there is no local folder of that name either. "
+        f"could not get {repo_id!r} from the Hugging Face Hub: {why}; there is no local folder of that name either. "
         "Download it on a machine with network access and pass its folder: --model /path/to/folder (or "
         "LLM(folder)) holding config.json + model.safetensors, or an OpenAI checkpoint folder (hparams.json + "
         "model.ckpt.*)"
