@@ -780,11 +780,16 @@ def launch_row(p: Provider, skipped: list[str]) -> dict | None:
                 per_step=per_layer * n_layer + fixed, target_per_step=5 * n_layer + 3)
 
 
+# The library's names in messages -> bench's flags (``gpt2fast.cli.name_flags``).
+BENCH_FLAG_NAMES = {"device='cpu'": "--device cpu", "device '": "--device '"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``gpt2fast bench``: measure, print the tables, write ``bench.json`` and ``bench.md`` to ``--out``.
 
     Returns the exit status: 0, or 2 with a one-line message for bad input.
     """
+    from gpt2fast.cli import name_flags
     from gpt2fast.errors import CheckpointError
 
     threads = torch.get_num_threads()
@@ -799,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or threads)
         result = run(args)
     except (ValueError, CheckpointError) as e:
-        print(f"gpt2fast bench: error: {e}", file=sys.stderr)
+        print(f"gpt2fast bench: error: {name_flags(str(e), BENCH_FLAG_NAMES)}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it

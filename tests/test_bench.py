@@ -206,3 +206,8 @@ def test_without_transformers_asking_for_hf_exits_2_with_one_line(tmp_path):
     assert result.stderr.splitlines() == ['gpt2fast bench: error: --baselines hf-static needs transformers, which is '
                                           'not installed: pip install -e ".[bench]"']
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_bad_device_names_the_flag(capsys):
+    assert bench.main(["--model", TINY, "--device", "tpu"]) == 2
+    assert capsys.readouterr().err == "gpt2fast bench: error: unknown --device 'tpu'; use 'auto', 'cpu' or 'cuda'\n"
