@@ -21,7 +21,8 @@ same weights in the same process:
   beside the target ``5 * n_layer + 3``;
 * accuracy of every gpt2fast provider against the fp32 reference (the same weights on
   ``backend="reference"``, the naive spec, in float32): max |logits - reference| and max |logits - HF
-  fp32| over a fixed text, perplexity of that text, and greedy agreement over ``--greedy-tokens`` generated tokens,
+  fp32| (with transformers installed; without it bench runs and says how to add it) over a fixed text,
+  perplexity of that text, and greedy agreement over ``--greedy-tokens`` generated tokens,
   flagged when outside ``TOLERANCES``. The fixed text is a slice of ``pydoc_data.topics`` (sorted
   keys), which every CPython ships. With random weights perplexity is about the vocabulary size: it
   is there to compare backends, not models.
@@ -52,7 +53,7 @@ Outputs, in ``--out`` (default ``bench-results/``): ``bench.json``, ``bench.md``
                    "overhead_us", "hf_ratio" (when hf ran and overhead_us > 0): float}],
      "launches": [{"provider", "backend": str, "per_layer", "fixed", "per_step", "target_per_step": int}],
      "accuracy": [{"provider", "backend", "dtype": str, "text_tokens", "greedy_tokens": int,
-                   "max_abs_logit_err", "max_abs_logit_diff_hf", "ppl", "ref_ppl", "ppl_rel_diff",
+                   "max_abs_logit_err", "max_abs_logit_diff_hf" (with transformers), "ppl", "ref_ppl", "ppl_rel_diff",
                    "agree_until_divergence", "agree_total": float, "flags": [str]}]}
 
 Every number is finite. Every number is > 0 except the fields in ``MAY_BE_ZERO`` (errors and
@@ -85,6 +86,8 @@ from gpt2fast.engine import LLM
 from gpt2fast.ops import BACKENDS
 from gpt2fast.sampling import SamplingParams
 
+# Without transformers bench still runs (accuracy is against our reference, the spec) and says how to add HF.
+HF_INSTALL = 'pip install -e ".[bench]" adds them'
 MAY_BE_ZERO = {"max_abs_logit_err", "max_abs_logit_diff_hf", "ppl_rel_diff", "spread_pct", "load_avg_1m", "overhead_us"}
 FRACTIONS = {"agree_until_divergence", "agree_total"}
 MIXED_PROMPT_LENS = (16, 23, 30, 37, 43, 50, 57, 64)  # a batch of B cycles through these
@@ -449,7 +452,7 @@ class Reference:
     ids: list[int]
     prefix: list[int]
     logits: torch.Tensor  # (T, V) fp32, backend torch
-    hf_logits: torch.Tensor  # (T, V) fp32, transformers
+    hf_logits: torch.Tensor | None  # (T, V) fp32, transformers; None without it
     ppl: float
     greedy: list[int]
 
@@ -459,8 +462,10 @@ def make_reference(llm: LLM, ppl_tokens: int, greedy: int) -> Reference:
     ids = llm.tokenizer.encode(fixed_text())[:min(ppl_tokens, llm.config.n_positions)]
     prefix = ids[:16]
     logits = llm.logits(ids)
-    with torch.no_grad():
-        hf_logits = hf_twin(llm, torch.float32)(torch.tensor([ids], device=llm.device)).logits[0].float()
+    hf_logits = None
+    if transformers_missing() is None:
+        with torch.no_grad():
+            hf_logits = hf_twin(llm, torch.float32)(torch.tensor([ids], device=llm.device)).logits[0].float()
     n = min(greedy, llm.config.n_positions - len(prefix))
     return Reference(ids, prefix, logits, hf_logits, perplexity(logits, ids), greedy_tokens(llm, prefix, n))
 
@@ -473,9 +478,10 @@ def measure_accuracy(p: Provider, ref: Reference) -> dict:
     ppl = perplexity(logits, ref.ids)
     until, total = agreement(greedy_tokens(p.llm, ref.prefix, len(ref.greedy)), ref.greedy)
     row = dict(provider=p.name, backend=p.backend, dtype=p.dtype, text_tokens=len(ref.ids),
-               greedy_tokens=len(ref.greedy), max_abs_logit_err=err,
-               max_abs_logit_diff_hf=(logits - ref.hf_logits).abs().max().item(), ppl=ppl, ref_ppl=ref.ppl,
+               greedy_tokens=len(ref.greedy), max_abs_logit_err=err, ppl=ppl, ref_ppl=ref.ppl,
                ppl_rel_diff=abs(ppl - ref.ppl) / ref.ppl, agree_until_divergence=until, agree_total=total)
+    if ref.hf_logits is not None:
+        row["max_abs_logit_diff_hf"] = (logits - ref.hf_logits).abs().max().item()
     checks = {"logits": err <= tol.logits_rel * max(1.0, ref.logits.abs().max().item()),
               "ppl": row["ppl_rel_diff"] <= tol.ppl_rel, "greedy": total >= tol.agree_total}
     return row | {"flags": [name for name, ok in checks.items() if not ok]}
@@ -622,7 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the profile and check them; a bad value raises ValueError."""
+    """Fill unset options from the profile and check them; a bad value raises ValueError.
+
+    Without transformers the profile's HF baselines are dropped (``run`` says so); asked for by name, they are an error.
+    """
+    if args.baselines and transformers_missing():
+        raise ValueError(f"--baselines {' '.join(args.baselines)} needs transformers, which is not installed: "
+                         'pip install -e ".[bench]"')
     for key, value in PROFILES["quick" if args.quick else "full"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -665,14 +677,27 @@ def reference_llm(args: argparse.Namespace, providers: list[Provider]) -> LLM:
     return LLM(args.model, backend="reference", dtype="float32", device=providers[0].llm.device)
 
 
+def transformers_missing() -> str | None:
+    """Why transformers cannot be imported (the HF baselines and the 'vs hf' column need it), or None.
+
+    Example:
+        >>> transformers_missing() is None or "transformers" in transformers_missing()
+        True
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return str(e) or "transformers is not installed"
+    return None
+
+
 def baselines(args: argparse.Namespace, llm: LLM, skipped: list[str]) -> list[Provider]:
-    found = []
-    for name in args.baselines:
-        try:
-            found.append(hf_provider(llm, static=name == "hf-static"))
-        except ImportError as e:
-            skipped.append(f"{name}: transformers is not installed ({e})")
-    return found
+    """The HF baselines ``args`` asks for; without transformers none, and ``skipped`` says how to add them."""
+    if transformers_missing() is not None:
+        skipped.append(f"the HF baselines ({', '.join(args.baselines) or 'none asked for'}) and the 'max|diff| vs "
+                       f"hf' accuracy column: transformers is not installed; {HF_INSTALL}")
+        return []
+    return [hf_provider(llm, static=name == "hf-static") for name in args.baselines]
 
 
 def machine_meta(args: argparse.Namespace, llm: LLM, bandwidth: float) -> dict:
@@ -755,11 +780,16 @@ def launch_row(p: Provider, skipped: list[str]) -> dict | None:
                 per_step=per_layer * n_layer + fixed, target_per_step=5 * n_layer + 3)
 
 
+# The library's names in messages -> bench's flags (``gpt2fast.cli.name_flags``).
+BENCH_FLAG_NAMES = {"device='cpu'": "--device cpu", "device '": "--device '"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``gpt2fast bench``: measure, print the tables, write ``bench.json`` and ``bench.md`` to ``--out``.
 
     Returns the exit status: 0, or 2 with a one-line message for bad input.
     """
+    from gpt2fast.cli import name_flags
     from gpt2fast.errors import CheckpointError
 
     threads = torch.get_num_threads()
@@ -774,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or threads)
         result = run(args)
     except (ValueError, CheckpointError) as e:
-        print(f"gpt2fast bench: error: {e}", file=sys.stderr)
+        print(f"gpt2fast bench: error: {name_flags(str(e), BENCH_FLAG_NAMES)}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it

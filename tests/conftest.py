@@ -16,6 +16,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist (`pytest -n 2`): each worker takes its share of the cores, it and the processes its tests start
+# (servers, CLI runs), or the workers' OpenMP threads spin against each other (see one_torch_thread below).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
 # Configs the parity tests run on: tiny odd shapes plus the real 124M shape.
 TINY = dict(n_layer=3, n_embd=96, n_head=6, vocab_size=1000, n_positions=64)
 ODD = dict(n_layer=2, n_embd=60, n_head=5, vocab_size=777, n_positions=128, n_inner=100,

@@ -172,3 +172,42 @@ def test_cli_help_and_bad_arguments():
     assert "--threads must be a positive integer" in cli("--threads", "0").stderr
     unknown = cli("--backends", "foo")
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
+# A plain install (`pip install -e .`) has no transformers: this process cannot import it.
+WITHOUT_TRANSFORMERS = ("import sys; sys.modules['transformers'] = None; from gpt2fast.bench import main; "
+                        "raise SystemExit(main(sys.argv[1:]))")
+QUICKEST = ["--model", 'random:{"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64}', "--backends", "torch",
+            "--batch-sizes", "1", "--prompt-lens", "5", "--contexts", "5", "--decode-tokens", "8", "--repeats", "2",
+            "--greedy-tokens", "4", "--ppl-tokens", "20", "--threads", "1"]
+
+
+def bench_without_transformers(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TRANSFORMERS, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_transformers_bench_runs_and_says_how_to_add_hf(tmp_path):
+    result = bench_without_transformers("--quick", *QUICKEST, "--out", str(tmp_path))  # --quick: hf by default
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert 'transformers is not installed; pip install -e ".[bench]" adds them' in result.stdout
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["transformers"] == "not installed"
+    assert {r["provider"] for r in data["decode"]} == {"gpt2fast[torch]/float32"}  # no hf row
+    (accuracy,) = data["accuracy"]
+    assert set(accuracy) == ACCURACY_KEYS - {"max_abs_logit_diff_hf"}
+    assert accuracy["max_abs_logit_err"] < 1e-4 and accuracy["agree_total"] == 1 and accuracy["flags"] == []
+
+
+def test_without_transformers_asking_for_hf_exits_2_with_one_line(tmp_path):
+    result = bench_without_transformers(*QUICKEST, "--baselines", "hf-static", "--out", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ['gpt2fast bench: error: --baselines hf-static needs transformers, which is '
+                                          'not installed: pip install -e ".[bench]"']
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_bad_device_names_the_flag(capsys):
+    assert bench.main(["--model", TINY, "--device", "tpu"]) == 2
+    assert capsys.readouterr().err == "gpt2fast bench: error: unknown --device 'tpu'; use 'auto', 'cpu' or 'cuda'\n"

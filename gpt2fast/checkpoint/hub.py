@@ -19,19 +19,47 @@ def download(repo_id: str) -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    errors = []
+    errors: list[Exception] = []
     for local_only in (True, False):
         for patterns in (_SAFETENSORS, _BIN):
             try:
                 folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
-            except Exception as e:  # hub errors differ by cause (offline, missing repo, auth); report them all
-                errors.append(f"{type(e).__name__}: {e}")
+            except Exception as e:  # hub errors differ by cause (offline, missing repo, auth); the last says why
+                errors.append(e)
                 break
             if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
                 return folder
+    why = _why(errors[-1]) if errors else "the repository has no model.safetensors or pytorch_model.bin"
     raise CheckpointError(
-        f"could not get {repo_id!r} from the Hugging Face Hub, and there is no local folder of that name "
-        f"({errors[-1] if errors else 'no weights in the repository'}). If this machine is offline, download "
-        "the model elsewhere and pass its folder: --model /path/to/folder (config.json + model.safetensors), "
-        "or an OpenAI checkpoint folder (hparams.json + model.ckpt.*)."
+        f"could not get {repo_id!r} from the Hugging Face Hub: {why}; there is no local folder of that name either. "
+        "Download it on a machine with network access and pass its folder: --model /path/to/folder (or "
+        "LLM(folder)) holding config.json + model.safetensors, or an OpenAI checkpoint folder (hparams.json + "
+        "model.ckpt.*)"
     )
+
+
+def _why(error: Exception) -> str:
+    """A few words for a huggingface_hub error: its own text is many lines of advice meant for its own API.
+
+    Example:
+        >>> _why(ValueError("one\\ntwo"))
+        'ValueError: one'
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        if constants.HF_HUB_OFFLINE:
+            return "this process is offline (HF_HUB_OFFLINE is set) and the id is not in the local Hub cache"
+        return "the Hub could not be reached (offline?) and the id is not in the local Hub cache"
+    if isinstance(error, GatedRepoError):
+        return "the repository is gated: accept its terms on the Hub and log in (hf auth login)"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repository (or it is private: log in with hf auth login)"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line[:200]}".rstrip(": ")

@@ -14,6 +14,7 @@ share ``nvcc_command``'s flags. Run ``python -m gpt2fast.ops.cuda_build report``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -201,8 +203,9 @@ def build_emulated(source: Path = BINDINGS, module_name: str = "_C_emu", *, sani
     """Build (or find cached) the emulated module from ``source``; returns the ``.so`` path.
 
     The cache key hashes the command, the compiler's version, ``source`` and every header under
-    ``csrc/`` and ``include_dirs``. Concurrent builds are safe: each writes a temporary file and
-    renames it into place.
+    ``csrc/`` and ``include_dirs``. Concurrent builds (pytest-xdist workers, parallel CI jobs) are safe and
+    compile once: the first takes a lock file beside the output, the others wait for it and find the module
+    built; the compiler writes a temporary file that is renamed into place, so no one loads a half-written one.
 
     Example:
         >>> build_emulated().suffix  # doctest: +SKIP
@@ -216,18 +219,40 @@ def build_emulated(source: Path = BINDINGS, module_name: str = "_C_emu", *, sani
     if output.is_file():
         return output
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{module_name}-", suffix=".so", dir=output.parent)
-    os.close(fd)
-    try:
-        command = emulated_command(source, Path(tmp), module_name, sanitize=sanitize, include_dirs=include_dirs)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BuildError(f"building {module_name} failed:\n{' '.join(command)}\n{done.stderr[-6000:]}")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _exclusive(output.with_name(output.name + ".lock")):
+        if output.is_file():  # built by another process while this one waited
+            return output
+        fd, tmp = tempfile.mkstemp(prefix=f".{module_name}-", suffix=".so", dir=output.parent)
+        os.close(fd)
+        try:
+            command = emulated_command(source, Path(tmp), module_name, sanitize=sanitize, include_dirs=include_dirs)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BuildError(f"building {module_name} failed:\n{' '.join(command)}\n{done.stderr[-6000:]}")
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return output
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (released when the holder exits, even killed).
+
+    Without ``fcntl`` (not POSIX) builds may overlap: still correct (the rename), only slower.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _LOADED: dict[str, ModuleType] = {}
