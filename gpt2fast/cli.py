@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from gpt2fast.errors import CheckpointError
 from gpt2fast.ops import BACKENDS
+from gpt2fast.outputs import GenerationError
 
 INTERACTIVE_PROMPT = "Model prompt >>> "
 # Subcommands with their own parser: `gpt2fast NAME ARGS...` calls MODULE.main(ARGS) and exits with its status.
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_status(prog: str, action: Callable[[], object], flags: dict[str, str] | None = None) -> int:
-    """Run a command's ``action``: 0; 2 with one line ``PROG: error: ...`` for bad input; 130 on Ctrl-C.
+    """Run a command's ``action``: 0; 2 with one line ``PROG: error: ...`` for bad input; 1 with one line when a
+    request failed at run time (``GenerationError``); 130 on Ctrl-C.
 
     ``flags``: the library's names in the message -> the command's flags (see ``name_flags``).
 
@@ -272,6 +274,9 @@ def exit_status(prog: str, action: Callable[[], object], flags: dict[str, str] |
     except (ValueError, CheckpointError) as e:
         print(f"{prog}: error: {name_flags(str(e), flags) if flags else e}", file=sys.stderr)
         return 2
+    except GenerationError as e:  # the input was fine; the model's numbers were not (its logits went non-finite)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

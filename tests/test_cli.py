@@ -164,3 +164,17 @@ def test_the_flag_table_renames_only_whole_library_names():
     assert cli.name_flags("SamplingParams.top_k must be an integer >= -1") == "--top-k must be an integer >= -1"
     assert cli.name_flags(cli.name_flags("unknown device 'x'")) == "unknown --device 'x'"  # idempotent
     assert cli.name_flags("mydevice 'x'") == "mydevice 'x'"
+
+
+def test_a_request_whose_logits_overflow_exits_1_with_one_line(tmp_path, capsys):
+    """Finite weights can still overflow: a huge final-LayerNorm bias sends every logit past fp32's range."""
+    from conftest import TINY, hf_model, save_hf
+
+    model = hf_model(TINY)
+    model.transformer.ln_f.bias.data.fill_(3e38)  # finite, so the load-time check passes; logits are not
+    folder = save_hf(model, tmp_path / "overflow", "safetensors")
+    capsys.readouterr()  # what transformers said while writing the folder
+    args = ["generate", "--model", str(folder), "--prompt", "a b", "--length", "3", "--temperature", "0"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpt2fast: error: ") and "not finite" in err[0], err
