@@ -7,12 +7,10 @@ import ipaddress
 import os
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 
-import uvicorn
-
 from gpt2fast.errors import CheckpointError
+from gpt2fast.http_limits import ConnectionLimits, LimitedServer, add_arguments, check_port, uvicorn_config
 from gpt2fast.ops import BACKENDS
 from gpt2fast.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
 
@@ -75,22 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM/SIGINT waits for open connections before cancelling them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs time under load)")
+    add_arguments(p)
     return p
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, told first when a signal arrives, and without re-raising the signal after a clean shutdown.
+class _Server(LimitedServer):
+    """uvicorn, with the connection limits, told first when a signal arrives, and without re-raising the
+    signal after a clean shutdown.
 
     (uvicorn's own ``handle_exit`` records the signal and raises it again once shut down, so SIGTERM
     would end the process with status -15 instead of 0.)
     """
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self.on_exit = on_exit
-
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.on_exit()  # abort in-flight engine requests so open streams end and shutdown can complete
+        self.begin_exit()  # abort in-flight engine requests so open streams end and shutdown can complete
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
@@ -113,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         2
     """
     args = build_parser().parse_args(argv)
+    try:
+        limits = ConnectionLimits.from_args(args)
+        check_port(args.port)  # uvicorn would fail late, with an OverflowError traceback
+    except ValueError as e:
+        print(f"gpt2fast serve: error: {e}", file=sys.stderr)
+        return 2
     import torch
 
     from gpt2fast.engine import Engine
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs)
         app = make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                       allowed_hosts=loopback_host_names(args.host))
+                       allowed_hosts=loopback_host_names(args.host), body_timeout=limits.body_timeout)
     except (ValueError, CheckpointError) as e:
         print(f"gpt2fast serve: error: {e}", file=sys.stderr)
         return 2
@@ -138,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if loopback_host_names(args.host) is None and not args.api_key:
         print(f"gpt2fast serve: warning: listening on {args.host} without --api-key: anyone who reaches it can use it",
               file=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+    config = uvicorn_config(app, limits, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
     server = _Server(config, on_exit=app.state.frontend.begin_shutdown)
     try:
         server.run()
