@@ -229,15 +229,20 @@ def test_explore_keeps_answering_and_a_client_hanging_up_mid_upload_leaves_no_tr
         assert_quiet_log(server)
 
 
-def test_bad_ports_exit_2_naming_the_flag():
-    runs = {(command, port): subprocess.Popen([sys.executable, "-m", "gpt2fast", command, "--model", TINY_MODEL,
-                                               "--port", port], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                              text=True)
-            for command, port in (("serve", "99999"), ("explore", "-1"))}  # the other pairs run in-process below
-    for (command, port), proc in runs.items():
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2, (command, port, out, err)
-        assert err.strip() == f"gpt2fast {command}: error: --port must be from 0 to 65535, got {port}", err
+def test_bad_ports_and_a_kv_cache_over_memory_exit_2_with_one_line():
+    cases = {  # the other port cases run in-process below
+        ("serve", "--port", "99999"): "gpt2fast serve: error: --port must be from 0 to 65535, got 99999",
+        ("explore", "--port", "-1"): "gpt2fast explore: error: --port must be from 0 to 65535, got -1",
+        ("serve", "--kv-cache-tokens", "1000000000000"): "gpt2fast serve: error: --kv-cache-tokens=1000000000000 "
+                                                         "does not fit in memory: its KV cache needs 476,837.16 GiB",
+    }
+    runs = {case: subprocess.Popen([sys.executable, "-m", "gpt2fast", case[0], "--model", TINY_MODEL, *case[1:]],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for case in cases}
+    for case, proc in runs.items():
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 2, (case, out, err)
+        lines = [line for line in err.splitlines() if "warning: " not in line]  # random weights are announced
+        assert len(lines) == 1 and lines[0].startswith(cases[case]), err
 
 
 @pytest.mark.parametrize("main", ["serve", "explore"])

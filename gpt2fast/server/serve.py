@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import signal
 import sys
 from types import FrameType
@@ -39,6 +40,19 @@ def loopback_host_names(host: str) -> list[str] | None:
         return None
     name = f"[{address.compressed}]" if address.version == 6 else address.compressed
     return LOOPBACK_HOSTS + ([name] if name not in LOOPBACK_HOSTS else [])
+
+
+ENGINE_FLAGS = ("kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "cpu_threads")
+
+
+def as_flags(message: str) -> str:
+    """An engine message with its field names written as this command's flags.
+
+    Example:
+        >>> as_flags("kv_cache_tokens=64 is too small: raise kv_cache_tokens")
+        '--kv-cache-tokens=64 is too small: raise --kv-cache-tokens'
+    """
+    return re.sub(r"\b(" + "|".join(ENGINE_FLAGS) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                        allowed_hosts=loopback_host_names(args.host), body_timeout=limits.body_timeout)
     except (ValueError, CheckpointError) as e:
-        print(f"gpt2fast serve: error: {e}", file=sys.stderr)
+        print(f"gpt2fast serve: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     if engine.is_random:
         print(f"gpt2fast serve: warning: {args.model} has random weights: completions are gibberish.", file=sys.stderr)
