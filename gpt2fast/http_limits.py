@@ -18,7 +18,7 @@ their headers pile up until file descriptors run out and every accept() logs a t
 * ``raise_fd_limit``: the soft ``RLIMIT_NOFILE`` raised to the hard limit; the cap kept below it.
 * ``LimitedServer``: a ``uvicorn.Server`` whose loop logs running out of file descriptors once per interval
   instead of a traceback per failed accept().
-* ``add_arguments`` / ``ConnectionLimits.from_args``: the flags shared by ``serve`` and ``explore``.
+* ``add_arguments`` / ``ConnectionLimits.from_args`` (and ``check_port``): flags shared by ``serve``, ``explore``.
 
 At internet scale put a reverse proxy (nginx, envoy) in front anyway: TLS, auth, per-client rate limits.
 """
@@ -290,7 +290,9 @@ def uvicorn_config(app: Any, limits: ConnectionLimits, **kwargs: Any) -> uvicorn
     fd_limit = raise_fd_limit()
     cap = connection_cap(limits.max_connections, fd_limit)
     protocol = functools.partial(LimitedH11Protocol, guard=_Guard(limits, cap))
-    config = uvicorn.Config(app, http=protocol, timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
+    # ws="none": no route speaks WebSocket, and an upgraded connection would leave the cap's count
+    config = uvicorn.Config(app, http=protocol, ws="none",  # type: ignore[arg-type]
+                            timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, **kwargs)
     if cap < limits.max_connections:  # after Config: it sets up uvicorn's logging
         logger.warning("--max-connections %d lowered to %d: the file-descriptor limit is %d (raise it with "

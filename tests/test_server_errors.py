@@ -59,7 +59,8 @@ CASES = [
     Case("json_not_an_object", 400, "must be a json object", raw=b'["model", "prompt"]'),
     Case("empty_body", 400, "empty", raw=b""),
     Case("nan_is_not_json", 400, "nan is not valid json", raw=b'{"model": "m", "temperature": NaN}'),
-    Case("deeply_nested_json", 400, "parse the json", raw=b"[" * 50_000 + b"]" * 50_000),
+    Case("deeply_nested_json", 400, "parse the json", raw=b'{"a":' * 10_000 + b"1" + b"}" * 10_000),
+    Case("deeply_nested_lists", 400, "holds 50000 json lists", "prompt", raw=b"[" * 50_000 + b"]" * 50_000),
     Case("not_utf8", 400, "parse the json", raw=b'{"model": "\xff\xfe"}'),
     Case("wrong_content_type", 415, "application/json", raw=b'{"model": "x"}', headers={**AUTH, "Content-Type":
                                                                                         "text/plain"}),

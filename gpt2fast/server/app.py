@@ -84,7 +84,7 @@ class Frontend:
         self.loop = EngineLoop(engine, self.metrics)
         self.model_name, self.api_key, self.max_body_bytes = model_name, api_key, max_body_bytes
         self.body_timeout = body_timeout
-        self.stopping = asyncio.Event()  # set at shutdown: bodies still arriving are answered 503
+        self.stopping: asyncio.Event | None = None  # set at shutdown: bodies still arriving are answered 503
         self.aio: asyncio.AbstractEventLoop | None = None  # the server's event loop, once its lifespan starts
         self.capacity = self.loop.max_num_seqs + max_queue  # sequences in flight: the batch plus the queue
         cfg = engine.config
@@ -98,7 +98,7 @@ class Frontend:
         if not self.shutting_down:
             self.shutting_down = True
             self.loop.close()
-            if self.aio is not None:  # call_soon_threadsafe: safe from a signal handler too
+            if self.aio is not None and self.stopping is not None:  # call_soon_threadsafe: safe in a signal handler
                 self.aio.call_soon_threadsafe(self.stopping.set)
 
     def admit(self, seqs: int) -> None:
@@ -421,7 +421,7 @@ def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     frontend: Frontend = app.state.frontend
-    frontend.aio = asyncio.get_running_loop()
+    frontend.aio, frontend.stopping = asyncio.get_running_loop(), asyncio.Event()  # an Event belongs to one loop
     frontend.loop.start(frontend.aio)
     yield
     frontend.begin_shutdown()

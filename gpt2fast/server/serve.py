@@ -42,7 +42,7 @@ def loopback_host_names(host: str) -> list[str] | None:
     return LOOPBACK_HOSTS + ([name] if name not in LOOPBACK_HOSTS else [])
 
 
-ENGINE_FLAGS = ("kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "cpu_threads")
+ENGINE_FLAGS = ("kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens")  # engine fields with a flag here
 
 
 def as_flags(message: str) -> str:
