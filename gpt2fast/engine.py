@@ -89,6 +89,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'float16' or 'bfloat16'")
 
 
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache: the GPU's free memory, or the host's available memory (page cache included)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable cache, SC_AVPHYS_PAGES does not
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -224,21 +239,24 @@ class Engine:
             raise ValueError("give kv_cache_tokens or kv_cache_memory_fraction, not both")
         if fraction is not None and not (isinstance(fraction, float | int) and 0 < fraction <= 1):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
-        if tokens is None:
-            if fraction is None and self.device.type == "cpu":
-                tokens = 8 * cfg.n_positions
-            else:
-                if self.device.type == "cuda":
-                    free = torch.cuda.mem_get_info(self.device)[0]
-                else:
-                    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-                block_bytes = KVCache.bytes_per_block(cfg, bs, self.dtype)
-                tokens = int(free * (fraction or 0.9) // block_bytes) * bs
-        blocks = -(-_positive_int("kv_cache_tokens", tokens) // bs)
+        block_bytes = KVCache.bytes_per_block(cfg, bs, self.dtype)
+        free = _free_memory(self.device)
+        if tokens is None and (fraction is not None or self.device.type != "cpu"):
+            fraction = fraction or 0.9
+            blocks = int(free * fraction // block_bytes)
+            name, source = "kv_cache_memory_fraction", f"kv_cache_memory_fraction={fraction:g} of {_gib(free)} free"
+        else:
+            tokens = 8 * cfg.n_positions if tokens is None else _positive_int("kv_cache_tokens", tokens)
+            blocks = -(-tokens // bs)
+            name, source = "kv_cache_tokens", f"a KV cache of {blocks} blocks of {bs} tokens"
+            if blocks * block_bytes > free:  # checked before allocating: torch would fail (or overcommit) later
+                raise ValueError(f"kv_cache_tokens={tokens} does not fit in memory: its KV cache needs "
+                                 f"{_gib(blocks * block_bytes)}, and {_gib(free)} of {self.device.type} memory is "
+                                 "free; lower kv_cache_tokens")
         needed = -(-cfg.n_positions // bs)
         if blocks < needed:
-            raise ValueError(f"a KV cache of {blocks} blocks of {bs} tokens cannot hold one full-context sequence "
-                             f"({cfg.n_positions} tokens, {needed} blocks); give it more room")
+            raise ValueError(f"{source} cannot hold one full-context sequence ({cfg.n_positions} tokens, {needed} "
+                             f"blocks of {bs}; it gives {blocks}); raise {name}")
         return blocks
 
     @property

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from conftest import hf_model, save_hf
@@ -247,3 +250,29 @@ def test_pool_sized_from_tokens_or_a_memory_fraction():
         Engine(model, kv_cache_memory_fraction=1.5)
     with pytest.raises(ValueError, match="not both"):
         Engine(model, kv_cache_tokens=64, kv_cache_memory_fraction=0.5)
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating():
+    model = 'random:{"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}'
+    with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else open(os.devnull) as f:
+        avail = next((int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:")), 2**40)
+    bytes_per_token = 2 * 2 * 32 * 4  # K and V, 2 layers, 32 wide, fp32
+    for tokens in (10**12, 2 * avail // bytes_per_token):
+        start = time.perf_counter()
+        says = (f"^kv_cache_tokens={tokens} does not fit in memory: its KV cache needs [\\d,.]+ GiB, and [\\d,.]+ GiB "
+                "of cpu memory is free; lower kv_cache_tokens$")
+        with pytest.raises(ValueError, match=says):
+            Engine(model, kv_cache_tokens=tokens)
+        assert time.perf_counter() - start < 30  # no attempt to allocate (or touch) the pages
+    assert Engine(model, kv_cache_tokens=avail // bytes_per_token // 1000).pool.num_blocks > 64
+
+
+def test_a_too_small_memory_fraction_is_named_as_the_cause():
+    model = 'random:{"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 64}'
+    for fraction in (1e-15, 1e-12):
+        with pytest.raises(ValueError) as e:
+            Engine(model, kv_cache_memory_fraction=fraction)
+        message = str(e.value)
+        assert message.startswith(f"kv_cache_memory_fraction={fraction:g} of ") and "kv_cache_tokens" not in message
+        assert message.endswith("cannot hold one full-context sequence (64 tokens, 4 blocks of 16; it gives 0); "
+                                "raise kv_cache_memory_fraction"), message

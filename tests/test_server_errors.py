@@ -59,7 +59,8 @@ CASES = [
     Case("json_not_an_object", 400, "must be a json object", raw=b'["model", "prompt"]'),
     Case("empty_body", 400, "empty", raw=b""),
     Case("nan_is_not_json", 400, "nan is not valid json", raw=b'{"model": "m", "temperature": NaN}'),
-    Case("deeply_nested_json", 400, "parse the json", raw=b"[" * 50_000 + b"]" * 50_000),
+    Case("deeply_nested_json", 400, "parse the json", raw=b'{"a":' * 10_000 + b"1" + b"}" * 10_000),
+    Case("deeply_nested_lists", 400, "holds 50000 json lists", "prompt", raw=b"[" * 50_000 + b"]" * 50_000),
     Case("not_utf8", 400, "parse the json", raw=b'{"model": "\xff\xfe"}'),
     Case("wrong_content_type", 415, "application/json", raw=b'{"model": "x"}', headers={**AUTH, "Content-Type":
                                                                                         "text/plain"}),
@@ -157,6 +158,8 @@ CASES = [
     Case("prompt_plus_max_tokens_over_context", 400, "1000 in your prompt; 100 for the completion", "max_tokens",
          body={"prompt": [11] * 1000, "max_tokens": 100}),
     Case("more_prompts_than_capacity", 400, "3 prompts", "prompt", body={"prompt": ["a", "b", "c"]}),
+    Case("huge_prompt_list", 400, "15001 json lists: one request may send at most 2 prompts", "prompt",
+         body={"prompt": [[1]] * 15_000}),
     # routes
     Case("unknown_route", 404, "invalid url (post /v1/nothing)", path="/v1/nothing"),
     Case("wrong_method", 405, "method not allowed", method="GET"),
@@ -338,3 +341,79 @@ def test_health_and_metrics_need_no_key_and_the_server_still_serves(server):
     text = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'gpt2fast_requests_total{status="400"}' in text and "gpt2fast_requests_total{status=\"500\"}" not in text
     good_request_works(server)
+
+
+class _CountingTokenizer:
+    """A tokenizer that counts what is asked of it (a huge prompt list must be refused before any of it)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def encode(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.encode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.decode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("prompt", [[[1]] * 200_000, ["a"] * 200_000, [[1], "a"] * 100_000],
+                         ids=["token_lists", "strings", "mixed"])
+def test_a_huge_prompt_list_is_refused_by_its_count_before_any_prompt_is_read(prompt):
+    from gpt2fast.server.protocol import ApiError, ModelLimits, split_prompts
+    from gpt2fast.tokenizer import load_tokenizer
+
+    tokenizer = _CountingTokenizer(load_tokenizer())
+    limits = ModelLimits(tokenizer, 50257, 1024, 50256, max_seqs=320)
+    with pytest.raises(ApiError) as e:
+        split_prompts(prompt, limits)
+    assert e.value.status == 400 and e.value.param == "prompt"
+    assert e.value.message == "200000 prompts: one request may send at most 320 prompts (prompts x n)"
+    assert tokenizer.calls == 0
+    assert len(split_prompts([[1]] * 320, limits)) == 320 and tokenizer.calls == 320  # the limit itself is fine
+
+
+def _count_lists(value) -> int:
+    if isinstance(value, list):
+        return 1 + sum(_count_lists(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_count_lists(v) for v in value.values())
+    return 0
+
+
+def test_json_lists_are_counted_on_the_raw_bytes_as_the_parser_sees_them():
+    """``check_json_lists`` counts ``[`` outside strings: against json.loads on random bodies whose strings hold
+    brackets, quotes and backslashes (escaped as JSON escapes them, ASCII or not)."""
+    from gpt2fast.server.protocol import OTHER_LISTS, ApiError, check_json_lists, count_json_lists
+
+    rng = random.Random(13)
+    alphabet = ['[', ']', '"', '\\', 'a', ' ', '\u00e9', '\\u', '[[', '\n']
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+    def value(depth: int):
+        roll = rng.random()
+        if depth < 3 and roll < 0.4:
+            return [value(depth + 1) for _ in range(rng.randint(0, 5))]
+        if depth < 3 and roll < 0.5:
+            return {text(): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        return text() if roll < 0.8 else rng.randint(0, 50256)
+
+    for trial in range(300):
+        data = {"prompt": [value(1) for _ in range(rng.randint(0, 40))], "stop": [text() for _ in range(3)]}
+        body = json.dumps(data, ensure_ascii=trial % 2 == 0).encode()
+        lists = _count_lists(json.loads(body))
+        assert count_json_lists(body) == lists, body
+        check_json_lists(body, max(1, lists - OTHER_LISTS))  # at the limit: fine
+        if lists > OTHER_LISTS + 1:
+            with pytest.raises(ApiError, match=f"holds {lists} JSON lists"):
+                check_json_lists(body, lists - OTHER_LISTS - 1)
+    big = json.dumps({"model": "m", "prompt": [[1]] * 200_000}).encode()
+    start = time.perf_counter()
+    with pytest.raises(ApiError, match="holds 200001 JSON lists: one request may send at most 320 prompts"):
+        check_json_lists(big, 320)
+    parse_start = time.perf_counter()
+    json.loads(big)
+    assert parse_start - start < (time.perf_counter() - parse_start) / 3  # refused well before one parse's time

@@ -34,10 +34,17 @@ Design (what was decided, and why):
   parameters (``param`` names the field), 401 missing/wrong key (when ``--api-key`` is set;
   ``/health`` and ``/metrics`` stay open), 404 unknown route or model, 405, 413 bodies over
   ``--max-body-bytes`` (Content-Length checked before reading, chunked bodies counted), 415 a
-  Content-Type other than JSON, 503 busy or shutting down (or ``engine_stopped``: the engine
-  thread died, so nothing would ever answer; ``/health`` says 503 too). Bad input is never a 500:
-  a JSON string holding half a UTF-16 surrogate pair (``"\\ud800"``) is a 400 at parse time, and
-  every JSON body is written as ASCII, so no text can break the response encoder.
+  Content-Type other than JSON, 408 a body slower than ``--body-timeout``, 503 busy or shutting
+  down (or ``engine_stopped``: the engine thread died, so nothing would ever answer; ``/health``
+  says 503 too). Bad input is never a 500: a JSON string holding half a UTF-16 surrogate pair
+  (``"\\ud800"``) is a 400 at parse time, and every JSON body is written as ASCII, so
+  no text can break the response encoder.
+- **Connections** (``gpt2fast.http_limits``, shared with ``explore``): at most ``--max-connections``
+  (kept below the file-descriptor limit, which is raised to the hard limit at start); at the cap a
+  new connection closes the one waiting longest for a request, or gets 503 when all are busy;
+  header, body and keep-alive timeouts close stalled sockets. A body still arriving at SIGTERM is
+  answered 503. A JSON body is refused before it is parsed when it holds more lists than the
+  request may send prompts (``check_json_lists``), and a prompt list by its length before any prompt.
 - **Host check**: listening on a loopback address, the app answers only ``Host: 127.0.0.1``,
   ``localhost`` or ``[::1]`` (any port); any other Host gets 400, so a web page whose name
   rebinds to 127.0.0.1 cannot use a server that has no ``--api-key`` (DNS rebinding).

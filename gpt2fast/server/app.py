@@ -17,10 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from gpt2fast.engine import Engine
+from gpt2fast.http_limits import BodyError, ConnectionLimits, read_body
 from gpt2fast.outputs import CompletionOutput, RequestOutput
 from gpt2fast.sampling import SamplingParams
 from gpt2fast.server.loop import EngineLoop
@@ -34,7 +34,9 @@ from gpt2fast.server.protocol import (
     ModelLimits,
     Prompt,
     StreamOptions,
+    check_json_lists,
     check_lengths,
+    check_prompt_count,
     merge_logprobs,
     parse_json_object,
     prompt_logprobs_field,
@@ -44,6 +46,7 @@ from gpt2fast.server.protocol import (
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_BODY_TIMEOUT = ConnectionLimits().body_timeout
 CHAT_MESSAGE = ("GPT-2 is a base model with no chat template, so /v1/chat/completions is not served. Send the text "
                 "to continue to /v1/completions instead.")
 
@@ -76,12 +79,15 @@ class Frontend:
     """
 
     def __init__(self, engine: Engine, *, model_name: str, api_key: str | None, max_queue: int,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, body_timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
         if max_queue < 0 or max_body_bytes < 1:
             raise ValueError(f"max_queue must be >= 0 and max_body_bytes >= 1, got {max_queue}, {max_body_bytes}")
         self.metrics = ServerMetrics()
         self.loop = EngineLoop(engine, self.metrics)
         self.model_name, self.api_key, self.max_body_bytes = model_name, api_key, max_body_bytes
+        self.body_timeout = body_timeout
+        self.stopping: asyncio.Event | None = None  # set at shutdown: bodies still arriving are answered 503
+        self.aio: asyncio.AbstractEventLoop | None = None  # the server's event loop, once its lifespan starts
         self.capacity = self.loop.max_num_seqs + max_queue  # sequences in flight: the batch plus the queue
         cfg = engine.config
         self.limits = ModelLimits(engine.tokenizer, cfg.vocab_size, cfg.n_positions, cfg.eos_token_id, self.capacity)
@@ -94,6 +100,8 @@ class Frontend:
         if not self.shutting_down:
             self.shutting_down = True
             self.loop.close()
+            if self.aio is not None and self.stopping is not None:  # call_soon_threadsafe: safe in a signal handler
+                self.aio.call_soon_threadsafe(self.stopping.set)
 
     def admit(self, seqs: int) -> None:
         """Count ``seqs`` more sequences in flight, or ApiError 503: shutting down, engine stopped, or full."""
@@ -329,23 +337,14 @@ class _JobStream(StreamingResponse):
             self.job.close()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or ApiError 413 as soon as it is known to exceed ``limit`` (Content-Length or counted)."""
-    too_large = ApiError(413, f"The request body is larger than this server accepts ({limit} bytes)",
-                         code="request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
+async def _read_body(request: Request, frontend: Frontend) -> bytes:
+    """The body, or ApiError: 413 over ``max_body_bytes``, 408 slower than ``body_timeout``, 503 shutting down."""
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(400, "The client disconnected before the request body was complete") from None
-    return b"".join(chunks)
+        return await read_body(request, frontend.max_body_bytes, frontend.body_timeout, frontend.stopping)
+    except BodyError as e:
+        code = {413: "request_too_large", 408: "request_timeout", 503: "shutting_down"}.get(e.status)
+        headers = {"Connection": "close"} if e.status in (408, 503) else None  # the rest of the body is not read
+        raise ApiError(e.status, str(e), code=code, headers=headers) from None
 
 
 def _check_json(request: Request) -> None:
@@ -357,7 +356,9 @@ def _check_json(request: Request) -> None:
 
 async def _parse_request(request: Request, frontend: Frontend) -> CompletionRequest:
     _check_json(request)
-    data = parse_json_object(await _read_body(request, frontend.max_body_bytes))
+    body = await _read_body(request, frontend)
+    check_json_lists(body, frontend.limits.max_seqs)  # a list of 200,000 prompts costs a parse: refuse it first
+    data = parse_json_object(body)
     try:
         req = CompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -378,6 +379,7 @@ def _prompt_size(prompt: object) -> int:
 
 async def _new_job(req: CompletionRequest, frontend: Frontend) -> _Job:
     """Check the prompts against the model, admit the request, and build its job (not yet started)."""
+    check_prompt_count(req.prompt, frontend.limits)  # a huge list is refused before anything walks it
     if _prompt_size(req.prompt) > 8192:  # tokenizing a long text off the event loop keeps other streams flowing
         prompts = await asyncio.to_thread(split_prompts, req.prompt, frontend.limits)
     else:
@@ -421,11 +423,13 @@ def _error_response(frontend: Frontend, error: ApiError) -> Response:
 
 
 def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: list[str] | None = None) -> FastAPI:
+             max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_hosts: list[str] | None = None,
+             body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The OpenAI-compatible app over ``engine``; its engine thread runs for the app's lifespan.
 
     ``allowed_hosts``: answer only requests whose ``Host`` is one of these (others get 400), so a web
-    page elsewhere cannot reach a loopback server through DNS rebinding; None accepts any.
+    page elsewhere cannot reach a loopback server through DNS rebinding; None accepts any. ``body_timeout``:
+    seconds a request body may take to arrive (then 408).
 
     Example:
         >>> from fastapi.testclient import TestClient
@@ -436,7 +440,7 @@ def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max
         (200, {'prompt_tokens': 1, 'completion_tokens': 3, 'total_tokens': 4})
     """
     frontend = Frontend(engine, model_name=model_name, api_key=api_key, max_queue=max_queue,
-                        max_body_bytes=max_body_bytes)
+                        max_body_bytes=max_body_bytes, body_timeout=body_timeout)
     app = FastAPI(title="gpt2fast", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=AsciiJSONResponse)
     app.state.frontend = frontend
@@ -456,7 +460,8 @@ def make_app(engine: Engine, *, model_name: str, api_key: str | None = None, max
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     frontend: Frontend = app.state.frontend
-    frontend.loop.start(asyncio.get_running_loop())
+    frontend.aio, frontend.stopping = asyncio.get_running_loop(), asyncio.Event()  # an Event belongs to one loop
+    frontend.loop.start(frontend.aio)
     yield
     frontend.begin_shutdown()
     await asyncio.to_thread(frontend.loop.stop)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 
-import uvicorn
-
 from gpt2fast.errors import CheckpointError
+from gpt2fast.http_limits import ConnectionLimits, LimitedServer, add_arguments, check_port, uvicorn_config
 from gpt2fast.ops import BACKENDS
 from gpt2fast.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
 
@@ -41,6 +40,19 @@ def loopback_host_names(host: str) -> list[str] | None:
         return None
     name = f"[{address.compressed}]" if address.version == 6 else address.compressed
     return LOOPBACK_HOSTS + ([name] if name not in LOOPBACK_HOSTS else [])
+
+
+ENGINE_FLAGS = ("kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens")  # engine fields with a flag here
+
+
+def as_flags(message: str) -> str:
+    """An engine message with its field names written as this command's flags.
+
+    Example:
+        >>> as_flags("kv_cache_tokens=64 is too small: raise kv_cache_tokens")
+        '--kv-cache-tokens=64 is too small: raise --kv-cache-tokens'
+    """
+    return re.sub(r"\b(" + "|".join(ENGINE_FLAGS) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,22 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM/SIGINT waits for open connections before cancelling them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs time under load)")
+    add_arguments(p)
     return p
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, told first when a signal arrives, and without re-raising the signal after a clean shutdown.
+class _Server(LimitedServer):
+    """uvicorn, with the connection limits, told first when a signal arrives, and without re-raising the
+    signal after a clean shutdown.
 
     (uvicorn's own ``handle_exit`` records the signal and raises it again once shut down, so SIGTERM
     would end the process with status -15 instead of 0.)
     """
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self.on_exit = on_exit
-
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.on_exit()  # abort in-flight engine requests so open streams end and shutdown can complete
+        self.begin_exit()  # abort in-flight engine requests so open streams end and shutdown can complete
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
@@ -113,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         2
     """
     args = build_parser().parse_args(argv)
+    try:
+        limits = ConnectionLimits.from_args(args)
+        check_port(args.port)  # uvicorn would fail late, with an OverflowError traceback
+    except ValueError as e:
+        print(f"gpt2fast serve: error: {e}", file=sys.stderr)
+        return 2
     import torch
 
     from gpt2fast.engine import Engine
@@ -129,17 +145,17 @@ def main(argv: list[str] | None = None) -> int:
                         kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs)
         app = make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                       allowed_hosts=loopback_host_names(args.host))
+                       allowed_hosts=loopback_host_names(args.host), body_timeout=limits.body_timeout)
     except (ValueError, CheckpointError) as e:
-        print(f"gpt2fast serve: error: {e}", file=sys.stderr)
+        print(f"gpt2fast serve: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     if engine.is_random:
         print(f"gpt2fast serve: warning: {args.model} has random weights: completions are gibberish.", file=sys.stderr)
     if loopback_host_names(args.host) is None and not args.api_key:
         print(f"gpt2fast serve: warning: listening on {args.host} without --api-key: anyone who reaches it can use it",
               file=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+    config = uvicorn_config(app, limits, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
     server = _Server(config, on_exit=app.state.frontend.begin_shutdown)
     try:
         server.run()

@@ -23,6 +23,9 @@ HTTP (FastAPI; uvicorn serves it):
   also gives ``n_tokens`` and ``max_tokens``.
 * ``GET /health``: ``{"status": "ok"}``.
 
+Connections are limited as ``gpt2fast serve``'s are (``gpt2fast.http_limits``: ``--max-connections``,
+``--header-timeout``, ``--body-timeout`` (then 408), ``--keep-alive-timeout``).
+
 On a loopback address (the default) only ``Host: 127.0.0.1``, ``localhost`` or ``[::1]`` is answered
 (any other gets 400), so a web page elsewhere cannot reach the explorer through DNS rebinding.
 
@@ -47,6 +50,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gpt2fast.errors import CheckpointError
+from gpt2fast.http_limits import (
+    BodyError,
+    ConnectionLimits,
+    LimitedServer,
+    add_arguments,
+    check_port,
+    read_body,
+    uvicorn_config,
+)
 from gpt2fast.ops import BACKENDS
 from gpt2fast.viz.html import head_view_assets, payload_json, trace_payload
 
@@ -173,21 +185,23 @@ class _JSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) once it passes ``limit`` bytes instead of buffering it all."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"the body is over {limit // 1024} KB; send at most {limit // 1024} KB", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refusing (413) once it passes ``limit`` bytes instead of buffering it all; 408 when it
+    is slower than ``timeout`` s, 503 when the server is stopping, 400 when the client hangs up mid-body."""
+    try:
+        return await read_body(request, limit, timeout, getattr(request.app.state, "stopping", None),
+                               too_large=f"the body is over {limit // 1024} KB; send at most {limit // 1024} KB")
+    except BodyError as e:
+        raise RequestError(str(e), status=e.status) from None
 
 
-def make_app(llm: LLM, allowed_hosts: list[str] | None = None) -> FastAPI:
+def make_app(llm: LLM, allowed_hosts: list[str] | None = None,
+             body_timeout: float = ConnectionLimits().body_timeout) -> FastAPI:
     """The explorer's web app (page + JSON API) over ``llm``. ``allowed_hosts``: accept only requests whose
     ``Host`` is one of these (``serve`` passes the loopback names when it listens on loopback, so a web page
-    elsewhere cannot reach the server through DNS rebinding); None accepts any.
+    elsewhere cannot reach the server through DNS rebinding); None accepts any. ``body_timeout``: seconds a
+    request body may take to arrive (then 408); a server sets ``app.state.stopping`` to answer bodies still
+    arriving at shutdown with 503.
 
     Example:
         >>> from fastapi.testclient import TestClient
@@ -224,7 +238,7 @@ def make_app(llm: LLM, allowed_hosts: list[str] | None = None) -> FastAPI:
             # JSON only: a cross-site form cannot send it without a CORS preflight, which this server never grants
             if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
                 raise RequestError("send the body as JSON with Content-Type: application/json", status=415)
-            text, k = parse_request(await _read_body(request, MAX_BODY_BYTES))
+            text, k = parse_request(await _read_body(request, MAX_BODY_BYTES, body_timeout))
             reply = await run_in_threadpool(explorer.answer, text, k)  # the model runs off the event loop
         except RequestError as e:
             return _JSONResponse({"error": str(e), **e.extra}, status_code=e.status)
@@ -420,8 +434,7 @@ def listen(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
         True
         >>> sock.close()
     """
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"--port must be from 0 to 65535, got {port!r}")
+    check_port(port)
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family)
@@ -471,8 +484,10 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated
 
 
-def serve(llm: LLM, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, sock: socket.socket | None = None) -> None:
-    """Serve the explorer over ``llm`` on ``host:port`` (or on the listening ``sock``) until Ctrl-C or SIGTERM.
+def serve(llm: LLM, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, sock: socket.socket | None = None,
+          limits: ConnectionLimits | None = None) -> None:
+    """Serve the explorer over ``llm`` on ``host:port`` (or on the listening ``sock``) until Ctrl-C or SIGTERM,
+    within ``limits`` (connections and timeouts; see ``gpt2fast.http_limits``).
 
     Prints the URL once it listens. uvicorn catches SIGINT/SIGTERM, finishes the requests in flight, and raises
     the signal again when it is done; we take that as the end (no traceback). Example (blocks)::
@@ -480,11 +495,11 @@ def serve(llm: LLM, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, sock:
         from gpt2fast import LLM
         serve(LLM("gpt2"), port=8001)   # open http://127.0.0.1:8001/
     """
-    import uvicorn
-
+    limits = limits or ConnectionLimits()
     sock = sock if sock is not None else listen(host, port)
-    app = make_app(llm, allowed_hosts=allowed_hosts_for(sock.getsockname()[0]))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    app = make_app(llm, allowed_hosts=allowed_hosts_for(sock.getsockname()[0]), body_timeout=limits.body_timeout)
+    server = LimitedServer(uvicorn_config(app, limits, log_level="warning", access_log=False, lifespan="off"))
+    app.state.stopping = server.stopping
     print(f"{PROG}: serving {llm.model_name} at {url_of(sock)} (Ctrl-C to stop)", flush=True)
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread only
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
@@ -516,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=None, choices=BACKENDS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_arguments(parser)
     return parser
 
 
@@ -534,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2fast.engine import LLM
 
     try:
+        limits = ConnectionLimits.from_args(args)
         sock = listen(args.host, args.port)  # before loading the model: a taken port fails at once
         try:
             llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=1)
@@ -548,5 +565,5 @@ def main(argv: list[str] | None = None) -> int:
     if llm.is_random:
         print(f"{PROG}: warning: {args.model} has random weights: its suggestions are gibberish. "
               "Pass real weights (a Hub id, a Hugging Face or OpenAI folder) for real text.", file=sys.stderr)
-    serve(llm, sock=sock)
+    serve(llm, sock=sock, limits=limits)
     return 0
