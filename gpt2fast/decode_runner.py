@@ -42,7 +42,7 @@ import torch
 from gpt2fast.cache import KVCache
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2
-from gpt2fast.sampling import row_check
+from gpt2fast.sampling import flag_nonfinite, row_check
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MODES = ("tokens", "hidden")
@@ -69,10 +69,7 @@ class DecodeRunner:
         self._int32 = torch.zeros(2 * n + 1 + n * self.max_blocks, dtype=torch.int32, device=dev)
         self._temperature = torch.zeros(n, dtype=torch.float32, device=dev)  # (B,)
         self._seeds = torch.zeros(n, dtype=torch.int64, device=dev)  # (B,)
-        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        # mode="tokens": each row's hidden-state sum (sampling.row_check) from the last run; a non-finite entry
-        # means that row had a NaN or infinity and its token means nothing (the logits are never written).
-        self.row_check = torch.zeros(0, dtype=torch.float32, device=dev)
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # one memory pool for all graphs
 
     def bucket(self, num_seqs: int) -> int:
@@ -103,8 +100,8 @@ class DecodeRunner:
         ``positions[i] + 1`` tokens, in pages ``block_tables[i]``).
 
         ``mode="tokens"``: returns the chosen token ids ``(b,)`` (``temperature``/``seeds`` per row, as
-        ``ops.lm_head_gumbel`` takes them) and leaves ``row_check`` ``(b,)`` beside them;
-        ``mode="hidden"``: the final hidden rows ``(b, C)``.
+        ``ops.lm_head_gumbel`` takes them; -1 for a row whose hidden state went non-finite, whose logits
+        are never written); ``mode="hidden"``: the final hidden rows ``(b, C)``.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -114,15 +111,12 @@ class DecodeRunner:
         n = self.bucket(b)
         self._stage(token_ids, positions, block_tables, n, temperature, seeds, mode)
         if not self.use_graphs:
-            out, check = self._step(n, mode)
-        else:
-            key = (n, mode)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(n, mode)
-            graph, (out, check) = self._graphs[key]
-            graph.replay()
-        if mode == "tokens":
-            self.row_check = check[:b]
+            return self._step(n, mode)[:b]
+        key = (n, mode)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(n, mode)
+        graph, out = self._graphs[key]
+        graph.replay()
         return out[:b]
 
     def _stage(self, token_ids, positions, block_tables, n, temperature, seeds, mode) -> None:
@@ -158,17 +152,16 @@ class DecodeRunner:
             max_seq_len=width * self.block_size,  # an upper bound: the shapes must not depend on this step
         )
 
-    def _step(self, n: int, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The step itself, on the static buffers of bucket ``n`` (what a graph captures): its output, and in
-        ``"tokens"`` mode each row's hidden sum (one small reduction: the only sign of a non-finite row)."""
+    def _step(self, n: int, mode: str) -> torch.Tensor:
+        """The step itself, on the static buffers of bucket ``n`` (what a graph captures)."""
         model = self.model
         hidden = model.hidden(self._int64[0, :n], self._int64[1, :n], self.cache, self._meta(n))  # (n, C)
         if mode == "hidden":
-            return hidden, None
+            return hidden
         tokens = model.ops.lm_head_gumbel(hidden, model.wte.weight, self._temperature[:n], self._seeds[:n])  # (n,)
-        return tokens, row_check(hidden)
+        return flag_nonfinite(tokens, row_check(hidden), hidden=True)  # (n,): in the graph, read with the tokens
 
-    def _capture(self, n: int, mode: str) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor | None]]:
+    def _capture(self, n: int, mode: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up (compiles the kernels, settles the allocator) on a side stream, then capture."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -9,7 +9,6 @@ next token with its own settings. ``LLM`` runs offline batches and streams.
 from __future__ import annotations
 
 import codecs
-import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from gpt2fast.cache import BlockPool, BlockTable, KVCache
-from gpt2fast.checkpoint import load_checkpoint
+from gpt2fast.checkpoint import available_memory, load_checkpoint
 from gpt2fast.decode_runner import DecodeRunner
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2, AttentionCapture
@@ -29,7 +28,8 @@ from gpt2fast.sampling import (
     SampledToken,
     SampleRow,
     SamplingParams,
-    mark_nonfinite,
+    as_sampled,
+    flag_nonfinite,
     row_check,
     row_seed,
     sample_batch,
@@ -89,15 +89,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'float16' or 'bfloat16'")
 
 
-def _free_memory(device: torch.device) -> int:
-    """Bytes free for the KV cache: the GPU's free memory, or the host's available memory (page cache included)."""
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for the KV cache: the GPU's free memory, or the host's available memory (page cache included);
+    None where the platform does not say."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:  # Linux: MemAvailable counts reclaimable cache, SC_AVPHYS_PAGES does not
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available_memory()
 
 
 def _gib(n: int) -> str:
@@ -140,6 +137,11 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.samples)
+
+
+def _needs_logits(row: SampleRow) -> bool:
+    """True when the row's logits must be written: a processor needs them, or tokens are banned this step."""
+    return row.params.needs_logits or bool(row.banned_ids)
 
 
 def _ranks_samples(params: SamplingParams) -> bool:
@@ -242,6 +244,8 @@ class Engine:
         block_bytes = KVCache.bytes_per_block(cfg, bs, self.dtype)
         free = _free_memory(self.device)
         if tokens is None and (fraction is not None or self.device.type != "cpu"):
+            if free is None:
+                raise ValueError("this platform does not say how much memory is free; give kv_cache_tokens")
             fraction = fraction or 0.9
             blocks = int(free * fraction // block_bytes)
             name, source = "kv_cache_memory_fraction", f"kv_cache_memory_fraction={fraction:g} of {_gib(free)} free"
@@ -249,7 +253,7 @@ class Engine:
             tokens = 8 * cfg.n_positions if tokens is None else _positive_int("kv_cache_tokens", tokens)
             blocks = -(-tokens // bs)
             name, source = "kv_cache_tokens", f"a KV cache of {blocks} blocks of {bs} tokens"
-            if blocks * block_bytes > free:  # checked before allocating: torch would fail (or overcommit) later
+            if free is not None and blocks * block_bytes > free:  # before allocating: torch would fail or overcommit
                 raise ValueError(f"kv_cache_tokens={tokens} does not fit in memory: its KV cache needs "
                                  f"{_gib(blocks * block_bytes)}, and {_gib(free)} of {self.device.type} memory is "
                                  "free; lower kv_cache_tokens")
@@ -504,7 +508,8 @@ class Engine:
         chosen_t = logprobs.gather(1, torch.tensor(following, device=logprobs.device)[:, None])  # (m, 1)
         chosen = chosen_t[:, 0].tolist()
         ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()  # vLLM's rank: 1 + how many are likelier
-        top = logprobs.topk(request.top_n, dim=-1) if request.top_n else None
+        # (m, N) likeliest first; a vocabulary smaller than N gives all it has
+        top = logprobs.topk(min(request.top_n, logprobs.shape[-1]), dim=-1) if request.top_n else None
         top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
         for j, token in enumerate(following):
             entry = {token: chosen[j]}
@@ -525,11 +530,11 @@ class Engine:
         token_ids = [seq.token_ids[-1] for seq in seqs]
         positions = [len(seq.token_ids) - 1 for seq in seqs]
         tables = [seq.table.blocks for seq in seqs]
-        if any(r.params.needs_logits for r in rows):
+        if any(_needs_logits(r) for r in rows):
             return self._sample(self.decode_runner.run(token_ids, positions, tables, mode="hidden"), rows)
         temps, seeds = self._fused_choice(rows)
         chosen = self.decode_runner.run(token_ids, positions, tables, mode="tokens", temperature=temps, seeds=seeds)
-        return mark_nonfinite([SampledToken(t) for t in chosen.tolist()], self.decode_runner.row_check[:len(seqs)])
+        return as_sampled(chosen.tolist())  # -1: the row went non-finite (flagged inside the runner's step)
 
     def _forward(self, batch: Batch, all_rows: bool = False) -> torch.Tensor:
         ids, positions = [], []
@@ -559,7 +564,7 @@ class Engine:
         """
         ops, wte = self.model.ops, self.model.wte.weight
         params = [r.params for r in rows]
-        if any(p.needs_logits for p in params):
+        if any(_needs_logits(r) for r in rows):
             logits = ops.lm_head(hidden, wte)  # (N, V)
             if any(p.has_penalties or p.needs_logprobs or p.logit_bias or r.banned_ids for p, r in zip(params, rows)):
                 return sample_batch(logits, rows)
@@ -575,7 +580,7 @@ class Engine:
                 torch.tensor(seeds, dtype=torch.int64, device=dev),
                 torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
             )  # (N,)
-            return mark_nonfinite([SampledToken(t) for t in token_ids.tolist()], check)
+            return as_sampled(flag_nonfinite(token_ids, check).tolist())
         check = row_check(hidden)  # (N,)
         if all(r.params.greedy for r in rows):
             token_ids = ops.lm_head_argmax(hidden, wte)  # (N,)
@@ -583,7 +588,7 @@ class Engine:
             temps, seeds = self._fused_choice(rows)
             token_ids = ops.lm_head_gumbel(hidden, wte, torch.tensor(temps, dtype=torch.float32, device=hidden.device),
                                            torch.tensor(seeds, dtype=torch.int64, device=hidden.device))
-        return mark_nonfinite([SampledToken(t) for t in token_ids.tolist()], check)
+        return as_sampled(flag_nonfinite(token_ids, check, hidden=True).tolist())
 
     @staticmethod
     def _fused_choice(rows: list[SampleRow]) -> tuple[list[float], list[int]]:
@@ -831,10 +836,12 @@ class LLM:
         try:
             with tqdm(total=len(ids), desc="generating", unit="prompt",
                       disable=not (use_tqdm if use_tqdm is not None else len(ids) >= 64)) as bar:
-                while (done := sum(self._finished(i) for i in ids)) < len(ids):
-                    bar.update(done - bar.n)
-                    self._step()
-                bar.update(done - bar.n)
+                unfinished = set(ids)  # nothing of a new request is finished before this loop steps it
+                while unfinished:
+                    for out in self._step():
+                        if out.finished and out.request_id in unfinished:
+                            unfinished.discard(out.request_id)
+                            bar.update()
             results = [self._outputs[i] for i in ids]
         finally:
             self._release(ids)
@@ -873,11 +880,7 @@ class LLM:
             self._release([request_id])
         self._raise_failed([out])
 
-    def _finished(self, request_id: str) -> bool:
-        out = self._outputs[request_id]
-        return out is not None and out.finished
-
-    def _step(self) -> None:
+    def _step(self) -> list[RequestOutput]:
         """One engine step; each output goes to the live call that owns its request, whichever call steps."""
         if not self.engine.has_unfinished():  # only an abort from outside the LLM gets here
             raise RuntimeError("the engine has nothing left to run, but a request of this LLM is unfinished")
@@ -891,6 +894,7 @@ class LLM:
                 self._outputs[out.request_id] = out
         dropped, self._dropped = self._dropped, []
         self._release(dropped)
+        return outputs
 
     def _release(self, ids: list[str]) -> None:
         """Forget ``ids``' outputs and abort those still running (the call ended early)."""

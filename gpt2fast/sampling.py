@@ -162,8 +162,8 @@ class SamplingParams:
             >>> SamplingParams(temperature=0.8).needs_logits, SamplingParams(top_p=0.9).needs_logits
             (False, True)
         """
-        if self.has_penalties or self.needs_logprobs or self.logit_bias or self.min_tokens:
-            return True
+        if self.has_penalties or self.needs_logprobs or self.logit_bias:
+            return True  # min_tokens needs them only while it bans tokens: the engine asks per row (banned_ids)
         return not self.greedy and (self.top_k > 1 or self.top_p < 1 or self.min_p > 0)
 
 
@@ -259,8 +259,9 @@ NONFINITE = "the model's logits are not finite (NaN or infinity)"
 
 def row_check(x: torch.Tensor) -> torch.Tensor:
     """One fp32 sum per row of ``x`` ((B, D) -> (B,)): NaN or +inf exactly when the row holds a NaN or a +inf
-    (a sum of finite logits or hidden values stays far below fp32's range). ``-inf`` alone is a masked
-    token, not an error. One reduction launch and no host sync: it is read with the chosen tokens.
+    (a sum of finite logits or hidden values stays far below fp32's range); ``-inf`` when it holds a
+    ``-inf`` and no NaN or +inf (a masked token in logits, an error in hidden rows: ``_bad``). One
+    reduction launch and no host sync: ``flag_nonfinite`` folds it into the chosen tokens.
 
     Example:
         >>> row_check(torch.tensor([[1.0, -float("inf")], [float("nan"), 0.0]])).tolist()
@@ -269,26 +270,51 @@ def row_check(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-1, dtype=torch.float32)
 
 
-def _bad(check: torch.Tensor) -> torch.Tensor:
-    return torch.isnan(check) | (check == math.inf)
+def _bad(check: torch.Tensor, hidden: bool = False) -> torch.Tensor:
+    """Rows whose ``row_check`` says non-finite: NaN or +inf for logits (``-inf`` alone is a masked token),
+    any non-finite sum for hidden rows (where ``-inf`` is as wrong as the rest)."""
+    return ~torch.isfinite(check) if hidden else torch.isnan(check) | (check == math.inf)
+
+
+def flag_nonfinite(token_ids: torch.Tensor, check: torch.Tensor, *, hidden: bool = False) -> torch.Tensor:
+    """``token_ids`` ``(B,)`` with -1 for every row that ``check`` (``row_check`` of the logits, or of the hidden
+    rows with ``hidden=True``) finds non-finite. On the device, no host sync: read it with ``as_sampled``.
+
+    Example:
+        >>> check = torch.tensor([0.5, float("inf"), -float("inf")])
+        >>> ids = torch.tensor([3, 4, 5])
+        >>> flag_nonfinite(ids, check).tolist(), flag_nonfinite(ids, check, hidden=True).tolist()
+        ([3, -1, 5], [3, -1, -1])
+    """
+    return token_ids.masked_fill(_bad(check, hidden), -1)
+
+
+def as_sampled(token_ids: Sequence[int]) -> list[SampledToken]:
+    """Chosen token ids as ``SampledToken``s; -1 (``flag_nonfinite``) becomes the non-finite error.
+
+    Example:
+        >>> as_sampled([7, -1])[1].error
+        "the model's logits are not finite (NaN or infinity)"
+    """
+    return [SampledToken(t) if t >= 0 else SampledToken(-1, error=NONFINITE) for t in token_ids]
 
 
 def mark_nonfinite(tokens: list[SampledToken], check: torch.Tensor) -> list[SampledToken]:
-    """Replace the token of every row whose ``row_check`` is NaN or +inf by an error (``token_id`` -1).
+    """Replace the token of every row whose logits' ``row_check`` is NaN or +inf by an error (``token_id`` -1).
 
     Example:
         >>> mark_nonfinite([SampledToken(3), SampledToken(4)], torch.tensor([0.5, float("inf")]))[1].error
         "the model's logits are not finite (NaN or infinity)"
     """
-    for b, total in enumerate(check.tolist()):
-        if math.isnan(total) or total == math.inf:
+    for b, bad in enumerate(_bad(check).tolist()):
+        if bad:
             tokens[b] = SampledToken(-1, error=NONFINITE)
     return tokens
 
 
 def zero_nonfinite_rows(logits: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
     """``logits`` with its bad rows (by ``row_check``) set to 0, so the filters and draws that follow
-    never see a row with nothing to keep (their tokens are discarded by ``mark_nonfinite``). No host sync.
+    never see a row with nothing to keep (their tokens are discarded by ``flag_nonfinite``). No host sync.
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])
@@ -712,7 +738,8 @@ def _with_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[Sa
         raw, token_ids = raw[idx], token_ids[idx]
     logprobs = torch.log_softmax(raw, dim=-1)  # (L, V)
     chosen = logprobs.gather(1, token_ids[:, None])[:, 0].tolist()  # (L,)
-    top = torch.topk(logprobs, max(rows[b].params.logprobs or 0 for b in wanted), dim=-1)  # (L, N) likeliest first
+    top_n = min(max(rows[b].params.logprobs or 0 for b in wanted), logprobs.shape[-1])  # a tiny vocabulary: all of it
+    top = torch.topk(logprobs, top_n, dim=-1)  # (L, N) likeliest first
     top_ids, top_values = top.indices.tolist(), top.values.tolist()
     for j, b in enumerate(wanted):
         n = rows[b].params.logprobs or 0

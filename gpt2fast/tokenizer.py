@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,12 +109,9 @@ def from_vocab_files(encoder_path: Path, merges_path: Path) -> tiktoken.Encoding
 
 def _read_encoder(path: Path) -> dict[str, int]:
     """``encoder.json``/``vocab.json``: a JSON object mapping each token to its id, or a clear error naming it."""
-    try:
-        encoder = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
-        raise CheckpointError(f"{path}: cannot read the vocabulary ({type(e).__name__}: {e})") from None
-    except RecursionError:  # json recurses once per nesting level: "[" * 100000 exhausts the stack
-        raise CheckpointError(f"{path}: cannot read the vocabulary (JSON nested too deeply)") from None
+    from gpt2fast.checkpoint.files import read_json  # here: the checkpoint package imports this module
+
+    encoder = read_json(path, "the vocabulary")
     if not isinstance(encoder, dict):
         raise CheckpointError(f"{path}: must be a JSON object mapping tokens to ids, got a {type(encoder).__name__}")
     bad = next(((k, v) for k, v in encoder.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)

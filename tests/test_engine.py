@@ -285,6 +285,21 @@ def test_min_tokens_bans_the_end_and_stop_tokens_until_reached(gpt2_vocab):
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
+def test_min_tokens_writes_the_logits_only_while_it_bans_tokens():
+    """Once min_tokens are out, the request (and its batch) goes back to the fused LM head: the decode runner's
+    "tokens" mode. The tokens equal those of the dynamic path, which always writes the logits."""
+    runner_llm = LLM(STOP_MODEL, device="cpu", cuda_graphs=True)
+    modes = []
+    run = runner_llm.engine.decode_runner.run
+    runner_llm.engine.decode_runner.run = lambda *a, **kw: modes.append(kw.get("mode")) or run(*a, **kw)
+    params = [SamplingParams(max_tokens=8, temperature=0, min_tokens=3), SamplingParams(max_tokens=8, seed=4)]
+    got = runner_llm.generate(["A ship", "The dog ran"], params)
+    want = LLM(STOP_MODEL, device="cpu").generate(["A ship", "The dog ran"], params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    # decode steps 1..7 of the first request: tokens 1 and 2 are still under min_tokens (banned EOS)
+    assert modes[:2] == ["hidden", "hidden"] and set(modes[2:]) == {"tokens"}, modes
+
+
 def test_stop_strings_match_after_min_tokens_and_may_stay_in_the_output(gpt2_vocab):
     """Independent: the free greedy text cut at the first stop string that ends after min_tokens tokens' text."""
     llm, prompt = gpt2_vocab, "The ship sailed"

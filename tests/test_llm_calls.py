@@ -7,9 +7,11 @@ from __future__ import annotations
 import gc
 
 import pytest
+import torch
 
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.engine import Engine
+from gpt2fast.sampling import MAX_LOGPROBS
 
 MODEL = 'random:{"n_layer": 2, "n_embd": 32, "n_head": 2}'
 LONG = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
@@ -156,3 +158,17 @@ def test_engine_add_requests_checks_all_before_queuing_any():
         assert list(engine._requests) == ["taken"] and len(engine.scheduler.waiting) == 1, message
     engine.add_requests([("a", [1], SHORT), ("b", "Hi", None)])
     assert list(engine._requests) == ["taken", "a", "b"]
+
+
+def test_top_n_beyond_a_tiny_vocabulary_gives_all_of_it():
+    """logprobs / prompt-scoring top-N larger than the vocabulary: every token, likeliest first (no crash in step)."""
+    llm = LLM('random:{"n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 8, "n_positions": 16}', device="cpu")
+    ids = [1, 2, 3, 5]
+    logp = torch.log_softmax(llm.logits(ids).double(), dim=-1)  # (T, 8): row i scores token i + 1
+    llm.engine.add_scoring_request("s", ids, top_n=10)
+    (scored,) = llm.engine.step()
+    assert scored.finished and [len(e) for e in scored.prompt_logprobs[1:]] == [8, 8, 8]
+    assert scored.prompt_logprobs[2] == pytest.approx(dict(enumerate(logp[1].tolist())), abs=1e-5)
+    out = llm.generate(ids, SamplingParams(max_tokens=2, temperature=0, logprobs=MAX_LOGPROBS))[0].outputs[0]
+    assert [len(entry) for entry in out.logprobs] == [8, 8]
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks

@@ -120,6 +120,18 @@ def test_scoring_a_prompt_that_goes_nan_fails_alone(clean, poisoned):
     assert_idle(poisoned)
 
 
+@pytest.mark.parametrize("kind", ["greedy", "temperature"])
+def test_a_hidden_row_holding_minus_inf_is_an_error_where_the_logits_are_never_written(clean, kind):
+    """The fused LM head checks the hidden rows: -inf there is as wrong as NaN (in logits it masks a token)."""
+    hidden = torch.randn(3, clean.config.n_embd, generator=torch.Generator().manual_seed(0))  # (3, C)
+    hidden[1, 3] = -math.inf
+    rows = [SampleRow(SamplingParams(seed=s, **PARAMS[kind]), s, 0, 0) for s in (1, 2, 3)]
+    got = clean.engine._sample(hidden, rows)
+    want = clean.engine._sample(hidden[[0, 2]], [rows[0], rows[2]])  # the finite rows alone
+    assert (got[1].token_id, got[1].error) == (-1, "the model's logits are not finite (NaN or infinity)")
+    assert [(t.token_id, t.error) for t in (got[0], got[2])] == [(t.token_id, None) for t in want]
+
+
 BAD_VALUES = [math.nan, math.inf]
 
 

@@ -99,7 +99,7 @@ BAD_ENCODERS = [
     (b'["!", "\\""]', "must be a JSON object mapping tokens to ids, got a list"),
     (b'{"!": "0", "<|endoftext|>": "1"}', r"token '!' maps to '0', not a token id \(a non-negative integer\)"),
     (b'{"!": 0, "<|endoftext|>": true}', r"token '<\|endoftext\|>' maps to 'True', not a token id"),
-    (b'{"caf\xe9": 0}', r"cannot read the vocabulary \(UnicodeDecodeError"),
+    (b'{"caf\xe9": 0}', r"cannot read the vocabulary \(not UTF-8: byte 0xe9"),
 ]
 
 
