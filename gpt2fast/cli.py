@@ -145,7 +145,11 @@ def sample_rounds(args: argparse.Namespace) -> list[list]:
 
 
 def check_device_and_backend(args: argparse.Namespace) -> None:
-    """Fail before loading any weights when ``--device`` or ``--backend`` cannot run here (ValueError)."""
+    """Fail before loading any weights when ``--device`` or ``--backend`` cannot run here (ValueError).
+
+    Example:
+        >>> check_device_and_backend(build_parser().parse_args(["generate", "--model", "m", "--device", "cpu"]))
+    """
     from gpt2fast.engine import resolve_device
     from gpt2fast.ops import default_backend, get_ops
 

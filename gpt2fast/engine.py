@@ -395,7 +395,8 @@ class Engine:
     # ---- one step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one model forward over the scheduled batch; outputs of every request that advanced."""
+        """Run one model forward over the scheduled batch; outputs of every request that advanced (a ``best_of > n``
+        request only once it has finished: which samples are best is known only then)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():

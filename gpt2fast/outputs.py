@@ -67,7 +67,12 @@ class RequestOutput:
 
     @property
     def error(self) -> str | None:
-        """The first failed sample's ``error`` (``finish_reason="error"``), or None."""
+        """The first failed sample's ``error`` (``finish_reason="error"``), or None.
+
+        Example:
+            >>> RequestOutput("0", None, [1], [CompletionOutput(0, "", [], "error", error="NaN")], True).error
+            'NaN'
+        """
         return next((s.error for s in self.outputs if s.finish_reason == "error"), None)
 
 

@@ -127,12 +127,22 @@ class SamplingParams:
 
     @property
     def num_samples(self) -> int:
-        """Sequences the request runs: ``best_of`` when set, else ``n``."""
+        """Sequences the request runs: ``best_of`` when set, else ``n``.
+
+        Example:
+            >>> SamplingParams(n=2).num_samples, SamplingParams(n=2, best_of=5).num_samples
+            (2, 5)
+        """
         return self.best_of if self.best_of is not None else self.n
 
     @property
     def needs_logprobs(self) -> bool:
-        """True when the sampler must compute the chosen token's logprob: asked for, or ``best_of`` ranks by it."""
+        """True when the sampler must compute the chosen token's logprob: asked for, or ``best_of`` ranks by it.
+
+        Example:
+            >>> SamplingParams().needs_logprobs, SamplingParams(best_of=2).needs_logprobs
+            (False, True)
+        """
         return self.logprobs is not None or self.num_samples > self.n
 
     @property
@@ -202,7 +212,7 @@ def _check_logit_bias(bias: object) -> None:
     if len(bias) > MAX_LOGIT_BIAS:
         raise ValueError(f"SamplingParams.logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
     for token, value in bias.items():
-        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+        if not _is_int(token) or token < 0:
             raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}")
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or not -100 <= value <= 100:

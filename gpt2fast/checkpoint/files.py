@@ -9,10 +9,13 @@ the Hugging Face Hub cache, whose snapshot folders hold links into the repositor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 from gpt2fast.errors import CheckpointError
+
+T = TypeVar("T")
 
 # Longer names are refused before the OS sees them (it would raise "File name too long" from exists()).
 MAX_NAME_CHARS = 1024
@@ -42,6 +45,23 @@ def read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
     except RecursionError:  # json recurses once per nesting level: "[" * 100000 exhausts the stack
         raise CheckpointError(f"{path}: cannot read {what} (JSON nested too deeply)") from None
+
+
+def parse_json_file(path: Path, what: str, parse: Callable[[Any], T]) -> T:
+    """``parse(read_json(path, what))``, its ValueError turned into a ``CheckpointError`` naming the file.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "hparams.json"
+        >>> _ = path.write_text('{"n_layer": 2}')
+        >>> parse_json_file(path, "hparams", lambda d: d["n_layer"])
+        2
+    """
+    data = read_json(path, what)
+    try:
+        return parse(data)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def inside_folder(folder: Path, name: str, named_by: Path) -> Path:

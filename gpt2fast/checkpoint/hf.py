@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gpt2fast.checkpoint.files import inside_folder, read_json
+from gpt2fast.checkpoint.files import inside_folder, parse_json_file, read_json
 from gpt2fast.checkpoint.layout import Entry, assemble, check_layout, is_transposed, progress
 from gpt2fast.config import GPT2Config
 from gpt2fast.errors import CheckpointError
@@ -30,12 +30,7 @@ _WEIGHT_FILES = (
 
 def read_config(folder: Path) -> GPT2Config:
     """The model shape from a Hugging Face ``config.json``, refusing what we cannot compute."""
-    path = folder / "config.json"
-    hf = read_json(path, "config")
-    try:
-        return GPT2Config.from_hf_dict(hf)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    return parse_json_file(folder / "config.json", "config", GPT2Config.from_hf_dict)
 
 
 def load_hf_folder(folder: Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:

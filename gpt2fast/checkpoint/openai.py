@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2fast.checkpoint.files import read_json
+from gpt2fast.checkpoint.files import parse_json_file
 from gpt2fast.checkpoint.layout import Entry, assemble, check_layout, is_transposed
 from gpt2fast.checkpoint.tf_bundle import find_checkpoint_prefix, read_tf_bundle
 from gpt2fast.config import GPT2Config
@@ -58,12 +58,7 @@ def canonical_name(tf_name: str) -> str | None:
 
 def read_hparams(folder: Path) -> GPT2Config:
     """The model shape from OpenAI's ``hparams.json``."""
-    path = folder / "hparams.json"
-    hparams = read_json(path, "hparams")
-    try:
-        return GPT2Config.from_openai_hparams(hparams)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    return parse_json_file(folder / "hparams.json", "hparams", GPT2Config.from_openai_hparams)
 
 
 def load_openai_folder(folder: Path) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
