@@ -133,6 +133,8 @@ class _Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None  # a scoring request's, filled as it prefills
     prompt_ranks: list[int | None] | None = None  # each prompt token's rank at its position (1 = likeliest)
     top_n: int = 0  # a scoring request's top tokens per position
+    stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, for membership tests
+    banned: torch.Tensor | None = None  # (K,) int64: the tokens min_tokens bans (stop ids and EOS), built once
 
     @property
     def finished(self) -> bool:
@@ -141,7 +143,7 @@ class _Request:
 
 def _needs_logits(row: SampleRow) -> bool:
     """True when the row's logits must be written: a processor needs them, or tokens are banned this step."""
-    return row.params.needs_logits or bool(row.banned_ids)
+    return row.params.needs_logits or len(row.banned_ids) > 0
 
 
 def _ranks_samples(params: SamplingParams) -> bool:
@@ -328,7 +330,8 @@ class Engine:
             samples = [_Sample(i, logprobs=[] if params.logprobs is not None else None,
                                cumulative_logprob=0.0 if params.needs_logprobs else None)
                        for i in range(params.num_samples)]
-            request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seed, samples)
+            request = _Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, seed, samples,
+                               stop_ids=frozenset(params.stop_token_ids or ()), banned=self._banned_ids(params))
             self._queue(request, Seq(request_id, 0, list(ids), len(ids), BlockTable(self.block_size),
                                      fork_n=params.num_samples))
 
@@ -440,15 +443,19 @@ class Engine:
     def _row(self, seq: Seq) -> SampleRow:
         request = self._requests[seq.request_id]
         params, step = request.params, len(seq.output_ids)
-        return SampleRow(params, request.seed, seq.sample_index, step, request.prompt_ids, seq.output_ids,
-                         self._stop_ids(params) if step < params.min_tokens else ())
+        banned = request.banned if request.banned is not None and step < params.min_tokens else ()
+        return SampleRow(params, request.seed, seq.sample_index, step, request.prompt_ids, seq.output_ids, banned)
 
-    def _stop_ids(self, params: SamplingParams) -> list[int]:
-        """The tokens that would end a sample: banned while ``min_tokens`` are not yet generated (as vLLM)."""
+    def _banned_ids(self, params: SamplingParams) -> torch.Tensor | None:
+        """The tokens that would end a sample, banned while ``min_tokens`` are not yet generated (as vLLM):
+        ``(K,)`` on the device, built once per request (a stop list may be long; the steps are many)."""
+        if not params.min_tokens:
+            return None
         stops = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stops.add(self.config.eos_token_id)
-        return sorted(t for t in stops if t < self.config.vocab_size)
+        ids = sorted(t for t in stops if t < self.config.vocab_size)
+        return torch.tensor(ids, dtype=torch.int64, device=self.device)  # (K,)
 
     def _fail(self, request: _Request, message: str) -> None:
         """End every unfinished sample of ``request`` with ``finish_reason="error"`` and free its blocks."""
@@ -567,7 +574,8 @@ class Engine:
         params = [r.params for r in rows]
         if any(_needs_logits(r) for r in rows):
             logits = ops.lm_head(hidden, wte)  # (N, V)
-            if any(p.has_penalties or p.needs_logprobs or p.logit_bias or r.banned_ids for p, r in zip(params, rows)):
+            if any(r.params.has_penalties or r.params.needs_logprobs or r.params.logit_bias or len(r.banned_ids)
+                   for r in rows):
                 return sample_batch(logits, rows)
             check = row_check(logits)  # (N,)
             logits = zero_nonfinite_rows(logits, check)
@@ -620,7 +628,7 @@ class Engine:
         check_stops = len(seq.output_ids) > params.min_tokens
         if t == self.config.eos_token_id and not params.ignore_eos:
             sample.finish_reason = "stop"
-        elif params.stop_token_ids and t in params.stop_token_ids:
+        elif t in request.stop_ids:
             sample.finish_reason, sample.stop_reason = "stop", t
         if sample.finish_reason is None or params.include_stop_str_in_output:
             # The end token is text only when asked for (skip_special_tokens=False), even when ignored.

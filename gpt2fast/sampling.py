@@ -248,7 +248,7 @@ class SampleRow:
     step: int
     prompt_ids: Sequence[int] = ()
     output_ids: Sequence[int] = ()
-    banned_ids: Sequence[int] = ()
+    banned_ids: Sequence[int] | torch.Tensor = ()  # (K,) when a tensor (the engine builds it once per request)
 
 
 @dataclass
@@ -450,6 +450,8 @@ def _to_device(data: object, dtype: torch.dtype, device: torch.device) -> torch.
     ``torch.tensor(data, device="cuda")`` waits for the whole GPU queue (the forward pass included);
     a copy from pinned memory with ``non_blocking=True`` just joins the queue.
     """
+    if isinstance(data, torch.Tensor) and data.device.type != "cpu":  # already on a device
+        return data.to(device, dtype)
     host = torch.as_tensor(data, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
@@ -512,16 +514,14 @@ def apply_bias_and_bans(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torc
         batch_idx, token_ids, values = zip(*biased)
         index = (_to_device(batch_idx, torch.int64, logits.device), _to_device(token_ids, torch.int64, logits.device))
         logits.index_put_(index, _to_device(values, torch.float32, logits.device), accumulate=True)
-    banned = [(b, t) for b, r in enumerate(rows) for t in r.banned_ids]
-    if banned:
-        batch_idx, token_ids = zip(*banned)
-        logits[_to_device(batch_idx, torch.int64, logits.device), _to_device(token_ids, torch.int64, logits.device)] \
-            = -math.inf
+    for b, row in enumerate(rows):
+        if len(row.banned_ids):  # one indexed fill a row: a stop list may hold thousands of ids
+            logits[b].index_fill_(0, _to_device(row.banned_ids, torch.int64, logits.device), -math.inf)
     return logits
 
 
 def _has_bias_or_bans(row: SampleRow) -> bool:
-    return bool(row.params.logit_bias) or bool(row.banned_ids)
+    return bool(row.params.logit_bias) or len(row.banned_ids) > 0
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
