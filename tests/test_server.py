@@ -462,3 +462,17 @@ def test_a_loopback_server_answers_only_loopback_host_names():
             r = c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi"}, headers={"Host": host})
             assert r.status_code == 400 and "invalid host" in r.text.lower(), host
     assert loopback_host_names("0.0.0.0") is None and loopback_host_names("192.168.1.10") is None
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_text_offsets_point_into_the_text_when_end_tokens_are_generated(client, llm, skip):
+    """Generated <|endoftext|> tokens are text only with skip_special_tokens=False: the offsets follow the text."""
+    eot, prompt = "<|endoftext|>", "Hi there"
+    got = complete(client, prompt, max_tokens=4, echo=True, logprobs=1, seed=1,
+                   logit_bias={str(llm.tokenizer.eot_token): 100},  # every generated token is the end token
+                   extra_body={"ignore_eos": True, "skip_special_tokens": skip}).choices[0]
+    pieces = token_texts(llm, llm.tokenizer.encode(prompt))
+    assert got.logprobs.tokens == pieces + [eot] * 4
+    held = pieces + ["" if skip else eot] * 4  # each token's text as the response's text holds it
+    assert got.text == "".join(held)
+    assert got.logprobs.text_offset == [sum(map(len, held[:i])) for i in range(len(held))]

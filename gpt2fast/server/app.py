@@ -240,7 +240,8 @@ class _ChoiceStream:
 
     def __init__(self, job: _Job, index: int) -> None:
         self.index, self.sent_text, self.sent_tokens, self.finished = index, 0, 0, False
-        self.writer = (LogprobsWriter(job.frontend.limits.tokenizer, token_ids=job.token_ids)
+        self.writer = (LogprobsWriter(job.frontend.limits.tokenizer, token_ids=job.token_ids,
+                                      skip_special_tokens=job.params.skip_special_tokens)
                        if job.logprobs is not None else None)
 
     def prefix(self, prompt: Prompt, scores: list | None) -> dict:
@@ -255,7 +256,8 @@ class _ChoiceStream:
             return None
         logprobs = None
         if self.writer is not None:
-            logprobs = self.writer.write(tokens, (sample.logprobs or [])[self.sent_tokens:len(sample.token_ids)])
+            logprobs = self.writer.write(tokens, (sample.logprobs or [])[self.sent_tokens:len(sample.token_ids)],
+                                         generated=True)
         self.sent_text, self.sent_tokens = len(sample.text), len(sample.token_ids)
         self.finished = finish is not None
         return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}

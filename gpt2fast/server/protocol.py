@@ -484,6 +484,8 @@ class LogprobsWriter:
     for a prompt's first token, which has no logprob). Offsets count characters of the decoded
     text, continuing across calls. ``token_ids`` writes tokens as ``"token_id:N"`` (vLLM's
     ``return_tokens_as_token_ids``), which names even a token that is part of a character.
+    ``skip_special_tokens``: generated ``<|endoftext|>`` tokens are not in the text, so they take no
+    characters (an echoed prompt's are, and do).
 
     Example:
         >>> from gpt2fast.tokenizer import load_tokenizer
@@ -496,12 +498,15 @@ class LogprobsWriter:
     offset: int = 0
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     token_ids: bool = False
+    skip_special_tokens: bool = False
 
     def _name(self, token: int) -> str:
         return f"token_id:{token}" if self.token_ids else token_text(self.tokenizer, token)
 
-    def write(self, tokens: Sequence[int], entries: Sequence[dict[int, float] | None]) -> dict:
-        """The logprobs object of the next ``tokens`` (``entries[i]`` for ``tokens[i]``), offsets continuing on."""
+    def write(self, tokens: Sequence[int], entries: Sequence[dict[int, float] | None], generated: bool = False
+              ) -> dict:
+        """The logprobs object of the next ``tokens`` (``entries[i]`` for ``tokens[i]``; ``generated``: completion
+        tokens, not an echoed prompt), offsets continuing on."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, entry in zip(tokens, entries):
             out["tokens"].append(self._name(token))
@@ -513,7 +518,8 @@ class LogprobsWriter:
                 out["token_logprobs"].append(_finite(entry[token]))
                 ranked = sorted(entry.items(), key=lambda kv: -kv[1])
                 out["top_logprobs"].append({self._name(t): _finite(lp) for t, lp in ranked})
-            self.offset += len(self.decoder.decode(self.tokenizer.decode_single_token_bytes(token)))
+            if not (generated and self.skip_special_tokens and token == self.tokenizer.eot_token):
+                self.offset += len(self.decoder.decode(self.tokenizer.decode_single_token_bytes(token)))
         return out
 
 
