@@ -173,6 +173,12 @@ CASES = [
     Case("lone_surrogate_field_name", 400, "lone utf-16 surrogate", body={"\ud800": 1}),
     Case("lone_surrogate_stop", 400, "lone utf-16 surrogate", body={"stop": ["\udc00"]}),
     Case("reversed_surrogate_pair", 400, "lone utf-16 surrogate", body={"user": "\udc00\ud800"}),
+    # JSON travels as UTF-8: json.loads would take UTF-16/32 (and the lone surrogates in them) as well
+    *[Case(f"lone_surrogate_in_{enc.replace('-', '_')}_body", 400, "codec can't decode", raw=json.dumps(
+        {**GOOD, "prompt": "x\ud800y", "echo": True}, ensure_ascii=False).encode(enc, "surrogatepass"))
+      for enc in ("utf-16", "utf-16-le", "utf-32-le")],
+    Case("raw_surrogate_bytes", 400, "codec can't decode", raw=json.dumps(GOOD).replace(
+        '"Hi"', '"H\udfffi"').encode("utf-8", "surrogatepass")),
 ]
 
 

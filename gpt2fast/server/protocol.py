@@ -51,9 +51,9 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-# A surrogate reaches a parsed string only as a \u escape of D800-DFFF or as its raw UTF-8-style bytes (0xED ...),
-# which json.loads lets through. The pattern may match more (Hangul, an escaped backslash): then the full check runs.
-_MAY_HOLD_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed")
+# In a body that decodes as UTF-8 (which refuses encoded surrogates), a surrogate reaches a parsed string only as a
+# \u escape of D800-DFFF. The pattern may match more (a valid pair, an escaped backslash): then the full check runs.
+_MAY_HOLD_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # "unrolled": linear, no backtracking blow-up
@@ -114,7 +114,8 @@ def parse_json_object(body: bytes) -> dict:
     if not body.strip():
         raise ApiError(400, "The request body is empty; send a JSON object", code="invalid_json")
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        text = body.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259); json.loads would also take UTF-16/32
+        data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ApiError(400, f"We could not parse the JSON body of your request ({e}). The API expects a JSON "
                        "payload", code="invalid_json") from None
@@ -122,7 +123,7 @@ def parse_json_object(body: bytes) -> dict:
         raise ApiError(400, f"The request body must be a JSON object, got a {type(data).__name__}",
                        code="invalid_json")
     try:  # JSON may escape half a UTF-16 pair; such a string cannot be tokenized, echoed or encoded as UTF-8
-        if _MAY_HOLD_SURROGATE.search(body):  # a scan of the bytes spares most bodies a second pass over the data
+        if _MAY_HOLD_SURROGATE.search(text):  # a scan of the text spares most bodies a second pass over the data
             json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(400, "The request body holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
