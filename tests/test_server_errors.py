@@ -109,6 +109,8 @@ CASES = [
     Case("best_of_streamed", 400, "cannot be streamed", "best_of", body={"best_of": 2, "stream": True}),
     Case("best_of_beyond_batch", 400, "best_of=3 is more samples than run at once", "best_of", body={"best_of": 3}),
     Case("best_of_huge", 400, "less than or equal to 128", "best_of", body={"best_of": 129}),
+    Case("best_of_times_prompts", 400, "2 prompts x best_of=2 is 4 sequences", "prompt",
+         body={"prompt": ["a", "b"], "best_of": 2}),
     Case("best_of_zero", 400, "greater than or equal to 1", "best_of", body={"best_of": 0}),
     Case("best_of_bool", 400, "valid integer", "best_of", body={"best_of": True}),
     # logit_bias: token id strings -> [-100, 100], at most 300, inside the vocabulary

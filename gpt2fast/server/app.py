@@ -392,7 +392,7 @@ async def _new_job(req: CompletionRequest, frontend: Frontend) -> _Job:
         raise ApiError(400, f"{name}={samples} is more samples than run at once here (max_num_seqs="
                        f"{frontend.loop.max_num_seqs})", param=name)
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    check_lengths(prompts, max_tokens, samples, frontend.limits)
+    check_lengths(prompts, max_tokens, samples, frontend.limits, name)
     # validated even when nothing is generated
     params = req.sampling_params(max(max_tokens, 1), frontend.limits.vocab_size)
     frontend.admit(len(prompts) * samples)

@@ -434,8 +434,10 @@ def _one_prompt(prompt: str | list[int], index: int, limits: ModelLimits) -> Pro
     return Prompt(ids, text if text is not None else limits.tokenizer.decode(ids, errors="replace"))
 
 
-def check_lengths(prompts: Sequence[Prompt], max_tokens: int, n: int, limits: ModelLimits) -> None:
-    """ApiError 400 when a prompt plus ``max_tokens`` exceeds the context, or prompts x n is too many.
+def check_lengths(prompts: Sequence[Prompt], max_tokens: int, n: int, limits: ModelLimits, n_name: str = "n"
+                  ) -> None:
+    """ApiError 400 when a prompt plus ``max_tokens`` exceeds the context, or prompts x ``n`` samples (the field
+    ``n_name``: ``n``, or ``best_of`` when more samples run than return) is too many.
 
     Example:
         >>> from gpt2fast.tokenizer import load_tokenizer
@@ -454,8 +456,8 @@ tokens (3 in your prompt; 6 for the completion). Please reduce your prompt; or c
                            f"{max_tokens} for the completion). Please reduce your prompt; or completion length.",
                            param="max_tokens", code="context_length_exceeded")
     if len(prompts) * n > limits.max_seqs:
-        raise ApiError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} sequences; this server runs at "
-                       f"most {limits.max_seqs} for one request", param="n" if len(prompts) == 1 else "prompt")
+        raise ApiError(400, f"{len(prompts)} prompts x {n_name}={n} is {len(prompts) * n} sequences; this server runs "
+                       f"at most {limits.max_seqs} for one request", param=n_name if len(prompts) == 1 else "prompt")
 
 
 # ---- the response ---------------------------------------------------------------------------------
