@@ -241,7 +241,8 @@ def make_app(llm: LLM, allowed_hosts: list[str] | None = None,
             text, k = parse_request(await _read_body(request, MAX_BODY_BYTES, body_timeout))
             reply = await run_in_threadpool(explorer.answer, text, k)  # the model runs off the event loop
         except RequestError as e:
-            return _JSONResponse({"error": str(e), **e.extra}, status_code=e.status)
+            headers = {"Connection": "close"} if e.status in (408, 503) else None  # the rest of the body is not read
+            return _JSONResponse({"error": str(e), **e.extra}, status_code=e.status, headers=headers)
         except ValueError as e:  # the engine's own checks (ids outside a small vocabulary, ...)
             return _JSONResponse({"error": str(e)}, status_code=400)
         return _JSONResponse(reply)
