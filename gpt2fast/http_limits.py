@@ -8,8 +8,11 @@ their headers pile up until file descriptors run out and every accept() logs a t
 
 * ``LimitedH11Protocol``: uvicorn's ``H11Protocol`` with
   - a connection cap: at ``max_connections`` a new connection closes the one that has waited longest for a
-    request (headers not begun or not finished, or idle between keep-alive requests); when none is waiting,
-    the new connection gets a 503 at once and is closed. Either is counted and logged once per interval;
+    request (headers not begun or not finished, or idle between keep-alive requests); when none is waiting, the
+    upload (a request whose body is still arriving) that received its last bytes longest ago is answered 408 and
+    closed, so stalled uploads cannot hold the cap for ``body_timeout``; when every connection has a whole
+    request (the app is working on its answer), the new connection gets a 503 at once and is closed. Each is
+    counted and logged once per interval;
   - a header timeout: a request's headers must be complete ``header_timeout`` s after its connection opened
     (or after its first byte on a kept-alive connection), else the connection is closed;
   - a body timeout: ``read_body`` answers 408 when a body is not complete ``body_timeout`` s after the app
@@ -91,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ConnectionLimits()
     group = parser.add_argument_group("connection limits (put a reverse proxy in front at internet scale)")
     group.add_argument("--max-connections", type=int, default=d.max_connections,
-                       help="open connections; beyond it the longest-idle one is closed, or the new one gets 503 "
+                       help="open connections; beyond it the longest-idle one (else the most stalled upload: 408) is "
+                       "closed, or the new one gets 503 "
                        f"(default {d.max_connections}; kept below the file-descriptor limit)")
     group.add_argument("--header-timeout", type=float, default=d.header_timeout,
                        help=f"seconds a client has to send a request's headers (default {d.header_timeout:g})")
@@ -171,9 +175,10 @@ class _Guard:
     def __init__(self, limits: ConnectionLimits, cap: int) -> None:
         self.limits, self.cap, self.open = limits, cap, 0
         self.waiting: dict[LimitedH11Protocol, None] = {}  # insertion order: the longest-waiting first
+        self.uploading: dict[LimitedH11Protocol, None] = {}  # bodies arriving, the one idle longest first
         self.refused = _EveryInterval(lambda n: f"{n} connection(s) refused with 503: all {cap} connections "
                                       "(--max-connections) are busy with requests")
-        self.evicted = _EveryInterval(lambda n: f"{n} idle or incomplete connection(s) closed to make room: "
+        self.evicted = _EveryInterval(lambda n: f"{n} idle, incomplete or stalled connection(s) closed to make room: "
                                       f"{cap} connections (--max-connections) are open", logging.INFO)
 
 
@@ -181,6 +186,11 @@ _REFUSAL_BODY = (b'{"error":{"message":"The server has too many open connections
                  b'"type":"server_error","param":null,"code":"too_many_connections"}}')
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
             b"connection: close\r\ncontent-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY)
+_EVICTED_BODY = (b'{"error":{"message":"The request body stalled while all connections (--max-connections) were in '
+                 b'use; the connection was closed to make room","type":"invalid_request_error","param":null,'
+                 b'"code":"request_timeout"}}')
+_EVICTED = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: " + str(len(_EVICTED_BODY)).encode() + b"\r\n\r\n" + _EVICTED_BODY)
 
 
 class LimitedH11Protocol(H11Protocol):
@@ -200,7 +210,12 @@ class LimitedH11Protocol(H11Protocol):
         guard = self.guard
         if guard.open >= guard.cap:
             victim = next(iter(guard.waiting), None)
-            if victim is None:  # every connection is in a request: this one cannot be served now
+            if victim is None:  # else the upload that made no progress for longest (a whole request is never taken)
+                victim = next(iter(guard.uploading), None)
+                if (victim is not None and victim.conn.our_state is h11.SEND_RESPONSE  # the app has not answered
+                        and not victim.transport.is_closing()):
+                    victim.transport.write(_EVICTED)
+            if victim is None:  # every connection has a whole request: this one cannot be served now
                 self.transport, self.refused = transport, True
                 transport.write(_REFUSAL)
                 transport.close()
@@ -224,19 +239,23 @@ class LimitedH11Protocol(H11Protocol):
         if self.header_timer is None and self.conn.their_state is h11.IDLE:  # a kept-alive request begins
             self.header_timer = self.loop.call_later(self.guard.limits.header_timeout, self._headers_too_slow)
         super().data_received(data)
-        self._follow_request()
+        self._follow_request(progress=True)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._follow_request()
 
-    def _follow_request(self) -> None:
-        """Move the timers and the waiting list along with h11's view of the client's side."""
+    def _follow_request(self, progress: bool = False) -> None:
+        """Move the timers, the waiting list and the upload list along with h11's view of the client's side."""
         if self.transport.is_closing():
             return
         theirs = self.conn.their_state
         if theirs is not h11.SEND_BODY:
             self.body_timer = _cancel(self.body_timer)
+            self.guard.uploading.pop(self, None)
+        elif progress or self not in self.guard.uploading:  # bytes arrived: to the end, the last to be evicted
+            self.guard.uploading.pop(self, None)
+            self.guard.uploading[self] = None
         if theirs is h11.IDLE:
             if self.header_timer is None:  # idle between requests: uvicorn's keep-alive timer runs
                 self._wait_for_request()
@@ -269,6 +288,7 @@ class LimitedH11Protocol(H11Protocol):
         self.header_timer = _cancel(self.header_timer)
         self.body_timer = _cancel(self.body_timer)
         self.guard.waiting.pop(self, None)
+        self.guard.uploading.pop(self, None)
         if self.counted:
             self.counted = False
             self.guard.open -= 1

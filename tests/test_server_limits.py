@@ -171,23 +171,86 @@ def test_stalled_headers_bodies_and_idle_connections_are_closed_after_their_time
     assert_quiet_log(strict)
 
 
+def post(body: bytes, length: int | None = None) -> bytes:
+    """A ``POST /v1/completions`` carrying ``body`` (announcing ``length`` bytes: more means a stalled upload)."""
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body) if length is None else length, body))
+
+
+# A whole request the server works on for seconds (1020 decode steps of the tiny model, ~3 ms each on a CPU).
+GENERATING = post(json.dumps({"model": TINY_MODEL, "prompt": [7] * 4, "max_tokens": 1020, "ignore_eos": True}).encode())
+STALLED = post(b"{", 1_000_000)
+
+
+def assert_still_answering(socks: list[socket.socket]) -> None:
+    """Each of ``socks`` is open, its request still being answered (or it was answered 200): never closed."""
+    for s in socks:
+        s.settimeout(0.05)
+        try:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        except TimeoutError:
+            pass
+
+
 def test_beyond_the_cap_a_busy_server_answers_503_at_once(strict):
     port = port_of(strict.url)
-    post = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n{")
-    busy = open_half(port, 20, post)  # 20 requests in flight (bodies still coming): none may be closed for room
+    busy = open_half(port, 20, GENERATING)  # 20 requests the server is answering: none may be closed for room
     time.sleep(0.3)
     try:
         start = time.monotonic()
         r = httpx.get(strict.url + "/health", timeout=1)
         assert r.status_code == 503 and time.monotonic() - start < 1
         assert r.json()["error"]["code"] == "too_many_connections" and r.headers["retry-after"] == "1"
+        assert_still_answering(busy)
     finally:
-        close_all(busy)
+        close_all(busy)  # the server aborts their requests
     time.sleep(0.3)
     assert_health_fast(strict.url)
     out = strict.output()
     assert out.count("refused with 503") == 1 and "Traceback" not in out, out[-2000:]
+
+
+def test_at_the_cap_the_longest_stalled_upload_makes_room_never_a_request_being_answered(strict):
+    port = port_of(strict.url)
+    busy = open_half(port, 10, GENERATING)
+    time.sleep(0.2)
+    uploads = open_half(port, 10, STALLED)  # with busy: the cap (20), every connection in a request
+    time.sleep(0.2)
+    uploads[0].sendall(b" ")  # the oldest upload makes progress: now the last to be evicted
+    time.sleep(0.1)
+    try:
+        for _ in range(4):
+            assert_health_fast(strict.url)  # closes the upload that received nothing for longest
+            uploads += open_half(port, 1, STALLED)  # the cap full again (the newest upload: the last to go)
+        for sock in uploads[1:5]:
+            reply = closed_within(sock, 1)
+            assert reply.startswith(b"HTTP/1.1 408") and b"--max-connections" in reply, reply
+        assert_still_answering(busy)
+        reply = closed_within(uploads[0], 4)  # it made progress: not evicted, closed later by --body-timeout 1.5
+        assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout" in reply, reply
+        for sock in uploads[5:]:  # evicted too (a refill may come before the /health ahead of it left), or timed out
+            assert closed_within(sock, 4).startswith(b"HTTP/1.1 408")
+    finally:
+        close_all(busy + uploads)
+    time.sleep(0.3)
+    assert_health_fast(strict.url)
+    assert_quiet_log(strict)
+
+
+def test_more_stalled_uploads_than_the_cap_leave_health_answering(strict):
+    uploads = open_half(port_of(strict.url), 20, STALLED)
+    time.sleep(0.2)  # their headers read: uploads, not connections waiting for a request
+    uploads += open_half(port_of(strict.url), 10, STALLED)  # each beyond the cap (20) closes the most stalled one
+    try:
+        assert_health_fast(strict.url)
+        reply = closed_within(uploads[0], 1)  # the oldest upload made room for the first one beyond the cap
+        assert reply.startswith(b"HTTP/1.1 408") and b"--max-connections" in reply, reply
+        for sock in uploads[1:]:  # made room (408, or closed before its headers were read), or timed out (408)
+            reply = closed_within(sock, 4)
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 408"), reply
+    finally:
+        close_all(uploads)
+    assert_quiet_log(strict)
 
 
 def test_sigterm_answers_stalled_uploads_503_and_exits_0():

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -15,7 +19,7 @@ import torch
 
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.engine import Engine
-from tests.serverproc import running
+from tests.serverproc import TINY_MODEL, running
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -111,3 +115,57 @@ def test_scoring_waits_for_blocks_under_load_and_equals_offline(llm):
         assert r.status_code == 200, r.text  # it waited for blocks: no 503 "KV cache is full"
         lp = r.json()["choices"][0]["logprobs"]
         assert_scores(llm, ids, lp["token_logprobs"][:len(ids)], lp["top_logprobs"][:len(ids)], 3)
+
+
+GONE_SERVE = ("serve", "--model", TINY_MODEL, "--cpu-threads", "1", "--max-num-seqs", "1", "--max-queue", "1",
+              "--kv-cache-tokens", "1024")  # 64 blocks of 16: the long request below leaves 32, a 600-token score waits
+
+
+def _gauges(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return {name: float(value) for name, value in re.findall(r"^gpt2fast_(\w+) (\S+)$", text, re.M)}
+
+
+def _until(url: str, ok, seconds: float = 10.0) -> dict[str, float]:
+    """The server's gauges once ``ok(gauges)`` holds (polled every 10 ms), else fail with the last ones."""
+    deadline = time.monotonic() + seconds
+    while not ok(g := _gauges(url)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never got there: {g}")
+        time.sleep(0.01)
+    return g
+
+
+@pytest.fixture(scope="module")
+def gone_server():
+    with running(*GONE_SERVE) as server:
+        yield server
+
+
+@pytest.mark.parametrize("scoring", [
+    {"echo": True, "logprobs": 1, "max_tokens": 0},
+    {"prompt_logprobs": 2, "max_tokens": 1},
+    {"echo": True, "logprobs": 2, "max_tokens": 1, "stream": True},  # scored before the stream's response begins
+], ids=["echo", "prompt_logprobs", "echo-stream"])
+def test_a_client_that_hangs_up_while_its_scoring_waits_for_blocks_is_forgotten_at_once(gone_server, scoring):
+    url = gone_server.url
+    body = json.dumps({"model": TINY_MODEL, "prompt": [5] * 600} | scoring).encode()
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        long = pool.submit(client.post, url + "/v1/completions", json={  # holds 32 blocks, then all 64
+            "model": TINY_MODEL, "prompt": [7] * 512, "max_tokens": 512, "ignore_eos": True})
+        _until(url, lambda g: g["num_requests_running"] == 1)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            _until(url, lambda g: g["num_requests_waiting"] == 1 and g["num_sequences_admitted"] == 2)
+        start = time.monotonic()
+        g = _until(url, lambda g: g["num_sequences_admitted"] < 2 or g["num_requests_running"] == 0)
+        took = time.monotonic() - start
+        # forgotten while the long request still runs, not scored once it ends
+        assert (g["num_requests_running"], g["num_requests_waiting"], g["num_sequences_admitted"]) == (1, 0, 1), \
+            (took, g)
+        r = client.post(url + "/v1/completions", json={"model": TINY_MODEL, "prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 200, r.text  # admitted (not 503 overloaded); answered once blocks free
+        assert long.result().status_code == 200
+    _until(url, lambda g: g["kv_blocks_used"] == 0 and g["num_sequences_admitted"] == 0, 5)
+    assert "Traceback" not in gone_server.output()

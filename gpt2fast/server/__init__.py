@@ -41,7 +41,8 @@ Design (what was decided, and why):
   no text can break the response encoder.
 - **Connections** (``gpt2fast.http_limits``, shared with ``explore``): at most ``--max-connections``
   (kept below the file-descriptor limit, which is raised to the hard limit at start); at the cap a
-  new connection closes the one waiting longest for a request, or gets 503 when all are busy;
+  new connection closes the one waiting longest for a request, else the upload stalled longest
+  (408), or gets 503 when all are busy answering;
   header, body and keep-alive timeouts close stalled sockets. A body still arriving at SIGTERM is
   answered 503. A JSON body is refused before it is parsed when it holds more lists than the
   request may send prompts (``check_json_lists``), and a prompt list by its length before any prompt.

@@ -7,7 +7,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -400,23 +400,33 @@ async def _new_job(req: CompletionRequest, frontend: Frontend) -> _Job:
                 prompt_logprobs=req.prompt_logprobs, token_ids=bool(req.return_tokens_as_token_ids))
 
 
+async def _unless_gone(work: Awaitable[None], request: Request) -> bool:
+    """Run ``work`` while watching for ``http.disconnect``; False (``work`` cancelled, its cancellation awaited) if the
+    client disconnected first. ``work``'s own exception propagates."""
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    tasks = [asyncio.ensure_future(work), asyncio.ensure_future(gone())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # a cancelled score has sent its abort
+    if tasks[0] in done:
+        tasks[0].result()
+        return True
+    return False
+
+
 async def _until_done_or_gone(job: _Job, request: Request) -> bool:
     """Wait for every output; False if the client disconnected first."""
     async def finished() -> None:
         async for _ in job.updates():
             pass
 
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    tasks = [asyncio.ensure_future(finished()), asyncio.ensure_future(gone())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        return tasks[0] in done
-    finally:
-        for task in tasks:
-            task.cancel()
+    return await _unless_gone(finished(), request)
 
 
 def _error_response(frontend: Frontend, error: ApiError) -> Response:
@@ -521,10 +531,13 @@ async def _completions(request: Request) -> Response:
     req = await _parse_request(request, frontend)
     job = await _new_job(req, frontend)
     try:
-        await job.start()
+        started = await _unless_gone(job.start(), request)  # scoring (echo, prompt_logprobs) may wait for blocks
     except BaseException:
         job.close()
         raise
+    if not started:
+        job.close()
+        return Response(status_code=499)
     if req.stream:
         frontend.metrics.requests.labels("200").inc()
         return _JobStream(job, req.stream_options)
