@@ -274,7 +274,8 @@ def test_sigterm_answers_stalled_uploads_503_and_exits_0():
 
 
 def test_explore_keeps_answering_and_a_client_hanging_up_mid_upload_leaves_no_traceback(fd_room):
-    with running("explore", "--model", TINY_MODEL, "--max-connections", "100", "--header-timeout", "30") as server:
+    with running("explore", "--model", TINY_MODEL, "--max-connections", "100", "--header-timeout", "30",
+                 "--body-timeout", "1.5") as server:
         port = port_of(server.url)
         socks = open_half(port, min(1000, fd_room))
         try:
@@ -289,6 +290,10 @@ def test_explore_keeps_answering_and_a_client_hanging_up_mid_upload_leaves_no_tr
         upload.close()  # hangs up mid-body
         time.sleep(0.3)
         assert httpx.post(server.url + "/api/next", json={"text": "Hi", "k": 2}, timeout=10).status_code == 200
+        stalled = open_half(port, 1, b"POST /api/next HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                                     b"\r\nContent-Length: 1000\r\n\r\n{")[0]
+        reply = closed_within(stalled, 5)  # --body-timeout 1.5: 408, and the connection closed with it (as serve)
+        assert reply.startswith(b"HTTP/1.1 408") and b"connection: close" in reply.lower(), reply
         assert_quiet_log(server)
 
 
