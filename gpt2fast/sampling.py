@@ -713,7 +713,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
     check = row_check(logits)  # (B,): a row with a NaN or infinity gets an error instead of a token
     plain = [not p.has_penalties and not p.needs_logprobs and not _has_bias_or_bans(r) for p, r in zip(params, rows)]
     if all(p.greedy for p in params) and all(plain):
-        return mark_nonfinite([SampledToken(t) for t in argmax_rows(logits).tolist()], check)  # the common fast path
+        return as_sampled(flag_nonfinite(argmax_rows(logits), check).tolist())  # the common fast path
 
     raw = zero_nonfinite_rows(logits.float(), check)  # (B, V)
     processed = apply_bias_and_bans(raw, rows) if any(_has_bias_or_bans(r) for r in rows) else raw  # (B, V)
@@ -721,7 +721,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
         processed = apply_penalties(processed, rows)  # (B, V)
     token_ids = _choose(processed, rows)  # (B,)
     if not any(p.needs_logprobs for p in params):
-        return mark_nonfinite([SampledToken(t) for t in token_ids.tolist()], check)
+        return as_sampled(flag_nonfinite(token_ids, check).tolist())
     return mark_nonfinite(_with_logprobs(raw, token_ids, rows), check)
 
 
