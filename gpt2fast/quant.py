@@ -49,8 +49,8 @@ class Int8Weight:
         """``q * scale[:, None]`` in ``dtype`` (computed in fp32) ``(N, K)``.
 
         Example:
-            >>> quantize_int8(torch.tensor([[2.0, -1.0]])).dequantize().tolist()
-            [[2.0, -0.9921259880065918]]
+            >>> quantize_int8(torch.tensor([[2.0, -1.0]])).dequantize().round(decimals=3).tolist()
+            [[2.0, -1.008]]
         """
         return (self.q.float() * self.scale[:, None]).to(dtype)
 
@@ -58,8 +58,8 @@ class Int8Weight:
         """Rows ``ids`` dequantized ``(len(ids), K)`` (the embedding lookup of a quantized ``wte``).
 
         Example:
-            >>> quantize_int8(torch.tensor([[1.0, 0.5], [4.0, -2.0]])).rows(torch.tensor([1])).tolist()
-            [[4.0, -2.0]]
+            >>> quantize_int8(torch.tensor([[1.0, 0.5], [4.0, -2.0]])).rows(torch.tensor([1])).round(decimals=3).tolist()
+            [[4.0, -2.016]]
         """
         return (self.q[ids].float() * self.scale[ids, None]).to(dtype)
 
