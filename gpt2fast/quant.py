@@ -49,7 +49,7 @@ class Int8Weight:
         """``q * scale[:, None]`` in ``dtype`` (computed in fp32) ``(N, K)``.
 
         Example:
-            >>> quantize_int8(torch.tensor([[2.0, -1.0]])).dequantize().round(decimals=3).tolist()
+            >>> quantize_int8(torch.tensor([[2.0, -1.0]])).dequantize().double().round(decimals=3).tolist()
             [[2.0, -1.008]]
         """
         return (self.q.float() * self.scale[:, None]).to(dtype)
@@ -58,7 +58,7 @@ class Int8Weight:
         """Rows ``ids`` dequantized ``(len(ids), K)`` (the embedding lookup of a quantized ``wte``).
 
         Example:
-            >>> quantize_int8(torch.tensor([[1.0, 0.5], [4.0, -2.0]])).rows(torch.tensor([1])).round(decimals=3).tolist()
+            >>> quantize_int8(torch.tensor([[1.0, 0.5], [4.0, -2.0]])).rows(torch.tensor([1])).double().round(decimals=3).tolist()
             [[4.0, -2.016]]
         """
         return (self.q[ids].float() * self.scale[ids, None]).to(dtype)
