@@ -58,7 +58,8 @@ class Int8Weight:
         """Rows ``ids`` dequantized ``(len(ids), K)`` (the embedding lookup of a quantized ``wte``).
 
         Example:
-            >>> quantize_int8(torch.tensor([[1.0, 0.5], [4.0, -2.0]])).rows(torch.tensor([1])).double().round(decimals=3).tolist()
+            >>> w = quantize_int8(torch.tensor([[1.0, 0.5], [4.0, -2.0]]))
+            >>> w.rows(torch.tensor([1])).double().round(decimals=3).tolist()
             [[4.0, -2.016]]
         """
         return (self.q[ids].float() * self.scale[ids, None]).to(dtype)

@@ -1,9 +1,10 @@
 """The op interface: the model calls ops only through an ``Ops`` table chosen once.
 
 Every backend provides the same functions with the signatures of ``ops/reference.py``.
-``get_ops("auto" | "torch" | "triton" | "cuda" | "reference", device)`` picks one; an explicit
-request that cannot be met raises, ``"auto"`` falls back to what runs (Triton on CUDA, else the
-``torch`` backend: plain PyTorch written for speed, ``ops/torch_native.py``). ``"reference"`` runs
+``get_ops("auto" | "cpu" | "torch" | "triton" | "cuda" | "reference", device)`` picks one; an explicit
+request that cannot be met raises, ``"auto"`` picks the fastest that runs: Triton on CUDA, the native
+CPU kernels (``cpu``: ``ops/cpu.py`` over ``csrc/cpu``) on a CPU, else the ``torch`` backend (plain
+PyTorch written for speed, ``ops/torch_native.py``). ``"reference"`` runs
 the naive spec itself (what the accuracy checks compare against). ``"cuda"`` is the hand-written
 CUDA C++ kernels where they apply (``cuda_ops``); on a CPU they run emulated (tests), which is
 correct but slow. The env var ``GPT2FAST_BACKEND`` supplies the default.
@@ -19,7 +20,7 @@ import torch
 
 from gpt2fast.ops import reference, torch_native
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
+BACKENDS = ("auto", "cpu", "torch", "triton", "cuda", "reference")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,31 @@ TORCH = Ops(
 )
 
 
+def _cpu_table() -> Ops:
+    from gpt2fast.ops import cpu
+
+    return Ops(
+        name="cpu",
+        embed=reference.embed,
+        layer_norm=reference.layer_norm,
+        add_layer_norm=reference.add_layer_norm,
+        linear=cpu.linear,
+        ln_linear=cpu.ln_linear,
+        write_kv=reference.write_kv,
+        attention=torch_native.attention,
+        write_kv_attention=cpu.write_kv_attention,
+        attention_with_probs=reference.attention_with_probs,
+        lm_head=cpu.lm_head,
+        lm_head_argmax=cpu.lm_head_argmax,
+        lm_head_gumbel=cpu.lm_head_gumbel,
+        sample_top_k_top_p=reference.sample_top_k_top_p,
+    )
+
+
+# The native CPU kernels (gpt2fast/ops/cpu.py): linears, decode attention and the LM head; the rest is torch's.
+CPU = _cpu_table()
+
+
 def default_backend() -> str:
     """The backend named by ``GPT2FAST_BACKEND``, else ``"auto"``.
 
@@ -101,15 +127,22 @@ def get_ops(backend: str, device: torch.device) -> Ops:
     """Resolve a backend name for ``device`` to its op table.
 
     Example:
-        >>> get_ops("auto", torch.device("cpu")).name
+        >>> get_ops("torch", torch.device("cpu")).name
         'torch'
     """
+    from gpt2fast.ops import cpu
     from gpt2fast.ops import triton as triton_backend
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "reference":
         return REFERENCE
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu" and cpu.available()):
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' runs on the CPU, not {device}")
+        if not cpu.available():
+            raise ValueError(cpu.unavailable_reason())
+        return CPU
     if backend == "torch" or (backend == "auto" and not (device.type == "cuda" and triton_backend.available())):
         return TORCH
     if backend in ("auto", "triton"):
