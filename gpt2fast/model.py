@@ -113,6 +113,15 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd)
+        self._decode_layers = None  # ops.decode_layers' object, built at the first decode step that uses it
+
+    def layer_params(self, i: int) -> tuple:
+        """Layer ``i``'s parameters as the ops receive them, in ``hidden``'s order: ln_1 weight, bias; c_attn weight,
+        bias; attn.c_proj weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp.c_proj weight, bias."""
+        b = self.h[i]
+        return (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                b.mlp.c_proj.weight, b.mlp.c_proj.bias)
 
     @torch.no_grad()
     def forward(
@@ -152,6 +161,12 @@ class GPT2(nn.Module):
         num_tokens = input_ids.shape[0]
         eps = cfg.layer_norm_epsilon
         residual = ops.embed(input_ids, positions, self.wte.weight, self.wpe.weight)  # (T, C)
+        if capture is None and ops.decode_layers is not None and meta.max_query_len == 1 and meta.num_seqs == num_tokens:
+            if self._decode_layers is None:  # every layer of a decode step in one native call
+                self._decode_layers = ops.decode_layers(cfg, [self.layer_params(i) for i in range(cfg.n_layer)],
+                                                        residual.dtype)
+            self._decode_layers(residual, cache, meta)
+            return ops.layer_norm(residual[meta.logits_indices], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
         for i, block in enumerate(self.h):
             attn_in = (block.ln_1.weight, block.ln_1.bias, eps, block.attn.c_attn.weight, block.attn.c_attn.bias)
             qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)

@@ -11,6 +11,7 @@
 
 #include "attention.h"
 #include "common.h"
+#include "decode_plan.h"
 #include "lm_head.h"
 #include "linear.h"
 
@@ -99,6 +100,10 @@ void decode_attention_binding(int64_t S, int64_t H, int64_t D, int64_t BS, uintp
   decode_attention(args);
 }
 
+Weight weight_of(uintptr_t data, int dtype, uintptr_t scale) {
+  return Weight{ptr<const void>(data), dtype, ptr<const float>(scale)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -110,4 +115,26 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("linear", &linear_binding);
   m.def("lm_head_pick", &lm_head_pick_binding);
   m.def("decode_attention", &decode_attention_binding);
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<int64_t, int64_t, int64_t, int, float>())
+      .def("add_layer",
+           [](DecodePlan& plan, uintptr_t ln1_w, uintptr_t ln1_b, uintptr_t qkv, int qkv_dtype, uintptr_t qkv_scale,
+              uintptr_t qkv_b, uintptr_t proj, int proj_dtype, uintptr_t proj_scale, uintptr_t proj_b, uintptr_t ln2_w,
+              uintptr_t ln2_b, uintptr_t fc, int fc_dtype, uintptr_t fc_scale, uintptr_t fc_b, uintptr_t out,
+              int out_dtype, uintptr_t out_scale, uintptr_t out_b, float attn_scale) {
+             plan.add_layer(LayerPlan{ptr<const void>(ln1_w), ptr<const void>(ln1_b), weight_of(qkv, qkv_dtype, qkv_scale),
+                                      ptr<const void>(qkv_b), weight_of(proj, proj_dtype, proj_scale),
+                                      ptr<const void>(proj_b), ptr<const void>(ln2_w), ptr<const void>(ln2_b),
+                                      weight_of(fc, fc_dtype, fc_scale), ptr<const void>(fc_b),
+                                      weight_of(out, out_dtype, out_scale), ptr<const void>(out_b), attn_scale});
+           })
+      .def("num_layers", &DecodePlan::num_layers)
+      .def("run", [](const DecodePlan& plan, uintptr_t residual, int64_t T, const std::vector<uintptr_t>& caches,
+                     int64_t BS, uintptr_t block_tables, int64_t bt_stride, uintptr_t seq_lens, uintptr_t slot_mapping,
+                     int threads) {
+        if (caches.size() != size_t(2 * plan.num_layers())) throw std::invalid_argument("one K and one V cache per layer");
+        py::gil_scoped_release release;
+        plan.run(g_kernels, ptr<void>(residual), T, caches, BS, ptr<const int32_t>(block_tables), bt_stride,
+                 ptr<const int32_t>(seq_lens), ptr<const int64_t>(slot_mapping), threads);
+      });
 }

@@ -58,9 +58,17 @@ static inline void prefetch_ahead(const void* p, int64_t block_bytes) {
 }
 
 static inline float hsum(vfloat v) {
+#if defined(GPT2FAST_ISA_AVX512)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(GPT2FAST_ISA_AVX2)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
   float s = 0.0f;
   for (int i = 0; i < LANES; ++i) s += v[i];
   return s;
+#endif
 }
 
 template <typename T>

@@ -46,6 +46,8 @@ class Ops:
     lm_head_argmax: Callable[..., torch.Tensor]
     lm_head_gumbel: Callable[..., torch.Tensor]
     sample_top_k_top_p: Callable[..., torch.Tensor]
+    # Optional: builds an object running every layer of a decode step in one call (``cpu.DecodeLayers``)
+    decode_layers: Callable[..., Callable[..., None]] | None = None
 
 
 REFERENCE = Ops(
@@ -103,6 +105,7 @@ def _cpu_table() -> Ops:
         lm_head_argmax=cpu.lm_head_argmax,
         lm_head_gumbel=cpu.lm_head_gumbel,
         sample_top_k_top_p=reference.sample_top_k_top_p,
+        decode_layers=cpu.DecodeLayers,
     )
 
 

@@ -278,3 +278,64 @@ def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
                               block_tables.stride(0), seq_lens.data_ptr(), slots.data_ptr(), float(scale),
                               out.data_ptr(), torch.get_num_threads())
     return out
+
+
+class DecodeLayers:
+    """Every transformer layer of a decode step in one native call (``csrc/cpu/decode_plan.h``), no Python between ops.
+
+    Built once per model from each layer's parameters as the ops receive them (``GPT2.layer_params``); called with
+    the residual stream ``(T, C)`` (updated in place), the KV cache and the step's metadata. Per layer it computes
+    what ``GPT2.hidden``'s op-by-op loop computes, with the same roundings. Only for steps where every sequence has
+    one query (decode); the model runs other steps op by op.
+
+    Example:
+        >>> from gpt2fast.config import GPT2Config
+        >>> from gpt2fast.model import GPT2
+        >>> from gpt2fast.cache import KVCache
+        >>> cfg = GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=11, n_positions=8)
+        >>> model, cache = GPT2(cfg).init_random(seed=0), KVCache(cfg, num_blocks=2, block_size=4)
+        >>> layers = DecodeLayers(cfg, [model.layer_params(i) for i in range(2)], torch.float32)
+        >>> meta = AttentionMetadata.build([[0]], [1], [1], block_size=4)
+        >>> residual = torch.randn(1, 8)
+        >>> layers(residual, cache, meta)
+        >>> residual.shape
+        torch.Size([1, 8])
+    """
+
+    def __init__(self, config, layers: list[tuple], dtype: torch.dtype) -> None:
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"backend 'cpu': the model dtype must be float32 or bfloat16, got {dtype}")
+        self.dtype, self.num_layers = dtype, len(layers)
+        self._keep: list = []  # every tensor the plan points into stays alive with it
+        self._plan = _cpu.DecodePlan(config.n_embd, config.n_head, config.mlp_width, _CODES[dtype],
+                                     float(config.layer_norm_epsilon))
+        for i, (ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc, fc_b, out, out_b) in enumerate(layers):
+            args: list = []
+            for name, t in (("ln_1.weight", ln1_w), ("ln_1.bias", ln1_b), ("c_attn", qkv), ("c_attn.bias", qkv_b),
+                            ("attn.c_proj", proj), ("attn.c_proj.bias", proj_b), ("ln_2.weight", ln2_w),
+                            ("ln_2.bias", ln2_b), ("c_fc", fc), ("c_fc.bias", fc_b), ("mlp.c_proj", out),
+                            ("mlp.c_proj.bias", out_b)):
+                if isinstance(t, Int8Weight) or t.dim() == 2:  # a weight; else a vector
+                    values, code, scale_ptr = _weight(t)
+                    self._keep += [values, t]
+                    args += [values.data_ptr(), code, scale_ptr]
+                else:
+                    vec = _vector(f"layer {i} {name}", t, t.shape[0], dtype)
+                    self._keep.append(vec)
+                    args.append(vec.data_ptr())
+            self._plan.add_layer(*args, float(config.attn_scale(i)))
+
+    def __call__(self, residual: torch.Tensor, cache, meta: AttentionMetadata) -> None:
+        if residual.dtype != self.dtype or not residual.is_contiguous() or residual.dim() != 2:
+            raise ValueError(f"backend 'cpu': the residual stream must be contiguous (T, C) {self.dtype}")
+        tokens = residual.shape[0]
+        if meta.num_seqs != tokens or meta.max_query_len != 1:
+            raise ValueError("backend 'cpu': DecodeLayers runs decode steps only (one query per sequence)")
+        caches = [t.data_ptr() for i in range(self.num_layers) for t in (cache.k[i], cache.v[i])]
+        if cache.k[0].dtype != self.dtype:
+            raise ValueError(f"backend 'cpu': the KV cache must be {self.dtype}, got {cache.k[0].dtype}")
+        block_tables = meta.block_tables.to(torch.int32).contiguous()
+        seq_lens = meta.seq_lens.to(torch.int32).contiguous()
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        self._plan.run(residual.data_ptr(), tokens, caches, cache.k[0].shape[2], block_tables.data_ptr(),
+                       block_tables.stride(0), seq_lens.data_ptr(), slots.data_ptr(), torch.get_num_threads())
