@@ -106,7 +106,11 @@ Weight weight_of(uintptr_t data, int dtype, uintptr_t scale) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cpu, m) {
+#ifndef GPT2FAST_CPU_MODULE
+#define GPT2FAST_CPU_MODULE _cpu  // the sanitized test build is named _cpu_asan (gpt2fast/ops/cpu_build.py)
+#endif
+
+PYBIND11_MODULE(GPT2FAST_CPU_MODULE, m) {
   m.doc() = "gpt2fast's native CPU kernels (see gpt2fast/ops/cpu.py for the typed wrappers)";
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs, best first");
   m.def("isa", [] { return std::string(g_kernels.isa); }, "the instruction set in use");

@@ -28,7 +28,12 @@ from gpt2fast.quant import Int8Weight
 from gpt2fast.sampling import GREEDY_BELOW
 
 try:
-    from gpt2fast import _cpu
+    if os.environ.get("GPT2FAST_CPU_SANITIZE") == "1":  # the ASan+UBSan build (tests; gpt2fast/ops/cpu_build.py)
+        from gpt2fast.ops.cpu_build import sanitized_module
+
+        _cpu = sanitized_module()
+    else:
+        from gpt2fast import _cpu
 except ImportError as error:  # built by `pip install` unless GPT2FAST_BUILD_CPU=0
     _cpu, _IMPORT_ERROR = None, error
 else:
