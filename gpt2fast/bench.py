@@ -1,9 +1,25 @@
 """``gpt2fast bench``: speed, the memory-bandwidth floor and accuracy of every backend, side by side in one run.
 
-For one model, every provider (each requested ``--backends`` x ``--dtypes``, shown as
-``gpt2fast[torch]/float32``, and the baselines ``hf`` = transformers ``generate``, eager, and
-``hf-static`` = transformers with a static KV cache, ``torch.compile``d on CUDA) is measured on the
-same weights in the same process:
+For one model, every provider (each requested ``--backends`` x ``--dtypes`` x ``--quantization``, shown
+as ``gpt2fast[torch]/float32`` or ``gpt2fast[torch]/int8``, and the ``--baselines``) is measured on the
+same weights, with the same prompts and the same ``--threads`` (default: torch's current count), in one run:
+
+* ``hf`` = transformers ``generate``, eager; ``hf-static`` = transformers with a static KV cache,
+  ``torch.compile``d on CUDA;
+* ``ct2/float32``, ``ct2/int8`` = CTranslate2 (``pip install ctranslate2``): the weights saved as a
+  transformers checkpoint (``save_pretrained`` + ``vocab.json``/``merges.txt`` rebuilt from
+  ``gpt2fast/data/gpt2.tiktoken``), converted by ``TransformersConverter`` (``quantization`` float32 /
+  int8), run by ``Generator(compute_type="float32" | "int8_float32", intra_threads=threads,
+  inter_threads=1).generate_batch`` greedy with ``min_length = max_length = n`` and no end token;
+* ``ort/float32``, ``ort/int8`` = ONNX Runtime through optimum (``ORTModelForCausalLM.generate``; export
+  task text-generation-with-past; int8 = onnxruntime dynamic quantization), ``intra_op_num_threads=threads``.
+  optimum-onnx needs transformers < 4.58, so it runs in its own venv (``--ort-python`` or
+  ``$GPT2FAST_ORT_PYTHON``; without either it is skipped and ``meta.skipped`` says how to set it up) through
+  ``gpt2fast/bench_ort_worker.py`` in a subprocess: JSON requests and answers over its stdin/stdout,
+  timed around the round trip (the decode subtraction cancels the pipe).
+
+ct2 and ort run on CPU only (on a CUDA run they are skipped); every provider that cannot run is skipped with
+its reason in ``meta.skipped``. What is measured:
 
 * prefill: time of a 1-token generate per prompt length (``--prompt-lens``), batch 1;
 * decode at each batch size (``--batch-sizes``; batches mix prompt lengths 16..64): time to first
@@ -17,20 +33,31 @@ same weights in the same process:
 * the runtime's own cost per decode step, on ``OVERHEAD_MODEL`` (GPT-2's 12 layers and vocabulary, 64
   wide) for every provider: step time, host time inside the model forward (timed by wrapping it), and
   the difference, both by the same subtraction as decode; ``hf_ratio`` = HF's figure / this one's;
+  (ct2 and ort have no hook into their forward: no overhead rows);
 * kernel launches of one eager decode step per gpt2fast backend with kernels (``gpt2fast.launches``),
   beside the target ``5 * n_layer + 3``;
-* accuracy of every gpt2fast provider against the fp32 reference (the same weights on
+* peak RSS per provider (CPU runs): a fresh process per provider loads the model as the provider does
+  (gpt2fast: ``LLM``; hf: ``from_pretrained`` of the saved checkpoint; ct2: ``Generator`` alone, no
+  torch; ort: the worker) and generates ``RSS_TOKENS`` tokens for ``RSS_BATCH`` mixed prompts; its
+  ``VmHWM`` (``ru_maxrss`` would carry the parent's peak across fork and exec). ``vs_ct2_int8`` = this / ct2
+  int8's;
+* the acceptance ratios (``ratios``): per provider and batch, ``hf_ratio`` = HF ms/step / this and
+  ``ct2_int8_ratio`` = ct2/int8 ms/step / this, printed first, pivoted with the peak RSS;
+* accuracy of every gpt2fast, ct2 and ort provider against the fp32 reference (the same weights on
   ``backend="reference"``, the naive spec, in float32): max |logits - reference| and max |logits - HF
   fp32| (with transformers installed; without it bench runs and says how to add it) over a fixed text,
   perplexity of that text, and greedy agreement over ``--greedy-tokens`` generated tokens,
-  flagged when outside ``TOLERANCES``. The fixed text is a slice of ``pydoc_data.topics`` (sorted
+  flagged when outside ``TOLERANCES`` (by the row's dtype: int8 rows against the int8 bars). ct2's logits
+  come from ``Generator.forward_batch``, ort's from the worker (``ORTModelForCausalLM`` forward, saved
+  as ``.npy``), so every field is computed for them too. The fixed text is a slice of ``pydoc_data.topics`` (sorted
   keys), which every CPython ships. With random weights perplexity is about the vocabulary size: it
   is there to compare backends, not models.
 
 Timing: ``time.perf_counter`` on CPU; CUDA events on CUDA (after a warm-up run of each shape).
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` since the row began; on CPU the process's
-max RSS so far (``resource.getrusage``; a high-water mark that only grows, so later rows include
-earlier ones).
+Peak memory in the speed rows: on CUDA ``torch.cuda.max_memory_allocated`` since the row began; on CPU
+the process's max RSS so far (``resource.getrusage``; a high-water mark that only grows, so later rows
+include earlier ones -- the ``rss`` table is the per-provider number). The floor of an int8 row counts
+1 byte per matrix weight plus a 4-byte scale per output row (``decode_bytes``).
 
 Outputs, in ``--out`` (default ``bench-results/``): ``bench.json``, ``bench.md`` and PNG plots
 (``gpt2fast.bench_plots``: tokens/s vs batch size, decode ms vs context, % of floor). JSON schema::
@@ -39,6 +66,7 @@ Outputs, in ``--out`` (default ``bench-results/``): ``bench.json``, ``bench.md``
               "triton", "gpt2fast": str, "cpu_count", "threads": int, "load_avg_1m": float,
               "config": {GPT2Config fields: int/float/bool},
               "dtypes": [str], "bandwidth_gbs": float, "quick": bool, "peak_mem_kind": str,
+              "quantization": [str], "engines": {backend: version str} (ct2/ort when they ran),
               "tolerances": {dtype: {"logits_rel", "ppl_rel", "agree_total": float}},
               "skipped": [str], "wall_s": float},
      "decode":   [{"provider", "backend", "dtype": str, "batch": int, "prompt_lens": [int],
@@ -54,7 +82,11 @@ Outputs, in ``--out`` (default ``bench-results/``): ``bench.json``, ``bench.md``
      "launches": [{"provider", "backend": str, "per_layer", "fixed", "per_step", "target_per_step": int}],
      "accuracy": [{"provider", "backend", "dtype": str, "text_tokens", "greedy_tokens": int,
                    "max_abs_logit_err", "max_abs_logit_diff_hf" (with transformers), "ppl", "ref_ppl", "ppl_rel_diff",
-                   "agree_until_divergence", "agree_total": float, "flags": [str]}]}
+                   "agree_until_divergence", "agree_total": float, "flags": [str]}],
+     "rss":      [{"provider", "backend", "dtype": str, "batch", "new_tokens": int, "peak_rss_mb",
+                   "vs_ct2_int8" (when ct2/int8 ran): float}],
+     "ratios":   [{"provider": str, "batch": int, "decode_ms", "hf_ratio" (when hf ran),
+                   "ct2_int8_ratio" (when ct2/int8 ran): float}]}
 
 Every number is finite. Every number is > 0 except the fields in ``MAY_BE_ZERO`` (errors and
 spreads: >= 0) and ``FRACTIONS`` (in [0, 1]). ``flags`` is empty when every accuracy number is
@@ -63,6 +95,8 @@ within tolerance; otherwise it names the failing checks (``logits``, ``ppl``, ``
 Example:
     gpt2fast bench --model random:gpt2 --quick
     gpt2fast bench --model gpt2 --backends torch triton cuda --dtypes float16 bfloat16 --out results/h100
+    gpt2fast bench --model random:gpt2 --batch-sizes 1 8 --quantization none int8 --baselines hf ct2 ort \\
+        --ort-python /work/wt/venvs/ort/bin/python --threads 1
 """
 
 from __future__ import annotations
@@ -178,8 +212,8 @@ def decode_bytes(llm: LLM, contexts: Sequence[float], quantization: str | None =
         >>> llm = LLM('random:{"n_layer": 1, "n_embd": 8, "n_head": 2}')
         >>> decode_bytes(llm, [10]) - decode_bytes(llm, [0])  # 1 layer, K + V, 10 tokens, 8 wide, fp32
         640.0
-        >>> round(decode_bytes(llm, [0], "int8") / decode_bytes(llm, [0]), 2)  # mostly the 50257 x 8 embedding
-        0.31
+        >>> round(decode_bytes(llm, [0], "int8") / decode_bytes(llm, [0]), 3)  # 8 wide: a scale per 8 weights
+        0.375
     """
     cfg, size = llm.config, itemsize or llm.dtype.itemsize
     mats, rows, vecs = weight_counts(cfg)
@@ -1333,6 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()  # save_pretrained / from_pretrained bars of the ct2 and ort setup
         except ImportError:
             pass
         torch.set_num_threads(args.threads or threads)
