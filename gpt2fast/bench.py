@@ -413,12 +413,12 @@ def hf_vocab_files(ranks: dict[bytes, int], folder: str) -> None:
     Example:
         >>> import tempfile, pathlib
         >>> from gpt2fast.tokenizer import from_vocab_files
-        >>> ranks = {bytes([b]): b for b in range(256)} | {b"ab": 256, b"abc": 257}
+        >>> ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())} | {b"ab": 256, b"abc": 257}
         >>> with tempfile.TemporaryDirectory() as d:
         ...     hf_vocab_files(ranks, d)
         ...     enc = from_vocab_files(pathlib.Path(d, "vocab.json"), pathlib.Path(d, "merges.txt"))
         ...     print(pathlib.Path(d, "merges.txt").read_text().splitlines()[1:], enc.encode("abc abd"))
-        ['a b', 'ab c'] [257, 32, 256, 100]
+        ['a b', 'ab c'] [257, 220, 256, 67]
     """
     spell = bytes_to_unicode()
 
@@ -963,7 +963,7 @@ def acceptance_table(result: dict) -> tuple[list[dict], list[Column]]:
         >>> rows, cols = acceptance_table(dict(ratios=[dict(provider="x", batch=1, decode_ms=1.0, hf_ratio=2.0)],
         ...                                    rss=[dict(provider="x", peak_rss_mb=900.0)]))
         >>> text_table(rows, cols).splitlines()[1]
-        'x               2.00           900'
+        'x                  2.00           900'
     """
     batches = sorted({r["batch"] for r in result["ratios"]})
     rows: dict[str, dict] = {}

@@ -490,7 +490,7 @@ def test_threads_reach_every_provider_and_the_meta(tmp_path, stub_python, monkey
     monkeypatch.setattr(bench, "run", run)
     before = torch.get_num_threads()
     assert bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "--prompt-lens", "5",
-                       "--contexts", "5", "--decode-tokens", "2", "--repeats", "1", "--greedy-tokens", "3",
+                       "--contexts", "5", "--decode-tokens", "8", "--repeats", "3", "--greedy-tokens", "3",
                        "--ppl-tokens", "10", "--baselines", "ort", "--ort-python", python, "--threads", "2",
                        "--out", str(tmp_path)]) == 0
     assert seen == [2] and torch.get_num_threads() == before
