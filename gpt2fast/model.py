@@ -162,7 +162,7 @@ class GPT2(nn.Module):
         eps = cfg.layer_norm_epsilon
         residual = ops.embed(input_ids, positions, self.wte.weight, self.wpe.weight)  # (T, C)
         one_query_each = meta.max_query_len == 1 and meta.num_seqs == num_tokens  # a decode step
-        if capture is None and ops.decode_layers is not None and one_query_each:
+        if capture is None and ops.decode_layers is not None and one_query_each and num_tokens <= ops.decode_rows:
             if self._decode_layers is None:  # every layer of a decode step in one native call
                 self._decode_layers = ops.decode_layers(cfg, [self.layer_params(i) for i in range(cfg.n_layer)],
                                                         residual.dtype)

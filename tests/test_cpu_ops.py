@@ -23,8 +23,14 @@ if not cpu.available():  # pragma: no cover - the module is built by `pip instal
     pytest.skip(cpu.unavailable_reason(), allow_module_level=True)
 
 ISAS = cpu.supported_isas()
-ROWS = [1, 2, 3, 4, 5, 8, 9, 17]
+ROWS = [1, 2, 3, 4, 5, 8, 9, 17, 70]  # 70: a tile of 64 rows and a partial one
 SHAPES = [(1, 1), (7, 3), (40, 17), (77, 65), (130, 9), (200, 130)]  # (K, N)
+
+
+@pytest.fixture(autouse=True)
+def native_at_every_size(monkeypatch):
+    """The native kernels at every row count (above LIBRARY_ROWS the backend calls torch: tested on its own)."""
+    monkeypatch.setattr(cpu, "LIBRARY_ROWS", 1 << 30)
 
 
 @pytest.fixture(params=ISAS)
@@ -194,6 +200,21 @@ def test_prefill_attention_goes_to_the_torch_backend():
     q, k, v = torch.randn(3, 4, 2, 8).unbind(0)
     out = cpu.write_kv_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.3)
     torch.testing.assert_close(out, reference.write_kv_attention(q, k, v, kc, vc, meta, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_sized_linears_go_to_torch(monkeypatch, dtype):
+    monkeypatch.setattr(cpu, "LIBRARY_ROWS", 16)
+    x, w, b, residual, ln = _inputs(40, 77, 33, seed=8, dtype=dtype)
+    called = []
+    monkeypatch.setattr(cpu._cpu, "linear", lambda *args: called.append(args))
+    got = cpu.ln_linear(x, *ln, 1e-5, w, b, gelu=True), cpu.linear(x, w, b, residual=residual)
+    expected = reference.ln_linear(x, *ln, 1e-5, w, b, gelu=True), reference.linear(x, w, b, residual=residual)
+    assert not called
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2**-6)  # bf16: 2 roundings
+    for y, e in zip(got, expected):
+        torch.testing.assert_close(y.float(), e.float(), **tol)
+    assert cpu.linear(x, quantize_int8(w.float()), b).dtype == dtype and len(called) == 1  # int8: native at any size
 
 
 def test_bad_inputs_raise_value_errors():

@@ -48,6 +48,7 @@ class Ops:
     sample_top_k_top_p: Callable[..., torch.Tensor]
     # Optional: builds an object running every layer of a decode step in one call (``cpu.DecodeLayers``)
     decode_layers: Callable[..., Callable[..., None]] | None = None
+    decode_rows: int = 0  # the most tokens a step may have for decode_layers (more: op by op)
 
 
 REFERENCE = Ops(
@@ -106,6 +107,7 @@ def _cpu_table() -> Ops:
         lm_head_gumbel=cpu.lm_head_gumbel,
         sample_top_k_top_p=reference.sample_top_k_top_p,
         decode_layers=cpu.DecodeLayers,
+        decode_rows=cpu.LIBRARY_ROWS,  # larger batches: torch's GEMMs win (ops/cpu.py)
     )
 
 

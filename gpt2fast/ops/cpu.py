@@ -23,7 +23,7 @@ import os
 import torch
 
 from gpt2fast.metadata import AttentionMetadata
-from gpt2fast.ops import reference, torch_native  # noqa: F401 (reference: the docstrings' examples)
+from gpt2fast.ops import reference, torch_native
 from gpt2fast.quant import Int8Weight
 from gpt2fast.sampling import GREEDY_BELOW
 
@@ -42,6 +42,13 @@ else:
         _cpu.select_isa(os.environ["GPT2FAST_CPU_ISA"])
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+# Above this many rows (a prefill) fp32 and bf16 linears go to torch's F.linear (oneDNN), which measures faster
+# there; int8 stays native at every size. 1 thread, GPT-2 124M's 12 x 4 projections, ms (python /tmp/big.py,
+# 2026-12-06, a shared machine): rows 16 / 32 / 64 / 256: fp32 ours 15.9 / 24.2 / 47.4 / 189, F.linear 14.3 /
+# 19.6 / 26.7 / 76.5; bf16 ours 11.5 / 20.8 / 38.3 / 154, F.linear 7.7 / 8.1 / 10.8 / 22.9; int8 ours 5.9 /
+# 11.2 / 20.7 / 76.6, dequantize + F.linear 44.8 / 31.7 / 40.4 / 112.
+LIBRARY_ROWS = 16
 
 
 def available() -> bool:
@@ -153,6 +160,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tens
     n, k = values.shape
     x = _rows("x", x, k)
     m, dtype = x.shape[0], x.dtype
+    if m > LIBRARY_ROWS and w_code != _CODES[torch.int8] and values.dtype == dtype:
+        return _library_linear(x, values, bias, gelu=gelu, residual=residual, ln=ln, out_dtype=out_dtype)
     out = torch.empty(m, n, dtype=out_dtype or dtype)  # (M, N)
     if m == 0:
         return out
@@ -173,6 +182,21 @@ def _linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tens
                 0 if residual is None else residual.stride(0), out.data_ptr(), n, _CODES[out.dtype],
                 torch.get_num_threads())
     return out
+
+
+def _library_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: bool,
+                    residual: torch.Tensor | None, ln: tuple[torch.Tensor, torch.Tensor, float] | None,
+                    out_dtype: torch.dtype | None) -> torch.Tensor:
+    """A prefill-sized linear through torch (oneDNN) in the model dtype: for bf16 the product is rounded to bf16
+    once more than the reference rounds (torch has no bf16 GEMM with an fp32 result on a CPU)."""
+    if ln is not None:
+        x = reference.layer_norm(x, ln[0], ln[1], ln[2])  # (M, K)
+    y = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype)).float()  # (M, N)
+    if gelu:
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(out_dtype or x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, *, gelu: bool = False,
