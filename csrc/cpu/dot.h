@@ -101,16 +101,21 @@ static void dot_block_widen(const float* x, int64_t ldx, const T* w, int64_t K, 
   int64_t k = 0;
   for (; k + LANES <= K; k += LANES) {
     vfloat wv[NB];
+    #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
       if ((k * int64_t(sizeof(T))) % 64 == 0) prefetch_ahead(w + j * K + k, NB * K * int64_t(sizeof(T)));
       wv[j] = load_weight(w + j * K + k);
     }
+    #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const vfloat xv = load_f32(x + i * ldx + k);
+      #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] += xv * wv[j];
     }
   }
+  #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) {
+    #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[i][j]);
       for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * scalar_weight(w + j * K, t);
@@ -133,21 +138,28 @@ static void bf16_block(const Activations& a, const Weight& w, int64_t n, int64_t
   const int64_t K = a.K;
   const uint16_t* wp = static_cast<const uint16_t*>(w.data) + n * K;
   __m512 acc[MB][NB];
+  #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
     __m512i wv[NB];
+    #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
       prefetch_ahead(wp + j * K + k, NB * K * 2);
       wv[j] = _mm512_maskz_loadu_epi16(mask, wp + j * K + k);
     }
+    #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m512i xv = _mm512_loadu_si512(a.bf16 + (m + i) * a.Kp + k);  // zero padded to Kp
+      #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
     }
   }
+  #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 #endif
@@ -163,25 +175,32 @@ static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t
   const int8_t* wp = static_cast<const int8_t*>(w.data) + n * K;
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i acc[MB][NB], wsum[NB];
+  #pragma GCC unroll 8
   for (int j = 0; j < NB; ++j) {
     wsum[j] = _mm512_setzero_si512();
+    #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_setzero_si512();
   }
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : __mmask64((uint64_t(1) << (K - k)) - 1);
     __m512i wv[NB];
+    #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
       prefetch_ahead(wp + j * K + k, NB * K);
       wv[j] = _mm512_maskz_loadu_epi8(mask, wp + j * K + k);  // masked bytes are 0: they add nothing
       wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
     }
+    #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m512i xv = _mm512_loadu_si512(a.u8 + (m + i) * a.Kp + k);  // padded to Kp
+      #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
     }
   }
+  #pragma GCC unroll 8
   for (int j = 0; j < NB; ++j) {
     const int64_t ws = _mm512_reduce_add_epi32(wsum[j]);
+    #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const int64_t s = int64_t(_mm512_reduce_add_epi32(acc[i][j])) - 128 * ws;
       y[i * ldy + j] = float(s) * a.u8_scale[m + i] * w.scale[n + j];
