@@ -7,7 +7,7 @@
 // Weights are [N, K] row-major as they lie in the checkpoint (no repacking): a tile of NB output
 // channels x MB activation rows keeps NB*MB accumulators, each K-step loads NB weight vectors and MB
 // activation vectors, and the horizontal sums happen once per output. K tails are scalar (or masked).
-// Design notes and measurements: benchmarks/roofline.md ("native CPU backend").
+// Design notes and measurements: benchmarks/cpu_kernels.md.
 #pragma once
 
 // (isa.h includes the standard headers and common.h before the namespace this file is included into.)

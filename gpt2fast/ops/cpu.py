@@ -8,7 +8,7 @@ decode ``write_kv_attention`` (one query per sequence), and the LM head with log
 (the sampler's Philox noise, so a seeded draw matches every backend's). Prefill attention and the small
 ops are the ``torch`` backend's. Threads: ``torch.get_num_threads()`` at each call (``--cpu-threads``
 sets it). The instruction set (AVX-512 with VNNI/BF16, AVX2, portable) is picked by cpuid at import;
-``GPT2FAST_CPU_ISA=avx2`` (or ``portable``) forces a lesser one. Measurements: ``benchmarks/roofline.md``.
+``GPT2FAST_CPU_ISA=avx2`` (or ``portable``) forces a lesser one. Design and measurements: ``benchmarks/cpu_kernels.md``.
 
 Example:
     >>> x, w, b = torch.randn(3, 40), torch.randn(7, 40), torch.randn(7)
