@@ -163,11 +163,12 @@ class GPT2(nn.Module):
         residual = ops.embed(input_ids, positions, self.wte.weight, self.wpe.weight)  # (T, C)
         one_query_each = meta.max_query_len == 1 and meta.num_seqs == num_tokens  # a decode step
         if capture is None and ops.decode_layers is not None and one_query_each and num_tokens <= ops.decode_rows:
-            if self._decode_layers is None:  # every layer of a decode step in one native call
+            if self._decode_layers is None:  # every layer of a decode step in one native call (False: not here)
                 self._decode_layers = ops.decode_layers(cfg, [self.layer_params(i) for i in range(cfg.n_layer)],
-                                                        residual.dtype)
-            self._decode_layers(residual, cache, meta)
-            return ops.layer_norm(residual[meta.logits_indices], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
+                                                        residual.dtype) or False
+            if self._decode_layers:
+                self._decode_layers(residual, cache, meta)
+                return ops.layer_norm(residual[meta.logits_indices], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
         for i, block in enumerate(self.h):
             attn_in = (block.ln_1.weight, block.ln_1.bias, eps, block.attn.c_attn.weight, block.attn.c_attn.bias)
             qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)

@@ -46,7 +46,7 @@ class Ops:
     lm_head_argmax: Callable[..., torch.Tensor]
     lm_head_gumbel: Callable[..., torch.Tensor]
     sample_top_k_top_p: Callable[..., torch.Tensor]
-    # Optional: builds an object running every layer of a decode step in one call (``cpu.DecodeLayers``)
+    # Optional: builds an object running every layer of a decode step in one call (``cpu.DecodeLayers``), or None
     decode_layers: Callable[..., Callable[..., None]] | None = None
     decode_rows: int = 0  # the most tokens a step may have for decode_layers (more: op by op)
 
@@ -106,7 +106,7 @@ def _cpu_table() -> Ops:
         lm_head_argmax=cpu.lm_head_argmax,
         lm_head_gumbel=cpu.lm_head_gumbel,
         sample_top_k_top_p=reference.sample_top_k_top_p,
-        decode_layers=cpu.DecodeLayers,
+        decode_layers=cpu.decode_layers,
         decode_rows=cpu.LIBRARY_ROWS,  # larger batches: torch's GEMMs win (ops/cpu.py)
     )
 

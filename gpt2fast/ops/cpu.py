@@ -153,9 +153,26 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def native(x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> bool:
+    """Whether the native kernels take these: fp32 or bf16 activations with fp32, bf16 or int8 weights. Others
+    (fp16, fp64) run the torch backend's op, so every dtype the engine accepts works on ``backend="cpu"``.
+
+    Example:
+        >>> native(torch.randn(2, 3), torch.randn(4, 3)), native(torch.randn(2, 3).half(), torch.randn(4, 3).half())
+        (True, False)
+    """
+    return x.dtype in (torch.float32, torch.bfloat16) and weight.dtype in _CODES
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None, *, gelu: bool = False,
             residual: torch.Tensor | None = None, ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not native(x, weight):
+        if ln is not None:
+            x = reference.layer_norm(x, *ln)
+        if out_dtype is not None:  # the LM head
+            return torch_native.lm_head(x, weight)
+        return torch_native.linear(x, weight, bias, gelu=gelu, residual=residual)
     values, w_code, scale_ptr = _weight(weight)
     n, k = values.shape
     x = _rows("x", x, k)
@@ -236,6 +253,10 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
 
 def _pick(x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature: torch.Tensor | None,
           seeds: torch.Tensor | None) -> torch.Tensor:
+    if not native(x, wte):
+        if temperature is None:
+            return torch_native.lm_head_argmax(x, wte)
+        return torch_native.lm_head_gumbel(x, wte, temperature, seeds)
     values, w_code, scale_ptr = _weight(wte)
     v, k = values.shape
     x = _rows("x", x, k).contiguous()
@@ -287,7 +308,8 @@ def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         True
     """
     tokens, heads, dim = q.shape
-    if meta.num_seqs != tokens or meta.max_query_len != 1 or q.dtype != k_cache.dtype:
+    decode = meta.num_seqs == tokens and meta.max_query_len == 1
+    if not decode or q.dtype != k_cache.dtype or q.dtype not in (torch.float32, torch.bfloat16):
         return torch_native.write_kv_attention(q, k, v, k_cache, v_cache, meta, scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_cpu(name, t)
@@ -307,6 +329,20 @@ def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
                               block_tables.stride(0), seq_lens.data_ptr(), slots.data_ptr(), float(scale),
                               out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def decode_layers(config, layers: list[tuple], dtype: torch.dtype) -> DecodeLayers | None:
+    """``DecodeLayers`` for a model of ``dtype``, or None where the native kernels do not take it (fp16: the model
+    then runs decode steps op by op).
+
+    Example:
+        >>> from gpt2fast.config import GPT2Config
+        >>> decode_layers(GPT2Config(n_layer=1, n_embd=8, n_head=2), [], torch.float16) is None
+        True
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return DecodeLayers(config, layers, dtype)
 
 
 class DecodeLayers:
