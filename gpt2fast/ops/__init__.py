@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2fast.ops import reference, torch_native
+from gpt2fast.quant import QUANTIZATIONS
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 
@@ -45,6 +46,8 @@ class Ops:
     lm_head_argmax: Callable[..., torch.Tensor]
     lm_head_gumbel: Callable[..., torch.Tensor]
     sample_top_k_top_p: Callable[..., torch.Tensor]
+    # Weight quantizations whose Int8Weight (gpt2fast.quant) every weight-taking op accepts; the engine refuses others.
+    quantizations: tuple[str, ...] = ()
 
 
 REFERENCE = Ops(
@@ -62,6 +65,7 @@ REFERENCE = Ops(
     lm_head_argmax=reference.lm_head_argmax,
     lm_head_gumbel=reference.lm_head_gumbel,
     sample_top_k_top_p=reference.sample_top_k_top_p,
+    quantizations=QUANTIZATIONS,
 )
 
 
@@ -81,6 +85,7 @@ TORCH = Ops(
     lm_head_argmax=torch_native.lm_head_argmax,
     lm_head_gumbel=torch_native.lm_head_gumbel,
     sample_top_k_top_p=reference.sample_top_k_top_p,
+    quantizations=QUANTIZATIONS,
 )
 
 
