@@ -21,7 +21,7 @@ from gpt2fast.checkpoint import available_memory, load_checkpoint
 from gpt2fast.decode_runner import DecodeRunner
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2, AttentionCapture
-from gpt2fast.ops import default_backend, get_ops
+from gpt2fast.ops import check_quantization_support, default_backend, get_ops
 from gpt2fast.outputs import CompletionOutput, GenerationError, RequestOutput
 from gpt2fast.quant import check_quantization
 from gpt2fast.sampling import (
@@ -52,6 +52,7 @@ _DTYPES = {
 }
 
 Prompt = str | Sequence[int]
+CPU_KV_CACHE_CONTEXTS = 8  # the CPU cache's default size at most: this many full contexts
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -178,8 +179,10 @@ class Engine:
     """Continuous batching over a paged KV cache; one ``step()`` is one model forward.
 
     KV cache size: ``kv_cache_tokens`` tokens, or ``kv_cache_memory_fraction`` of the device's
-    free memory (host memory on CPU); by default 90% of free GPU memory, or 8 full contexts on
-    CPU. It must hold at least one full-context sequence, so every request can finish.
+    free memory (host memory on CPU); by default 90% of free GPU memory, or on CPU a full context per
+    sequence the batch holds, ``min(max_num_seqs, 8)`` (the cache's pages are touched as blocks are used, and
+    the prefix cache's LRU order walks through all of them in a long run, so its size ends up in RSS). It must
+    hold at least one full-context sequence, so every request can finish.
     A prompt plus ``max_tokens`` beyond the context is clamped: the sample ends there with
     ``finish_reason="length"``. ``cuda_graphs`` (default: on for CUDA) runs plain decode steps
     through ``DecodeRunner``'s static buffers, replayed as one CUDA graph per batch-size bucket; on a
@@ -220,9 +223,7 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         ops = get_ops(backend or default_backend(), self.device)
-        if self.quantization and self.quantization not in ops.quantizations:
-            raise ValueError(f"backend {ops.name!r} has no {self.quantization} kernels yet (GPU int8: issue 17); "
-                             f"quantization={self.quantization!r} runs on the torch or reference backend")
+        check_quantization_support(ops, self.quantization)
         checkpoint = load_checkpoint(model, seed=seed)
         self.config = config = checkpoint.config
         self.is_random = checkpoint.is_random
@@ -233,7 +234,7 @@ class Engine:
             )
         self.model = GPT2.from_state_dict(config, checkpoint.state_dict, ops, self.device, self.dtype,
                                           self.quantization)
-        num_blocks = self._num_blocks(kv_cache_tokens, kv_cache_memory_fraction)
+        num_blocks = self._num_blocks(kv_cache_tokens, kv_cache_memory_fraction, max_num_seqs)
         self.cache = KVCache(config, num_blocks, block_size, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
@@ -246,7 +247,7 @@ class Engine:
         self.decode_runner = DecodeRunner(self.model, self.cache, max_num_seqs) if cuda_graphs else None
         self._requests: dict[str, _Request] = {}
 
-    def _num_blocks(self, tokens: int | None, fraction: float | None) -> int:
+    def _num_blocks(self, tokens: int | None, fraction: float | None, max_num_seqs: int) -> int:
         cfg, bs = self.config, self.block_size
         if tokens is not None and fraction is not None:
             raise ValueError("give kv_cache_tokens or kv_cache_memory_fraction, not both")
@@ -261,7 +262,10 @@ class Engine:
             blocks = int(free * fraction // block_bytes)
             name, source = "kv_cache_memory_fraction", f"kv_cache_memory_fraction={fraction:g} of {_gib(free)} free"
         else:
-            tokens = 8 * cfg.n_positions if tokens is None else _positive_int("kv_cache_tokens", tokens)
+            if tokens is None:
+                tokens = min(max_num_seqs, CPU_KV_CACHE_CONTEXTS) * cfg.n_positions
+            else:
+                tokens = _positive_int("kv_cache_tokens", tokens)
             blocks = -(-tokens // bs)
             name, source = "kv_cache_tokens", f"a KV cache of {blocks} blocks of {bs} tokens"
             if free is not None and blocks * block_bytes > free:  # before allocating: torch would fail or overcommit

@@ -89,6 +89,22 @@ TORCH = Ops(
 )
 
 
+def check_quantization_support(ops: Ops, quantization: str | None) -> None:
+    """Raise ``ValueError`` when ``ops`` has no kernels for ``quantization`` (None: always fine).
+
+    Example:
+        >>> check_quantization_support(TORCH, "int8")
+        >>> check_quantization_support(TORCH, "int4")
+        Traceback (most recent call last):
+        ...
+        ValueError: backend 'torch' has no int4 kernels; use the torch or reference backend for int4 weights
+    """
+    if quantization is not None and quantization not in ops.quantizations:
+        soon = " yet (GPU int8 is issue 17)" if ops.name in ("triton", "cuda") else ""
+        raise ValueError(f"backend {ops.name!r} has no {quantization} kernels{soon}; "
+                         f"use the torch or reference backend for {quantization} weights")
+
+
 def default_backend() -> str:
     """The backend named by ``GPT2FAST_BACKEND``, else ``"auto"``.
 
