@@ -262,8 +262,8 @@ class Engine:
             blocks = int(free * fraction // block_bytes)
             name, source = "kv_cache_memory_fraction", f"kv_cache_memory_fraction={fraction:g} of {_gib(free)} free"
         else:
-            if tokens is None:
-                tokens = min(max_num_seqs, CPU_KV_CACHE_CONTEXTS) * cfg.n_positions
+            if tokens is None:  # whole blocks per context: each sequence can reach n_positions
+                tokens = min(max_num_seqs, CPU_KV_CACHE_CONTEXTS) * -(-cfg.n_positions // bs) * bs
             else:
                 tokens = _positive_int("kv_cache_tokens", tokens)
             blocks = -(-tokens // bs)
