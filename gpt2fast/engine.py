@@ -224,7 +224,7 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         ops = get_ops(backend or default_backend(), self.device)
         check_quantization_support(ops, self.quantization)
-        checkpoint = load_checkpoint(model, seed=seed)
+        checkpoint = load_checkpoint(model, seed=seed, quantization=self.quantization)
         self.config = config = checkpoint.config
         self.is_random = checkpoint.is_random
         self.tokenizer = load_tokenizer(checkpoint.vocab_dir)

@@ -14,13 +14,14 @@ an ``Int8Weight`` over those two buffers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from gpt2fast.cache import KVCache
-from gpt2fast.checkpoint.layout import progress
+from gpt2fast.checkpoint.layout import progress, trim_heap
 from gpt2fast.config import GPT2Config
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import TORCH, Ops
@@ -227,7 +228,7 @@ class GPT2(nn.Module):
     def from_state_dict(
         cls,
         config: GPT2Config,
-        state: dict[str, torch.Tensor],
+        state: dict[str, torch.Tensor | Int8Weight],
         ops: Ops = TORCH,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -236,8 +237,9 @@ class GPT2(nn.Module):
         """Build on the meta device, then assign the weights (moved and cast; a progress bar for big ones).
 
         ``state`` is our canonical float layout. With ``quantization="int8"`` each weight of
-        ``quantized_modules`` is quantized as it is read (on the CPU, from its stored dtype) and ``state`` is
-        emptied as it goes, so each float tensor is freed once converted and no second full copy ever exists.
+        ``quantized_modules`` is quantized as it is read (on the CPU, from its stored dtype; or arrives as an
+        ``Int8Weight`` already) and ``state`` is emptied as it goes, so each float tensor is freed once converted
+        and no second full copy ever exists.
 
         Example:
             >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
@@ -251,16 +253,20 @@ class GPT2(nn.Module):
         with torch.device("meta"):
             model = cls(config, ops, quantization)
         quantized = {name + ".weight" for name in model.quantized_modules()} if model.quantization else set()
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        total = sum(t.q.numel() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in state.values())
         weights = {}
         for name in progress(list(state), total, "loading weights"):
             tensor = state.pop(name) if quantized else state[name]
+            if isinstance(tensor, Int8Weight) and name not in quantized:
+                raise ValueError(f"{name} arrives as int8 weights, but the model is built with quantization=None")
             if name in quantized:
-                int8 = quantize_int8(tensor)
+                int8 = tensor if isinstance(tensor, Int8Weight) else quantize_int8(tensor)
                 weights[name], weights[name + "_scale"] = int8.q.to(device), int8.scale.to(device)
-            else:
-                weights[name] = tensor.to(device, dtype)
+            else:  # copied when quantizing: a view into a memory-mapped file would keep all of the file resident
+                weights[name] = tensor.to(device, dtype, copy=bool(quantized)).contiguous()
             del tensor  # the last reference of a quantized float weight: freed before the next one is read
+            if quantized:
+                trim_heap()
         model.load_state_dict(weights, strict=True, assign=True)
         return model.requires_grad_(False)  # inference only: no autograd graph behind any op
 
@@ -288,18 +294,34 @@ class GPT2(nn.Module):
     def init_random(self, seed: int = 0) -> GPT2:
         """Fill every parameter with seeded random values (GPT-2's init scale, non-zero biases).
 
-        Biases and LayerNorm parameters get random values too, so a bug that drops one shows. A quantized
-        model has no float weights to fill: build it float, then ``from_state_dict(..., quantization=)``.
+        The values are ``random_weights(config, seed)``'s. A quantized model has no float weights to fill: build
+        it from them with ``from_state_dict(..., quantization=)``.
         """
         if self.quantization:
             raise ValueError(f"init_random fills float weights; this model holds {self.quantization} weights")
-        gen = torch.Generator().manual_seed(seed)
-        proj_std = 0.02 / (2 * self.config.n_layer) ** 0.5
-        for name, param in self.named_parameters():
-            if name.startswith("ln") or ".ln_" in name:
-                values = torch.randn(param.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0)
-            else:
-                std = proj_std if name.endswith("c_proj.weight") else 0.02
-                values = torch.randn(param.shape, generator=gen) * std
+        for param, (_, values) in zip(self.parameters(), random_weights(self.config, seed), strict=True):
             param.copy_(values.to(param.dtype))
         return self
+
+
+def random_weights(config: GPT2Config, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded random fp32 weights in parameter order, one tensor at a time (GPT-2's init scale).
+
+    Biases and LayerNorm parameters get random values too, so a bug that drops one shows. One tensor at a
+    time, so a loader that quantizes them as they come never holds the float model.
+
+    Example:
+        >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+        >>> name, wte = next(random_weights(cfg, seed=0))
+        >>> name, tuple(wte.shape), torch.equal(wte, GPT2(cfg).init_random(seed=0).wte.weight)
+        ('wte.weight', (11, 8), True)
+    """
+    with torch.device("meta"):
+        shapes = [(name, param.shape) for name, param in GPT2(config).named_parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    proj_std = 0.02 / (2 * config.n_layer) ** 0.5
+    for name, shape in shapes:  # in place: one (shape) temporary, even for the 154 MB wte
+        if name.startswith("ln") or ".ln_" in name:
+            yield name, torch.randn(shape, generator=gen).mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            yield name, torch.randn(shape, generator=gen).mul_(proj_std if name.endswith("c_proj.weight") else 0.02)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gpt2fast import cli
+from gpt2fast.checkpoint import load_checkpoint
 from gpt2fast.config import GPT2Config
 from gpt2fast.engine import LLM, Engine
 from gpt2fast.model import GPT2, op_weight
@@ -147,6 +148,27 @@ def test_the_model_holds_int8_buffers_and_loading_frees_the_float_state():
     assert fp16.wpe.weight.dtype == torch.float16 and fp16.wte.weight_scale.dtype == torch.float32
     with pytest.raises(ValueError, match="init_random fills float weights"):
         model.init_random()
+
+
+HF_TINY = {"n_layer": 2, "n_embd": 24, "n_head": 3, "vocab_size": 50257, "n_positions": 32}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_every_source_quantizes_to_what_its_float_weights_quantize_to(hf_folder, fmt):
+    """random: weights are quantized as drawn, folders as read (transposed Conv1D weights straight from views)."""
+    _, folder = hf_folder(HF_TINY, fmt=fmt)
+    for source in (str(folder), TINY_MODEL):
+        fp32, int8 = Engine(source).model, Engine(source, quantization="int8").model
+        for name, module in fp32.quantized_modules().items():
+            expected = quantize_int8(module.weight)
+            assert torch.equal(op_weight(int8.get_submodule(name)).q, expected.q), (source, name)
+            assert torch.equal(op_weight(int8.get_submodule(name)).scale, expected.scale), (source, name)
+            assert module.weight.is_contiguous()  # the float model copies the transposed views
+        assert torch.equal(int8.h[0].attn.c_attn.bias, fp32.h[0].attn.c_attn.bias)
+    checkpoint = load_checkpoint(TINY_MODEL, quantization="int8")
+    assert isinstance(checkpoint.state_dict["h.1.mlp.c_fc.weight"], Int8Weight)
+    with pytest.raises(ValueError, match="wte.weight arrives as int8 weights"):
+        GPT2.from_state_dict(checkpoint.config, checkpoint.state_dict)
 
 
 def reference_on_dequantized(llm: LLM) -> LLM:
