@@ -188,6 +188,18 @@ def test_int8_logits_equal_the_reference_on_the_dequantized_weights(backend):
     assert (got - LLM(TINY_MODEL, backend=backend).logits(ids)).abs().max() > 1e-4, "int8 is not the fp32 model"
 
 
+def test_attention_inspection_and_next_tokens_run_on_int8():
+    llm = LLM(TINY_MODEL, quantization="int8")
+    ref = reference_on_dequantized(llm)
+    ids = [3, 14, 15, 92, 65, 35]
+    trace, expected = llm.attention(ids, qk=True), ref.attention(ids, qk=True)
+    torch.testing.assert_close(trace.probs, expected.probs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(trace.queries, expected.queries, rtol=0, atol=1e-4)
+    got, want = llm.next_tokens(ids, k=5), ref.next_tokens(ids, k=5)
+    assert [t.id for t in got] == [t.id for t in want]
+    assert max(abs(a.prob - b.prob) for a, b in zip(got, want)) < 1e-5
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["dynamic", "decode-runner"])
 def test_int8_greedy_generation_on_torch_equals_the_reference(cuda_graphs):
     prompts = [[1, 2, 3], [40, 41], [7] * 11]
