@@ -1,4 +1,10 @@
-"""Build script: pure Python, plus the CUDA extension ``gpt2fast._C`` where nvcc builds it.
+"""Build script: Python, the native CPU kernels ``gpt2fast._cpu``, and the CUDA extension ``gpt2fast._C`` where
+nvcc builds it.
+
+``gpt2fast._cpu`` is ``csrc/cpu/`` compiled by the C++ compiler (g++/clang, C++17, OpenMP), bound with
+pybind11: one build per instruction set (AVX-512, AVX2, portable) chosen at run time, so the module runs on
+any x86-64 (and other CPUs through the portable build). ``GPT2FAST_BUILD_CPU=0`` skips it (``backend="cpu"``
+then says it is missing).
 
 ``gpt2fast._C`` is ``csrc/bindings.cpp`` (and the kernel headers it includes) compiled by nvcc
 for sm_80 and sm_90 (``GPT2FAST_CUDA_ARCHS="80;90"`` overrides), linked with the static CUDA
@@ -62,10 +68,25 @@ def _build_cuda_reason() -> tuple[bool, str]:
     return True, f"nvcc ({nvcc}) and a GPU driver found"
 
 
+CPU_SOURCES = ["csrc/cpu/bindings.cpp", "csrc/cpu/isa_avx512.cpp", "csrc/cpu/isa_avx2.cpp", "csrc/cpu/isa_portable.cpp"]
+CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-fvisibility=hidden"]
+
+
+def _cpu_extension() -> Extension:
+    import pybind11
+
+    return Extension("gpt2fast._cpu", sources=CPU_SOURCES, depends=[h for h in HEADERS if h.startswith("csrc/cpu/")],
+                     include_dirs=[pybind11.get_include()], language="c++", extra_compile_args=CPU_FLAGS,
+                     extra_link_args=["-fopenmp"])
+
+
 class NvccBuildExt(build_ext):
-    """Compiles and links each extension with one nvcc command (sources are CUDA C++, ``-x cu``)."""
+    """``gpt2fast._C``: compiled and linked with one nvcc command (sources are CUDA C++, ``-x cu``); the CPU
+    module the usual setuptools way."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name != "gpt2fast._C":
+            return super().build_extension(ext)
         cuda_build = _cuda_build()
         archs = cuda_build.archs_from_env()
         output = Path(self.get_ext_fullpath(ext.name))
@@ -80,7 +101,11 @@ if not build:
     print(f"gpt2fast: installing pure Python, without the CUDA extension gpt2fast._C ({reason}). "
           "backend='cuda' then runs its kernels only on CPU tensors, emulated (tests).")  # fmt: skip
 
+extensions = [Extension("gpt2fast._C", sources=["csrc/bindings.cpp"], depends=HEADERS)] if build else []
+if os.environ.get("GPT2FAST_BUILD_CPU", "1").strip() != "0":
+    extensions.append(_cpu_extension())
+
 setup(
-    ext_modules=[Extension("gpt2fast._C", sources=["csrc/bindings.cpp"], depends=HEADERS)] if build else [],
+    ext_modules=extensions,
     cmdclass={"build_ext": NvccBuildExt},
 )

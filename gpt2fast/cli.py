@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
-                     help="int8: weight-only int8, quantized at load (torch backend)")
+                     help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     gen.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                      help="run decode steps eagerly on CUDA (default: one CUDA graph per batch-size bucket)")
     # Only listed here: these are handed whole to their module's main (see SUBCOMMANDS and main below).

@@ -154,6 +154,7 @@ class GPT2(nn.Module):
         if self.quantization:
             for module in self.quantized_modules().values():
                 _int8_slots(module)
+        self._decode_layers = None  # ops.decode_layers' object, built at the first decode step that uses it
 
     def quantized_modules(self) -> dict[str, nn.Module]:
         """Name -> module of every weight ``quantization`` applies to: ``wte`` and each block's four linears.
@@ -168,6 +169,15 @@ class GPT2(nn.Module):
     def wte_weight(self) -> torch.Tensor | Int8Weight:
         """The tied embedding / LM head as ops take it (``op_weight(self.wte)``)."""
         return op_weight(self.wte)
+
+    def layer_params(self, i: int) -> tuple:
+        """Layer ``i``'s parameters as the ops receive them (linear weights through ``op_weight``), in ``hidden``'s
+        order: ln_1 weight, bias; c_attn weight, bias; attn.c_proj weight, bias; ln_2 weight, bias; c_fc weight,
+        bias; mlp.c_proj weight, bias."""
+        b = self.h[i]
+        return (b.ln_1.weight, b.ln_1.bias, op_weight(b.attn.c_attn), b.attn.c_attn.bias, op_weight(b.attn.c_proj),
+                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, op_weight(b.mlp.c_fc), b.mlp.c_fc.bias,
+                op_weight(b.mlp.c_proj), b.mlp.c_proj.bias)
 
     @torch.no_grad()
     def forward(
@@ -207,6 +217,13 @@ class GPT2(nn.Module):
         num_tokens = input_ids.shape[0]
         eps = cfg.layer_norm_epsilon
         residual = ops.embed(input_ids, positions, self.wte_weight, self.wpe.weight)  # (T, C)
+        one_query_each = meta.max_query_len == 1 and meta.num_seqs == num_tokens  # a decode step
+        if capture is None and ops.decode_layers is not None and one_query_each and num_tokens <= ops.decode_rows:
+            if self._decode_layers is None:  # every layer of a decode step in one native call
+                self._decode_layers = ops.decode_layers(cfg, [self.layer_params(i) for i in range(cfg.n_layer)],
+                                                        residual.dtype)
+            self._decode_layers(residual, cache, meta)
+            return ops.layer_norm(residual[meta.logits_indices], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
         for i, block in enumerate(self.h):
             attn_in = (block.ln_1.weight, block.ln_1.bias, eps, op_weight(block.attn.c_attn), block.attn.c_attn.bias)
             qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)

@@ -1,9 +1,13 @@
-"""``gpt2fast bench`` on a tiny random model: the JSON schema, every number finite and positive, the reports."""
+"""``gpt2fast bench`` on a tiny random model: the JSON schema, every number finite and positive, the reports;
+the ct2 provider end to end, the ort worker's protocol (against a stub Python), the peak-RSS child, --threads
+and the --quantization axis."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -14,7 +18,7 @@ from gpt2fast import bench
 TINY = 'random:{"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128}'
 META_KEYS = {"model", "device", "device_name", "machine", "cpu_count", "threads", "load_avg_1m", "python", "torch",
              "transformers", "triton", "gpt2fast", "config", "dtypes", "bandwidth_gbs", "quick", "peak_mem_kind",
-             "tolerances", "skipped", "wall_s"}
+             "tolerances", "skipped", "wall_s", "quantization", "engines"}
 DECODE_KEYS = {"provider", "backend", "dtype", "batch", "prompt_lens", "context", "new_tokens", "ttft_ms",
                "decode_ms", "tok_s", "spread_pct", "floor_ms", "achieved_gbs", "pct_of_floor", "peak_mem_mb",
                "hf_ratio"}
@@ -25,6 +29,8 @@ PREFILL_KEYS = {"provider", "backend", "dtype", "prompt_len", "prefill_ms", "tok
 ACCURACY_KEYS = {"provider", "backend", "dtype", "text_tokens", "greedy_tokens", "max_abs_logit_err",
                  "max_abs_logit_diff_hf", "ppl", "ref_ppl", "ppl_rel_diff", "agree_until_divergence", "agree_total",
                  "flags"}
+RSS_KEYS = {"provider", "backend", "dtype", "batch", "new_tokens", "peak_rss_mb"}
+RATIO_KEYS = {"provider", "batch", "decode_ms", "hf_ratio"}
 STRINGS = {"provider", "backend", "dtype"}
 
 
@@ -69,16 +75,17 @@ def numbers(value, key: str = ""):
 
 def test_json_has_exactly_the_documented_keys(result):
     data, _ = result
-    assert set(data) == {"meta", "decode", "context", "prefill", "overhead", "launches", "accuracy"}
+    assert set(data) == {"meta", "decode", "context", "prefill", "overhead", "launches", "accuracy", "rss", "ratios"}
     assert set(data["meta"]) == META_KEYS
+    assert data["meta"]["quantization"] == ["none"] and data["meta"]["engines"] == {} and data["meta"]["threads"] == 1
     sections = [("decode", DECODE_KEYS), ("context", CONTEXT_KEYS), ("prefill", PREFILL_KEYS),
-                ("overhead", OVERHEAD_KEYS), ("accuracy", ACCURACY_KEYS)]
+                ("overhead", OVERHEAD_KEYS), ("accuracy", ACCURACY_KEYS), ("rss", RSS_KEYS), ("ratios", RATIO_KEYS)]
     for section, keys in sections:
         assert data[section], section
         for row in data[section]:
             expected = keys - {"hf_ratio"} if row.get("overhead_us") == 0 else keys  # no ratio to a zero
             assert set(row) == expected, (section, set(row) ^ expected)
-            assert all(isinstance(row[k], str) for k in STRINGS)
+            assert all(isinstance(row[k], str) for k in STRINGS & keys)
     providers = ("gpt2fast[torch]/float32", "gpt2fast[torch]/bfloat16", "hf")
     assert {(r["provider"], r["batch"]) for r in data["decode"]} == {(p, b) for p in providers for b in (1, 3)}
     assert [r["provider"] for r in data["prefill"]] == list(providers)
@@ -90,6 +97,8 @@ def test_json_has_exactly_the_documented_keys(result):
     assert [round(r["context"] - r["new_tokens"] / 2) for r in data["context"]] == [5, 60] * 3
     assert {(r["provider"], r["batch"], r["n_layer"]) for r in data["overhead"]} == {
         (p, b, 12) for p in providers for b in (1, 3)}
+    assert [r["provider"] for r in data["rss"]] == list(providers)
+    assert [(r["provider"], r["batch"]) for r in data["ratios"]] == [(p, b) for p in providers for b in (1, 3)]
     # No kernels on a CPU torch backend: no launch rows, and the report says why.
     assert data["launches"] == [] and sum("launch count" in note for note in data["meta"]["skipped"]) == 2
 
@@ -155,8 +164,8 @@ def test_markdown_report_names_every_provider_and_section(result):
     data, markdown = result
     for provider in {r["provider"] for section in ("decode", "prefill", "accuracy") for r in data[section]}:
         assert provider in markdown
-    for title in ("## Decode", "## Decode time vs context", "## Prefill", "## Runtime overhead", "## Accuracy",
-                  "% of floor", "max|err| vs fp32", "hf / this"):
+    for title in ("## Acceptance ratios", "## Decode", "## Decode time vs context", "## Prefill", "## Runtime overhead",
+                  "## Accuracy", "## Peak RSS", "% of floor", "max|err| vs fp32", "hf / this", "hf / this b=3"):
         assert title in markdown
 
 
@@ -167,6 +176,9 @@ def test_cli_help_and_bad_arguments():
 
     shown = cli("--help")
     assert shown.returncode == 0 and "--quick" in shown.stdout and "--backends" in shown.stdout
+    for flag in ("--quantization", "--ort-python", "--threads", "--no-rss"):
+        assert flag in shown.stdout
+    assert cli("--quantization", "int4").returncode == 2
     bad = cli("--batch-sizes", "0")
     assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr
     assert "--threads must be a positive integer" in cli("--threads", "0").stderr
@@ -211,3 +223,341 @@ def test_without_transformers_asking_for_hf_exits_2_with_one_line(tmp_path):
 def test_a_bad_device_names_the_flag(capsys):
     assert bench.main(["--model", TINY, "--device", "tpu"]) == 2
     assert capsys.readouterr().err == "gpt2fast bench: error: unknown --device 'tpu'; use 'auto', 'cpu' or 'cuda'\n"
+
+
+# ---- the engines users pick on a CPU: CTranslate2 and ONNX Runtime -------------------------------------
+
+
+def test_hf_vocab_files_rebuild_gpt2s_ranks_exactly(tmp_path):
+    from tiktoken.load import load_tiktoken_bpe
+
+    from gpt2fast.tokenizer import PACKAGED_RANKS, from_vocab_files, load_tokenizer
+
+    ranks = load_tiktoken_bpe(str(PACKAGED_RANKS))
+    bench.hf_vocab_files(ranks, str(tmp_path))
+    # tiktoken's own reader of Hugging Face's format, independent of the writer, gives back every rank.
+    enc = from_vocab_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert enc._mergeable_ranks == ranks
+    text = bench.fixed_text(3000) + " naïve ünïcode 🙂"
+    assert enc.encode(text) == load_tokenizer().encode(text)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert vocab["<|endoftext|>"] == 50256 and vocab["Ġthe"] == 262 and len(vocab) == 50257
+
+
+def test_a_rank_that_is_no_merge_is_an_error(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)} | {b"abc": 256}  # no "ab" or "bc" below it
+    with pytest.raises(ValueError, match="not a merge"):
+        bench.hf_vocab_files(ranks, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def ct2_result(tmp_path_factory) -> dict:
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install -e '.[bench]')")
+    out = tmp_path_factory.mktemp("bench-ct2")
+    status = bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "4", "--prompt-lens", "9",
+                         "--contexts", "20", "--decode-tokens", "8", "--repeats", "2", "--greedy-tokens", "16",
+                         "--ppl-tokens", "60", "--baselines", "hf", "ct2", "--threads", "1", "--out", str(out)])
+    assert status == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_ct2_rows_run_the_same_weights_and_measurements(ct2_result):
+    data = ct2_result
+    names = ["gpt2fast[torch]/float32", "hf", "ct2/float32", "ct2/int8"]
+    assert [(r["provider"], r["batch"]) for r in data["decode"]] == [(p, b) for p in names for b in (1, 4)]
+    assert {r["provider"]: (r["backend"], r["dtype"]) for r in data["decode"]}["ct2/int8"] == ("ct2", "int8")
+    assert [r["provider"] for r in data["prefill"]] == names and [r["provider"] for r in data["context"]] == names
+    assert data["meta"]["engines"]["ct2"].startswith("ctranslate2 ")
+    hf = {r["batch"]: r["decode_ms"] for r in data["decode"] if r["provider"] == "hf"}
+    ct2_int8 = {r["batch"]: r["decode_ms"] for r in data["decode"] if r["provider"] == "ct2/int8"}
+    for row in data["decode"]:  # ct2 rows get the HF ratio too, and every row the ct2-int8 one
+        assert row["hf_ratio"] == pytest.approx(hf[row["batch"]] / row["decode_ms"])
+    for row in data["ratios"]:
+        assert row["ct2_int8_ratio"] == pytest.approx(ct2_int8[row["batch"]] / row["decode_ms"])
+    int8, fp32 = (next(r for r in data["decode"] if r["provider"] == p and r["batch"] == 1)
+                  for p in ("ct2/int8", "ct2/float32"))
+    assert int8["floor_ms"] < 0.5 * fp32["floor_ms"]  # 1 byte a weight against 4
+    table = bench.text_table(*bench.acceptance_table(data))
+    assert "ct2-int8 / this b=4" in table and "RSS / ct2-int8's" in table
+
+
+def test_ct2_float32_matches_the_reference_and_int8_shows_a_small_error(ct2_result):
+    acc = {r["provider"]: r for r in ct2_result["accuracy"]}
+    assert set(acc) == {"gpt2fast[torch]/float32", "ct2/float32", "ct2/int8"}
+    fp32, int8 = acc["ct2/float32"], acc["ct2/int8"]
+    assert fp32["max_abs_logit_err"] < 1e-4 and fp32["max_abs_logit_diff_hf"] < 1e-4
+    assert fp32["agree_total"] == 1 and fp32["ppl_rel_diff"] < 1e-5 and fp32["flags"] == []
+    assert 1e-4 < int8["max_abs_logit_err"] < bench.TOLERANCES["int8"].logits_rel  # quantized: not exact
+    assert int8["ppl_rel_diff"] < bench.TOLERANCES["int8"].ppl_rel
+
+
+def test_ct2_peak_rss_is_per_process_and_leaves_torch_out(ct2_result):
+    rss = {r["provider"]: r for r in ct2_result["rss"]}
+    assert set(rss) == {"gpt2fast[torch]/float32", "hf", "ct2/float32", "ct2/int8"}
+    # ct2's child imports ctranslate2 alone; ours and HF's import torch (hundreds of MiB): a per-process number.
+    assert rss["ct2/int8"]["peak_rss_mb"] < rss["gpt2fast[torch]/float32"]["peak_rss_mb"] - 100
+    assert rss["ct2/int8"]["vs_ct2_int8"] == 1
+    for row in rss.values():
+        assert row["vs_ct2_int8"] == pytest.approx(row["peak_rss_mb"] / rss["ct2/int8"]["peak_rss_mb"])
+
+
+def test_ct2_generates_exactly_n_greedy_tokens_like_ours_on_threads_asked(tmp_path, monkeypatch):
+    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    made = []
+    real = ctranslate2.Generator
+
+    def generator(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctranslate2, "Generator", generator)
+    llm = bench.LLM(TINY)
+    vocab = bench.save_hf_dir(llm, str(tmp_path / "hf"))
+    fp32, int8 = bench.ct2_providers(llm, str(tmp_path / "hf"), vocab, threads=3, work=str(tmp_path))
+    assert [m["intra_threads"] for m in made] == [3, 3] and [m["inter_threads"] for m in made] == [1, 1]
+    assert [m["compute_type"] for m in made] == ["float32", "int8_float32"]
+    prompts = bench.mixed_batch(3, llm.config.vocab_size, 40)
+    ours = [o.outputs[0].token_ids for o in llm.generate(
+        prompts, bench.SamplingParams(max_tokens=13, temperature=0, ignore_eos=True), use_tqdm=False)]
+    assert fp32.generate(prompts, 13) == ours  # exactly 13 each, never stopping at an end token
+    assert [len(ids) for ids in int8.generate(prompts, 13)] == [13] * 3
+    ids = prompts[0]
+    assert (fp32.logits(ids) - llm.logits(ids)).abs().max() < 1e-4
+
+
+# A stand-in for the ORT venv's Python: it speaks bench_ort_worker.py's protocol without onnxruntime,
+# and logs every command line and request it got to $STUB_LOG.
+STUB_WORKER = '''
+import json, os, sys, time
+import numpy as np
+log = open(os.environ["STUB_LOG"], "a")
+log.write(json.dumps({"argv": sys.argv[1:]}) + "\\n"); log.flush()
+mode = sys.argv[2]
+if mode == "export":
+    if os.environ.get("STUB_FAIL") == "export":
+        print("optimum: cannot export", file=sys.stderr); sys.exit(3)
+    print("export chatter on stdout goes first")
+    print(json.dumps({"files": ["model.onnx", "model_int8.onnx"], "export_s": 0.1}))
+elif mode == "rss":
+    print(json.dumps({"peak_rss_mb": 123.5}))
+else:
+    if os.environ.get("STUB_FAIL") == "serve":
+        print("Traceback: no onnxruntime here", file=sys.stderr); sys.exit(1)
+    print(json.dumps({"ready": True, "rss_mb": 1.0, "versions": "stub 1.0"}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        log.write(json.dumps(req) + "\\n"); log.flush()
+        if req["cmd"] == "exit":
+            break
+        if req["cmd"] == "generate":
+            time.sleep(0.002 * req["n"])  # a decode step that takes time
+            reply = {"seconds": 0.0}
+            if req.get("ids"):
+                reply["ids"] = [[(sum(p) + i) % 50257 for i in range(req["n"])] for p in req["prompts"]]
+            print(json.dumps(reply), flush=True)
+        elif req["cmd"] == "logits":
+            vocab = int(os.environ.get("STUB_VOCAB", 5))
+            np.save(req["out"], np.arange(len(req["ids"]) * vocab, dtype=np.float32).reshape(-1, vocab) / vocab)
+            print(json.dumps({"shape": [len(req["ids"]), vocab]}), flush=True)
+        else:
+            print(json.dumps({"error": "unknown"}), flush=True)
+'''
+
+
+@pytest.fixture
+def stub_python(tmp_path, monkeypatch) -> tuple[str, object]:
+    script = tmp_path / "stub_worker.py"
+    script.write_text(STUB_WORKER)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+    log = tmp_path / "stub.log"
+    monkeypatch.setenv("STUB_LOG", str(log))
+    return str(python), lambda: [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_ort_worker_protocol_against_a_stub_python(tmp_path, stub_python):
+    python, log = stub_python
+    llm = bench.LLM(TINY)
+    fp32, int8 = bench.ort_providers(python, llm, str(tmp_path / "hf"), threads=3, work=str(tmp_path))
+    assert [(p.name, p.backend, p.dtype, p.quantization) for p in (fp32, int8)] == [
+        ("ort/float32", "ort", "float32", None), ("ort/int8", "ort", "int8", "int8")]
+    assert fp32.version == "stub 1.0"
+    fp32.generate([[1, 2], [3]], 4)
+    assert int8.greedy([5, 6], 3) == [11, 12, 13]
+    expected = bench.torch.arange(15, dtype=bench.torch.float32).reshape(3, 5) / 5
+    bench.torch.testing.assert_close(fp32.logits([1, 2, 3]), expected)
+    assert int8.rss([[7, 8]], 16) == 123.5
+    for p in (fp32, int8):
+        p.close()
+    calls = log()
+    argvs = [c["argv"][1:] for c in calls if "argv" in c]  # after the worker's path
+    assert calls[0]["argv"][0] == bench.ORT_WORKER
+    assert argvs[0] == ["export", str(tmp_path / "hf"), str(tmp_path / "onnx"), "--int8"]
+    onnx = str(tmp_path / "onnx")
+    assert argvs[1:3] == [["serve", onnx, "model.onnx", "--threads", "3"], ["serve", onnx, "model_int8.onnx",
+                                                                             "--threads", "3"]]
+    assert argvs[3] == ["rss", onnx, "model_int8.onnx", "--threads", "3", "--prompts", "[[7, 8]]", "--tokens", "16"]
+    requests = [c for c in calls if "cmd" in c]
+    assert requests[0] == {"cmd": "generate", "prompts": [[1, 2], [3]], "n": 4}
+    assert requests[1] == {"cmd": "generate", "prompts": [[5, 6]], "n": 3, "ids": True}
+    assert [r["cmd"] for r in requests[2:]] == ["logits", "exit", "exit"]
+
+
+@pytest.mark.parametrize("fail", ["export", "serve"])
+def test_a_failing_ort_worker_is_skipped_with_its_stderr(tmp_path, stub_python, monkeypatch, fail):
+    python, _ = stub_python
+    monkeypatch.setenv("STUB_FAIL", fail)
+    args = bench.resolve_args(bench.build_parser().parse_args(["--model", TINY, "--baselines", "ort",
+                                                               "--ort-python", python]))
+    llm = bench.LLM(TINY)
+    skipped: list[str] = []
+    assert bench.baselines(args, llm, llm, skipped, str(tmp_path)) == []
+    (note,) = skipped
+    assert note.startswith(f"ort ({python}): ")
+    assert ("optimum: cannot export" if fail == "export" else "no onnxruntime here") in note
+
+
+def test_without_an_ort_python_ort_is_skipped_saying_how_to_set_it_up(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT2FAST_ORT_PYTHON", raising=False)
+    args = bench.resolve_args(bench.build_parser().parse_args(["--model", TINY, "--baselines", "ort"]))
+    llm = bench.LLM(TINY)
+    skipped: list[str] = []
+    assert bench.baselines(args, llm, llm, skipped, str(tmp_path)) == []
+    (note,) = skipped
+    assert "GPT2FAST_ORT_PYTHON" in note and "optimum-onnx" in note and "transformers<4.58" in note
+    monkeypatch.setenv("GPT2FAST_ORT_PYTHON", "/venv/bin/python")
+    assert bench.ort_python(args) == "/venv/bin/python"
+
+
+@pytest.mark.skipif(not os.environ.get("GPT2FAST_ORT_PYTHON"), reason="no ONNX Runtime venv: set GPT2FAST_ORT_PYTHON "
+                    "(benchmarks/README.md)")
+def test_ort_for_real_matches_the_reference(tmp_path):
+    llm = bench.LLM(TINY)
+    bench.save_hf_dir(llm, str(tmp_path / "hf"))
+    fp32, int8 = bench.ort_providers(os.environ["GPT2FAST_ORT_PYTHON"], llm, str(tmp_path / "hf"), 1, str(tmp_path))
+    try:
+        ids = bench.random_prompt(30, llm.config.vocab_size, seed=1)
+        assert (fp32.logits(ids) - llm.logits(ids)).abs().max() < 1e-4
+        assert 0 < (int8.logits(ids) - llm.logits(ids)).abs().max() < bench.TOLERANCES["int8"].logits_rel
+        assert fp32.greedy(ids[:9], 12) == bench.greedy_tokens(llm, ids[:9], 12)
+        assert 200 < int8.rss(bench.mixed_batch(2, llm.config.vocab_size, 30), 4) < 4000
+    finally:
+        fp32.close()
+        int8.close()
+
+
+# ---- peak RSS, --threads, --quantization ---------------------------------------------------------------
+
+
+def test_rss_child_reports_its_own_peak_not_its_parents():
+    import torch
+
+    spec = dict(kind="ours", model=TINY, backend="torch", dtype="float32", quantization=None)
+    prompts = bench.mixed_batch(2, 50257, 30)
+    ballast = torch.ones(300 * 2**20 // 4)  # 300 MiB touched in this process: a child must not count it
+    small = bench.child_rss(spec, prompts, 4, threads=1)
+    wide = 'random:{"n_layer": 2, "n_embd": 512, "n_head": 4, "n_positions": 128}'
+    big = bench.child_rss(spec | dict(model=wide), prompts, 4, threads=1)
+    del ballast
+    weights = 4 * (50257 - 64) * 512  # the embedding alone grows by this much
+    assert 100 < small < bench.peak_memory_mb(torch.device("cpu"))
+    assert big - small > 0.9 * weights / 2**20
+
+
+def test_rss_child_errors_name_the_failure():
+    spec = dict(kind="ours", model="random:nope", backend="torch", dtype="float32", quantization=None)
+    with pytest.raises(RuntimeError, match="RSS child for ours failed"):
+        bench.child_rss(spec, [[1]], 1, threads=1)
+    skipped: list[str] = []
+    p = bench.Provider("x", "torch", "float32", lambda prompts, n: None, bench.LLM(TINY),
+                       rss=lambda prompts, n: bench.child_rss(spec, prompts, n, 1))
+    assert bench.measure_rss(p, skipped) is None and skipped[0].startswith("peak RSS of x: the RSS child")
+
+
+def test_threads_reach_every_provider_and_the_meta(tmp_path, stub_python, monkeypatch):
+    import torch
+
+    python, log = stub_python
+    monkeypatch.setenv("STUB_VOCAB", "50257")
+    seen = []
+    real = bench.run
+
+    def run(args):
+        seen.append(torch.get_num_threads())
+        return real(args)
+
+    monkeypatch.setattr(bench, "run", run)
+    before = torch.get_num_threads()
+    assert bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "--prompt-lens", "5",
+                       "--contexts", "5", "--decode-tokens", "8", "--repeats", "3", "--greedy-tokens", "3",
+                       "--ppl-tokens", "10", "--baselines", "ort", "--ort-python", python, "--threads", "2",
+                       "--out", str(tmp_path)]) == 0
+    assert seen == [2] and torch.get_num_threads() == before
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["threads"] == 2 and data["meta"]["engines"] == {"ort": "stub 1.0"}
+    serves = [c["argv"] for c in log() if "argv" in c and c["argv"][1] in ("serve", "rss")]
+    assert serves and all(argv[argv.index("--threads") + 1] == "2" for argv in serves)
+    assert {r["provider"] for r in data["rss"]} == {"gpt2fast[torch]/float32", "ort/float32", "ort/int8"}
+    assert [r["provider"] for r in data["accuracy"]] == ["gpt2fast[torch]/float32", "ort/float32", "ort/int8"]
+    assert "logits" in data["accuracy"][1]["flags"]  # the stub's logits are not the model's: caught
+
+
+def llm_takes_quantization() -> bool:
+    from gpt2fast.engine import Engine
+
+    return "quantization" in inspect.signature(Engine.__init__).parameters
+
+
+def test_quantization_axis_names_int8_rows(monkeypatch):
+    real_llm = bench.LLM
+    made = []
+
+    def llm(model: str, quantization: str | None = None, **kwargs):  # an LLM that takes quantization=
+        made.append(quantization)
+        return real_llm(model, **kwargs)
+
+    monkeypatch.setattr(bench, "LLM", llm)
+    args = bench.resolve_args(bench.build_parser().parse_args(["--model", TINY, "--backends", "torch",
+                                                               "--quantization", "none", "int8", "int8"]))
+    assert args.quantization == [None, "int8"]
+    skipped: list[str] = []
+    providers = bench.load_providers(args, skipped)
+    assert made == [None, "int8"] and skipped == []
+    assert [(p.name, p.dtype, p.quantization) for p in providers] == [
+        ("gpt2fast[torch]/float32", "float32", None), ("gpt2fast[torch]/int8", "int8", "int8")]
+    assert providers[1].llm.dtype == bench.torch.float32  # the model dtype stays fp32
+
+
+def test_quantization_before_llm_takes_it_is_skipped_with_the_reason(monkeypatch):
+    real_llm = bench.LLM
+
+    def llm(model: str, **kwargs):  # an LLM from before quantization=
+        if "quantization" in kwargs:
+            raise TypeError("Engine.__init__() got an unexpected keyword argument 'quantization'")
+        return real_llm(model, **kwargs)
+
+    monkeypatch.setattr(bench, "LLM", llm)
+    args = bench.resolve_args(bench.build_parser().parse_args(["--model", TINY, "--backends", "torch",
+                                                               "--quantization", "none", "int8"]))
+    skipped: list[str] = []
+    assert [p.name for p in bench.load_providers(args, skipped)] == ["gpt2fast[torch]/float32"]
+    assert skipped == ["backend torch / auto / int8: this LLM does not take quantization (Engine.__init__() got an "
+                       "unexpected keyword argument 'quantization')"]
+    args.quantization = ["int8"]
+    with pytest.raises(ValueError, match="no gpt2fast provider could run"):
+        bench.load_providers(args, [])
+
+
+@pytest.mark.skipif(not llm_takes_quantization(), reason="LLM(..., quantization=) has not landed yet")
+def test_int8_end_to_end_within_its_tolerance(tmp_path):
+    assert bench.main(["--model", TINY, "--backends", "torch", "--quantization", "none", "int8", "--batch-sizes", "1",
+                       "--prompt-lens", "5", "--contexts", "5", "--decode-tokens", "4", "--repeats", "1",
+                       "--greedy-tokens", "12", "--ppl-tokens", "50", "--baselines", "--threads", "1",
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    fp32, int8 = data["accuracy"]
+    assert int8["provider"] == "gpt2fast[torch]/int8" and int8["dtype"] == "int8"
+    assert 0 < int8["max_abs_logit_err"] and int8["flags"] == []
+    assert {r["provider"] for r in data["overhead"]} == {fp32["provider"], int8["provider"]}
+    assert {r["provider"] for r in data["rss"]} == {fp32["provider"], int8["provider"]}

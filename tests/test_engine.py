@@ -135,7 +135,7 @@ def test_triton_without_gpu_or_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(triton_backend, "available", lambda: False)
     with pytest.raises(ValueError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
         get_ops("triton", torch.device("cpu"))
-    assert get_ops("auto", torch.device("cpu")).name == "torch"
+    assert get_ops("auto", torch.device("cpu")).name == "cpu"  # the native CPU kernels, not triton
 
 
 def spy_lm_head(monkeypatch, engine) -> list[str]:

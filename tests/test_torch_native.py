@@ -51,7 +51,7 @@ def test_lm_head_low_precision_weights_use_the_reference():
 def test_backend_names():
     cpu = torch.device("cpu")
     assert get_ops("torch", cpu) is TORCH and get_ops("reference", cpu) is REFERENCE
-    assert get_ops("auto", cpu) is TORCH
+    assert get_ops("auto", cpu).name == "cpu"  # the native kernels (tests/test_cpu_ops.py)
     assert REFERENCE.linear is reference.linear and TORCH.linear is torch_native.linear
 
 

@@ -1,9 +1,10 @@
 """The op interface: the model calls ops only through an ``Ops`` table chosen once.
 
 Every backend provides the same functions with the signatures of ``ops/reference.py``.
-``get_ops("auto" | "torch" | "triton" | "cuda" | "reference", device)`` picks one; an explicit
-request that cannot be met raises, ``"auto"`` falls back to what runs (Triton on CUDA, else the
-``torch`` backend: plain PyTorch written for speed, ``ops/torch_native.py``). ``"reference"`` runs
+``get_ops("auto" | "cpu" | "torch" | "triton" | "cuda" | "reference", device)`` picks one; an explicit
+request that cannot be met raises, ``"auto"`` picks the fastest that runs: Triton on CUDA, the native
+CPU kernels (``cpu``: ``ops/cpu.py`` over ``csrc/cpu``) on a CPU, else the ``torch`` backend (plain
+PyTorch written for speed, ``ops/torch_native.py``). ``"reference"`` runs
 the naive spec itself (what the accuracy checks compare against). ``"cuda"`` is the hand-written
 CUDA C++ kernels where they apply (``cuda_ops``); on a CPU they run emulated (tests), which is
 correct but slow. The env var ``GPT2FAST_BACKEND`` supplies the default.
@@ -20,7 +21,7 @@ import torch
 from gpt2fast.ops import reference, torch_native
 from gpt2fast.quant import QUANTIZATIONS
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
+BACKENDS = ("auto", "cpu", "torch", "triton", "cuda", "reference")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class Ops:
     lm_head_argmax: Callable[..., torch.Tensor]
     lm_head_gumbel: Callable[..., torch.Tensor]
     sample_top_k_top_p: Callable[..., torch.Tensor]
+    # Optional: builds an object running every layer of a decode step in one call (``cpu.DecodeLayers``)
+    decode_layers: Callable[..., Callable[..., None]] | None = None
+    decode_rows: int = 0  # the most tokens a step may have for decode_layers (more: op by op)
     # Weight quantizations whose Int8Weight (gpt2fast.quant) every weight-taking op accepts; the engine refuses others.
     quantizations: tuple[str, ...] = ()
 
@@ -89,6 +93,34 @@ TORCH = Ops(
 )
 
 
+def _cpu_table() -> Ops:
+    from gpt2fast.ops import cpu
+
+    return Ops(
+        name="cpu",
+        embed=reference.embed,
+        layer_norm=reference.layer_norm,
+        add_layer_norm=reference.add_layer_norm,
+        linear=cpu.linear,
+        ln_linear=cpu.ln_linear,
+        write_kv=reference.write_kv,
+        attention=torch_native.attention,
+        write_kv_attention=cpu.write_kv_attention,
+        attention_with_probs=reference.attention_with_probs,
+        lm_head=cpu.lm_head,
+        lm_head_argmax=cpu.lm_head_argmax,
+        lm_head_gumbel=cpu.lm_head_gumbel,
+        sample_top_k_top_p=reference.sample_top_k_top_p,
+        decode_layers=cpu.DecodeLayers,
+        decode_rows=cpu.LIBRARY_ROWS,  # larger batches: torch's GEMMs win (ops/cpu.py)
+        quantizations=QUANTIZATIONS,
+    )
+
+
+# The native CPU kernels (gpt2fast/ops/cpu.py): linears, decode attention and the LM head; the rest is torch's.
+CPU = _cpu_table()
+
+
 def check_quantization_support(ops: Ops, quantization: str | None) -> None:
     """Raise ``ValueError`` when ``ops`` has no kernels for ``quantization`` (None: always fine).
 
@@ -97,12 +129,12 @@ def check_quantization_support(ops: Ops, quantization: str | None) -> None:
         >>> check_quantization_support(TORCH, "int4")
         Traceback (most recent call last):
         ...
-        ValueError: backend 'torch' has no int4 kernels; use the torch or reference backend for int4 weights
+        ValueError: backend 'torch' has no int4 kernels; use backend 'cpu' or 'torch' for int4 weights
     """
     if quantization is not None and quantization not in ops.quantizations:
         soon = " yet (GPU int8 is issue 17)" if ops.name in ("triton", "cuda") else ""
         raise ValueError(f"backend {ops.name!r} has no {quantization} kernels{soon}; "
-                         f"use the torch or reference backend for {quantization} weights")
+                         f"use backend 'cpu' or 'torch' for {quantization} weights")
 
 
 def default_backend() -> str:
@@ -122,15 +154,22 @@ def get_ops(backend: str, device: torch.device) -> Ops:
     """Resolve a backend name for ``device`` to its op table.
 
     Example:
-        >>> get_ops("auto", torch.device("cpu")).name
+        >>> get_ops("torch", torch.device("cpu")).name
         'torch'
     """
+    from gpt2fast.ops import cpu
     from gpt2fast.ops import triton as triton_backend
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "reference":
         return REFERENCE
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu" and cpu.available()):
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' runs on the CPU, not {device}")
+        if not cpu.available():
+            raise ValueError(cpu.unavailable_reason())
+        return CPU
     if backend == "torch" or (backend == "auto" and not (device.type == "cuda" and triton_backend.available())):
         return TORCH
     if backend in ("auto", "triton"):

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
-                   help="int8: weight-only int8, quantized at load (torch backend)")
+                   help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 on a CPU shared with other busy processes)")

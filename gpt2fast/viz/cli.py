@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
-                        help="int8: weight-only int8, quantized at load (torch backend)")
+                        help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     return parser
 
 

@@ -1,0 +1,70 @@
+// Paged decode attention that also stores the step's K/V: every sequence has exactly one query (its
+// newest token), whose key and value go to its cache slot first; then per (sequence, head) one pass
+// of online softmax over the sequence's blocks. Cache layout [NB, H, BS, D] (one block of one head is
+// contiguous), fp32 or bf16; math in fp32.
+#pragma once
+
+#include <omp.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace gpt2fast_cpu {
+
+struct DecodeAttentionArgs {
+  int64_t S, H, D, BS;                    // sequences (= query tokens), heads, head dim, block size
+  const void* q; int64_t q_tok, q_head;   // [S, H, D] element strides (token, head); dim stride 1
+  const void* k; int64_t k_tok, k_head;   // this step's keys, same layout
+  const void* v; int64_t v_tok, v_head;   // this step's values
+  void* k_cache; void* v_cache;           // [NB, H, BS, D] contiguous
+  int dtype;                              // of q, k, v, caches and out
+  const int32_t* block_tables; int64_t bt_stride;  // [S, max_blocks]
+  const int32_t* seq_lens;                // [S] context length including this token
+  const int64_t* slot_mapping;            // [S] block * BS + offset, -1: padding (nothing stored)
+  float scale;
+  void* out;                              // [S, H, D] contiguous
+  int threads;
+};
+
+inline void decode_attention(const DecodeAttentionArgs& a) {
+  const int64_t D = a.D, head_stride = a.BS * D, block_stride = a.H * a.BS * D;
+  for (int64_t s = 0; s < a.S; ++s) {  // store first: the attention below reads the new token from the cache
+    const int64_t slot = a.slot_mapping[s];
+    if (slot < 0) continue;
+    const int64_t base = (slot / a.BS) * block_stride + (slot % a.BS) * D;
+    for (int64_t h = 0; h < a.H; ++h)
+      for (int64_t d = 0; d < D; ++d) {
+        store_from_f32(a.k_cache, base + h * head_stride + d, a.dtype, load_as_f32(a.k, s * a.k_tok + h * a.k_head + d, a.dtype));
+        store_from_f32(a.v_cache, base + h * head_stride + d, a.dtype, load_as_f32(a.v, s * a.v_tok + h * a.v_head + d, a.dtype));
+      }
+  }
+  auto one = [&](int64_t s, int64_t h, std::vector<float>& q, std::vector<float>& acc) {
+    for (int64_t d = 0; d < D; ++d) q[d] = load_as_f32(a.q, s * a.q_tok + h * a.q_head + d, a.dtype) * a.scale;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    float running_max = -INFINITY, denom = 0.0f;
+    const int64_t len = a.seq_lens[s];
+    for (int64_t pos = 0; pos < len; ++pos) {
+      const int64_t block = a.block_tables[s * a.bt_stride + pos / a.BS];
+      const int64_t row = block * block_stride + h * head_stride + (pos % a.BS) * D;
+      float score = 0.0f;
+      for (int64_t d = 0; d < D; ++d) score += q[d] * load_as_f32(a.k_cache, row + d, a.dtype);
+      const float new_max = std::max(running_max, score);
+      const float correction = std::exp(running_max - new_max), p = std::exp(score - new_max);
+      denom = denom * correction + p;
+      for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * correction + p * load_as_f32(a.v_cache, row + d, a.dtype);
+      running_max = new_max;
+    }
+    for (int64_t d = 0; d < D; ++d) store_from_f32(a.out, (s * a.H + h) * D + d, a.dtype, acc[d] / denom);
+  };
+  const int64_t work = a.S * a.H;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(a.threads, work)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> q(static_cast<size_t>(D)), acc(static_cast<size_t>(D));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < work; ++i) one(i / a.H, i % a.H, q, acc);
+  }
+}
+
+}  // namespace gpt2fast_cpu

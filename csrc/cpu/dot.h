@@ -1,0 +1,261 @@
+// The GEMV / small-M GEMM core: y[m, n] = dot(x[m, :], W[n, :]) over a range of output channels.
+// Included once per instruction set by isa_*.cpp, inside that set's namespace, with LANES defined
+// (16 for AVX-512, 8 for AVX2, 4 for the portable build) and GPT2FAST_ISA_AVX512 / _AVX2 (g++'s target
+// pragma does not define __AVX512VNNI__ and friends in C++). Written with GCC vector extensions so one
+// source serves every width; AVX-512 adds VNNI (int8) and BF16 dot-product paths in intrinsics.
+//
+// Weights are [N, K] row-major as they lie in the checkpoint (no repacking): a tile of NB output
+// channels x MB activation rows keeps NB*MB accumulators, each K-step loads NB weight vectors and MB
+// activation vectors, and the horizontal sums happen once per output. K tails are scalar (or masked).
+// Design notes and measurements: benchmarks/roofline.md ("native CPU backend").
+#pragma once
+
+// (isa.h includes the standard headers and common.h before the namespace this file is included into.)
+
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vbf16 __attribute__((vector_size(LANES * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(LANES * 4)));
+typedef int8_t vi8 __attribute__((vector_size(LANES)));
+
+static inline vfloat load_f32(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// bf16 -> fp32 is exact: the 16 bits become the high half. (GCC's generic lowering of these conversions
+// is scalar, hence the intrinsics.)
+static inline vfloat load_bf16(const uint16_t* p) {
+#if defined(GPT2FAST_ISA_AVX512)
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vfloat)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+#elif defined(GPT2FAST_ISA_AVX2)
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vfloat)_mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+#else
+  vbf16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (vfloat)(__builtin_convertvector(h, vu32) << 16);
+#endif
+}
+
+static inline vfloat load_i8(const int8_t* p) {
+#if defined(GPT2FAST_ISA_AVX512)
+  return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(GPT2FAST_ISA_AVX2)
+  return (vfloat)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vi8 q;
+  std::memcpy(&q, p, sizeof q);
+  return __builtin_convertvector(q, vfloat);
+#endif
+}
+
+// The same spot one block of rows ahead: a block's NB rows are adjacent, so this runs ahead in the stream
+// by NB rows (3-12 KB for GPT-2) -- the hardware prefetcher alone leaves decode short of bandwidth.
+static inline void prefetch_ahead(const void* p, int64_t block_bytes) {
+  __builtin_prefetch(static_cast<const char*>(p) + block_bytes, 0, 3);
+}
+
+static inline float hsum(vfloat v) {
+#if defined(GPT2FAST_ISA_AVX512)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(GPT2FAST_ISA_AVX2)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+  float s = 0.0f;
+  for (int i = 0; i < LANES; ++i) s += v[i];
+  return s;
+#endif
+}
+
+template <typename T>
+static inline float scalar_weight(const T* w, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    return w[i];
+  } else if constexpr (std::is_same_v<T, uint16_t>) {
+    return bf16_to_f32(w[i]);
+  } else {
+    return float(w[i]);
+  }
+}
+
+template <typename T>
+static inline vfloat load_weight(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_f32(p);
+  } else if constexpr (std::is_same_v<T, uint16_t>) {
+    return load_bf16(p);
+  } else {
+    return load_i8(p);
+  }
+}
+
+// NB channels x MB rows, fp32 activations, weights widened to fp32 in registers (fp32, bf16, int8).
+template <typename T, int NB, int MB>
+static void dot_block_widen(const float* x, int64_t ldx, const T* w, int64_t K, const float* scale, float* y,
+                            int64_t ldy) {
+  vfloat acc[MB][NB] = {};
+  int64_t k = 0;
+  for (; k + LANES <= K; k += LANES) {
+    vfloat wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      if ((k * int64_t(sizeof(T))) % 64 == 0) prefetch_ahead(w + j * K + k, NB * K * int64_t(sizeof(T)));
+      wv[j] = load_weight(w + j * K + k);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const vfloat xv = load_f32(x + i * ldx + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] += xv * wv[j];
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * scalar_weight(w + j * K, t);
+      y[i * ldy + j] = scale ? s * scale[j] : s;
+    }
+  }
+}
+
+template <typename T, int NB, int MB>
+static void widen_block(const Activations& a, const Weight& w, int64_t n, int64_t m, float* y, int64_t ldy) {
+  const T* wp = static_cast<const T*>(w.data) + n * a.K;
+  dot_block_widen<T, NB, MB>(a.f32 + m * a.K, a.K, wp, a.K, w.scale ? w.scale + n : nullptr, y, ldy);
+}
+
+#if defined(GPT2FAST_ISA_AVX512)
+#define GPT2FAST_HAS_BF16_DOT 1
+// bf16 weights x bf16 activations with vdpbf16ps: 32 products per instruction, fp32 accumulation.
+template <int NB, int MB>
+static void bf16_block(const Activations& a, const Weight& w, int64_t n, int64_t m, float* y, int64_t ldy) {
+  const int64_t K = a.K;
+  const uint16_t* wp = static_cast<const uint16_t*>(w.data) + n * K;
+  __m512 acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      prefetch_ahead(wp + j * K + k, NB * K * 2);
+      wv[j] = _mm512_maskz_loadu_epi16(mask, wp + j * K + k);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(a.bf16 + (m + i) * a.Kp + k);  // zero padded to Kp
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv, (__m512bh)wv[j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#endif
+
+#if defined(GPT2FAST_ISA_AVX512)
+#define GPT2FAST_HAS_VNNI 1
+// int8 weights x activations quantized per row to int8 (stored + 128 as uint8) with vpdpbusd: 64
+// products per instruction, exact int32 sums. sum((x+128) * w) - 128 * sum(w) = sum(x * w); the second
+// sum comes from the same instruction with ones, per channel. y = that * x_scale[m] * w_scale[n].
+template <int NB, int MB>
+static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t m, float* y, int64_t ldy) {
+  const int64_t K = a.K;
+  const int8_t* wp = static_cast<const int8_t*>(w.data) + n * K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[MB][NB], wsum[NB];
+  for (int j = 0; j < NB; ++j) {
+    wsum[j] = _mm512_setzero_si512();
+    for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : __mmask64((uint64_t(1) << (K - k)) - 1);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      prefetch_ahead(wp + j * K + k, NB * K);
+      wv[j] = _mm512_maskz_loadu_epi8(mask, wp + j * K + k);  // masked bytes are 0: they add nothing
+      wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(a.u8 + (m + i) * a.Kp + k);  // padded to Kp
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t ws = _mm512_reduce_add_epi32(wsum[j]);
+    for (int i = 0; i < MB; ++i) {
+      const int64_t s = int64_t(_mm512_reduce_add_epi32(acc[i][j])) - 128 * ws;
+      y[i * ldy + j] = float(s) * a.u8_scale[m + i] * w.scale[n + j];
+    }
+  }
+}
+#endif
+
+using BlockFn = void (*)(const Activations&, const Weight&, int64_t, int64_t, float*, int64_t);
+// Blocks up to kNB channels x kMB rows. Few rows (decode at small batch): 4 channels x up to 4 rows, so
+// four weight streams run at once. More rows: 2 channels x up to 8 rows, so each weight vector loaded
+// from memory serves 8 rows (a batch of 8 reads the weights once, not twice). AVX2 has 16 vector
+// registers, not 32: half as many accumulators there.
+constexpr int kNB = 4, kMB = 8;
+#if LANES == 16
+constexpr int kWideNB = 4, kWideMB = 4, kTallNB = 2, kTallMB = 8;
+#else
+constexpr int kWideNB = 2, kWideMB = 4, kTallNB = 1, kTallMB = 8;
+#endif
+
+struct Blocks {
+  BlockFn fn[kNB][kMB];
+};
+
+// Every (NB, MB) instantiation of one block kernel that a tile can use, edges included.
+template <template <int, int> class Pick, int NB = 1, int MB = 1>
+constexpr void fill_blocks(Blocks& b) {
+  if constexpr ((NB <= kWideNB && MB <= kWideMB) || (NB <= kTallNB && MB <= kTallMB)) b.fn[NB - 1][MB - 1] = Pick<NB, MB>::fn;
+  if constexpr (MB < kMB) {
+    fill_blocks<Pick, NB, MB + 1>(b);
+  } else if constexpr (NB < kNB) {
+    fill_blocks<Pick, NB + 1, 1>(b);
+  }
+}
+
+template <template <int, int> class Pick>
+constexpr Blocks make_blocks() {
+  Blocks b{};
+  fill_blocks<Pick>(b);
+  return b;
+}
+
+template <int NB, int MB> struct PickF32 { static constexpr BlockFn fn = widen_block<float, NB, MB>; };
+#ifdef GPT2FAST_HAS_BF16_DOT
+template <int NB, int MB> struct PickBF16 { static constexpr BlockFn fn = bf16_block<NB, MB>; };
+#else
+template <int NB, int MB> struct PickBF16 { static constexpr BlockFn fn = widen_block<uint16_t, NB, MB>; };
+#endif
+#ifdef GPT2FAST_HAS_VNNI
+template <int NB, int MB> struct PickI8 { static constexpr BlockFn fn = vnni_block<NB, MB>; };
+#else
+template <int NB, int MB> struct PickI8 { static constexpr BlockFn fn = widen_block<int8_t, NB, MB>; };
+#endif
+
+static constexpr Blocks kBlocks[3] = {make_blocks<PickF32>(), make_blocks<PickBF16>(), make_blocks<PickI8>()};
+
+// y[m * ldy + (n - n0)] for m in [0, M), n in [n0, n1).
+static void dot_tile(const Activations& a, const Weight& w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const Blocks& blocks = kBlocks[w.dtype];
+  const bool tall = a.M > kWideMB;
+  const int64_t max_nb = tall ? kTallNB : kWideNB, max_mb = tall ? kTallMB : kWideMB;
+  for (int64_t n = n0; n < n1; n += max_nb) {
+    const int nb = int(std::min(max_nb, n1 - n));
+    for (int64_t m = 0; m < a.M; m += max_mb) {
+      const int mb = int(std::min(max_mb, a.M - m));
+      blocks.fn[nb - 1][mb - 1](a, w, n, m, y + m * ldy + (n - n0), ldy);
+    }
+  }
+}
+
+static bool int8_uses_vnni() {
+#ifdef GPT2FAST_HAS_VNNI
+  return true;
+#else
+  return false;
+#endif
+}

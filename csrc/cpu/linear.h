@@ -1,0 +1,155 @@
+// The linear driver: prepares a call's activations once (LayerNorm prologue, rounding, int8/bf16
+// forms), splits the output channels over threads in tiles, and runs an epilogue on each fp32 tile:
+// bias, tanh-GELU, residual, store (``linear``), or the LM head's running argmax / Gumbel-max.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace gpt2fast_cpu {
+
+constexpr int64_t kTileN = 64;   // output channels per tile: a thread's unit of work
+constexpr int64_t kTileM = 64;   // activation rows per tile (prefill-sized calls)
+
+// The arguments of one linear: y = [LN](x) @ W.T (+ bias) (GELU) (+ residual), rows [M, N].
+struct LinearArgs {
+  int64_t M, N, K;
+  const void* x; int64_t ldx; int x_dtype;      // [M, K] fp32 or bf16 (the model dtype)
+  const void* ln_w; const void* ln_b; float eps;  // [K] in x_dtype, or null: no LayerNorm prologue
+  Weight w;                                       // [N, K]
+  const void* bias;                               // [N] in x_dtype, or null
+  bool gelu;
+  const void* residual; int64_t ldr;              // [M, N] in x_dtype, or null
+  void* out; int64_t ldo; int out_dtype;          // [M, N], fp32 or bf16
+  int threads;
+};
+
+// Activations in every form the weight format needs, owned by this object.
+class PreparedActivations {
+ public:
+  PreparedActivations(const void* x, int64_t M, int64_t K, int64_t ldx, int dtype, const void* ln_w,
+                      const void* ln_b, float eps, int weight_dtype, bool int8_vnni) {
+    f32_.resize(size_t(M * K));
+    for (int64_t m = 0; m < M; ++m) normalise_row(x, m * ldx, K, dtype, ln_w, ln_b, eps, f32_.data() + m * K);
+    act_.M = M;
+    act_.K = K;
+    act_.f32 = f32_.data();
+    if (weight_dtype == kBF16) to_bf16(M, K);
+    if (weight_dtype == kI8 && int8_vnni) to_u8(M, K);
+  }
+  const Activations& get() const { return act_; }
+
+ private:
+  // One row as the reference's ops see it: LayerNorm in fp32 (two-pass statistics), rounded to the model dtype.
+  static void normalise_row(const void* x, int64_t offset, int64_t K, int dtype, const void* ln_w, const void* ln_b,
+                            float eps, float* row) {
+    for (int64_t k = 0; k < K; ++k) row[k] = load_as_f32(x, offset + k, dtype);
+    if (!ln_w) return;
+    double sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) sum += row[k];
+    const float mean = float(sum / double(K));
+    double sq = 0.0;
+    for (int64_t k = 0; k < K; ++k) sq += double(row[k] - mean) * double(row[k] - mean);
+    const float rstd = 1.0f / std::sqrt(float(sq / double(K)) + eps);
+    for (int64_t k = 0; k < K; ++k) {
+      const float y = (row[k] - mean) * rstd * load_as_f32(ln_w, k, dtype) + load_as_f32(ln_b, k, dtype);
+      row[k] = dtype == kF32 ? y : bf16_to_f32(f32_to_bf16(y));
+    }
+  }
+
+  void to_bf16(int64_t M, int64_t K) {
+    act_.Kp = (K + 31) / 32 * 32;
+    bf16_.assign(size_t(M * act_.Kp), 0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) bf16_[m * act_.Kp + k] = f32_to_bf16(f32_[m * K + k]);
+    act_.bf16 = bf16_.data();
+  }
+
+  // Symmetric per-row int8 (round half away from zero), stored + 128 for vpdpbusd's unsigned operand.
+  void to_u8(int64_t M, int64_t K) {
+    act_.Kp = (K + 63) / 64 * 64;
+    u8_.assign(size_t(M * act_.Kp), 128);
+    u8_scale_.resize(size_t(M));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = f32_.data() + m * K;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        amax = std::max(amax, std::fabs(row[k]));
+        finite = finite && std::isfinite(row[k]);
+      }
+      const float scale = amax > 0.0f && finite ? amax / 127.0f : 1.0f;
+      const float inv = 1.0f / scale;
+      for (int64_t k = 0; k < K; ++k) {
+        const float q = finite ? std::nearbyint(std::min(127.0f, std::max(-127.0f, row[k] * inv))) : 0.0f;
+        u8_[m * act_.Kp + k] = uint8_t(int(q) + 128);
+      }
+      u8_scale_[m] = finite ? scale : NAN;  // a row with a NaN or infinity gives NaN, as fp32 math would
+    }
+    act_.u8 = u8_.data();
+    act_.u8_scale = u8_scale_.data();
+  }
+
+  Activations act_;
+  std::vector<float> f32_;
+  std::vector<uint16_t> bf16_;
+  std::vector<uint8_t> u8_;
+  std::vector<float> u8_scale_;
+};
+
+// Runs tile(m0, m1, n0, n1, y) over every [kTileM x kTileN] tile, split over threads; y is the tile's
+// fp32 products (ldy = kTileN), the epilogue's to consume.
+template <typename Epilogue>
+void for_each_tile(const Kernels& kernels, const Activations& act, const Weight& w, int64_t N, int threads,
+                   Epilogue&& epilogue) {
+  const int64_t tiles_n = (N + kTileN - 1) / kTileN, tiles_m = (act.M + kTileM - 1) / kTileM;
+  const int64_t tiles = tiles_n * tiles_m;
+  auto run = [&](int64_t t, std::vector<float>& y) {
+    const int64_t tm = t / tiles_n, tn = t % tiles_n;
+    const int64_t m0 = tm * kTileM, m1 = std::min(act.M, m0 + kTileM);
+    const int64_t n0 = tn * kTileN, n1 = std::min(N, n0 + kTileN);
+    Activations rows = act;
+    rows.M = m1 - m0;
+    rows.f32 = act.f32 + m0 * act.K;
+    if (act.bf16) rows.bf16 = act.bf16 + m0 * act.Kp;
+    if (act.u8) rows.u8 = act.u8 + m0 * act.Kp, rows.u8_scale = act.u8_scale + m0;
+    kernels.dot_tile(rows, w, n0, n1, y.data(), kTileN);
+    epilogue(m0, m1, n0, n1, y.data());
+  };
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  if (nt == 1) {
+    std::vector<float> y(size_t(kTileM * kTileN));
+    for (int64_t t = 0; t < tiles; ++t) run(t, y);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> y(size_t(kTileM * kTileN));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) run(t, y);
+  }
+}
+
+inline void linear(const Kernels& kernels, const LinearArgs& a) {
+  const PreparedActivations prepared(a.x, a.M, a.K, a.ldx, a.x_dtype, a.ln_w, a.ln_b, a.eps, a.w.dtype,
+                                     std::string_view(kernels.int8_method) == "vnni");
+  const int dt = a.x_dtype;
+  for_each_tile(kernels, prepared.get(), a.w, a.N, a.threads,
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* y) {
+                  for (int64_t m = m0; m < m1; ++m) {
+                    for (int64_t n = n0; n < n1; ++n) {
+                      float v = y[(m - m0) * kTileN + (n - n0)];
+                      if (a.bias) v += load_as_f32(a.bias, n, dt);
+                      if (a.gelu) v = gelu_tanh(v);
+                      if (a.residual) v += load_as_f32(a.residual, m * a.ldr + n, dt);
+                      store_from_f32(a.out, m * a.ldo + n, a.out_dtype, v);
+                    }
+                  }
+                });
+}
+
+}  // namespace gpt2fast_cpu
