@@ -24,6 +24,7 @@ from dataclasses import replace
 from gpt2fast.errors import CheckpointError
 from gpt2fast.ops import BACKENDS
 from gpt2fast.outputs import GenerationError
+from gpt2fast.quant import QUANTIZATIONS
 
 INTERACTIVE_PROMPT = "Model prompt >>> "
 # Subcommands with their own parser: `gpt2fast NAME ARGS...` calls MODULE.main(ARGS) and exits with its status.
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default=None, choices=BACKENDS)
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
+                     help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     gen.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                      help="run decode steps eagerly on CUDA (default: one CUDA graph per batch-size bucket)")
     # Only listed here: these are handed whole to their module's main (see SUBCOMMANDS and main below).
@@ -91,7 +94,7 @@ def generate(args: argparse.Namespace) -> None:
     if not args.unconditional and prompt_text is None and not _stdin_is_terminal():
         piped = _piped_lines()  # read before loading the model: no prompt is an error, found at once
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=len(rounds[0]),
-              cuda_graphs=args.cuda_graphs)
+              cuda_graphs=args.cuda_graphs, quantization=args.quantization)
     if llm.is_random:
         print(f"gpt2fast: warning: {args.model} has random weights: it produces gibberish. "
               "Pass real weights (a Hub id, a Hugging Face or OpenAI folder) for real text.", file=sys.stderr)
@@ -145,15 +148,17 @@ def sample_rounds(args: argparse.Namespace) -> list[list]:
 
 
 def check_device_and_backend(args: argparse.Namespace) -> None:
-    """Fail before loading any weights when ``--device`` or ``--backend`` cannot run here (ValueError).
+    """Fail before loading any weights when ``--device``, ``--backend`` or ``--quantization`` cannot run here.
 
     Example:
         >>> check_device_and_backend(build_parser().parse_args(["generate", "--model", "m", "--device", "cpu"]))
     """
     from gpt2fast.engine import resolve_device
-    from gpt2fast.ops import default_backend, get_ops
+    from gpt2fast.ops import check_quantization_support, default_backend, get_ops
+    from gpt2fast.quant import check_quantization
 
-    get_ops(args.backend or default_backend(), resolve_device(args.device))
+    ops = get_ops(args.backend or default_backend(), resolve_device(args.device))
+    check_quantization_support(ops, check_quantization(args.quantization))
 
 
 # How the library names what a generate flag sets (its messages are for Python callers): message text -> flag.

@@ -158,7 +158,7 @@ class DecodeRunner:
         hidden = model.hidden(self._int64[0, :n], self._int64[1, :n], self.cache, self._meta(n))  # (n, C)
         if mode == "hidden":
             return hidden
-        tokens = model.ops.lm_head_gumbel(hidden, model.wte.weight, self._temperature[:n], self._seeds[:n])  # (n,)
+        tokens = model.ops.lm_head_gumbel(hidden, model.wte_weight, self._temperature[:n], self._seeds[:n])  # (n,)
         return flag_nonfinite(tokens, row_check(hidden), hidden=True)  # (n,): in the graph, read with the tokens
 
     def _capture(self, n: int, mode: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

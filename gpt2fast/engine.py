@@ -21,8 +21,9 @@ from gpt2fast.checkpoint import available_memory, load_checkpoint
 from gpt2fast.decode_runner import DecodeRunner
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2, AttentionCapture
-from gpt2fast.ops import default_backend, get_ops
+from gpt2fast.ops import check_quantization_support, default_backend, get_ops
 from gpt2fast.outputs import CompletionOutput, GenerationError, RequestOutput
+from gpt2fast.quant import check_quantization
 from gpt2fast.sampling import (
     NONFINITE,
     SampledToken,
@@ -51,6 +52,7 @@ _DTYPES = {
 }
 
 Prompt = str | Sequence[int]
+CPU_KV_CACHE_CONTEXTS = 8  # the CPU cache's default size at most: this many full contexts
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -177,12 +179,16 @@ class Engine:
     """Continuous batching over a paged KV cache; one ``step()`` is one model forward.
 
     KV cache size: ``kv_cache_tokens`` tokens, or ``kv_cache_memory_fraction`` of the device's
-    free memory (host memory on CPU); by default 90% of free GPU memory, or 8 full contexts on
-    CPU. It must hold at least one full-context sequence, so every request can finish.
+    free memory (host memory on CPU); by default 90% of free GPU memory, or on CPU a full context per
+    sequence the batch holds, ``min(max_num_seqs, 8)`` (the cache's pages are touched as blocks are used, and
+    the prefix cache's LRU order walks through all of them in a long run, so its size ends up in RSS). It must
+    hold at least one full-context sequence, so every request can finish.
     A prompt plus ``max_tokens`` beyond the context is clamped: the sample ends there with
     ``finish_reason="length"``. ``cuda_graphs`` (default: on for CUDA) runs plain decode steps
     through ``DecodeRunner``'s static buffers, replayed as one CUDA graph per batch-size bucket; on a
-    CPU ``cuda_graphs=True`` runs the same runner eagerly (how the tests check it).
+    CPU ``cuda_graphs=True`` runs the same runner eagerly (how the tests check it). ``quantization="int8"``
+    quantizes the weights as they load (``gpt2fast.quant``; ``GPT2.from_state_dict``); a backend without
+    int8 kernels (today: triton, cuda) refuses it here.
 
     Example:
         >>> engine = Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')
@@ -208,14 +214,17 @@ class Engine:
         enable_prefix_caching: bool = True,
         cuda_graphs: bool | None = None,
         seed: int = 0,
+        quantization: str | None = None,
     ) -> None:
+        self.quantization = check_quantization(quantization)
         self.block_size = _positive_int("block_size", block_size)
         _positive_int("max_num_seqs", max_num_seqs)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         ops = get_ops(backend or default_backend(), self.device)
-        checkpoint = load_checkpoint(model, seed=seed)
+        check_quantization_support(ops, self.quantization)
+        checkpoint = load_checkpoint(model, seed=seed, quantization=self.quantization)
         self.config = config = checkpoint.config
         self.is_random = checkpoint.is_random
         self.tokenizer = load_tokenizer(checkpoint.vocab_dir)
@@ -223,8 +232,9 @@ class Engine:
             raise ValueError(
                 f"the model has {config.vocab_size} tokens but its tokenizer only {self.tokenizer.n_vocab}"
             )
-        self.model = GPT2.from_state_dict(config, checkpoint.state_dict, ops, self.device, self.dtype)
-        num_blocks = self._num_blocks(kv_cache_tokens, kv_cache_memory_fraction)
+        self.model = GPT2.from_state_dict(config, checkpoint.state_dict, ops, self.device, self.dtype,
+                                          self.quantization)
+        num_blocks = self._num_blocks(kv_cache_tokens, kv_cache_memory_fraction, max_num_seqs)
         self.cache = KVCache(config, num_blocks, block_size, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, block_size, max_num_seqs, max_num_batched_tokens)
@@ -237,7 +247,7 @@ class Engine:
         self.decode_runner = DecodeRunner(self.model, self.cache, max_num_seqs) if cuda_graphs else None
         self._requests: dict[str, _Request] = {}
 
-    def _num_blocks(self, tokens: int | None, fraction: float | None) -> int:
+    def _num_blocks(self, tokens: int | None, fraction: float | None, max_num_seqs: int) -> int:
         cfg, bs = self.config, self.block_size
         if tokens is not None and fraction is not None:
             raise ValueError("give kv_cache_tokens or kv_cache_memory_fraction, not both")
@@ -252,7 +262,10 @@ class Engine:
             blocks = int(free * fraction // block_bytes)
             name, source = "kv_cache_memory_fraction", f"kv_cache_memory_fraction={fraction:g} of {_gib(free)} free"
         else:
-            tokens = 8 * cfg.n_positions if tokens is None else _positive_int("kv_cache_tokens", tokens)
+            if tokens is None:  # whole blocks per context: each sequence can reach n_positions
+                tokens = min(max_num_seqs, CPU_KV_CACHE_CONTEXTS) * -(-cfg.n_positions // bs) * bs
+            else:
+                tokens = _positive_int("kv_cache_tokens", tokens)
             blocks = -(-tokens // bs)
             name, source = "kv_cache_tokens", f"a KV cache of {blocks} blocks of {bs} tokens"
             if free is not None and blocks * block_bytes > free:  # before allocating: torch would fail or overcommit
@@ -508,7 +521,7 @@ class Engine:
         following = seq.token_ids[start + 1:start + 1 + hidden.shape[0]]  # one short at the prompt's end
         if not following:
             return
-        logits = self.model.ops.lm_head(hidden[:len(following)], self.model.wte.weight).float()  # (m, V)
+        logits = self.model.ops.lm_head(hidden[:len(following)], self.model.wte_weight).float()  # (m, V)
         if not torch.isfinite(logits).all():  # failed in step(), once the scheduler is done with the batch
             request.samples[0].error = f"{NONFINITE} for request {request.request_id!r} while scoring its prompt"
             return
@@ -570,7 +583,7 @@ class Engine:
         does (weights are finite, checked at load: a finite hidden row gives finite logits). One reduction
         either way, read with the tokens, no extra sync.
         """
-        ops, wte = self.model.ops, self.model.wte.weight
+        ops, wte = self.model.ops, self.model.wte_weight  # a tensor, or an Int8Weight
         params = [r.params for r in rows]
         if any(_needs_logits(r) for r in rows):
             logits = ops.lm_head(hidden, wte)  # (N, V)
@@ -689,7 +702,7 @@ class Engine:
         ids = list(token_ids)
         if not ids:
             raise ValueError("token_ids is empty; logits need at least one token")
-        return self.model.ops.lm_head(self.one_pass(ids), self.model.wte.weight)
+        return self.model.ops.lm_head(self.one_pass(ids), self.model.wte_weight)
 
     def one_pass(self, ids: list[int], *, last_only: bool = False, capture: AttentionCapture | None = None
                  ) -> torch.Tensor:
@@ -733,6 +746,7 @@ class LLM:
         self.engine = Engine(model, **engine_args)
         self.tokenizer, self.config, self.model = self.engine.tokenizer, self.engine.config, self.engine.model
         self.device, self.dtype, self.is_random = self.engine.device, self.engine.dtype, self.engine.is_random
+        self.quantization = self.engine.quantization
         self.model_name = model
         self._next_id = 0
         # The latest output of every request a live generate/stream of this LLM owns (None until the first):
@@ -795,7 +809,7 @@ class LLM:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= vocab:
             raise ValueError(f"k must be an integer from 1 to the vocabulary size {vocab}, got {k!r}")
         hidden = self.engine.one_pass(self._inspected_ids(text_or_ids), last_only=True)  # (1, C)
-        probs = torch.softmax(self.model.ops.lm_head(hidden, self.model.wte.weight)[0].float(), dim=-1).cpu()  # (V,)
+        probs = torch.softmax(self.model.ops.lm_head(hidden, self.model.wte_weight)[0].float(), dim=-1).cpu()  # (V,)
         # A stable descending sort keeps equal probabilities in id order (torch.topk promises no order for ties).
         top_probs, top_ids = torch.sort(probs, descending=True, stable=True)
         return [NextToken(self.tokenizer.decode([i]), i, p)

@@ -5,20 +5,27 @@ Parameter names are our canonical checkpoint layout (every loader maps onto them
 ``h.{i}.attn.c_attn.{weight (3C, C), bias}``, ``h.{i}.attn.c_proj.{weight (C, C), bias}``,
 ``h.{i}.ln_2.*``, ``h.{i}.mlp.c_fc.{weight (F, C), bias}``, ``h.{i}.mlp.c_proj.{weight (C, F), bias}``,
 ``ln_f.*``. Linear weights are ``(out, in)`` like ``nn.Linear``; the LM head is ``wte``.
+
+With ``quantization="int8"`` (``gpt2fast.quant``) ``wte.weight`` and every linear's ``weight`` are int8 buffers
+beside fp32 ``weight_scale`` buffers ``(out,)`` (so ``state_dict`` and ``.to(device)`` carry both); ``wpe``,
+biases and LayerNorms stay in the model dtype. The model hands ops ``op_weight(module)``: the weight tensor, or
+an ``Int8Weight`` over those two buffers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from gpt2fast.cache import KVCache
-from gpt2fast.checkpoint.layout import progress
+from gpt2fast.checkpoint.layout import progress, trim_heap
 from gpt2fast.config import GPT2Config
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import TORCH, Ops
+from gpt2fast.quant import Int8Weight, check_quantization, quantize_int8
 
 
 class Linear(nn.Module):
@@ -28,6 +35,36 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features))
+
+
+def op_weight(module: nn.Module) -> torch.Tensor | Int8Weight:
+    """``module.weight`` as ops take it: the tensor, or the int8 ``weight`` with its ``weight_scale`` as an Int8Weight.
+
+    Example:
+        >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+        >>> type(op_weight(GPT2(cfg).wte)).__name__, type(op_weight(GPT2(cfg, quantization="int8").wte)).__name__
+        ('Parameter', 'Int8Weight')
+    """
+    weight = module.weight
+    return Int8Weight(weight, module.weight_scale) if weight.dtype == torch.int8 else weight
+
+
+def _int8_slots(module: nn.Module) -> None:
+    """Swap ``module.weight`` (N, K) for an int8 buffer of that shape and a ``weight_scale`` (N,) fp32 buffer."""
+    n, k = module.weight.shape
+    del module.weight
+    module.register_buffer("weight", torch.zeros(n, k, dtype=torch.int8))
+    module.register_buffer("weight_scale", torch.ones(n))
+
+
+class Embedding(nn.Module):
+    """Holds a ``(num, width)`` table. Not ``nn.Embedding``: its init runs ``normal_``, which on the meta device
+    imports torch's decompositions (sympy and ~900 modules, 145 MB of RSS) and on the CPU fills a table loading
+    overwrites anyway."""
+
+    def __init__(self, num: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, width))
 
 
 class LayerNorm(nn.Module):
@@ -95,7 +132,7 @@ class AttentionCapture:
 
 
 class GPT2(nn.Module):
-    """GPT-2 with pre-LN blocks and a tied LM head, computed by one backend's ops.
+    """GPT-2 with pre-LN blocks and a tied LM head, computed by one backend's ops; ``quantization``: None or "int8".
 
     Example:
         >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
@@ -106,22 +143,41 @@ class GPT2(nn.Module):
         torch.Size([1, 11])
     """
 
-    def __init__(self, config: GPT2Config, ops: Ops = TORCH) -> None:
+    def __init__(self, config: GPT2Config, ops: Ops = TORCH, quantization: str | None = None) -> None:
         super().__init__()
         self.config, self.ops = config, ops
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.quantization = check_quantization(quantization)
+        self.wte = Embedding(config.vocab_size, config.n_embd)
+        self.wpe = Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd)
+        if self.quantization:
+            for module in self.quantized_modules().values():
+                _int8_slots(module)
         self._decode_layers = None  # ops.decode_layers' object, built at the first decode step that uses it
 
+    def quantized_modules(self) -> dict[str, nn.Module]:
+        """Name -> module of every weight ``quantization`` applies to: ``wte`` and each block's four linears.
+
+        Example:
+            >>> list(GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2)).quantized_modules())[:3]
+            ['wte', 'h.0.attn.c_attn', 'h.0.attn.c_proj']
+        """
+        return {"wte": self.wte} | {name: m for name, m in self.h.named_modules(prefix="h") if isinstance(m, Linear)}
+
+    @property
+    def wte_weight(self) -> torch.Tensor | Int8Weight:
+        """The tied embedding / LM head as ops take it (``op_weight(self.wte)``)."""
+        return op_weight(self.wte)
+
     def layer_params(self, i: int) -> tuple:
-        """Layer ``i``'s parameters as the ops receive them, in ``hidden``'s order: ln_1 weight, bias; c_attn weight,
-        bias; attn.c_proj weight, bias; ln_2 weight, bias; c_fc weight, bias; mlp.c_proj weight, bias."""
+        """Layer ``i``'s parameters as the ops receive them (linear weights through ``op_weight``), in ``hidden``'s
+        order: ln_1 weight, bias; c_attn weight, bias; attn.c_proj weight, bias; ln_2 weight, bias; c_fc weight,
+        bias; mlp.c_proj weight, bias."""
         b = self.h[i]
-        return (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-                b.mlp.c_proj.weight, b.mlp.c_proj.bias)
+        return (b.ln_1.weight, b.ln_1.bias, op_weight(b.attn.c_attn), b.attn.c_attn.bias, op_weight(b.attn.c_proj),
+                b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, op_weight(b.mlp.c_fc), b.mlp.c_fc.bias,
+                op_weight(b.mlp.c_proj), b.mlp.c_proj.bias)
 
     @torch.no_grad()
     def forward(
@@ -131,7 +187,7 @@ class GPT2(nn.Module):
 
         ``input_ids``/``positions``: ``(T,)``. K/V of these tokens are written to the cache.
         """
-        return self.ops.lm_head(self.hidden(input_ids, positions, cache, meta), self.wte.weight)
+        return self.ops.lm_head(self.hidden(input_ids, positions, cache, meta), self.wte_weight)
 
     @torch.no_grad()
     def hidden(
@@ -160,7 +216,7 @@ class GPT2(nn.Module):
         cfg, ops = self.config, self.ops
         num_tokens = input_ids.shape[0]
         eps = cfg.layer_norm_epsilon
-        residual = ops.embed(input_ids, positions, self.wte.weight, self.wpe.weight)  # (T, C)
+        residual = ops.embed(input_ids, positions, self.wte_weight, self.wpe.weight)  # (T, C)
         one_query_each = meta.max_query_len == 1 and meta.num_seqs == num_tokens  # a decode step
         if capture is None and ops.decode_layers is not None and one_query_each and num_tokens <= ops.decode_rows:
             if self._decode_layers is None:  # every layer of a decode step in one native call (False: not here)
@@ -170,7 +226,7 @@ class GPT2(nn.Module):
                 self._decode_layers(residual, cache, meta)
                 return ops.layer_norm(residual[meta.logits_indices], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
         for i, block in enumerate(self.h):
-            attn_in = (block.ln_1.weight, block.ln_1.bias, eps, block.attn.c_attn.weight, block.attn.c_attn.bias)
+            attn_in = (block.ln_1.weight, block.ln_1.bias, eps, op_weight(block.attn.c_attn), block.attn.c_attn.bias)
             qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)
             q, k, v = qkv.view(num_tokens, 3, cfg.n_head, cfg.head_dim).unbind(1)  # 3 x (T, H, D)
             if capture is None:  # write_kv then attention; Triton's decode does both in one launch
@@ -179,10 +235,10 @@ class GPT2(nn.Module):
                 ops.write_kv(k, v, cache.k[i], cache.v[i], meta.slot_mapping)
                 attn = capture.attend(ops, q, k, cache, i, meta, cfg.attn_scale(i))  # (T, H, D)
             attn = attn.reshape(num_tokens, cfg.n_embd)  # (T, C)
-            residual = ops.linear(attn, block.attn.c_proj.weight, block.attn.c_proj.bias, residual=residual)  # (T, C)
-            mlp_in = (block.ln_2.weight, block.ln_2.bias, eps, block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+            residual = ops.linear(attn, op_weight(block.attn.c_proj), block.attn.c_proj.bias, residual=residual)
+            mlp_in = (block.ln_2.weight, block.ln_2.bias, eps, op_weight(block.mlp.c_fc), block.mlp.c_fc.bias)
             hidden = ops.ln_linear(residual, *mlp_in, gelu=True)  # (T, F)
-            residual = ops.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias, residual=residual)  # (T, C)
+            residual = ops.linear(hidden, op_weight(block.mlp.c_proj), block.mlp.c_proj.bias, residual=residual)
         rows = meta.logits_indices
         return ops.layer_norm(residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
 
@@ -190,39 +246,100 @@ class GPT2(nn.Module):
     def from_state_dict(
         cls,
         config: GPT2Config,
-        state: dict[str, torch.Tensor],
+        state: dict[str, torch.Tensor | Int8Weight],
         ops: Ops = TORCH,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        quantization: str | None = None,
     ) -> GPT2:
         """Build on the meta device, then assign the weights (moved and cast; a progress bar for big ones).
+
+        ``state`` is our canonical float layout. With ``quantization="int8"`` each weight of
+        ``quantized_modules`` is quantized as it is read (on the CPU, from its stored dtype; or arrives as an
+        ``Int8Weight`` already) and ``state`` is emptied as it goes, so each float tensor is freed once converted
+        and no second full copy ever exists.
 
         Example:
             >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
             >>> state = GPT2(cfg).init_random(seed=0).state_dict()
             >>> GPT2.from_state_dict(cfg, state, dtype=torch.float16).wte.weight.dtype
             torch.float16
+            >>> model = GPT2.from_state_dict(cfg, state, quantization="int8")
+            >>> model.wte.weight.dtype, model.wte.weight_scale.shape, len(state)
+            (torch.int8, torch.Size([11]), 0)
         """
         with torch.device("meta"):
-            model = cls(config, ops)
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        weights = {name: t.to(device, dtype) for name, t in progress(state.items(), total, "loading weights")}
+            model = cls(config, ops, quantization)
+        quantized = {name + ".weight" for name in model.quantized_modules()} if model.quantization else set()
+        total = sum(t.q.numel() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in state.values())
+        weights = {}
+        for name in progress(list(state), total, "loading weights"):
+            tensor = state.pop(name) if quantized else state[name]
+            if isinstance(tensor, Int8Weight) and name not in quantized:
+                raise ValueError(f"{name} arrives as int8 weights, but the model is built with quantization=None")
+            if name in quantized:
+                int8 = tensor if isinstance(tensor, Int8Weight) else quantize_int8(tensor)
+                weights[name], weights[name + "_scale"] = int8.q.to(device), int8.scale.to(device)
+            else:  # copied when quantizing: a view into a memory-mapped file would keep all of the file resident
+                weights[name] = tensor.to(device, dtype, copy=bool(quantized)).contiguous()
+            del tensor  # the last reference of a quantized float weight: freed before the next one is read
+            if quantized:
+                trim_heap()
         model.load_state_dict(weights, strict=True, assign=True)
         return model.requires_grad_(False)  # inference only: no autograd graph behind any op
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` in the float layout: int8 weights dequantized to the model dtype, no ``weight_scale``.
+
+        What a float model holding the same values loads (``hf_twin``, the int8 tests' reference).
+
+        Example:
+            >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+            >>> state = GPT2(cfg).init_random(seed=0).state_dict()
+            >>> int8 = GPT2.from_state_dict(cfg, dict(state), quantization="int8").dense_state_dict()
+            >>> int8.keys() == state.keys(), bool((int8["wte.weight"] - state["wte.weight"]).abs().max() < 1e-3)
+            (True, True)
+        """
+        dense = self.state_dict()
+        for name, module in self.quantized_modules().items():
+            weight = op_weight(module)
+            if isinstance(weight, Int8Weight):
+                del dense[name + ".weight_scale"]
+                dense[name + ".weight"] = weight.dequantize(self.wpe.weight.dtype)
+        return dense
 
     @torch.no_grad()
     def init_random(self, seed: int = 0) -> GPT2:
         """Fill every parameter with seeded random values (GPT-2's init scale, non-zero biases).
 
-        Biases and LayerNorm parameters get random values too, so a bug that drops one shows.
+        The values are ``random_weights(config, seed)``'s. A quantized model has no float weights to fill: build
+        it from them with ``from_state_dict(..., quantization=)``.
         """
-        gen = torch.Generator().manual_seed(seed)
-        proj_std = 0.02 / (2 * self.config.n_layer) ** 0.5
-        for name, param in self.named_parameters():
-            if name.startswith("ln") or ".ln_" in name:
-                values = torch.randn(param.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0)
-            else:
-                std = proj_std if name.endswith("c_proj.weight") else 0.02
-                values = torch.randn(param.shape, generator=gen) * std
+        if self.quantization:
+            raise ValueError(f"init_random fills float weights; this model holds {self.quantization} weights")
+        for param, (_, values) in zip(self.parameters(), random_weights(self.config, seed), strict=True):
             param.copy_(values.to(param.dtype))
         return self
+
+
+def random_weights(config: GPT2Config, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded random fp32 weights in parameter order, one tensor at a time (GPT-2's init scale).
+
+    Biases and LayerNorm parameters get random values too, so a bug that drops one shows. One tensor at a
+    time, so a loader that quantizes them as they come never holds the float model.
+
+    Example:
+        >>> cfg = GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=4)
+        >>> name, wte = next(random_weights(cfg, seed=0))
+        >>> name, tuple(wte.shape), torch.equal(wte, GPT2(cfg).init_random(seed=0).wte.weight)
+        ('wte.weight', (11, 8), True)
+    """
+    with torch.device("meta"):
+        shapes = [(name, param.shape) for name, param in GPT2(config).named_parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    proj_std = 0.02 / (2 * config.n_layer) ** 0.5
+    for name, shape in shapes:  # in place: one (shape) temporary, even for the 154 MB wte
+        if name.startswith("ln") or ".ln_" in name:
+            yield name, torch.randn(shape, generator=gen).mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            yield name, torch.randn(shape, generator=gen).mul_(proj_std if name.endswith("c_proj.weight") else 0.02)

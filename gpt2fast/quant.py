@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 QUANTIZATIONS = ("int8",)
+QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 rows ``quantize_int8`` converts at a time
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,16 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     """
     if weight.dim() != 2:
         raise ValueError(f"quantize_int8: a weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
-    w = weight.float()
-    amax = w.abs().amax(dim=1)  # (N,)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # (N,)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (N, K)
-    return Int8Weight(q.contiguous(), scale.contiguous())
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)  # (N, K)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)  # (N,)
+    rows = max(1, QUANTIZE_CHUNK_BYTES // (4 * max(k, 1)))
+    for start in range(0, n, rows):  # row blocks: the fp32 temporaries stay small, even for a 154 MB wte
+        w = weight[start : start + rows].float()  # (rows, K)
+        amax = w.abs().amax(dim=1)  # (rows,)
+        scale[start : start + rows] = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q[start : start + rows] = torch.round(w / scale[start : start + rows, None]).clamp_(-127, 127)
+    return Int8Weight(q, scale)
 
 
 def check_quantization(quantization: str | None) -> str | None:

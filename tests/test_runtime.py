@@ -252,6 +252,17 @@ def test_pool_sized_from_tokens_or_a_memory_fraction():
         Engine(model, kv_cache_tokens=64, kv_cache_memory_fraction=0.5)
 
 
+def test_the_default_cpu_pool_holds_a_full_context_per_sequence_up_to_eight():
+    """Pages of the cache are touched as blocks are used and the prefix cache's LRU reaches every block in a
+    long run, so the default is what the batch can use: min(max_num_seqs, 8) contexts (RSS follows the model)."""
+    model = 'random:{"n_layer": 1, "n_embd": 8, "n_head": 2, "n_positions": 40}'
+    blocks_per_context = 3  # 40 tokens in blocks of 16
+    for seqs, contexts in ((1, 1), (3, 3), (8, 8), (64, 8)):
+        engine = Engine(model, max_num_seqs=seqs, block_size=16, device="cpu")
+        assert engine.pool.num_blocks == contexts * blocks_per_context, seqs
+    assert Engine(model, max_num_seqs=1, kv_cache_tokens=500, device="cpu").pool.num_blocks == 32
+
+
 def test_a_kv_cache_larger_than_memory_is_refused_before_allocating():
     model = 'random:{"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}'
     with open("/proc/meminfo") if os.path.exists("/proc/meminfo") else open(os.devnull) as f:

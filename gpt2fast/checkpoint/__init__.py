@@ -21,9 +21,11 @@ import torch
 
 from gpt2fast.checkpoint.hf import load_hf_folder, read_config
 from gpt2fast.checkpoint.hub import download
+from gpt2fast.checkpoint.layout import trim_heap
 from gpt2fast.checkpoint.openai import load_openai_folder, read_hparams
 from gpt2fast.config import GPT2Config, preset
 from gpt2fast.errors import CheckpointError
+from gpt2fast.quant import Int8Weight, check_quantization, quantize_int8
 from gpt2fast.tokenizer import GPT2_VOCAB_SIZE, VOCAB_PAIRS, vocab_files
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -34,13 +36,17 @@ class Checkpoint:
     """A model's config, its weights in our layout (on CPU, as stored), and where its vocab files are."""
 
     config: GPT2Config
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor | Int8Weight]  # Int8Weight only for random: weights loaded with quantization
     vocab_dir: Path | None  # folder with encoder.json+vocab.bpe or vocab.json+merges.txt, if the source has one
     is_random: bool = False
 
 
-def load_checkpoint(source: str | os.PathLike, *, seed: int = 0) -> Checkpoint:
+def load_checkpoint(source: str | os.PathLike, *, seed: int = 0, quantization: str | None = None) -> Checkpoint:
     """Load weights from any supported source.
+
+    ``quantization``: ``random:`` weights are quantized as they are drawn (``Int8Weight`` values in the state),
+    so the float model never exists; other sources arrive as stored and ``GPT2.from_state_dict`` quantizes them
+    tensor by tensor as it reads them.
 
     Example:
         >>> ckpt = load_checkpoint('random:{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 100}')
@@ -54,7 +60,7 @@ def load_checkpoint(source: str | os.PathLike, *, seed: int = 0) -> Checkpoint:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if source.startswith("random:"):
-        return _random(source.removeprefix("random:"), seed)
+        return _random(source.removeprefix("random:"), seed, check_quantization(quantization))
     folder = Path(source).expanduser()
     if not folder.exists():
         if source.startswith(("/", ".", "~")) or not _HUB_ID.fullmatch(source):
@@ -88,12 +94,20 @@ def _check_vocab_files(folder: Path, config: GPT2Config) -> None:
     )
 
 
-def _random(spec: str, seed: int) -> Checkpoint:
-    from gpt2fast.model import GPT2
+def _random(spec: str, seed: int, quantization: str | None) -> Checkpoint:
+    from gpt2fast.model import GPT2, random_weights
 
     config = GPT2Config.from_json(spec) if spec.lstrip().startswith("{") else preset(spec)
     _check_memory(config, f"random:{spec}")
-    state = GPT2(config).init_random(seed).state_dict()
+    if quantization is None:
+        return Checkpoint(config, GPT2(config).init_random(seed).state_dict(), None, is_random=True)
+    with torch.device("meta"):
+        quantized = {name + ".weight" for name in GPT2(config, quantization=quantization).quantized_modules()}
+    state: dict[str, torch.Tensor | Int8Weight] = {}
+    for name, tensor in random_weights(config, seed):
+        state[name] = quantize_int8(tensor) if name in quantized else tensor
+        del tensor
+        trim_heap()
     return Checkpoint(config, state, None, is_random=True)
 
 

@@ -7,6 +7,8 @@ in the file's own terms, then transposes into our layout.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -145,8 +147,31 @@ def assemble(entries: dict[str, Entry], config: GPT2Config, where: str) -> dict[
         if not entry.tensor.is_floating_point():
             raise CheckpointError(f"{where}: tensor {entry.source_name!r} has dtype {entry.tensor.dtype}, not float")
         check_finite(entry.tensor, entry.file or where, entry.source_name)
-        state[name] = entry.tensor.t().contiguous() if entry.transposed else entry.tensor
+        # A transposed view, no copy: GPT2.from_state_dict makes it contiguous, or quantizes straight from it.
+        state[name] = entry.tensor.t() if entry.transposed else entry.tensor
     return state
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A quantizing load frees each float weight between int8 ones, and glibc keeps such holes resident: trimming
+    after each took ``random:gpt2`` int8's peak RSS from 512 to 439 MiB (``Engine`` load, this machine).
+
+    Example:
+        >>> trim_heap()
+    """
+    release = _malloc_trim()
+    if release is not None:
+        release(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def progress(items: Iterable, total_bytes: int, desc: str) -> Iterable:

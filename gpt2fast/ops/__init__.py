@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2fast.ops import reference, torch_native
+from gpt2fast.quant import QUANTIZATIONS
 
 BACKENDS = ("auto", "cpu", "torch", "triton", "cuda", "reference")
 
@@ -49,6 +50,8 @@ class Ops:
     # Optional: builds an object running every layer of a decode step in one call (``cpu.DecodeLayers``), or None
     decode_layers: Callable[..., Callable[..., None]] | None = None
     decode_rows: int = 0  # the most tokens a step may have for decode_layers (more: op by op)
+    # Weight quantizations whose Int8Weight (gpt2fast.quant) every weight-taking op accepts; the engine refuses others.
+    quantizations: tuple[str, ...] = ()
 
 
 REFERENCE = Ops(
@@ -66,6 +69,7 @@ REFERENCE = Ops(
     lm_head_argmax=reference.lm_head_argmax,
     lm_head_gumbel=reference.lm_head_gumbel,
     sample_top_k_top_p=reference.sample_top_k_top_p,
+    quantizations=QUANTIZATIONS,
 )
 
 
@@ -85,6 +89,7 @@ TORCH = Ops(
     lm_head_argmax=torch_native.lm_head_argmax,
     lm_head_gumbel=torch_native.lm_head_gumbel,
     sample_top_k_top_p=reference.sample_top_k_top_p,
+    quantizations=QUANTIZATIONS,
 )
 
 
@@ -108,11 +113,28 @@ def _cpu_table() -> Ops:
         sample_top_k_top_p=reference.sample_top_k_top_p,
         decode_layers=cpu.decode_layers,
         decode_rows=cpu.LIBRARY_ROWS,  # larger batches: torch's GEMMs win (ops/cpu.py)
+        quantizations=QUANTIZATIONS,
     )
 
 
 # The native CPU kernels (gpt2fast/ops/cpu.py): linears, decode attention and the LM head; the rest is torch's.
 CPU = _cpu_table()
+
+
+def check_quantization_support(ops: Ops, quantization: str | None) -> None:
+    """Raise ``ValueError`` when ``ops`` has no kernels for ``quantization`` (None: always fine).
+
+    Example:
+        >>> check_quantization_support(TORCH, "int8")
+        >>> check_quantization_support(TORCH, "int4")
+        Traceback (most recent call last):
+        ...
+        ValueError: backend 'torch' has no int4 kernels; use backend 'cpu' or 'torch' for int4 weights
+    """
+    if quantization is not None and quantization not in ops.quantizations:
+        soon = " yet (GPU int8 is issue 17)" if ops.name in ("triton", "cuda") else ""
+        raise ValueError(f"backend {ops.name!r} has no {quantization} kernels{soon}; "
+                         f"use backend 'cpu' or 'torch' for {quantization} weights")
 
 
 def default_backend() -> str:

@@ -6,6 +6,11 @@ H = heads, D = head_dim, V = vocab, NB = cache blocks, BS = block size.
 
 Weights of linear layers are stored ``(out_features, in_features)`` like ``torch.nn.Linear``, so the
 LM head (the token embedding, ``(V, C)``) is just another linear without bias.
+
+Int8 weights (``gpt2fast.quant``): wherever an op takes a weight (``linear``/``ln_linear``'s ``weight``,
+``embed``'s and the LM heads' ``wte``) it also takes an ``Int8Weight``, and the op on it is defined as
+"dequantize to fp32, then the same op": ``op(..., w) == op(..., w.dequantize())``, except that ``embed``
+returns ``wpe``'s dtype (the model dtype; an ``Int8Weight`` has no float dtype of its own).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fast.metadata import AttentionMetadata
+from gpt2fast.quant import Int8Weight
 from gpt2fast.sampling import (
     GREEDY_BELOW,
     argmax_rows,
@@ -24,14 +30,28 @@ from gpt2fast.sampling import (
 )
 
 
-def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
-    """Token plus position embedding: ``wte[input_ids] + wpe[positions]``.
+def dense(weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """``weight`` itself, or an ``Int8Weight`` dequantized to fp32: what every op on an int8 weight computes with.
+
+    Example:
+        >>> from gpt2fast.quant import quantize_int8
+        >>> dense(quantize_int8(torch.tensor([[127.0, -2.0]]))).tolist()  # scale 1
+        [[127.0, -2.0]]
+    """
+    return weight.dequantize() if isinstance(weight, Int8Weight) else weight
+
+
+def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor | Int8Weight,
+          wpe: torch.Tensor) -> torch.Tensor:
+    """Token plus position embedding: ``wte[input_ids] + wpe[positions]``, in ``wte``'s dtype (int8: ``wpe``'s).
 
     Example:
         >>> wte, wpe = torch.randn(10, 4), torch.randn(8, 4)
         >>> embed(torch.tensor([3, 1]), torch.tensor([0, 1]), wte, wpe).shape
         torch.Size([2, 4])
     """
+    if isinstance(wte, Int8Weight):  # dequantize the rows it reads: the same values as dense(wte)[input_ids]
+        return (wte.rows(input_ids) + wpe[positions].float()).to(wpe.dtype)  # (T, C)
     out = wte[input_ids].float() + wpe[positions].float()  # (T, C)
     return out.to(wte.dtype)
 
@@ -70,7 +90,7 @@ def add_layer_norm(
 
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Int8Weight,
     bias: torch.Tensor | None,
     *,
     gelu: bool = False,
@@ -78,14 +98,15 @@ def linear(
 ) -> torch.Tensor:
     """``x @ weight.T + bias``, then optionally tanh-GELU, then optionally ``+ residual``.
 
-    ``weight`` is ``(N, K)``; ``x`` is ``(T, K)``; the result is ``(T, N)`` in ``x.dtype``.
+    ``weight`` is ``(N, K)`` (an ``Int8Weight`` is dequantized first); ``x`` is ``(T, K)``; the result is
+    ``(T, N)`` in ``x.dtype``.
 
     Example:
         >>> x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
         >>> torch.allclose(linear(x, w, b), x @ w.T + b, atol=1e-6)
         True
     """
-    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())  # (T, N)
+    y = F.linear(x.float(), dense(weight).float(), None if bias is None else bias.float())  # (T, N)
     if gelu:
         y = F.gelu(y, approximate="tanh")
     if residual is not None:
@@ -98,7 +119,7 @@ def ln_linear(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Int8Weight,
     bias: torch.Tensor | None,
     *,
     gelu: bool = False,
@@ -254,17 +275,17 @@ def attention_with_probs(
     return out, probs
 
 
-def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
-    """Vocabulary projection with the tied token embedding; always returns fp32 logits ``(N, V)``.
+def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """Vocabulary projection with the tied token embedding (an ``Int8Weight`` dequantized); fp32 logits ``(N, V)``.
 
     Example:
         >>> lm_head(torch.randn(2, 4), torch.randn(10, 4)).shape
         torch.Size([2, 10])
     """
-    return F.linear(x.float(), wte.float())
+    return F.linear(x.float(), dense(wte).float())
 
 
-def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
     """Greedy token ids ``argmax(lm_head(x, wte), -1)``: (N,) int64, ties to the lowest id.
 
     Backends fuse this into the LM head so the (N, V) logits are never written.
@@ -277,7 +298,9 @@ def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     return argmax_rows(lm_head(x, wte)).to(x.device)
 
 
-def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def lm_head_gumbel(
+    x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
     """One token per row from ``softmax(lm_head(x, wte) / T)`` by Gumbel-max: (N,) int64.
 
     ``temperature``: (N,) fp32, rows below ``sampling.GREEDY_BELOW`` take the argmax; ``seeds``: (N,)

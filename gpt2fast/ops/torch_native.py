@@ -16,6 +16,18 @@ in ``tests/test_torch_native.py``. Only the ops where the naive spec costs real 
   contexts 16-1000: 1.1-1.4x; batch 1 at 2x16 heads: 0.8x (20 us more). Bigger groups lose at
   GPT-2's widths (a 1.5 MB gather: 0.5x): fresh pages cost more than the saved calls.
 
+* int8 weights (``Int8Weight``, linears and the LM head): ``int8_matmul`` converts 1 MB of weight rows at a
+  time to fp32 in one reused buffer, multiplies weight-major, then scales the output rows. Median us at
+  1 / 8 / 64 rows, 1 thread (``python benchmarks/bench_int8_linear.py``; the other GPT-2 shapes alike):
+
+      (N, K)     fp32 weight (before)   int8_matmul            x @ dequantized.T        _weight_int8pack_mm
+      2304x768   509 / 911 / 2631       365 / 765 / 2000       1136 / 1614 / 2595       1370 / 8711 / -
+      768x3072   570 / 1115 / 2723      565 / 1200 / 3401      1492 / 2141 / 3590       1767 / 10834 / -
+      50257x768  10973 / 27740 / 58867  9867 / 19270 / 40165   125787 / 163280 / 159184 30071 / 195114 / -
+
+  Dequantizing per call makes a full fp32 copy (154 MB for the LM head: page faults each call, and RSS);
+  ``_weight_int8pack_mm`` (fp32 works in torch 2.13) is a GEMV per row. 768x768 at 1 row: 154 vs fp32 94.
+
 Everything else is the reference's function, prefill attention included (the loop over sequences).
 """
 
@@ -26,27 +38,58 @@ import torch.nn.functional as F
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import reference
+from gpt2fast.quant import Int8Weight
 from gpt2fast.sampling import GREEDY_BELOW, argmax_rows, gumbel_from_uniform, philox_uniform
+
+# Rows of an int8 weight converted to fp32 at a time in ``int8_matmul``: 1 MB measured best (256 KB and 4 MB slower).
+INT8_CHUNK_BYTES = 1 << 20
+
+
+def int8_matmul(weight: Int8Weight, x: torch.Tensor) -> torch.Tensor:
+    """``weight.dequantize() @ x.T`` as ``(q @ x.T) * scale[:, None]``: fp32 ``(N, T)`` for fp32 ``x`` ``(T, K)``.
+
+    The int8 rows become fp32 ``INT8_CHUNK_BYTES`` at a time in one buffer that stays in cache, so no
+    ``(N, K)`` fp32 copy of the weight is ever made.
+
+    Example:
+        >>> from gpt2fast.quant import quantize_int8
+        >>> w, x = quantize_int8(torch.randn(5, 4)), torch.randn(3, 4)
+        >>> torch.allclose(int8_matmul(w, x), w.dequantize() @ x.T, atol=1e-5)
+        True
+    """
+    n, k = weight.shape
+    rows = max(1, INT8_CHUNK_BYTES // (4 * k))
+    out = torch.empty(n, x.shape[0], device=x.device)  # (N, T)
+    chunk = torch.empty(min(rows, n), k, device=x.device)  # (rows, K) fp32, reused
+    for start in range(0, n, rows):
+        w = chunk[: min(rows, n - start)]
+        w.copy_(weight.q[start : start + rows])
+        torch.mm(w, x.t(), out=out[start : start + rows])
+    return out.mul_(weight.scale[:, None])
 
 
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Int8Weight,
     bias: torch.Tensor | None,
     *,
     gelu: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``reference.linear`` (``x @ weight.T + bias``, tanh-GELU, ``+ residual``), weight-major in fp32.
+    """``reference.linear`` (``x @ weight.T + bias``, tanh-GELU, ``+ residual``), weight-major in fp32 (or int8).
 
     Example:
         >>> x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
         >>> torch.allclose(linear(x, w, b, gelu=True), reference.linear(x, w, b, gelu=True), atol=1e-6)
         True
     """
-    if weight.dtype != torch.float32 or x.dtype != torch.float32:
+    quantized = isinstance(weight, Int8Weight)
+    if x.dtype != torch.float32 or (weight.dtype != torch.float32 and not quantized):
         return reference.linear(x, weight, bias, gelu=gelu, residual=residual)
-    y = weight @ x.t() if bias is None else torch.addmm(bias[:, None], weight, x.t())  # (N, T)
+    if quantized:
+        y = int8_matmul(weight, x) if bias is None else int8_matmul(weight, x).add_(bias[:, None])  # (N, T)
+    else:
+        y = weight @ x.t() if bias is None else torch.addmm(bias[:, None], weight, x.t())  # (N, T)
     if gelu:
         y = F.gelu(y, approximate="tanh")
     if residual is not None:
@@ -59,7 +102,7 @@ def ln_linear(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     eps: float,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Int8Weight,
     bias: torch.Tensor | None,
     *,
     gelu: bool = False,
@@ -74,7 +117,7 @@ def ln_linear(
     return linear(reference.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
 
 
-def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
     """``reference.lm_head``: fp32 logits ``(N, V)``, computed weight-major (``W @ x.T``) for fp32 weights.
 
     Example:
@@ -82,13 +125,15 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(lm_head(x, wte), reference.lm_head(x, wte), atol=1e-5)
         True
     """
+    if isinstance(wte, Int8Weight):
+        return int8_matmul(wte, x.float()).t().contiguous()  # (V, N) -> (N, V)
     if wte.dtype != torch.float32:
         return reference.lm_head(x, wte)
     # Weight-major GEMM (faster at few rows here); the copy to row-major is N*V floats, samplers want rows.
     return (wte @ x.float().t()).t().contiguous()  # (V, N) -> (N, V)
 
 
-def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
     """``reference.lm_head_argmax`` (ties to the lowest id) over ``lm_head``'s logits.
 
     Example:
@@ -99,7 +144,9 @@ def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     return argmax_rows(lm_head(x, wte)).to(x.device)
 
 
-def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def lm_head_gumbel(
+    x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
     """``reference.lm_head_gumbel`` with the logits computed once (the spec recomputes them for greedy rows).
 
     Example:

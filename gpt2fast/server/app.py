@@ -91,6 +91,7 @@ class Frontend:
         self.capacity = self.loop.max_num_seqs + max_queue  # sequences in flight: the batch plus the queue
         cfg = engine.config
         self.limits = ModelLimits(engine.tokenizer, cfg.vocab_size, cfg.n_positions, cfg.eos_token_id, self.capacity)
+        self.quantization = engine.quantization  # None or "int8": in the model card of GET /v1/models
         self.created = int(time.time())
         self.admitted = 0
         self.shutting_down = False
@@ -508,7 +509,7 @@ async def _metrics(request: Request) -> Response:
 
 def _model_card(frontend: Frontend) -> dict:
     return {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "gpt2fast",
-            "max_model_len": frontend.limits.n_positions}
+            "max_model_len": frontend.limits.n_positions, "quantization": frontend.quantization}
 
 
 async def _models(request: Request) -> dict:

@@ -13,6 +13,7 @@ from types import FrameType
 from gpt2fast.errors import CheckpointError
 from gpt2fast.http_limits import ConnectionLimits, LimitedServer, add_arguments, check_port, uvicorn_config
 from gpt2fast.ops import BACKENDS
+from gpt2fast.quant import QUANTIZATIONS
 from gpt2fast.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
 
 API_KEY_ENV = "GPT2FAST_API_KEY"
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=BACKENDS)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
+                   help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 on a CPU shared with other busy processes)")
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs)
+                        kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs,
+                        quantization=args.quantization)
         app = make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                        allowed_hosts=loopback_host_names(args.host), body_timeout=limits.body_timeout)

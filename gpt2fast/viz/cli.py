@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gpt2fast.cli import exit_status
 from gpt2fast.ops import BACKENDS
+from gpt2fast.quant import QUANTIZATIONS
 from gpt2fast.viz.html import VIEWS, render_html
 
 PROG = "gpt2fast attention"
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=None, choices=BACKENDS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
+                        help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     return parser
 
 
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     from gpt2fast.engine import LLM
 
     text = _read_text(args)
-    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=1)
+    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=1,
+              quantization=args.quantization)
     if llm.is_random:
         print(f"{PROG}: warning: {args.model} has random weights: its attention patterns mean nothing. "
               "Pass real weights (a Hub id, a Hugging Face or OpenAI folder) for real patterns.", file=sys.stderr)

@@ -60,6 +60,7 @@ from gpt2fast.http_limits import (
     uvicorn_config,
 )
 from gpt2fast.ops import BACKENDS
+from gpt2fast.quant import QUANTIZATIONS
 from gpt2fast.viz.html import head_view_assets, payload_json, trace_payload
 
 if TYPE_CHECKING:
@@ -532,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=None, choices=BACKENDS)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
+                        help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
     add_arguments(parser)
     return parser
 
@@ -554,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = ConnectionLimits.from_args(args)
         sock = listen(args.host, args.port)  # before loading the model: a taken port fails at once
         try:
-            llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=1)
+            llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, max_num_seqs=1,
+                      quantization=args.quantization)
         except BaseException:
             sock.close()
             raise
