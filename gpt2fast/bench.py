@@ -344,7 +344,8 @@ def hf_twin(llm: LLM, dtype: torch.dtype | None = None):
         n_positions=cfg.n_positions, n_inner=cfg.n_inner, layer_norm_epsilon=cfg.layer_norm_epsilon,
         scale_attn_weights=cfg.scale_attn_weights, scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
     ))
-    state = {"transformer." + name: (t.t() if is_transposed(name) else t) for name, t in llm.model.state_dict().items()}
+    dense = llm.model.dense_state_dict()  # int8 weights dequantized: HF holds the values we compute with
+    state = {"transformer." + name: (t.t() if is_transposed(name) else t) for name, t in dense.items()}
     missing, unexpected = hf.load_state_dict(state | {"lm_head.weight": state["transformer.wte.weight"]}, strict=False)
     assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)
     return hf.to(llm.device, dtype or llm.dtype).eval()
