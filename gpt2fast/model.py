@@ -170,6 +170,14 @@ class GPT2(nn.Module):
         """The tied embedding / LM head as ops take it (``op_weight(self.wte)``)."""
         return op_weight(self.wte)
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: the native plan points at the old tensors
+        self._decode_layers = None
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args, **kwargs):  # new weights: the plan is rebuilt at the next decode step
+        self._decode_layers = None
+        return super().load_state_dict(*args, **kwargs)
+
     def layer_params(self, i: int) -> tuple:
         """Layer ``i``'s parameters as the ops receive them (linear weights through ``op_weight``), in ``hidden``'s
         order: ln_1 weight, bias; c_attn weight, bias; attn.c_proj weight, bias; ln_2 weight, bias; c_fc weight,

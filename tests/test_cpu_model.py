@@ -53,7 +53,7 @@ def test_decode_steps_match_the_reference(isa, dtype):
         lens = [n + 1 for n in lens]
         got, expected = (_step(m, c, tables, lens, next_ids) for m, c in ((ours, caches[0]), (ref, caches[1])))
         torch.testing.assert_close(got, expected, **tol)
-    assert ours._decode_layers is not None  # the decode steps did go through the one-call path
+    assert ours._decode_layers  # the decode steps did go through the one-call path (False: op by op)
     for layer in range(CONFIG.n_layer):  # and stored the same K/V in every slot the sequences own
         for table, n in zip(tables, lens):
             blocks, offsets = torch.tensor(table)[torch.arange(n) // 4], torch.arange(n) % 4
@@ -77,3 +77,28 @@ def test_seeded_sampling_equals_the_reference():
     ours = LLM(model, backend="cpu").generate([[1, 2, 3, 4]], params)[0].outputs[0].token_ids
     ref = LLM(model, backend="reference").generate([[1, 2, 3, 4]], params)[0].outputs[0].token_ids
     assert ours == ref
+
+
+def test_the_plan_follows_the_model_to_another_dtype():
+    model, cache = GPT2(CONFIG, CPU).init_random(seed=1), KVCache(CONFIG, num_blocks=4, block_size=4)
+    meta = AttentionMetadata.build([[0]], [1], [1], block_size=4)
+    model(torch.tensor([3]), torch.tensor([0]), cache, meta)
+    assert model._decode_layers
+    model.to(torch.bfloat16)
+    cache = KVCache(CONFIG, num_blocks=4, block_size=4, dtype=torch.bfloat16)
+    assert model(torch.tensor([3]), torch.tensor([0]), cache, meta).shape == (1, 97)
+
+
+def test_decode_layers_refuse_bad_shapes_and_metadata():
+    model, cache = GPT2(CONFIG, CPU).init_random(seed=1), KVCache(CONFIG, num_blocks=4, block_size=4)
+    layers = cpu.DecodeLayers(CONFIG, [model.layer_params(i) for i in range(3)], torch.float32)
+    with pytest.raises(ValueError, match="must be"):
+        cpu.DecodeLayers(CONFIG, [model.layer_params(0)[:3] + (torch.randn(5),) + model.layer_params(0)[4:]],
+                         torch.float32)
+    with pytest.raises(ValueError, match="residual stream"):
+        layers(torch.randn(1, 8), cache, AttentionMetadata.build([[0]], [1], [1], block_size=4))
+    for field, value in (("block_tables", 10**6), ("seq_lens", 5)):  # a block outside the cache; a context too long
+        meta = AttentionMetadata.build([[0]], [1], [1], block_size=4)
+        getattr(meta, field).view(-1)[0] = value
+        with pytest.raises(ValueError, match="outside the cache|block table"):
+            layers(torch.randn(1, 40), cache, meta)

@@ -231,6 +231,44 @@ def test_bad_inputs_raise_value_errors():
         cpu.select_isa("avx1024")
 
 
+def test_attention_and_lm_head_refuse_bad_inputs():
+    kc = torch.randn(2, 2, 4, 8)
+    q, k, v = torch.randn(3, 1, 2, 8).unbind(0)
+    meta = AttentionMetadata.build([[0]], [3], [1], block_size=4)
+    with pytest.raises(ValueError, match="k_cache must be"):
+        cpu.write_kv_attention(q, k, v, torch.randn(2, 1, 4, 8), kc.clone(), meta, 0.3)  # 1 head for 2
+    with pytest.raises(ValueError, match="v_cache must be"):
+        cpu.write_kv_attention(q, k, v, kc.clone(), kc.bfloat16(), meta, 0.3)
+    for field, value in (("block_tables", 10**8), ("seq_lens", 10**6), ("slot_mapping", 10**6)):
+        bad = AttentionMetadata.build([[0]], [3], [1], block_size=4)  # valid, then one field broken
+        getattr(bad, field).view(-1)[0] = value
+        with pytest.raises(ValueError, match="decode attention"):
+            cpu.write_kv_attention(q, k, v, kc.clone(), kc.clone(), bad, 0.3)
+    x, wte = torch.randn(2, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="both temperature and seeds"):
+        cpu.lm_head_gumbel(x, wte, torch.ones(2), None)
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        cpu.lm_head_argmax(x, torch.randn(0, 8))
+
+
+def test_nan_temperature_draws_like_the_reference():
+    x, wte = torch.randn(1, 8), torch.randn(50, 8)
+    t, s = torch.tensor([float("nan")]), torch.tensor([3])
+    assert torch.equal(cpu.lm_head_gumbel(x, wte, t, s), reference.lm_head_gumbel(x, wte, t, s))
+
+
+def test_bf16_weights_with_fp32_activations_are_widened_not_rounded(isa):
+    x, w, b, _, _ = _inputs(3, 77, 20, seed=4)
+    wb = w.bfloat16()
+    torch.testing.assert_close(cpu.linear(x, wb, b), reference.linear(x, wb, b), atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_lm_head_keeps_fp32_logits_at_any_row_count(monkeypatch):
+    monkeypatch.setattr(cpu, "LIBRARY_ROWS", 16)
+    x, wte = torch.randn(20, 32).bfloat16(), torch.randn(300, 32).bfloat16()
+    torch.testing.assert_close(cpu.lm_head(x, wte), reference.lm_head(x, wte), atol=1e-4, rtol=1e-5)
+
+
 def test_other_dtypes_run_the_torch_backend():
     x, w, b = torch.randn(3, 8).half(), torch.randn(5, 8).half(), torch.randn(5).half()
     assert not cpu.native(x, w)

@@ -6,6 +6,8 @@
 
 #include <omp.h>
 
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -26,6 +28,23 @@ struct DecodeAttentionArgs {
   void* out;                              // [S, H, D] contiguous
   int threads;
 };
+
+// Every block id, context length and slot the step will touch lies inside the cache and the tables (a row with
+// context 0 is padding: nothing read). Throws std::invalid_argument (Python: ValueError) before any access.
+inline void check_paged(int64_t S, const int32_t* block_tables, int64_t bt_stride, int64_t bt_width,
+                        const int32_t* seq_lens, const int64_t* slot_mapping, int64_t num_blocks, int64_t BS) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("decode attention: " + what); };
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t len = seq_lens[s], slot = slot_mapping[s];
+    if (len < 0 || len > bt_width * BS) fail("sequence " + std::to_string(s) + " has context " + std::to_string(len) +
+                                             ", more than its block table holds");
+    if (slot < -1 || slot >= num_blocks * BS) fail("slot " + std::to_string(slot) + " is outside the cache");
+    for (int64_t j = 0; j < (len + BS - 1) / BS; ++j) {
+      const int64_t block = block_tables[s * bt_stride + j];
+      if (block < 0 || block >= num_blocks) fail("block id " + std::to_string(block) + " is outside the cache");
+    }
+  }
+}
 
 inline void decode_attention(const DecodeAttentionArgs& a) {
   const int64_t D = a.D, head_stride = a.BS * D, block_stride = a.H * a.BS * D;

@@ -75,15 +75,17 @@ void linear_binding(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t ldx, i
   const LinearArgs args{M, N, K, ptr<const void>(x), ldx, x_dtype, ptr<const void>(ln_w), ptr<const void>(ln_b), eps,
                         Weight{ptr<const void>(w), w_dtype, ptr<const float>(w_scale)}, ptr<const void>(bias), gelu,
                         ptr<const void>(residual), ldr, ptr<void>(out), ldo, out_dtype, threads};
+  const Kernels kernels = g_kernels;  // by value: a select_isa from another thread cannot change it midway
   py::gil_scoped_release release;
-  linear(g_kernels, args);
+  linear(kernels, args);
 }
 
 void lm_head_pick_binding(int64_t M, int64_t K, uintptr_t x, int x_dtype, uintptr_t wte, int w_dtype,
                           uintptr_t w_scale, int64_t V, uintptr_t temperature, uintptr_t seeds, float greedy_below,
                           int threads, uintptr_t ids) {
+  const Kernels kernels = g_kernels;
   py::gil_scoped_release release;
-  lm_head_pick(g_kernels, ptr<const void>(x), M, K, x_dtype, Weight{ptr<const void>(wte), w_dtype, ptr<const float>(w_scale)},
+  lm_head_pick(kernels, ptr<const void>(x), M, K, x_dtype, Weight{ptr<const void>(wte), w_dtype, ptr<const float>(w_scale)},
                V, ptr<const float>(temperature), ptr<const int64_t>(seeds), greedy_below, threads, ptr<int64_t>(ids));
 }
 
@@ -91,7 +93,9 @@ void decode_attention_binding(int64_t S, int64_t H, int64_t D, int64_t BS, uintp
                               uintptr_t k, int64_t k_tok, int64_t k_head, uintptr_t v, int64_t v_tok, int64_t v_head,
                               uintptr_t k_cache, uintptr_t v_cache, int dtype, uintptr_t block_tables,
                               int64_t bt_stride, uintptr_t seq_lens, uintptr_t slot_mapping, float scale,
-                              uintptr_t out, int threads) {
+                              int64_t bt_width, int64_t num_blocks, uintptr_t out, int threads) {
+  check_paged(S, ptr<const int32_t>(block_tables), bt_stride, bt_width, ptr<const int32_t>(seq_lens),
+              ptr<const int64_t>(slot_mapping), num_blocks, BS);
   const DecodeAttentionArgs args{S, H, D, BS, ptr<const void>(q), q_tok, q_head, ptr<const void>(k), k_tok, k_head,
                                  ptr<const void>(v), v_tok, v_head, ptr<void>(k_cache), ptr<void>(v_cache), dtype,
                                  ptr<const int32_t>(block_tables), bt_stride, ptr<const int32_t>(seq_lens),
@@ -134,11 +138,14 @@ PYBIND11_MODULE(GPT2FAST_CPU_MODULE, m) {
            })
       .def("num_layers", &DecodePlan::num_layers)
       .def("run", [](const DecodePlan& plan, uintptr_t residual, int64_t T, const std::vector<uintptr_t>& caches,
-                     int64_t BS, uintptr_t block_tables, int64_t bt_stride, uintptr_t seq_lens, uintptr_t slot_mapping,
-                     int threads) {
+                     int64_t BS, uintptr_t block_tables, int64_t bt_stride, int64_t bt_width, int64_t num_blocks,
+                     uintptr_t seq_lens, uintptr_t slot_mapping, int threads) {
         if (caches.size() != size_t(2 * plan.num_layers())) throw std::invalid_argument("one K and one V cache per layer");
+        check_paged(T, ptr<const int32_t>(block_tables), bt_stride, bt_width, ptr<const int32_t>(seq_lens),
+                    ptr<const int64_t>(slot_mapping), num_blocks, BS);
+        const Kernels kernels = g_kernels;
         py::gil_scoped_release release;
-        plan.run(g_kernels, ptr<void>(residual), T, caches, BS, ptr<const int32_t>(block_tables), bt_stride,
+        plan.run(kernels, ptr<void>(residual), T, caches, BS, ptr<const int32_t>(block_tables), bt_stride,
                  ptr<const int32_t>(seq_lens), ptr<const int64_t>(slot_mapping), threads);
       });
 }

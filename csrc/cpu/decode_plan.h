@@ -35,7 +35,7 @@ class DecodePlan {
   // residual [T, C] (model dtype) in place; caches[2 * i], caches[2 * i + 1]: layer i's K and V [NB, H, BS, D].
   void run(const Kernels& kernels, void* residual, int64_t T, const std::vector<uintptr_t>& caches, int64_t BS,
            const int32_t* block_tables, int64_t bt_stride, const int32_t* seq_lens, const int64_t* slot_mapping,
-           int threads) const {
+           int threads) const {  // the caller has run check_paged
     const int64_t C = C_, D = C_ / H_;
     const size_t esize = dtype_ == kF32 ? 4 : 2;
     std::vector<unsigned char> qkv(size_t(T * 3 * C) * esize), attn(size_t(T * C) * esize),

@@ -255,11 +255,15 @@ template <int NB, int MB> struct PickI8 { static constexpr BlockFn fn = vnni_blo
 template <int NB, int MB> struct PickI8 { static constexpr BlockFn fn = widen_block<int8_t, NB, MB>; };
 #endif
 
-static constexpr Blocks kBlocks[3] = {make_blocks<PickF32>(), make_blocks<PickBF16>(), make_blocks<PickI8>()};
+template <int NB, int MB> struct PickBF16Widen { static constexpr BlockFn fn = widen_block<uint16_t, NB, MB>; };
+
+// By weight dtype; [3]: bf16 weights with fp32 activations (no bf16 copy of them: widened, not rounded)
+static constexpr Blocks kBlocks[4] = {make_blocks<PickF32>(), make_blocks<PickBF16>(), make_blocks<PickI8>(),
+                                      make_blocks<PickBF16Widen>()};
 
 // y[m * ldy + (n - n0)] for m in [0, M), n in [n0, n1).
 static void dot_tile(const Activations& a, const Weight& w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const Blocks& blocks = kBlocks[w.dtype];
+  const Blocks& blocks = kBlocks[w.dtype == kBF16 && a.bf16 == nullptr ? 3 : w.dtype];
   const bool tall = a.M > kWideMB;
   const int64_t max_nb = tall ? kTallNB : kWideNB, max_mb = tall ? kTallMB : kWideMB;
   for (int64_t n = n0; n < n1; n += max_nb) {

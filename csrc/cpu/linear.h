@@ -38,7 +38,7 @@ class PreparedActivations {
     act_.M = M;
     act_.K = K;
     act_.f32 = f32_.data();
-    if (weight_dtype == kBF16) to_bf16(M, K);
+    if (weight_dtype == kBF16 && dtype == kBF16) to_bf16(M, K);  // fp32 activations: weights widened instead
     if (weight_dtype == kI8 && int8_vnni) to_u8(M, K);
   }
   const Activations& get() const { return act_; }
@@ -69,7 +69,7 @@ class PreparedActivations {
     act_.bf16 = bf16_.data();
   }
 
-  // Symmetric per-row int8 (round half away from zero), stored + 128 for vpdpbusd's unsigned operand.
+  // Symmetric per-row int8 (round half to even, the default rounding mode), stored + 128 for vpdpbusd's unsigned operand.
   void to_u8(int64_t M, int64_t K) {
     act_.Kp = (K + 63) / 64 * 64;
     u8_.assign(size_t(M * act_.Kp), 128);

@@ -57,7 +57,7 @@ inline void lm_head_pick(const Kernels& kernels, const void* x, int64_t M, int64
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* y) {
                   for (int64_t m = m0; m < m1; ++m) {
                     Best& b = best[size_t((n0 / kTileN) * M + m)];
-                    const bool sample = temperature && temperature[m] >= greedy_below;
+                    const bool sample = temperature && !(temperature[m] < greedy_below);  // NaN: drawn, as the reference does
                     for (int64_t n = n0; n < n1; ++n) {
                       float s = y[(m - m0) * kTileN + (n - n0)];
                       if (sample) s = s / temperature[m] + gumbel_noise(uint64_t(seeds[m]), uint32_t(n));

@@ -39,7 +39,10 @@ except ImportError as error:  # built by `pip install` unless GPT2FAST_BUILD_CPU
 else:
     _IMPORT_ERROR = None
     if os.environ.get("GPT2FAST_CPU_ISA"):
-        _cpu.select_isa(os.environ["GPT2FAST_CPU_ISA"])
+        try:
+            _cpu.select_isa(os.environ["GPT2FAST_CPU_ISA"])
+        except ValueError as error:  # backend 'cpu' says so when chosen; the other backends still work
+            _cpu, _IMPORT_ERROR = None, f"GPT2FAST_CPU_ISA: {error}"
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
@@ -177,7 +180,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tens
     n, k = values.shape
     x = _rows("x", x, k)
     m, dtype = x.shape[0], x.dtype
-    if m > LIBRARY_ROWS and w_code != _CODES[torch.int8] and values.dtype == dtype:
+    library = m > LIBRARY_ROWS and w_code != _CODES[torch.int8] and values.dtype == dtype
+    if library and (out_dtype is None or out_dtype == dtype):  # (a bf16 LM head's fp32 logits stay native)
         return _library_linear(x, values, bias, gelu=gelu, residual=residual, ln=ln, out_dtype=out_dtype)
     out = torch.empty(m, n, dtype=out_dtype or dtype)  # (M, N)
     if m == 0:
@@ -253,6 +257,10 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
 
 def _pick(x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature: torch.Tensor | None,
           seeds: torch.Tensor | None) -> torch.Tensor:
+    if (temperature is None) != (seeds is None):
+        raise ValueError("backend 'cpu': lm_head_gumbel needs both temperature and seeds")
+    if wte.shape[0] == 0:
+        raise ValueError("backend 'cpu': the LM head has an empty vocabulary")
     if not native(x, wte):
         if temperature is None:
             return torch_native.lm_head_argmax(x, wte)
@@ -295,6 +303,18 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature:
     return _pick(x, wte, temperature, seeds)
 
 
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, dim: int, dtype: torch.dtype) -> None:
+    """Both caches contiguous ``(NB, heads, BS, dim)`` of ``dtype`` (the kernels index them as that)."""
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_cpu(name, c)
+        if c.dim() != 4 or c.shape[1] != heads or c.shape[3] != dim or c.dtype != dtype or not c.is_contiguous():
+            raise ValueError(f"backend 'cpu': {name} must be contiguous (blocks, {heads}, block_size, {dim}) {dtype}, "
+                             f"got {c.dtype} {tuple(c.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"backend 'cpu': the K and V caches differ in shape: {tuple(k_cache.shape)} vs "
+                         f"{tuple(v_cache.shape)}")
+
+
 def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """``reference.write_kv_attention``; natively when every sequence has one query (decode), else the torch backend's.
@@ -316,8 +336,7 @@ def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         if t.shape != (tokens, heads, dim) or t.stride(2) != 1 or t.dtype != q.dtype:
             raise ValueError(f"backend 'cpu': {name} must be ({tokens}, {heads}, {dim}) {q.dtype} with unit stride "
                              f"along the head dim, got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape:
-        raise ValueError("backend 'cpu': the K and V caches must be contiguous and of one shape")
+    _check_caches(k_cache, v_cache, heads, dim, q.dtype)
     block_tables = meta.block_tables.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
     slots = meta.slot_mapping.to(torch.int64).contiguous()
@@ -327,7 +346,7 @@ def write_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
                               k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
                               k_cache.data_ptr(), v_cache.data_ptr(), _CODES[q.dtype], block_tables.data_ptr(),
                               block_tables.stride(0), seq_lens.data_ptr(), slots.data_ptr(), float(scale),
-                              out.data_ptr(), torch.get_num_threads())
+                              block_tables.shape[1], k_cache.shape[0], out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -370,17 +389,21 @@ class DecodeLayers:
     def __init__(self, config, layers: list[tuple], dtype: torch.dtype) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"backend 'cpu': the model dtype must be float32 or bfloat16, got {dtype}")
-        self.dtype, self.num_layers = dtype, len(layers)
+        self.dtype, self.num_layers, self.config = dtype, len(layers), config
+        c, f = config.n_embd, config.mlp_width
+        shapes = ((c,), (c,), (3 * c, c), (3 * c,), (c, c), (c,), (c,), (c,), (f, c), (f,), (c, f), (c,))
         self._keep: list = []  # every tensor the plan points into stays alive with it
         self._plan = _cpu.DecodePlan(config.n_embd, config.n_head, config.mlp_width, _CODES[dtype],
                                      float(config.layer_norm_epsilon))
         for i, (ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc, fc_b, out, out_b) in enumerate(layers):
             args: list = []
-            for name, t in (("ln_1.weight", ln1_w), ("ln_1.bias", ln1_b), ("c_attn", qkv), ("c_attn.bias", qkv_b),
-                            ("attn.c_proj", proj), ("attn.c_proj.bias", proj_b), ("ln_2.weight", ln2_w),
-                            ("ln_2.bias", ln2_b), ("c_fc", fc), ("c_fc.bias", fc_b), ("mlp.c_proj", out),
-                            ("mlp.c_proj.bias", out_b)):
-                if isinstance(t, Int8Weight) or t.dim() == 2:  # a weight; else a vector
+            names = ("ln_1.weight", "ln_1.bias", "c_attn", "c_attn.bias", "attn.c_proj", "attn.c_proj.bias",
+                     "ln_2.weight", "ln_2.bias", "c_fc", "c_fc.bias", "mlp.c_proj", "mlp.c_proj.bias")
+            params = (ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc, fc_b, out, out_b)
+            for name, t, shape in zip(names, params, shapes):
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"backend 'cpu': layer {i} {name} must be {shape}, got {tuple(t.shape)}")
+                if len(shape) == 2:  # a weight; else a vector
                     values, code, scale_ptr = _weight(t)
                     self._keep += [values, t]
                     args += [values.data_ptr(), code, scale_ptr]
@@ -394,13 +417,18 @@ class DecodeLayers:
         if residual.dtype != self.dtype or not residual.is_contiguous() or residual.dim() != 2:
             raise ValueError(f"backend 'cpu': the residual stream must be contiguous (T, C) {self.dtype}")
         tokens = residual.shape[0]
+        if residual.shape[1] != self.config.n_embd:
+            raise ValueError(f"backend 'cpu': the residual stream must be (T, {self.config.n_embd}), got "
+                             f"{tuple(residual.shape)}")
         if meta.num_seqs != tokens or meta.max_query_len != 1:
             raise ValueError("backend 'cpu': DecodeLayers runs decode steps only (one query per sequence)")
+        heads = self.config.n_head
+        for i in range(self.num_layers):
+            _check_caches(cache.k[i], cache.v[i], heads, self.config.n_embd // heads, self.dtype)
         caches = [t.data_ptr() for i in range(self.num_layers) for t in (cache.k[i], cache.v[i])]
-        if cache.k[0].dtype != self.dtype:
-            raise ValueError(f"backend 'cpu': the KV cache must be {self.dtype}, got {cache.k[0].dtype}")
         block_tables = meta.block_tables.to(torch.int32).contiguous()
         seq_lens = meta.seq_lens.to(torch.int32).contiguous()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         self._plan.run(residual.data_ptr(), tokens, caches, cache.k[0].shape[2], block_tables.data_ptr(),
-                       block_tables.stride(0), seq_lens.data_ptr(), slots.data_ptr(), torch.get_num_threads())
+                       block_tables.stride(0), block_tables.shape[1], cache.k[0].shape[0], seq_lens.data_ptr(),
+                       slots.data_ptr(), torch.get_num_threads())
