@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,47 @@ inline void check_paged(int64_t S, const int32_t* block_tables, int64_t bt_strid
   }
 }
 
+// One (sequence, head): scores over the context, softmax, weighted sum of V; two passes over the cache rows so
+// both inner loops are plain vector loops (T: float or bf16 bits).
+template <typename T>
+void attend_one(const DecodeAttentionArgs& a, int64_t s, int64_t h, float* q, float* acc, std::vector<float>& scores) {
+  const int64_t D = a.D, head_stride = a.BS * D, block_stride = a.H * a.BS * D, len = a.seq_lens[s];
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  const T* qs = static_cast<const T*>(a.q) + s * a.q_tok + h * a.q_head;
+  for (int64_t d = 0; d < D; ++d) q[d] = widen(qs[d]) * a.scale;
+  scores.resize(size_t(len));
+  float running_max = -INFINITY;
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const int64_t block = a.block_tables[s * a.bt_stride + pos / a.BS];
+    const T* k = kc + block * block_stride + h * head_stride + (pos % a.BS) * D;
+    float score = 0.0f;
+#pragma omp simd reduction(+ : score)
+    for (int64_t d = 0; d < D; ++d) score += q[d] * widen(k[d]);
+    scores[size_t(pos)] = score;
+    running_max = std::max(running_max, score);
+  }
+  std::fill(acc, acc + D, 0.0f);
+  float denom = 0.0f;
+  for (int64_t pos = 0; pos < len; ++pos) {
+    const int64_t block = a.block_tables[s * a.bt_stride + pos / a.BS];
+    const T* v = vc + block * block_stride + h * head_stride + (pos % a.BS) * D;
+    const float p = std::exp(scores[size_t(pos)] - running_max);
+    denom += p;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * widen(v[d]);
+  }
+  T* out = static_cast<T*>(a.out) + (s * a.H + h) * D;
+  for (int64_t d = 0; d < D; ++d) {  // a NaN score (NaN in q or K) makes the row NaN, as in the reference
+    const float y = acc[d] / denom;
+    if constexpr (std::is_same_v<T, float>) {
+      out[d] = std::isnan(running_max) ? NAN : y;
+    } else {
+      out[d] = f32_to_bf16(std::isnan(running_max) ? NAN : y);
+    }
+  }
+}
+
 inline void decode_attention(const DecodeAttentionArgs& a) {
   const int64_t D = a.D, head_stride = a.BS * D, block_stride = a.H * a.BS * D;
   for (int64_t s = 0; s < a.S; ++s) {  // store first: the attention below reads the new token from the cache
@@ -58,31 +100,19 @@ inline void decode_attention(const DecodeAttentionArgs& a) {
         store_from_f32(a.v_cache, base + h * head_stride + d, a.dtype, load_as_f32(a.v, s * a.v_tok + h * a.v_head + d, a.dtype));
       }
   }
-  auto one = [&](int64_t s, int64_t h, std::vector<float>& q, std::vector<float>& acc) {
-    for (int64_t d = 0; d < D; ++d) q[d] = load_as_f32(a.q, s * a.q_tok + h * a.q_head + d, a.dtype) * a.scale;
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    float running_max = -INFINITY, denom = 0.0f;
-    const int64_t len = a.seq_lens[s];
-    for (int64_t pos = 0; pos < len; ++pos) {
-      const int64_t block = a.block_tables[s * a.bt_stride + pos / a.BS];
-      const int64_t row = block * block_stride + h * head_stride + (pos % a.BS) * D;
-      float score = 0.0f;
-      for (int64_t d = 0; d < D; ++d) score += q[d] * load_as_f32(a.k_cache, row + d, a.dtype);
-      const float new_max = std::max(running_max, score);
-      const float correction = std::exp(running_max - new_max), p = std::exp(score - new_max);
-      denom = denom * correction + p;
-      for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * correction + p * load_as_f32(a.v_cache, row + d, a.dtype);
-      running_max = new_max;
-    }
-    for (int64_t d = 0; d < D; ++d) store_from_f32(a.out, (s * a.H + h) * D + d, a.dtype, acc[d] / denom);
-  };
   const int64_t work = a.S * a.H;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(a.threads, work)));
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<float> q(static_cast<size_t>(D)), acc(static_cast<size_t>(D));
+    std::vector<float> q(static_cast<size_t>(D)), acc(static_cast<size_t>(D)), scores;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < work; ++i) one(i / a.H, i % a.H, q, acc);
+    for (int64_t i = 0; i < work; ++i) {
+      if (a.dtype == kF32) {
+        attend_one<float>(a, i / a.H, i % a.H, q.data(), acc.data(), scores);
+      } else {
+        attend_one<uint16_t>(a, i / a.H, i % a.H, q.data(), acc.data(), scores);
+      }
+    }
   }
 }
 

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -85,7 +86,9 @@ class PreparedActivations {
       const float scale = amax > 0.0f && finite ? amax / 127.0f : 1.0f;
       const float inv = 1.0f / scale;
       for (int64_t k = 0; k < K; ++k) {
-        const float q = finite ? std::nearbyint(std::min(127.0f, std::max(-127.0f, row[k] * inv))) : 0.0f;
+        // +-1.5 * 2**23 rounds half to even in fp32 for |v| < 2**22: nearbyint without a libm call
+        const float v = std::min(127.0f, std::max(-127.0f, row[k] * inv));
+        const float q = finite ? (v + 12582912.0f) - 12582912.0f : 0.0f;
         u8_[m * act_.Kp + k] = uint8_t(int(q) + 128);
       }
       u8_scale_[m] = finite ? scale : NAN;  // a row with a NaN or infinity gives NaN, as fp32 math would
@@ -134,20 +137,49 @@ void for_each_tile(const Kernels& kernels, const Activations& act, const Weight&
   }
 }
 
+// The epilogue of one tile with the residual and output types fixed (R, O: float or bf16 bits), so the loop
+// over a row is a plain vector loop. bias: fp32 [N] or null.
+template <typename R, typename O>
+void store_tile(const LinearArgs& a, const float* bias, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                const float* y) {
+  const R* residual = static_cast<const R*>(a.residual);
+  O* out = static_cast<O*>(a.out);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = y + (m - m0) * kTileN - n0;
+    for (int64_t n = n0; n < n1; ++n) {
+      float v = row[n];
+      if (bias) v += bias[n];
+      if (a.gelu) v = gelu_tanh(v);
+      if (residual) v += widen(residual[m * a.ldr + n]);
+      if constexpr (std::is_same_v<O, float>) {
+        out[m * a.ldo + n] = v;
+      } else {
+        out[m * a.ldo + n] = f32_to_bf16(v);
+      }
+    }
+  }
+}
+
 inline void linear(const Kernels& kernels, const LinearArgs& a) {
   const PreparedActivations prepared(a.x, a.M, a.K, a.ldx, a.x_dtype, a.ln_w, a.ln_b, a.eps, a.w.dtype,
                                      std::string_view(kernels.int8_method) == "vnni");
-  const int dt = a.x_dtype;
+  std::vector<float> bias;
+  if (a.bias) {
+    bias.resize(size_t(a.N));
+    for (int64_t n = 0; n < a.N; ++n) bias[size_t(n)] = load_as_f32(a.bias, n, a.x_dtype);
+  }
+  const float* b = a.bias ? bias.data() : nullptr;
+  const bool f32_in = a.x_dtype == kF32, f32_out = a.out_dtype == kF32;
   for_each_tile(kernels, prepared.get(), a.w, a.N, a.threads,
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* y) {
-                  for (int64_t m = m0; m < m1; ++m) {
-                    for (int64_t n = n0; n < n1; ++n) {
-                      float v = y[(m - m0) * kTileN + (n - n0)];
-                      if (a.bias) v += load_as_f32(a.bias, n, dt);
-                      if (a.gelu) v = gelu_tanh(v);
-                      if (a.residual) v += load_as_f32(a.residual, m * a.ldr + n, dt);
-                      store_from_f32(a.out, m * a.ldo + n, a.out_dtype, v);
-                    }
+                  if (f32_in && f32_out) {
+                    store_tile<float, float>(a, b, m0, m1, n0, n1, y);
+                  } else if (f32_in) {
+                    store_tile<float, uint16_t>(a, b, m0, m1, n0, n1, y);
+                  } else if (f32_out) {
+                    store_tile<uint16_t, float>(a, b, m0, m1, n0, n1, y);
+                  } else {
+                    store_tile<uint16_t, uint16_t>(a, b, m0, m1, n0, n1, y);
                   }
                 });
 }
