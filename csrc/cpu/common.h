@@ -54,8 +54,9 @@ struct Activations {
   int64_t M = 0, K = 0;
   const float* f32 = nullptr;     // [M, K] fp32 (the model dtype's values)
   const uint16_t* bf16 = nullptr; // [M, Kp] bf16, Kp = K rounded up to 32, zero padded (bf16 weights)
-  const uint8_t* u8 = nullptr;    // [M, Kp] int8 + 128, Kp rounded up to 64, 128 padded (int8 weights)
+  const int8_t* u8 = nullptr;     // [M, Kp] activations quantized to int8, Kp rounded up to 64, zero padded
   const float* u8_scale = nullptr;  // [M] per-row scale of the int8 activations
+  const int32_t* u8_sum = nullptr;  // [M] sum over k of the int8 activations (vpdpbusd's correction)
   int64_t Kp = 0;
 };
 

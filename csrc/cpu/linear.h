@@ -70,11 +70,12 @@ class PreparedActivations {
     act_.bf16 = bf16_.data();
   }
 
-  // Symmetric per-row int8 (round half to even, the default rounding mode), stored + 128 for vpdpbusd's unsigned operand.
+  // Symmetric per-row int8 (round half to even), and each row's sum for the kernel's +128 correction.
   void to_u8(int64_t M, int64_t K) {
     act_.Kp = (K + 63) / 64 * 64;
-    u8_.assign(size_t(M * act_.Kp), 128);
+    u8_.assign(size_t(M * act_.Kp), 0);
     u8_scale_.resize(size_t(M));
+    u8_sum_.assign(size_t(M), 0);
     for (int64_t m = 0; m < M; ++m) {
       const float* row = f32_.data() + m * K;
       float amax = 0.0f;
@@ -89,19 +90,22 @@ class PreparedActivations {
         // +-1.5 * 2**23 rounds half to even in fp32 for |v| < 2**22: nearbyint without a libm call
         const float v = std::min(127.0f, std::max(-127.0f, row[k] * inv));
         const float q = finite ? (v + 12582912.0f) - 12582912.0f : 0.0f;
-        u8_[m * act_.Kp + k] = uint8_t(int(q) + 128);
+        u8_[m * act_.Kp + k] = int8_t(q);
+        u8_sum_[m] += int32_t(q);
       }
       u8_scale_[m] = finite ? scale : NAN;  // a row with a NaN or infinity gives NaN, as fp32 math would
     }
     act_.u8 = u8_.data();
     act_.u8_scale = u8_scale_.data();
+    act_.u8_sum = u8_sum_.data();
   }
 
   Activations act_;
   std::vector<float> f32_;
   std::vector<uint16_t> bf16_;
-  std::vector<uint8_t> u8_;
+  std::vector<int8_t> u8_;
   std::vector<float> u8_scale_;
+  std::vector<int32_t> u8_sum_;
 };
 
 // Runs tile(m0, m1, n0, n1, y) over every [kTileM x kTileN] tile, split over threads; y is the tile's
@@ -119,7 +123,11 @@ void for_each_tile(const Kernels& kernels, const Activations& act, const Weight&
     rows.M = m1 - m0;
     rows.f32 = act.f32 + m0 * act.K;
     if (act.bf16) rows.bf16 = act.bf16 + m0 * act.Kp;
-    if (act.u8) rows.u8 = act.u8 + m0 * act.Kp, rows.u8_scale = act.u8_scale + m0;
+    if (act.u8) {
+      rows.u8 = act.u8 + m0 * act.Kp;
+      rows.u8_scale = act.u8_scale + m0;
+      rows.u8_sum = act.u8_sum + m0;
+    }
     kernels.dot_tile(rows, w, n0, n1, y.data(), kTileN);
     epilogue(m0, m1, n0, n1, y.data());
   };
