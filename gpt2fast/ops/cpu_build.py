@@ -62,6 +62,12 @@ def sanitized_module() -> ModuleType:
     return cuda_build.load_module(build_sanitized(), MODULE)
 
 
+def _libstdcxx() -> str:
+    done = subprocess.run([cuda_build.compiler(), "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] != ["sanitized-pytest"]:
@@ -69,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     build_sanitized()  # before the sanitizer slows the compiler's parent
     env = cuda_build.sanitizer_env() | {"GPT2FAST_CPU_SANITIZE": "1"}
+    # libstdc++ preloaded too: ASan intercepts __cxa_throw only if libstdc++ is loaded when ASan starts (python
+    # itself does not link it), else the first C++ exception (a ValueError for bad input) aborts.
+    env["LD_PRELOAD"] = f"{env['LD_PRELOAD']} {_libstdcxx()}"
     return subprocess.run([sys.executable, "-m", "pytest", *args[1:]], env=env).returncode
 
 
