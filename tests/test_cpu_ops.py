@@ -149,6 +149,15 @@ def test_lm_head_argmax_ties_go_to_the_lowest_id(isa):
     assert cpu.lm_head_argmax(x, wte).tolist() == [1, 3]
 
 
+def test_lm_head_argmax_follows_numpy_on_nan_and_inf(isa):
+    gen = torch.Generator().manual_seed(9)
+    x, wte = torch.randn(3, 16, generator=gen), torch.randn(301, 16, generator=gen)
+    wte[150], wte[200] = float("nan"), float("nan")  # NaN logits at 150 and 200 (two tiles): the first wins
+    x[2] = float("-inf")  # a row of -inf and NaN logits
+    assert torch.equal(cpu.lm_head_argmax(x, wte), reference.lm_head_argmax(x, wte))
+    assert cpu.lm_head_argmax(x, wte).tolist()[:2] == [150, 150]
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 def test_lm_head_int8(isa, rows):
     gen = torch.Generator().manual_seed(rows)

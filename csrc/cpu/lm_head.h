@@ -44,6 +44,24 @@ inline bool better(float score, const Best& best) {
   return std::isnan(score) || score > best.score;
 }
 
+// A greedy row's tile in two plain loops (max, then its first index) when it holds no NaN; false: it does, and
+// the caller's exact loop (numpy's NaN rule) runs instead. Same result as that loop otherwise.
+inline bool greedy_tile(const float* row, int64_t n0, int64_t n1, Best& b) {
+  float mx = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t n = n0; n < n1; ++n) {
+    nan |= row[n] != row[n];
+    mx = row[n] > mx ? row[n] : mx;
+  }
+  if (nan) return false;
+  if (b.id < 0 || mx > b.score) {  // b.score NaN: an earlier NaN wins, mx > NaN is false
+    int64_t n = n0;
+    while (row[n] != mx) ++n;
+    b = Best{mx, n};
+  }
+  return true;
+}
+
 // temperature/seeds null: greedy for every row. Rows with temperature < greedy_below are greedy too.
 inline void lm_head_pick(const Kernels& kernels, const void* x, int64_t M, int64_t K, int x_dtype, const Weight& wte,
                          int64_t V, const float* temperature, const int64_t* seeds, float greedy_below, int threads,
@@ -58,6 +76,8 @@ inline void lm_head_pick(const Kernels& kernels, const void* x, int64_t M, int64
                   for (int64_t m = m0; m < m1; ++m) {
                     Best& b = best[size_t((n0 / kTileN) * M + m)];
                     const bool sample = temperature && !(temperature[m] < greedy_below);  // NaN: drawn, as the reference does
+                    const float* row = y + (m - m0) * kTileN - n0;  // row[n]: logit n
+                    if (!sample && greedy_tile(row, n0, n1, b)) continue;
                     for (int64_t n = n0; n < n1; ++n) {
                       float s = y[(m - m0) * kTileN + (n - n0)];
                       if (sample) s = s / temperature[m] + gumbel_noise(uint64_t(seeds[m]), uint32_t(n));
