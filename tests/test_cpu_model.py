@@ -11,11 +11,10 @@ from gpt2fast.cache import KVCache
 from gpt2fast.config import GPT2Config
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2
-from gpt2fast.ops import CPU, REFERENCE
+from gpt2fast.ops import CPU, REFERENCE, cpu
 
-cpu = pytest.importorskip("gpt2fast.ops.cpu")
-if not cpu.available():  # pragma: no cover
-    pytest.skip(cpu.unavailable_reason(), allow_module_level=True)
+# Every `pip install` builds the module: a missing one is a failure here, not a skip.
+assert cpu.available(), cpu.unavailable_reason()
 
 CONFIG = GPT2Config(n_layer=3, n_embd=40, n_head=5, vocab_size=97, n_positions=64)  # K=40: not a multiple of 16
 

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from gpt2fast.metadata import AttentionMetadata
-from gpt2fast.ops import CPU, get_ops, reference
+from gpt2fast.ops import CPU, cpu, get_ops, reference
 from gpt2fast.quant import Int8Weight, quantize_int8
 
-cpu = pytest.importorskip("gpt2fast.ops.cpu")
-if not cpu.available():  # pragma: no cover - the module is built by `pip install`
-    pytest.skip(cpu.unavailable_reason(), allow_module_level=True)
+# Every `pip install` builds the module: a missing one is a failure here, not a skip.
+assert cpu.available(), cpu.unavailable_reason()
 
 ISAS = cpu.supported_isas()
 ROWS = [1, 2, 3, 4, 5, 8, 9, 17, 70]  # 70: a tile of 64 rows and a partial one

@@ -187,8 +187,6 @@ def logit_tolerance(backend: str) -> float:
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "cpu"])
 def test_int8_logits_equal_the_reference_on_the_dequantized_weights(backend):
-    if backend == "cpu" and not cpu.available():
-        pytest.skip(cpu.unavailable_reason())
     llm = LLM(TINY_MODEL, backend=backend, quantization="int8")
     assert llm.quantization == "int8" and llm.model.wte.weight.dtype == torch.int8
     ids = [5, 90, 3, 3, 41, 17, 0, 96, 12, 60, 61, 2, 33]
@@ -213,8 +211,6 @@ def test_attention_inspection_and_next_tokens_run_on_int8():
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["dynamic", "decode-runner"])
 def test_int8_greedy_generation_equals_the_reference(backend, cuda_graphs):
     """On the cpu backend decode steps run every layer in one native call (DecodeLayers) over the Int8Weights."""
-    if backend == "cpu" and not cpu.available():
-        pytest.skip(cpu.unavailable_reason())
     prompts = [[1, 2, 3], [40, 41], [7] * 11]
     params = SamplingParams(max_tokens=12, temperature=0)
     runs = [LLM(TINY_MODEL, backend=b, quantization="int8", cuda_graphs=cuda_graphs).generate(prompts, params)
