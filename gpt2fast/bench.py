@@ -614,8 +614,8 @@ RSS_CHILD = {
 import torch
 from gpt2fast.engine import LLM
 from gpt2fast.sampling import SamplingParams
-quant = {} if a["quantization"] is None else {"quantization": a["quantization"]}
-llm = LLM(a["model"], backend=a["backend"], dtype=a["dtype"], device="cpu", max_num_seqs=len(prompts), **quant)
+llm = LLM(a["model"], backend=a["backend"], dtype=a["dtype"], device="cpu", max_num_seqs=len(prompts),
+          quantization=a["quantization"])
 llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)
 """,
     "hf": """
@@ -766,9 +766,9 @@ def overhead_providers(providers: list[Provider], max_batch: int) -> list[Provid
     tiny: list[Provider] = []
     for p in providers:
         if p.name.startswith("gpt2fast"):
-            quant = {} if p.quantization is None else {"quantization": p.quantization}
             tiny.append(ours(LLM(OVERHEAD_MODEL, backend=p.backend, dtype=p.llm.dtype, device=p.llm.device,
-                                 max_num_seqs=max_batch, **quant), timed=True, quantization=p.quantization))
+                                 max_num_seqs=max_batch, quantization=p.quantization), timed=True,
+                             quantization=p.quantization))
     base = tiny[0].llm
     tiny += [hf_provider(base, static=p.backend == "hf-static", timed=True)
              for p in providers if p.backend in ("hf", "hf-static")]
@@ -1110,21 +1110,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def load_providers(args: argparse.Namespace, skipped: list[str]) -> list[Provider]:
     """One gpt2fast provider per distinct (resolved backend, dtype, quantization); requests that cannot run are
-    skipped. ``quantization`` is passed to ``LLM`` only when it is not None (an ``LLM`` without it is skipped)."""
+    skipped."""
     providers: dict[str, Provider] = {}
     for quantization in args.quantization:
-        quant = {} if quantization is None else {"quantization": quantization}
         for dtype in args.dtypes:
             for backend in args.backends:
                 try:
                     llm = LLM(args.model, backend=backend, dtype=dtype, device=args.device,
-                              max_num_seqs=max(args.batch_sizes), **quant)
-                except TypeError as e:  # an LLM that does not take quantization= yet
-                    if quantization is None:
-                        raise
-                    skipped.append(f"backend {backend} / {dtype} / {quantization}: this LLM does not take "
-                                   f"quantization ({e})")
-                    continue
+                              max_num_seqs=max(args.batch_sizes), quantization=quantization)
                 except (ValueError, RuntimeError, NotImplementedError) as e:
                     if quantization is None and (backend == "auto" or len(args.backends) == 1):
                         raise

@@ -4,7 +4,6 @@ and the --quantization axis."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -503,12 +502,6 @@ def test_threads_reach_every_provider_and_the_meta(tmp_path, stub_python, monkey
     assert "logits" in data["accuracy"][1]["flags"]  # the stub's logits are not the model's: caught
 
 
-def llm_takes_quantization() -> bool:
-    from gpt2fast.engine import Engine
-
-    return "quantization" in inspect.signature(Engine.__init__).parameters
-
-
 def test_quantization_axis_names_int8_rows(monkeypatch):
     real_llm = bench.LLM
     made = []
@@ -529,12 +522,12 @@ def test_quantization_axis_names_int8_rows(monkeypatch):
     assert providers[1].llm.dtype == bench.torch.float32  # the model dtype stays fp32
 
 
-def test_quantization_before_llm_takes_it_is_skipped_with_the_reason(monkeypatch):
+def test_a_backend_refusing_int8_is_skipped_with_the_reason(monkeypatch):
     real_llm = bench.LLM
 
-    def llm(model: str, **kwargs):  # an LLM from before quantization=
-        if "quantization" in kwargs:
-            raise TypeError("Engine.__init__() got an unexpected keyword argument 'quantization'")
+    def llm(model: str, **kwargs):  # a backend without int8 kernels (triton and cuda refuse it like this)
+        if kwargs.get("quantization") == "int8":
+            raise ValueError("backend 'torch' has no int8 kernels yet")
         return real_llm(model, **kwargs)
 
     monkeypatch.setattr(bench, "LLM", llm)
@@ -542,14 +535,12 @@ def test_quantization_before_llm_takes_it_is_skipped_with_the_reason(monkeypatch
                                                                "--quantization", "none", "int8"]))
     skipped: list[str] = []
     assert [p.name for p in bench.load_providers(args, skipped)] == ["gpt2fast[torch]/float32"]
-    assert skipped == ["backend torch / auto / int8: this LLM does not take quantization (Engine.__init__() got an "
-                       "unexpected keyword argument 'quantization')"]
+    assert skipped == ["backend torch / auto / int8: backend 'torch' has no int8 kernels yet"]
     args.quantization = ["int8"]
     with pytest.raises(ValueError, match="no gpt2fast provider could run"):
         bench.load_providers(args, [])
 
 
-@pytest.mark.skipif(not llm_takes_quantization(), reason="LLM(..., quantization=) has not landed yet")
 def test_int8_end_to_end_within_its_tolerance(tmp_path):
     assert bench.main(["--model", TINY, "--backends", "torch", "--quantization", "none", "int8", "--batch-sizes", "1",
                        "--prompt-lens", "5", "--contexts", "5", "--decode-tokens", "4", "--repeats", "1",
