@@ -226,13 +226,22 @@ class GPT2(nn.Module):
         eps = cfg.layer_norm_epsilon
         residual = ops.embed(input_ids, positions, self.wte_weight, self.wpe.weight)  # (T, C)
         one_query_each = meta.max_query_len == 1 and meta.num_seqs == num_tokens  # a decode step
-        if capture is None and ops.decode_layers is not None and one_query_each and num_tokens <= ops.decode_rows:
-            if self._decode_layers is None:  # every layer of a decode step in one native call (False: not here)
-                self._decode_layers = ops.decode_layers(cfg, [self.layer_params(i) for i in range(cfg.n_layer)],
-                                                        residual.dtype) or False
-            if self._decode_layers:
-                self._decode_layers(residual, cache, meta)
-                return ops.layer_norm(residual[meta.logits_indices], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
+        native = capture is None and ops.decode_layers is not None and one_query_each and num_tokens <= ops.decode_rows
+        if native and self._decode_layers is None:  # every layer of a decode step in one native call (False: not here)
+            self._decode_layers = ops.decode_layers(cfg, [self.layer_params(i) for i in range(cfg.n_layer)],
+                                                    residual.dtype) or False
+        if native and self._decode_layers:
+            self._decode_layers(residual, cache, meta)
+        else:
+            residual = self._layers(residual, cache, meta, capture)
+        rows = meta.logits_indices
+        return ops.layer_norm(residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
+
+    def _layers(self, residual: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                capture: AttentionCapture | None) -> torch.Tensor:
+        """``hidden``'s transformer layers op by op (see there); returns the residual stream ``(T, C)``."""
+        cfg, ops = self.config, self.ops
+        num_tokens, eps = residual.shape[0], cfg.layer_norm_epsilon
         for i, block in enumerate(self.h):
             attn_in = (block.ln_1.weight, block.ln_1.bias, eps, op_weight(block.attn.c_attn), block.attn.c_attn.bias)
             qkv = ops.ln_linear(residual, *attn_in)  # (T, 3C)
@@ -247,8 +256,7 @@ class GPT2(nn.Module):
             mlp_in = (block.ln_2.weight, block.ln_2.bias, eps, op_weight(block.mlp.c_fc), block.mlp.c_fc.bias)
             hidden = ops.ln_linear(residual, *mlp_in, gelu=True)  # (T, F)
             residual = ops.linear(hidden, op_weight(block.mlp.c_proj), block.mlp.c_proj.bias, residual=residual)
-        rows = meta.logits_indices
-        return ops.layer_norm(residual[rows], self.ln_f.weight, self.ln_f.bias, eps)  # (N, C)
+        return residual
 
     @classmethod
     def from_state_dict(

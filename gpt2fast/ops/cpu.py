@@ -393,6 +393,7 @@ class DecodeLayers:
         c, f = config.n_embd, config.mlp_width
         shapes = ((c,), (c,), (3 * c, c), (3 * c,), (c, c), (c,), (c,), (c,), (f, c), (f,), (c, f), (c,))
         self._keep: list = []  # every tensor the plan points into stays alive with it
+        self._checked_cache, self._caches = None, []  # the last KV cache checked, and its layers' pointers
         self._plan = _cpu.DecodePlan(config.n_embd, config.n_head, config.mlp_width, _CODES[dtype],
                                      float(config.layer_norm_epsilon))
         for i, (ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc, fc_b, out, out_b) in enumerate(layers):
@@ -422,10 +423,13 @@ class DecodeLayers:
                              f"{tuple(residual.shape)}")
         if meta.num_seqs != tokens or meta.max_query_len != 1:
             raise ValueError("backend 'cpu': DecodeLayers runs decode steps only (one query per sequence)")
-        heads = self.config.n_head
-        for i in range(self.num_layers):
-            _check_caches(cache.k[i], cache.v[i], heads, self.config.n_embd // heads, self.dtype)
-        caches = [t.data_ptr() for i in range(self.num_layers) for t in (cache.k[i], cache.v[i])]
+        if cache is not self._checked_cache:  # every layer's K/V once per cache, not every step
+            heads = self.config.n_head
+            for i in range(self.num_layers):
+                _check_caches(cache.k[i], cache.v[i], heads, self.config.n_embd // heads, self.dtype)
+            self._caches = [t.data_ptr() for i in range(self.num_layers) for t in (cache.k[i], cache.v[i])]
+            self._checked_cache = cache
+        caches = self._caches
         block_tables = meta.block_tables.to(torch.int32).contiguous()
         seq_lens = meta.seq_lens.to(torch.int32).contiguous()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
