@@ -233,7 +233,7 @@ class Engine:
                 f"the model has {config.vocab_size} tokens but its tokenizer only {self.tokenizer.n_vocab}"
             )
         self.model = GPT2.from_state_dict(config, checkpoint.state_dict, ops, self.device, self.dtype,
-                                          self.quantization)
+                                          self.quantization, consume=True)
         num_blocks = self._num_blocks(kv_cache_tokens, kv_cache_memory_fraction, max_num_seqs)
         self.cache = KVCache(config, num_blocks, block_size, self.dtype, self.device)
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
