@@ -15,21 +15,6 @@
 
 namespace gpt2fast_cpu {
 
-struct DecodeAttentionArgs {
-  int64_t S, H, D, BS;                    // sequences (= query tokens), heads, head dim, block size
-  const void* q; int64_t q_tok, q_head;   // [S, H, D] element strides (token, head); dim stride 1
-  const void* k; int64_t k_tok, k_head;   // this step's keys, same layout
-  const void* v; int64_t v_tok, v_head;   // this step's values
-  void* k_cache; void* v_cache;           // [NB, H, BS, D] contiguous
-  int dtype;                              // of q, k, v, caches and out
-  const int32_t* block_tables; int64_t bt_stride;  // [S, max_blocks]
-  const int32_t* seq_lens;                // [S] context length including this token
-  const int64_t* slot_mapping;            // [S] block * BS + offset, -1: padding (nothing stored)
-  float scale;
-  void* out;                              // [S, H, D] contiguous
-  int threads;
-};
-
 // Every block id, context length and slot the step will touch lies inside the cache and the tables (a row with
 // context 0 is padding: nothing read). Throws std::invalid_argument (Python: ValueError) before any access.
 inline void check_paged(int64_t S, const int32_t* block_tables, int64_t bt_stride, int64_t bt_width,
@@ -47,48 +32,8 @@ inline void check_paged(int64_t S, const int32_t* block_tables, int64_t bt_strid
   }
 }
 
-// One (sequence, head): scores over the context, softmax, weighted sum of V; two passes over the cache rows so
-// both inner loops are plain vector loops (T: float or bf16 bits).
-template <typename T>
-void attend_one(const DecodeAttentionArgs& a, int64_t s, int64_t h, float* q, float* acc, std::vector<float>& scores) {
-  const int64_t D = a.D, head_stride = a.BS * D, block_stride = a.H * a.BS * D, len = a.seq_lens[s];
-  const T* kc = static_cast<const T*>(a.k_cache);
-  const T* vc = static_cast<const T*>(a.v_cache);
-  const T* qs = static_cast<const T*>(a.q) + s * a.q_tok + h * a.q_head;
-  for (int64_t d = 0; d < D; ++d) q[d] = widen(qs[d]) * a.scale;
-  scores.resize(size_t(len));
-  float running_max = -INFINITY;
-  for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t block = a.block_tables[s * a.bt_stride + pos / a.BS];
-    const T* k = kc + block * block_stride + h * head_stride + (pos % a.BS) * D;
-    float score = 0.0f;
-#pragma omp simd reduction(+ : score)
-    for (int64_t d = 0; d < D; ++d) score += q[d] * widen(k[d]);
-    scores[size_t(pos)] = score;
-    running_max = std::max(running_max, score);
-  }
-  std::fill(acc, acc + D, 0.0f);
-  float denom = 0.0f;
-  for (int64_t pos = 0; pos < len; ++pos) {
-    const int64_t block = a.block_tables[s * a.bt_stride + pos / a.BS];
-    const T* v = vc + block * block_stride + h * head_stride + (pos % a.BS) * D;
-    const float p = std::exp(scores[size_t(pos)] - running_max);
-    denom += p;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += p * widen(v[d]);
-  }
-  T* out = static_cast<T*>(a.out) + (s * a.H + h) * D;
-  for (int64_t d = 0; d < D; ++d) {  // a NaN score (NaN in q or K) makes the row NaN, as in the reference
-    const float y = acc[d] / denom;
-    if constexpr (std::is_same_v<T, float>) {
-      out[d] = std::isnan(running_max) ? NAN : y;
-    } else {
-      out[d] = f32_to_bf16(std::isnan(running_max) ? NAN : y);
-    }
-  }
-}
-
-inline void decode_attention(const DecodeAttentionArgs& a) {
+// The per-(sequence, head) work is kernels.attend (rows.h, vector loops for the machine's instruction set).
+inline void decode_attention(const Kernels& kernels, const DecodeAttentionArgs& a) {
   const int64_t D = a.D, head_stride = a.BS * D, block_stride = a.H * a.BS * D;
   for (int64_t s = 0; s < a.S; ++s) {  // store first: the attention below reads the new token from the cache
     const int64_t slot = a.slot_mapping[s];
@@ -106,13 +51,7 @@ inline void decode_attention(const DecodeAttentionArgs& a) {
   {
     std::vector<float> q(static_cast<size_t>(D)), acc(static_cast<size_t>(D)), scores;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < work; ++i) {
-      if (a.dtype == kF32) {
-        attend_one<float>(a, i / a.H, i % a.H, q.data(), acc.data(), scores);
-      } else {
-        attend_one<uint16_t>(a, i / a.H, i % a.H, q.data(), acc.data(), scores);
-      }
-    }
+    for (int64_t i = 0; i < work; ++i) kernels.attend(a, i / a.H, i % a.H, q.data(), acc.data(), scores);
   }
 }
 

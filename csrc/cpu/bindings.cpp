@@ -100,8 +100,9 @@ void decode_attention_binding(int64_t S, int64_t H, int64_t D, int64_t BS, uintp
                                  ptr<const void>(v), v_tok, v_head, ptr<void>(k_cache), ptr<void>(v_cache), dtype,
                                  ptr<const int32_t>(block_tables), bt_stride, ptr<const int32_t>(seq_lens),
                                  ptr<const int64_t>(slot_mapping), scale, ptr<void>(out), threads};
+  const Kernels kernels = g_kernels;
   py::gil_scoped_release release;
-  decode_attention(args);
+  decode_attention(kernels, args);
 }
 
 Weight weight_of(uintptr_t data, int dtype, uintptr_t scale) {

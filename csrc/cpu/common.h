@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace gpt2fast_cpu {
 
@@ -42,12 +43,6 @@ inline void store_from_f32(void* p, int64_t i, int dtype, float v) {
   }
 }
 
-// tanh-GELU with tanh written as 2*sigmoid(2u)-1, like the Triton kernels: max error ~1e-7 vs torch's.
-inline float gelu_tanh(float x) {
-  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-  return x * (1.0f - 1.0f / (1.0f + std::exp(2.0f * u)));
-}
-
 // The activations a linear reads, prepared once per call (LayerNorm applied, rounded as the reference
 // rounds), in the forms the weight formats need.
 struct Activations {
@@ -67,13 +62,39 @@ struct Weight {
   const float* scale = nullptr;
 };
 
+// One decode attention call (attention.h): every sequence has one query token.
+struct DecodeAttentionArgs {
+  int64_t S, H, D, BS;                    // sequences (= query tokens), heads, head dim, block size
+  const void* q; int64_t q_tok, q_head;   // [S, H, D] element strides (token, head); dim stride 1
+  const void* k; int64_t k_tok, k_head;   // this step's keys, same layout
+  const void* v; int64_t v_tok, v_head;   // this step's values
+  void* k_cache; void* v_cache;           // [NB, H, BS, D] contiguous
+  int dtype;                              // of q, k, v, caches and out
+  const int32_t* block_tables; int64_t bt_stride;  // [S, max_blocks]
+  const int32_t* seq_lens;                // [S] context length including this token
+  const int64_t* slot_mapping;            // [S] block * BS + offset, -1: padding (nothing stored)
+  float scale;
+  void* out;                              // [S, H, D] contiguous
+  int threads;
+};
+
 // y[m, n - n0] for n in [n0, n1), all M rows: the fp32 dot products (int8: scales applied), no bias.
 using DotTileFn = void (*)(const Activations&, const Weight&, int64_t n0, int64_t n1, float* y, int64_t ldy);
 
+// What one instruction set provides (dot.h and rows.h, compiled by each isa_*.cpp).
 struct Kernels {
   const char* isa;
   DotTileFn dot_tile;
   const char* int8_method;  // "vnni" (activations quantized per row) or "dequant" (weights widened in registers)
+  // out = LayerNorm(x) of one fp32 row of K (may alias x)
+  void (*layer_norm_row)(const float* x, int64_t K, const float* w, const float* b, float eps, float* out);
+  // one row of K to int8 (q[0, K)), its scale (NaN for a non-finite row) and the sum of its int8 values
+  void (*quantize_row)(const float* row, int64_t K, int8_t* q, float* scale, int32_t* sum);
+  // y[0, n) += bias (null: none), then tanh-GELU if gelu, in place
+  void (*finish_row)(float* y, int64_t n, const float* bias, bool gelu);
+  // decode attention of sequence s, head h; q, acc: [D] scratch; scores: [context] scratch
+  void (*attend)(const DecodeAttentionArgs& a, int64_t s, int64_t h, float* q, float* acc,
+                 std::vector<float>& scores);
 };
 
 }  // namespace gpt2fast_cpu

@@ -45,7 +45,7 @@ class DecodePlan {
       linear(kernels, {T, 3 * C, C, residual, C, dtype_, l.ln1_w, l.ln1_b, eps_, l.qkv, l.qkv_b, false, nullptr, 0,
                        qkv.data(), 3 * C, dtype_, threads});
       const unsigned char* q = qkv.data();
-      decode_attention({T, H_, D, BS, q, 3 * C, D, q + C * esize, 3 * C, D, q + 2 * C * esize, 3 * C, D,
+      decode_attention(kernels, {T, H_, D, BS, q, 3 * C, D, q + C * esize, 3 * C, D, q + 2 * C * esize, 3 * C, D,
                         reinterpret_cast<void*>(caches[2 * i]), reinterpret_cast<void*>(caches[2 * i + 1]), dtype_,
                         block_tables, bt_stride, seq_lens, slot_mapping, l.attn_scale, attn.data(), threads});
       linear(kernels, {T, C, C, attn.data(), C, dtype_, nullptr, nullptr, 0.0f, l.proj, l.proj_b, false, residual, C,

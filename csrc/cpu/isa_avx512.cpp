@@ -9,6 +9,7 @@
 namespace gpt2fast_cpu {
 namespace {
 #include "dot.h"
+#include "rows.h"
 }  // namespace
 }  // namespace gpt2fast_cpu
 GPT2FAST_DEFINE_ISA(avx512)

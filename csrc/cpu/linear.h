@@ -6,6 +6,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -32,36 +34,43 @@ struct LinearArgs {
 // Activations in every form the weight format needs, owned by this object.
 class PreparedActivations {
  public:
-  PreparedActivations(const void* x, int64_t M, int64_t K, int64_t ldx, int dtype, const void* ln_w,
-                      const void* ln_b, float eps, int weight_dtype, bool int8_vnni) {
+  PreparedActivations(const Kernels& kernels, const void* x, int64_t M, int64_t K, int64_t ldx, int dtype,
+                      const void* ln_w, const void* ln_b, float eps, int weight_dtype) {
     f32_.resize(size_t(M * K));
-    for (int64_t m = 0; m < M; ++m) normalise_row(x, m * ldx, K, dtype, ln_w, ln_b, eps, f32_.data() + m * K);
+    std::vector<float> ln_w32, ln_b32;  // the LayerNorm's parameters in fp32 (a bf16 model's are converted)
+    const float* w32 = static_cast<const float*>(ln_w);
+    const float* b32 = static_cast<const float*>(ln_b);
+    if (ln_w && dtype != kF32) {
+      ln_w32.resize(size_t(K));
+      ln_b32.resize(size_t(K));
+      for (int64_t k = 0; k < K; ++k) {
+        ln_w32[size_t(k)] = load_as_f32(ln_w, k, dtype);
+        ln_b32[size_t(k)] = load_as_f32(ln_b, k, dtype);
+      }
+      w32 = ln_w32.data();
+      b32 = ln_b32.data();
+    }
+    for (int64_t m = 0; m < M; ++m) {  // each row as the reference's ops see it: LN in fp32, in the model dtype
+      float* row = f32_.data() + m * K;
+      if (dtype == kF32) {
+        std::memcpy(row, static_cast<const float*>(x) + m * ldx, size_t(K) * 4);
+      } else {
+        for (int64_t k = 0; k < K; ++k) row[k] = load_as_f32(x, m * ldx + k, dtype);
+      }
+      if (!ln_w) continue;
+      kernels.layer_norm_row(row, K, w32, b32, eps, row);
+      if (dtype != kF32)
+        for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_f32(f32_to_bf16(row[k]));
+    }
     act_.M = M;
     act_.K = K;
     act_.f32 = f32_.data();
     if (weight_dtype == kBF16 && dtype == kBF16) to_bf16(M, K);  // fp32 activations: weights widened instead
-    if (weight_dtype == kI8 && int8_vnni) to_u8(M, K);
+    if (weight_dtype == kI8 && std::string_view(kernels.int8_method) == "vnni") to_u8(kernels, M, K);
   }
   const Activations& get() const { return act_; }
 
  private:
-  // One row as the reference's ops see it: LayerNorm in fp32 (two-pass statistics), rounded to the model dtype.
-  static void normalise_row(const void* x, int64_t offset, int64_t K, int dtype, const void* ln_w, const void* ln_b,
-                            float eps, float* row) {
-    for (int64_t k = 0; k < K; ++k) row[k] = load_as_f32(x, offset + k, dtype);
-    if (!ln_w) return;
-    double sum = 0.0;
-    for (int64_t k = 0; k < K; ++k) sum += row[k];
-    const float mean = float(sum / double(K));
-    double sq = 0.0;
-    for (int64_t k = 0; k < K; ++k) sq += double(row[k] - mean) * double(row[k] - mean);
-    const float rstd = 1.0f / std::sqrt(float(sq / double(K)) + eps);
-    for (int64_t k = 0; k < K; ++k) {
-      const float y = (row[k] - mean) * rstd * load_as_f32(ln_w, k, dtype) + load_as_f32(ln_b, k, dtype);
-      row[k] = dtype == kF32 ? y : bf16_to_f32(f32_to_bf16(y));
-    }
-  }
-
   void to_bf16(int64_t M, int64_t K) {
     act_.Kp = (K + 31) / 32 * 32;
     bf16_.assign(size_t(M * act_.Kp), 0);
@@ -70,31 +79,15 @@ class PreparedActivations {
     act_.bf16 = bf16_.data();
   }
 
-  // Symmetric per-row int8 (round half to even), and each row's sum for the kernel's +128 correction.
-  void to_u8(int64_t M, int64_t K) {
+  // Per-row int8 (kernels.quantize_row), zero padded to Kp, with each row's scale and sum.
+  void to_u8(const Kernels& kernels, int64_t M, int64_t K) {
     act_.Kp = (K + 63) / 64 * 64;
     u8_.assign(size_t(M * act_.Kp), 0);
     u8_scale_.resize(size_t(M));
-    u8_sum_.assign(size_t(M), 0);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* row = f32_.data() + m * K;
-      float amax = 0.0f;
-      bool finite = true;
-      for (int64_t k = 0; k < K; ++k) {
-        amax = std::max(amax, std::fabs(row[k]));
-        finite = finite && std::isfinite(row[k]);
-      }
-      const float scale = amax > 0.0f && finite ? amax / 127.0f : 1.0f;
-      const float inv = 1.0f / scale;
-      for (int64_t k = 0; k < K; ++k) {
-        // +-1.5 * 2**23 rounds half to even in fp32 for |v| < 2**22: nearbyint without a libm call
-        const float v = std::min(127.0f, std::max(-127.0f, row[k] * inv));
-        const float q = finite ? (v + 12582912.0f) - 12582912.0f : 0.0f;
-        u8_[m * act_.Kp + k] = int8_t(q);
-        u8_sum_[m] += int32_t(q);
-      }
-      u8_scale_[m] = finite ? scale : NAN;  // a row with a NaN or infinity gives NaN, as fp32 math would
-    }
+    u8_sum_.resize(size_t(M));
+    for (int64_t m = 0; m < M; ++m)
+      kernels.quantize_row(f32_.data() + m * K, K, u8_.data() + m * act_.Kp, &u8_scale_[size_t(m)],
+                           &u8_sum_[size_t(m)]);
     act_.u8 = u8_.data();
     act_.u8_scale = u8_scale_.data();
     act_.u8_sum = u8_sum_.data();
@@ -109,7 +102,7 @@ class PreparedActivations {
 };
 
 // Runs tile(m0, m1, n0, n1, y) over every [kTileM x kTileN] tile, split over threads; y is the tile's
-// fp32 products (ldy = kTileN), the epilogue's to consume.
+// fp32 products (ldy = kTileN), the epilogue's to consume (and overwrite).
 template <typename Epilogue>
 void for_each_tile(const Kernels& kernels, const Activations& act, const Weight& w, int64_t N, int threads,
                    Epilogue&& epilogue) {
@@ -148,16 +141,15 @@ void for_each_tile(const Kernels& kernels, const Activations& act, const Weight&
 // The epilogue of one tile with the residual and output types fixed (R, O: float or bf16 bits), so the loop
 // over a row is a plain vector loop. bias: fp32 [N] or null.
 template <typename R, typename O>
-void store_tile(const LinearArgs& a, const float* bias, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-                const float* y) {
+void store_tile(const Kernels& kernels, const LinearArgs& a, const float* bias, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1, float* y) {
   const R* residual = static_cast<const R*>(a.residual);
   O* out = static_cast<O*>(a.out);
   for (int64_t m = m0; m < m1; ++m) {
-    const float* row = y + (m - m0) * kTileN - n0;
+    float* row = y + (m - m0) * kTileN - n0;
+    if (bias || a.gelu) kernels.finish_row(row + n0, n1 - n0, bias ? bias + n0 : nullptr, a.gelu);
     for (int64_t n = n0; n < n1; ++n) {
       float v = row[n];
-      if (bias) v += bias[n];
-      if (a.gelu) v = gelu_tanh(v);
       if (residual) v += widen(residual[m * a.ldr + n]);
       if constexpr (std::is_same_v<O, float>) {
         out[m * a.ldo + n] = v;
@@ -169,8 +161,7 @@ void store_tile(const LinearArgs& a, const float* bias, int64_t m0, int64_t m1, 
 }
 
 inline void linear(const Kernels& kernels, const LinearArgs& a) {
-  const PreparedActivations prepared(a.x, a.M, a.K, a.ldx, a.x_dtype, a.ln_w, a.ln_b, a.eps, a.w.dtype,
-                                     std::string_view(kernels.int8_method) == "vnni");
+  const PreparedActivations prepared(kernels, a.x, a.M, a.K, a.ldx, a.x_dtype, a.ln_w, a.ln_b, a.eps, a.w.dtype);
   std::vector<float> bias;
   if (a.bias) {
     bias.resize(size_t(a.N));
@@ -179,15 +170,15 @@ inline void linear(const Kernels& kernels, const LinearArgs& a) {
   const float* b = a.bias ? bias.data() : nullptr;
   const bool f32_in = a.x_dtype == kF32, f32_out = a.out_dtype == kF32;
   for_each_tile(kernels, prepared.get(), a.w, a.N, a.threads,
-                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* y) {
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y) {
                   if (f32_in && f32_out) {
-                    store_tile<float, float>(a, b, m0, m1, n0, n1, y);
+                    store_tile<float, float>(kernels, a, b, m0, m1, n0, n1, y);
                   } else if (f32_in) {
-                    store_tile<float, uint16_t>(a, b, m0, m1, n0, n1, y);
+                    store_tile<float, uint16_t>(kernels, a, b, m0, m1, n0, n1, y);
                   } else if (f32_out) {
-                    store_tile<uint16_t, float>(a, b, m0, m1, n0, n1, y);
+                    store_tile<uint16_t, float>(kernels, a, b, m0, m1, n0, n1, y);
                   } else {
-                    store_tile<uint16_t, uint16_t>(a, b, m0, m1, n0, n1, y);
+                    store_tile<uint16_t, uint16_t>(kernels, a, b, m0, m1, n0, n1, y);
                   }
                 });
 }

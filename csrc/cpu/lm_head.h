@@ -66,8 +66,7 @@ inline bool greedy_tile(const float* row, int64_t n0, int64_t n1, Best& b) {
 inline void lm_head_pick(const Kernels& kernels, const void* x, int64_t M, int64_t K, int x_dtype, const Weight& wte,
                          int64_t V, const float* temperature, const int64_t* seeds, float greedy_below, int threads,
                          int64_t* ids) {
-  const PreparedActivations prepared(x, M, K, K, x_dtype, nullptr, nullptr, 0.0f, wte.dtype,
-                                     std::string_view(kernels.int8_method) == "vnni");
+  const PreparedActivations prepared(kernels, x, M, K, K, x_dtype, nullptr, nullptr, 0.0f, wte.dtype);
   const int64_t tiles_n = (V + kTileN - 1) / kTileN;
   const Best none{-std::numeric_limits<float>::infinity(), -1};
   std::vector<Best> best(size_t(tiles_n * M), none);  // [tile, row]

@@ -7,6 +7,10 @@ torch's allocator asks for huge pages only under ``THP_MEM_ALLOC_ENABLE=1``, rea
 the weights get their own mapping instead: private, ``madvise(MADV_HUGEPAGE)`` over its 2 MiB-aligned part,
 filled tensor by tensor as a checkpoint loads (``GPT2.from_state_dict``).
 
+Not the KV cache: attention reads a (sequence, head)'s K/V rows as 4 KiB pieces 48 KiB apart, and on physically
+contiguous 2 MiB pages those pieces fall into the same cache sets. Measured with the cache on huge pages, an
+int8 batch-8 decode step at context 97 took 15 ms instead of 9.5 ms.
+
 Where the OS has no huge pages (THP ``never``, other systems, fragmented memory) the same mapping holds the
 weights on ordinary pages: nothing changes but the speed. ``GPT2FAST_HUGE_PAGES=0`` turns the arena off (the
 weights are then ordinary torch tensors, as before it existed). ``huge_page_bytes()`` says what the process
