@@ -149,8 +149,19 @@ static void attend_typed(const DecodeAttentionArgs& a, int64_t s, int64_t h, flo
   scores.resize(size_t(len));
   const int32_t* table = a.block_tables + s * a.bt_stride;
   float running_max = -INFINITY;
+  const int64_t row_bytes = D * int64_t(sizeof(T));
   for (int64_t pos = 0; pos < len; ++pos) {
-    const T* k = kc + table[pos / a.BS] * block_stride + h * head_stride + (pos % a.BS) * D;
+    const int64_t offset = h * head_stride + (pos % a.BS) * D;
+    const T* k = kc + table[pos / a.BS] * block_stride + offset;
+    // Each block's rows of this head are one 4 KiB piece (fp32, D 64, 16 rows) somewhere else in the cache,
+    // which no hardware prefetcher predicts: fetch the same row of the next block, and this row of V for the
+    // second pass, while this one is scored.
+    const T* next_k = pos + a.BS < len ? kc + table[(pos + a.BS) / a.BS] * block_stride + offset : nullptr;
+    const T* this_v = vc + table[pos / a.BS] * block_stride + offset;
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+      if (next_k) __builtin_prefetch(reinterpret_cast<const char*>(next_k) + byte, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(this_v) + byte, 0, 3);
+    }
     vfloat dot = {};
     int64_t d = 0;
     for (; d + LANES <= D; d += LANES) dot += load_f32(q + d) * load_weight(k + d);
