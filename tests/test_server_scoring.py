@@ -23,9 +23,12 @@ from tests.serverproc import TINY_MODEL, running
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MODEL = 'random:{"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 1024}'
-# One full context of KV cache (4 blocks of 16): two streams of 60 tokens keep it full.
-SERVE = ("serve", "--model", MODEL, "--cpu-threads", "1", "--max-num-seqs", "4", "--kv-cache-tokens", "64")
+MODEL = 'random:{"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256, "vocab_size": 1024}'
+# One full context of KV cache (16 blocks of 16): two streams of 10 + 240 tokens keep it full from ~128 tokens each
+# until the last one ends (a window of a hundred-odd steps, which a poll every 10 ms sees even on a loaded machine;
+# streams of 60 in a 64-token pool left a few steps, missed under load once the kernels got faster).
+STREAM_TOKENS = 240
+SERVE = ("serve", "--model", MODEL, "--cpu-threads", "1", "--max-num-seqs", "4", "--kv-cache-tokens", "256")
 STREAM_PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
 SCORED = [list(range(300, 337)), [5, 900, 7, 1000, 3, 44, 9, 512, 66, 1]]
 
@@ -50,7 +53,7 @@ def assert_scores(llm: LLM, ids: list[int], token_logprobs: list, top_logprobs: 
 
 @pytest.mark.parametrize("engine_args", [
     dict(),
-    dict(max_num_batched_tokens=7, kv_cache_tokens=64),  # chunked prefill, a pool of one context
+    dict(max_num_batched_tokens=7, kv_cache_tokens=256),  # chunked prefill, a pool of one context
     dict(enable_prefix_caching=False, cuda_graphs=True),
 ], ids=["roomy", "chunked", "no-prefix-cache-runner"])
 def test_a_scoring_request_equals_float64_log_softmax_of_the_logits(llm, engine_args):
@@ -78,7 +81,8 @@ def test_a_scoring_request_equals_float64_log_softmax_of_the_logits(llm, engine_
 
 
 async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int]) -> str:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 50, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": STREAM_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True}
     text = ""
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -108,7 +112,7 @@ def test_scoring_waits_for_blocks_under_load_and_equals_offline(llm):
                     for ids, max_tokens in zip(SCORED, (0, 2))])
                 return await asyncio.gather(*streams), scored
         texts, scored = asyncio.run(run())
-    want = [llm.generate(p, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0].outputs[0].text
+    want = [llm.generate(p, SamplingParams(max_tokens=STREAM_TOKENS, temperature=0, ignore_eos=True))[0].outputs[0].text
             for p in STREAM_PROMPTS]
     assert texts == want
     for ids, r in zip(SCORED, scored):
