@@ -306,7 +306,7 @@ class GPT2(nn.Module):
                 q, scale = place(name, int8.q.to(device)), place(name + "_scale", int8.scale.to(device))
                 weights[name], weights[name + "_scale"] = q, scale
             else:  # copied when quantizing: a view into a memory-mapped file would keep all of the file resident
-                weights[name] = place(name, tensor.to(device, dtype, copy=bool(quantized)).contiguous())
+                weights[name] = place(name, tensor.to(device, dtype, copy=bool(quantized)))
             del tensor  # the last reference of a quantized float weight: freed before the next one is read
             if quantized:
                 trim_heap()
@@ -348,9 +348,10 @@ class GPT2(nn.Module):
 
 
 def _placer(model: GPT2, quantized: set[str], device: torch.device | str, dtype: torch.dtype):
-    """``place(name, tensor)``: ``tensor`` copied into the model's ``WeightArena`` on a CPU, else as it is."""
+    """``place(name, tensor)``: ``tensor`` copied into the model's ``WeightArena`` on a CPU (a transposed view
+    straight from the checkpoint, no contiguous temporary), else made contiguous."""
     if not arena_enabled(device):
-        return lambda name, tensor: tensor
+        return lambda name, tensor: tensor.contiguous()
     targets = {name: (tuple(t.shape), t.dtype if name.removesuffix("_scale") in quantized else dtype)
                for name, t in model.state_dict().items()}  # the meta model: every weight's final shape and dtype
     arena = WeightArena(WeightArena.size_for(list(targets.values())))
@@ -358,7 +359,7 @@ def _placer(model: GPT2, quantized: set[str], device: torch.device | str, dtype:
     def place(name: str, tensor: torch.Tensor) -> torch.Tensor:
         shape, target = targets.get(name, (None, None))
         if tuple(tensor.shape) != shape:  # a name or shape the model lacks: load_state_dict's strict check says so
-            return tensor
+            return tensor.contiguous()
         return arena.take(shape, target).copy_(tensor)
 
     return place
