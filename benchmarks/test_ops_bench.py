@@ -8,7 +8,8 @@ Run (pytest-benchmark; ``benchmarks/`` is outside the default testpaths, so name
     python -m pytest benchmarks/test_ops_bench.py --benchmark-only -k "torch or reference" \\
         --benchmark-columns=median,iqr,min,rounds --benchmark-save=cpu           # then --benchmark-compare
 
-Providers are a parameter: ``reference`` (the naive spec, ``ops/reference.py``), ``torch``, ``triton``,
+Providers are a parameter: ``reference`` (the naive spec, ``ops/reference.py``), ``torch``, ``cpu`` (the native
+kernels, ``csrc/cpu``), ``triton``,
 ``cuda`` (``gpt2fast.ops.get_ops``) and ``hf`` where transformers has the same op (GPT-2's ``Conv1D`` +
 ``NewGELUActivation``, ``nn.LayerNorm``, the tied ``lm_head`` + argmax of greedy ``generate``). Before any
 provider is timed its output is checked against ``reference`` (``assert_close`` at the dtype's tolerance),
@@ -124,7 +125,7 @@ LM_HEAD_ARGMAX = [
     *(Shape(f"M{m} V50257 C768", GPT2, m, "lm_head + choice") for m in (1, 8)),
     Shape("small M8 V2053 C128", SMALL, 8, "lm_head + choice", interpreted=True),
 ]
-PROVIDERS = ["reference", "torch", "triton", "cuda", "hf"]
+PROVIDERS = ["reference", "torch", "cpu", "triton", "cuda", "hf"]
 
 
 def _cases(shapes: list[Shape]) -> list:
