@@ -288,3 +288,23 @@ def test_auto_picks_the_cpu_backend_on_a_cpu():
     device = torch.device("cpu")
     assert get_ops("auto", device) is CPU and get_ops("cpu", device) is CPU
     assert CPU.linear is cpu.linear and CPU.lm_head_argmax is cpu.lm_head_argmax
+
+
+@pytest.mark.parametrize("n", [16, 19])  # a whole vector, and a scalar tail
+def test_gelu_epilogue_over_the_whole_range(isa, n):
+    """The vector exp under the GELU epilogue (csrc/cpu/rows.h) from -1e30 to 1e30, zero, NaN and infinities,
+    against torch's tanh-GELU. The bias carries the values (a NaN in x would spread over its whole row); x @ W.T
+    adds a small random term so each row differs."""
+    values = torch.tensor([-1e30, -300.0, -88.5, -87.0, -30.0, -9.3, -3.0, -1.0, -1e-3, 0.0, 1e-3, 0.7, 2.5, 10.0,
+                           44.4, 88.5, 300.0, 1e30, float("inf"), float("-inf"), float("nan")])
+    values = torch.cat([values, torch.linspace(-12, 12, 4 * n)])
+    gen = torch.Generator().manual_seed(7)
+    w = torch.eye(n) * 1e-3
+    for start in range(0, len(values) - n + 1, n // 2):
+        b = values[start : start + n]
+        x = torch.randn(3, n, generator=gen)
+        got, want = cpu.linear(x, w, b, gelu=True), reference.linear(x, w, b, gelu=True)  # (3, n)
+        finite = torch.isfinite(b).expand_as(got)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+        assert torch.equal(torch.isnan(got[~finite]), torch.isnan(want[~finite]))
+        assert torch.equal(got[~finite].nan_to_num(0.0), want[~finite].nan_to_num(0.0))  # the infinities
