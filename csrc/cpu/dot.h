@@ -76,17 +76,22 @@ static inline float hsum(vfloat v) {
 // time (halves added, then a 4x4 transpose-add with hadd: ~5 instructions per sum instead of ~9), since at
 // batch 8 the per-output sums are a real part of a step.
 //
-// Both take a copy of the accumulators: with the kernel's own array's address taken here, GCC keeps that array
-// in memory and stores every accumulator to the stack after each vpdpbusd/FMA of the K loop (16 stores per step
-// at 2 x 8; int8 batch-8 decode ran store-bound at ~10 GB/s of weights).
+// Both reduce a copy of the accumulators (copy_block): with the kernel's own array's address taken here, GCC
+// keeps that array in memory and stores every accumulator to the stack after each vpdpbusd/FMA of the K loop
+// (16 stores per step at 2 x 8; int8 batch-8 decode ran store-bound at ~10 GB/s of weights).
+template <typename V, int MB, int NB>
+static inline void copy_block(const V (&from)[MB][NB], V (&to)[MB][NB]) {
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) to[i][j] = from[i][j];
+}
+
 template <typename V, int MB, int NB>
 static inline void hsums(const V (&acc_)[MB][NB], float* sums) {
   constexpr int n = MB * NB;
   V acc[MB][NB];
-  #pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-    #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = acc_[i][j];
+  copy_block(acc_, acc);
   const V* a = &acc[0][0];
   int i = 0;
 #if defined(GPT2FAST_ISA_AVX512)
@@ -110,10 +115,7 @@ template <int MB, int NB>
 static inline void hsums_i32(const __m512i (&acc_)[MB][NB], int32_t* sums) {
   constexpr int n = MB * NB;
   __m512i acc[MB][NB];
-  #pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-    #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = acc_[i][j];
+  copy_block(acc_, acc);
   const __m512i* a = &acc[0][0];
   auto quarter = [](__m512i z) {
     const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64(z, 1));
