@@ -295,7 +295,7 @@ class GPT2(nn.Module):
             model = cls(config, ops, quantization)
         quantized = {name + ".weight" for name in model.quantized_modules()} if model.quantization else set()
         total = sum(t.q.numel() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in state.values())
-        place = _placer(model, quantized, device, dtype)
+        place = _placer(model, quantized, device, dtype, copy=bool(quantized))
         weights = {}
         for name in progress(list(state), total, "loading weights"):
             tensor = state.pop(name) if quantized or consume else state[name]
@@ -306,7 +306,7 @@ class GPT2(nn.Module):
                 q, scale = place(name, int8.q.to(device)), place(name + "_scale", int8.scale.to(device))
                 weights[name], weights[name + "_scale"] = q, scale
             else:  # copied when quantizing: a view into a memory-mapped file would keep all of the file resident
-                weights[name] = place(name, tensor.to(device, dtype, copy=bool(quantized)))
+                weights[name] = place(name, tensor.to(device, dtype))
             del tensor  # the last reference of a quantized float weight: freed before the next one is read
             if quantized:
                 trim_heap()
@@ -347,11 +347,11 @@ class GPT2(nn.Module):
         return self
 
 
-def _placer(model: GPT2, quantized: set[str], device: torch.device | str, dtype: torch.dtype):
+def _placer(model: GPT2, quantized: set[str], device: torch.device | str, dtype: torch.dtype, copy: bool):
     """``place(name, tensor)``: ``tensor`` copied into the model's ``WeightArena`` on a CPU (a transposed view
-    straight from the checkpoint, no contiguous temporary), else made contiguous."""
+    straight from the checkpoint, no contiguous temporary); elsewhere made contiguous, and a copy if ``copy``."""
     if not arena_enabled(device):
-        return lambda name, tensor: tensor.contiguous()
+        return lambda name, tensor: tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
     targets = {name: (tuple(t.shape), t.dtype if name.removesuffix("_scale") in quantized else dtype)
                for name, t in model.state_dict().items()}  # the meta model: every weight's final shape and dtype
     arena = WeightArena(WeightArena.size_for(list(targets.values())))

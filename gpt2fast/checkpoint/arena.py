@@ -13,8 +13,8 @@ int8 batch-8 decode step at context 97 took 15 ms instead of 9.5 ms.
 
 Where the OS has no huge pages (THP ``never``, other systems, fragmented memory) the same mapping holds the
 weights on ordinary pages: nothing changes but the speed. ``GPT2FAST_HUGE_PAGES=0`` turns the arena off (the
-weights are then ordinary torch tensors, as before it existed). ``huge_page_bytes()`` says what the process
-actually got.
+weights are then ordinary torch tensors, as before it existed). ``AnonHugePages`` in ``/proc/<pid>/smaps_rollup``
+says what a process actually got.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import re
 from collections.abc import Sequence
 
 import torch
@@ -82,22 +81,6 @@ class WeightArena:
         out = self._bytes[self._next : self._next + nbytes].view(dtype).view(tuple(shape))
         self._next += _aligned(nbytes)
         return out
-
-
-def huge_page_bytes() -> int | None:
-    """Bytes of this process's anonymous memory on transparent huge pages (``AnonHugePages`` in
-    ``/proc/self/smaps_rollup``), or None where the kernel does not say.
-
-    Example:
-        >>> huge_page_bytes() is None or huge_page_bytes() >= 0
-        True
-    """
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            found = re.search(r"^AnonHugePages:\s+(\d+) kB", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(found.group(1)) * 1024 if found else None
 
 
 def _aligned(nbytes: int) -> int:
