@@ -53,8 +53,11 @@ its reason in ``meta.skipped``. What is measured:
   keys), which every CPython ships. With random weights perplexity is about the vocabulary size: it
   is there to compare backends, not models.
 
-Timing: ``time.perf_counter`` on CPU; CUDA events on CUDA (after a warm-up run of each shape).
-Peak memory in the speed rows: on CUDA ``torch.cuda.max_memory_allocated`` since the row began; on CPU
+Timing: ``time.perf_counter`` on CPU; CUDA events on CUDA (after a warm-up run of each shape). The decode,
+context and prefill rows interleave the providers: each of ``--repeats`` rounds runs every provider once, each
+round starting one provider later (``rounds``), and a row takes its provider's median. One provider's repeats
+back to back would hand any drift of a shared machine's speed to whichever provider ran while it lasted.
+Peak memory in the speed rows: on CUDA ``torch.cuda.max_memory_allocated`` during the row's warm-up run; on CPU
 the process's max RSS so far (``resource.getrusage``; a high-water mark that only grows, so later rows
 include earlier ones -- the ``rss`` table is the per-provider number). The floor of an int8 row counts
 1 byte per matrix weight plus a 4-byte scale per output row (``decode_bytes``).
@@ -703,54 +706,108 @@ def mixed_batch(batch: int, vocab: int, max_len: int) -> list[list[int]]:
             for i in range(batch)]
 
 
-def measure_prefill(p: Provider, prompt_len: int, repeats: int) -> dict:
-    """Batch 1: time of generating one token after a ``prompt_len``-token prompt."""
-    prompt = [random_prompt(prompt_len, p.llm.config.vocab_size, seed=prompt_len)]
-    device = p.llm.device
-    p.generate(prompt, 1)  # warm-up
-    reset_peak_memory(device)
-    seconds = timings(lambda: p.generate(prompt, 1), repeats, device)
-    s = statistics.median(seconds)
-    return dict(provider=p.name, backend=p.backend, dtype=p.dtype, prompt_len=prompt_len, prefill_ms=s * 1e3,
-                tok_s=prompt_len / s, spread_pct=spread_pct(seconds), peak_mem_mb=peak_memory_mb(device))
+def rounds(jobs: int, repeats: int) -> list[int]:
+    """The order ``jobs`` jobs run in over ``repeats`` rounds: each job once per round, every round starting
+    one job later than the last, so no job always runs right after the same other one.
+
+    Example:
+        >>> rounds(3, 2)
+        [0, 1, 2, 1, 2, 0]
+    """
+    return [(r + i) % jobs for r in range(repeats) for i in range(jobs)]
 
 
-def measure_decode(p: Provider, batch: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
+def interleaved(jobs: list[Callable[[], object]], repeats: int, device: torch.device) -> list[list[float]]:
+    """Seconds of ``repeats`` calls of each job, run round by round (``rounds``), not job after job: on a shared
+    machine whose speed drifts during a run (other tenants' load, clocks), the drift reaches every job's median
+    alike instead of whichever provider ran while it lasted.
+
+    Example:
+        >>> [len(s) for s in interleaved([lambda: None, lambda: None], 3, torch.device("cpu"))]
+        [3, 3]
+    """
+    seconds: list[list[float]] = [[] for _ in jobs]
+    for i in rounds(len(jobs), repeats):
+        seconds[i] += timings(jobs[i], 1, device)
+    return seconds
+
+
+def warm_up(p: Provider, fn: Callable[[], object]) -> float:
+    """Run ``fn`` once untimed (every shape it needs is built) and return the peak memory it reached (MiB)."""
+    reset_peak_memory(p.llm.device)
+    fn()
+    return peak_memory_mb(p.llm.device)
+
+
+def measure_prefill(providers: list[Provider], prompt_len: int, repeats: int) -> list[dict]:
+    """Batch 1: time of generating one token after a ``prompt_len``-token prompt, every provider in each round."""
+    prompt = [random_prompt(prompt_len, providers[0].llm.config.vocab_size, seed=prompt_len)]
+    peaks = [warm_up(p, lambda p=p: p.generate(prompt, 1)) for p in providers]
+    runs = interleaved([lambda p=p: p.generate(prompt, 1) for p in providers], repeats, providers[0].llm.device)
+    rows = []
+    for p, seconds, peak in zip(providers, runs, peaks):
+        s = statistics.median(seconds)
+        rows.append(dict(provider=p.name, backend=p.backend, dtype=p.dtype, prompt_len=prompt_len, prefill_ms=s * 1e3,
+                         tok_s=prompt_len / s, spread_pct=spread_pct(seconds), peak_mem_mb=peak))
+    return rows
+
+
+def measure_decode(providers: list[Provider], batch: int, new_tokens: int, repeats: int,
+                   bandwidth: float) -> list[dict]:
     """Decode at ``batch`` mixed-length prompts: TTFT, s/step by subtraction, and the floor beside it."""
-    cfg = p.llm.config
+    cfg = providers[0].llm.config
     prompts = mixed_batch(batch, cfg.vocab_size, cfg.n_positions - new_tokens - 1)
-    return decode_row(p, prompts, new_tokens, repeats, bandwidth)
+    return decode_rows(providers, prompts, new_tokens, repeats, bandwidth)
 
 
-def measure_context(p: Provider, context: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
+def measure_context(providers: list[Provider], context: int, new_tokens: int, repeats: int,
+                    bandwidth: float) -> list[dict]:
     """Batch 1 decode after a ``context``-token prompt (capped so ``new_tokens`` more still fit)."""
-    cfg = p.llm.config
+    cfg = providers[0].llm.config
     prompt = random_prompt(min(context, cfg.n_positions - new_tokens - 1), cfg.vocab_size, seed=context)
-    row = decode_row(p, [prompt], new_tokens, repeats, bandwidth)
     keep = ("provider", "backend", "dtype", "batch", "context", "new_tokens", "decode_ms", "tok_s", "spread_pct",
             "floor_ms", "achieved_gbs", "pct_of_floor")
-    return {key: row[key] for key in keep}
+    return [{key: row[key] for key in keep} for row in decode_rows(providers, [prompt], new_tokens, repeats, bandwidth)]
 
 
-def decode_row(p: Provider, prompts: list[list[int]], new_tokens: int, repeats: int, bandwidth: float) -> dict:
-    """Generate 1 and 1 + ``new_tokens`` tokens for ``prompts``; the difference over ``new_tokens`` is a step."""
-    device = p.llm.device
-    p.generate(prompts, 2)  # warm-up: every shape of a prefill and a decode step
-    reset_peak_memory(device)
-    first = timings(lambda: p.generate(prompts, 1), repeats, device)
-    total = timings(lambda: p.generate(prompts, 1 + new_tokens), repeats, device)
-    step_s = (statistics.median(total) - statistics.median(first)) / new_tokens
-    if step_s <= 0:
-        raise ValueError(f"{p.name} at batch {len(prompts)}: {new_tokens} decode steps took no measurable time over "
-                         "timing noise; raise --decode-tokens or --repeats")
-    contexts = [len(prompt) + new_tokens / 2 for prompt in prompts]  # the mean position each sequence decodes at
-    moved = decode_bytes(p.llm, contexts, p.quantization, p.itemsize)
-    return dict(provider=p.name, backend=p.backend, dtype=p.dtype, batch=len(prompts),
-                prompt_lens=sorted(set(map(len, prompts))), context=statistics.mean(contexts), new_tokens=new_tokens,
-                ttft_ms=statistics.median(first) * 1e3,
-                decode_ms=step_s * 1e3, tok_s=len(prompts) / step_s, spread_pct=spread_pct(total),
-                floor_ms=moved / bandwidth * 1e3, achieved_gbs=moved / step_s / 1e9,
-                pct_of_floor=100 * moved / bandwidth / step_s, peak_mem_mb=peak_memory_mb(device))
+def decode_rows(providers: list[Provider], prompts: list[list[int]], new_tokens: int, repeats: int,
+                bandwidth: float) -> list[dict]:
+    """Generate 1 and 1 + ``new_tokens`` tokens for ``prompts``; the difference over ``new_tokens`` is a step.
+
+    Every provider runs both in each round (``interleaved``); a provider's row takes the medians of its rounds.
+    """
+    peaks = [warm_up(p, lambda p=p: p.generate(prompts, 1 + new_tokens)) for p in providers]
+    jobs = [job for p in providers for job in (lambda p=p: p.generate(prompts, 1),
+                                               lambda p=p: p.generate(prompts, 1 + new_tokens))]
+    runs = interleaved(jobs, repeats, providers[0].llm.device)
+    rows = []
+    for i, (p, peak) in enumerate(zip(providers, peaks)):
+        first, total = runs[2 * i], runs[2 * i + 1]
+        step_s = (statistics.median(total) - statistics.median(first)) / new_tokens
+        if step_s <= 0:
+            raise ValueError(f"{p.name} at batch {len(prompts)}: {new_tokens} decode steps took no measurable time "
+                             "over timing noise; raise --decode-tokens or --repeats")
+        contexts = [len(prompt) + new_tokens / 2 for prompt in prompts]  # the mean position each sequence decodes at
+        moved = decode_bytes(p.llm, contexts, p.quantization, p.itemsize)
+        rows.append(dict(provider=p.name, backend=p.backend, dtype=p.dtype, batch=len(prompts),
+                         prompt_lens=sorted(set(map(len, prompts))), context=statistics.mean(contexts),
+                         new_tokens=new_tokens, ttft_ms=statistics.median(first) * 1e3,
+                         decode_ms=step_s * 1e3, tok_s=len(prompts) / step_s, spread_pct=spread_pct(total),
+                         floor_ms=moved / bandwidth * 1e3, achieved_gbs=moved / step_s / 1e9,
+                         pct_of_floor=100 * moved / bandwidth / step_s, peak_mem_mb=peak))
+    return rows
+
+
+def by_provider(rows: list[dict], providers: list[Provider]) -> list[dict]:
+    """``rows`` grouped by provider in ``providers``' order (each group keeps its rows' order).
+
+    Example:
+        >>> ps = [Provider("a", "x", "float32", print, None), Provider("b", "x", "float32", print, None)]
+        >>> [r["provider"] for r in by_provider([dict(provider="b"), dict(provider="a")], ps)]
+        ['a', 'b']
+    """
+    order = {p.name: i for i, p in enumerate(providers)}
+    return sorted(rows, key=lambda r: order[r["provider"]])
 
 
 # ---- runtime overhead -------------------------------------------------------------------------------
@@ -1250,11 +1307,13 @@ def measure_all(args: argparse.Namespace, providers: list[Provider], ours_: list
     lens = [n for n in args.prompt_lens if n <= first.config.n_positions]  # a full-context prompt still yields 1 token
     skipped += [f"prompt length {n}: beyond the context ({first.config.n_positions})"
                 for n in args.prompt_lens if n not in lens]
-    decode = [measure_decode(p, b, args.decode_tokens, args.repeats, bandwidth)
-              for p in providers for b in args.batch_sizes]
-    context = [measure_context(p, n, args.decode_tokens, args.repeats, bandwidth)
-               for p in providers for n in args.contexts]
-    prefill = [measure_prefill(p, n, args.repeats) for p in providers for n in lens]
+    decode = by_provider([row for b in args.batch_sizes
+                          for row in measure_decode(providers, b, args.decode_tokens, args.repeats, bandwidth)],
+                         providers)
+    context = by_provider([row for n in args.contexts
+                           for row in measure_context(providers, n, args.decode_tokens, args.repeats, bandwidth)],
+                          providers)
+    prefill = by_provider([row for n in lens for row in measure_prefill(providers, n, args.repeats)], providers)
     overhead = [measure_overhead(p, b, args.decode_tokens, args.repeats)
                 for p in overhead_providers(providers, max(args.batch_sizes)) for b in args.batch_sizes]
     launches = [launch_row(p, skipped) for p in ours_]

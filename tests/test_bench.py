@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -148,6 +149,30 @@ def test_ratios_to_hf_and_overhead_follow_from_the_rows(result):
         assert row["forward_us"] < row["step_us"]
         if row["overhead_us"] > 0:
             assert row["hf_ratio"] == pytest.approx(hf[row["batch"]]["overhead_us"] / row["overhead_us"])
+
+
+def test_decode_rows_interleave_the_providers_round_by_round():
+    llm = bench.LLM(TINY)
+    calls: list[tuple[str, int]] = []
+
+    def provider(name: str) -> bench.Provider:
+        def generate(prompts: list[list[int]], n: int) -> None:
+            calls.append((name, n))
+            time.sleep(n * 1e-3)  # a step costs time, so the subtraction is positive
+
+        return bench.Provider(name, "x", "float32", generate, llm)
+
+    a, b = provider("a"), provider("b")
+    rows = bench.decode_rows([a, b], [[1, 2, 3]], 4, 3, bandwidth=1e9)
+    warm, timed = calls[:2], calls[2:]
+    assert warm == [("a", 5), ("b", 5)]  # the warm-up of each, at the timed length
+    jobs = [("a", 1), ("a", 5), ("b", 1), ("b", 5)]
+    assert timed == [jobs[i] for i in bench.rounds(4, 3)]
+    assert [timed[4 * r][0] for r in range(3)] != ["a"] * 3  # rounds do not all start with the same provider
+    assert [r["provider"] for r in rows] == ["a", "b"] and all(r["batch"] == 1 for r in rows)
+    grouped = bench.by_provider([dict(provider="b", batch=1), dict(provider="a", batch=8), dict(provider="a", batch=1)],
+                                [a, b])
+    assert [(r["provider"], r["batch"]) for r in grouped] == [("a", 8), ("a", 1), ("b", 1)]
 
 
 def test_launch_rows_hold_the_count_and_the_target(monkeypatch):
