@@ -58,6 +58,13 @@ static inline void prefetch_ahead(const void* p, int64_t nb_times_k) {
   __builtin_prefetch(static_cast<const char*>(p) + 4 * nb_times_k, 0, 3);
 }
 
+// fp32 weights one channel at a time (decode at batch 1): the [N, K] rows are then read as one stream, and
+// 3 KB ahead in it (a whole row at GPT-2's K = 768) kept it fed best. A one-thread decode step of GPT-2 124M
+// fp32, the two ways alternated step by step in one process (five processes; one of them saw no difference):
+// two channels and a block ahead 29.1 / 30.7 ms, this 27.9 / 29.4 (-4%); 2 or 4 KB ahead, or a block (12 KB at
+// K = 3072), was slower again.
+constexpr int64_t kStreamAhead = 3072;
+
 static inline float hsum(vfloat v) {
 #if defined(GPT2FAST_ISA_AVX512)
   return _mm512_reduce_add_ps((__m512)v);
@@ -163,7 +170,13 @@ static void dot_block_widen(const float* x, int64_t ldx, const T* w, int64_t K, 
     vfloat wv[NB];
     #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      if ((k * int64_t(sizeof(T))) % 64 == 0) prefetch_ahead(w + j * K + k, NB * K);
+      if ((k * int64_t(sizeof(T))) % 64 == 0) {
+        if (std::is_same_v<T, float> && NB == 1 && MB == 1) {
+          __builtin_prefetch(reinterpret_cast<const char*>(w + k) + std::min<int64_t>(4 * K, kStreamAhead), 0, 3);
+        } else {
+          prefetch_ahead(w + j * K + k, NB * K);
+        }
+      }
       wv[j] = load_weight(w + j * K + k);
     }
     #pragma GCC unroll 8
@@ -330,10 +343,10 @@ static constexpr Blocks kBlocks[4] = {make_blocks<PickF32>(), make_blocks<PickBF
 static void dot_tile(const Activations& a, const Weight& w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const Blocks& blocks = kBlocks[w.dtype == kBF16 && a.bf16 == nullptr ? 3 : w.dtype];
   const bool tall = a.M > kWideMB;
-  // One row of fp32 (3-12 KB for GPT-2) at batch 1: two channels at a time streamed better than four (engine
-  // decode step, 1 thread: 33.0 -> 31.0 ms; one channel 31.2); int8 rows are a quarter of that and keep four
-  // (8.1 ms with four, 8.6 with two).
-  const int64_t wide_nb = a.M == 1 && w.dtype == kF32 ? std::min<int64_t>(2, kWideNB) : kWideNB;
+  // One row of fp32 (3-12 KB for GPT-2) at batch 1: one channel at a time, a single stream (kStreamAhead;
+  // four channels were slower still); int8 rows are a quarter of that and keep four (8.1 ms with four, 8.6
+  // with two).
+  const int64_t wide_nb = a.M == 1 && w.dtype == kF32 ? 1 : kWideNB;
   const int64_t max_nb = tall ? kTallNB : wide_nb, max_mb = tall ? kTallMB : kWideMB;
   for (int64_t n = n0; n < n1; n += max_nb) {
     const int nb = int(std::min(max_nb, n1 - n));
