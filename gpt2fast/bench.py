@@ -717,10 +717,16 @@ def rounds(jobs: int, repeats: int) -> list[int]:
     return [(r + i) % jobs for r in range(repeats) for i in range(jobs)]
 
 
+# Pause before each timed CPU job. Thread pools spin-wait after their work: CTranslate2's OpenMP for 200 ms by
+# default, ONNX Runtime's pool too (in its own process). Right after such an engine's run, the next provider
+# found a core taken: at 2 threads our int8 step measured 10.8 ms in the bench against 3.7 ms alone.
+SETTLE_S = 0.25
+
+
 def interleaved(jobs: list[Callable[[], object]], repeats: int, device: torch.device) -> list[list[float]]:
     """Seconds of ``repeats`` calls of each job, run round by round (``rounds``), not job after job: on a shared
     machine whose speed drifts during a run (other tenants' load, clocks), the drift reaches every job's median
-    alike instead of whichever provider ran while it lasted.
+    alike instead of whichever provider ran while it lasted. On CPU each job starts ``SETTLE_S`` after the last.
 
     Example:
         >>> [len(s) for s in interleaved([lambda: None, lambda: None], 3, torch.device("cpu"))]
@@ -728,6 +734,8 @@ def interleaved(jobs: list[Callable[[], object]], repeats: int, device: torch.de
     """
     seconds: list[list[float]] = [[] for _ in jobs]
     for i in rounds(len(jobs), repeats):
+        if device.type == "cpu":
+            time.sleep(SETTLE_S)
         seconds[i] += timings(jobs[i], 1, device)
     return seconds
 

@@ -34,6 +34,14 @@ RATIO_KEYS = {"provider", "batch", "decode_ms", "hf_ratio"}
 STRINGS = {"provider", "backend", "dtype"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_settling():
+    """The pause before each timed job (bench.SETTLE_S) is for real measurements; these only need timings."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "SETTLE_S", 0.0)
+        yield
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench")
