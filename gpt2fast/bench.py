@@ -391,6 +391,7 @@ ORT_SETUP = ("ONNX Runtime runs in its own venv (optimum-onnx needs transformers
              "VENV/bin/pip install torch==2.13.0; VENV/bin/pip install 'transformers<4.58' optimum-onnx onnxruntime; "
              "then pass --ort-python VENV/bin/python or set GPT2FAST_ORT_PYTHON (benchmarks/README.md)")
 ORT_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_ort_worker.py")
+CT2_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_ct2_worker.py")
 # The compute type each ct2 row runs: int8 weights with fp32 activations is CTranslate2's CPU int8.
 CT2_COMPUTE = {"float32": "float32", "int8": "int8_float32"}
 ENDOFTEXT = "<|endoftext|>"
@@ -478,9 +479,12 @@ def ct2_missing() -> str | None:
 def ct2_providers(llm: LLM, hf_dir: str, vocab: list[str], threads: int, work: str) -> list[Provider]:
     """CTranslate2 ``Generator`` on ``llm``'s weights (converted from ``hf_dir``): ``ct2/float32`` and ``ct2/int8``.
 
+    Each runs in a worker process (``bench_ct2_worker.py``, this Python): CTranslate2's own OpenMP runtime, run
+    in this process, slowed every other provider's multi-threaded steps from its first generate on.
     ``generate_batch`` greedy (``sampling_topk=1``), ``min_length = max_length = n`` and no end token, so
     exactly ``n`` new tokens per prompt; ``intra_threads=threads``, ``inter_threads=1``. Logits for the
-    accuracy table come from ``forward_batch``.
+    accuracy table come from ``forward_batch``, through a ``.npy`` file. ``vocab``: the checkpoint's tokens
+    (the converter writes them into each model folder; the worker reads them there).
     """
     import ctranslate2
     import numpy as np
@@ -489,22 +493,22 @@ def ct2_providers(llm: LLM, hf_dir: str, vocab: list[str], threads: int, work: s
     for dtype, compute in CT2_COMPUTE.items():
         out = os.path.join(work, f"ct2-{dtype}")
         ctranslate2.converters.TransformersConverter(hf_dir).convert(out, quantization=dtype, force=True)
-        gen = ctranslate2.Generator(out, device="cpu", compute_type=compute, intra_threads=threads, inter_threads=1)
+        worker = Worker([sys.executable, CT2_WORKER, "serve", out, compute, "--threads", str(threads)],
+                        f"ct2-{dtype}", work)
 
-        def generate(prompts: list[list[int]], n: int, gen=gen) -> list[list[int]]:
-            results = gen.generate_batch([[vocab[i] for i in p] for p in prompts], max_length=n, min_length=n,
-                                         sampling_topk=1, include_prompt_in_result=False, end_token=[])
-            return [r.sequences_ids[0] for r in results]
+        def generate(prompts: list[list[int]], n: int, worker=worker) -> list[list[int]]:
+            return worker.ask(cmd="generate", prompts=prompts, n=n, ids=True)["ids"]
 
-        def logits(ids: list[int], gen=gen) -> torch.Tensor:
-            return torch.from_numpy(np.array(gen.forward_batch([ids]))[0]).float()  # (T, V)
+        def logits(ids: list[int], worker=worker, path=os.path.join(work, "ct2-logits.npy")) -> torch.Tensor:
+            worker.ask(cmd="logits", ids=ids, out=path)
+            return torch.from_numpy(np.load(path)).float()  # (T, V)
 
         spec = dict(kind="ct2", path=out, compute_type=compute)
         providers.append(Provider(f"ct2/{dtype}", "ct2", dtype, generate, llm,
                                   quantization="int8" if dtype == "int8" else None, itemsize=4, logits=logits,
                                   greedy=lambda prefix, n, generate=generate: generate([prefix], n)[0],
                                   rss=lambda prompts, n, spec=spec: child_rss(spec, prompts, n, threads),
-                                  version=f"ctranslate2 {ctranslate2.__version__}"))
+                                  close=worker.close, version=worker.ready.get("versions")))
     return providers
 
 
@@ -513,29 +517,28 @@ def ort_python(args: argparse.Namespace) -> str | None:
     return args.ort_python or os.environ.get("GPT2FAST_ORT_PYTHON") or None
 
 
-class OrtWorker:
-    """One ``bench_ort_worker.py serve`` process: requests as JSON lines on its stdin, answers on its stdout.
-
-    Its stderr goes to a file, shown in the error when the worker fails.
+class Worker:
+    """One worker process (``bench_ort_worker.py serve``, ``bench_ct2_worker.py serve``): requests as JSON lines
+    on its stdin, answers on its stdout. Its stderr goes to a file, shown in the error when the worker fails.
     """
 
-    def __init__(self, python: str, onnx_dir: str, file_name: str, threads: int, work: str) -> None:
-        self.log_path = os.path.join(work, f"ort-{file_name}.log")
+    def __init__(self, argv: list[str], name: str, work: str) -> None:
+        self.name = name
+        self.log_path = os.path.join(work, f"{name}.log")
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([python, ORT_WORKER, "serve", onnx_dir, file_name, "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.ready = self.read()
         if not self.ready.get("ready"):
-            raise RuntimeError(f"the ort worker did not start: {self.ready}")
+            raise RuntimeError(f"the {name} worker did not start: {self.ready}")
 
     def read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"the ort worker exited ({self.proc.returncode}): {tail(self.log_path)}")
+            raise RuntimeError(f"the {self.name} worker exited ({self.proc.returncode}): {tail(self.log_path)}")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"the ort worker failed: {reply['error']}")
+            raise RuntimeError(f"the {self.name} worker failed: {reply['error']}")
         return reply
 
     def ask(self, **request) -> dict:
@@ -584,7 +587,8 @@ def ort_providers(python: str, llm: LLM, hf_dir: str, threads: int, work: str) -
     files = run_worker(python, "export", hf_dir, onnx_dir, "--int8")["files"]
     providers = []
     for file_name, dtype in zip(files, ("float32", "int8")):
-        worker = OrtWorker(python, onnx_dir, file_name, threads, work)
+        worker = Worker([python, ORT_WORKER, "serve", onnx_dir, file_name, "--threads", str(threads)],
+                        f"ort-{file_name}", work)
 
         def generate(prompts: list[list[int]], n: int, worker=worker) -> None:
             worker.ask(cmd="generate", prompts=prompts, n=n)
@@ -1250,7 +1254,10 @@ def baselines(args: argparse.Namespace, llm: LLM, fp32: LLM, skipped: list[str],
         if (why := ct2_missing()) is not None:
             skipped.append(f"ct2: ctranslate2 cannot be imported ({why}); {CT2_INSTALL}")
         else:
-            found += ct2_providers(fp32, hf_dir, vocab, threads, work)
+            try:
+                found += ct2_providers(fp32, hf_dir, vocab, threads, work)
+            except (RuntimeError, OSError) as e:
+                skipped.append(f"ct2: {e}")
     if "ort" in engines:
         python = ort_python(args)
         if python is None:

@@ -334,27 +334,35 @@ def test_ct2_peak_rss_is_per_process_and_leaves_torch_out(ct2_result):
 
 
 def test_ct2_generates_exactly_n_greedy_tokens_like_ours_on_threads_asked(tmp_path, monkeypatch):
-    ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
-    made = []
-    real = ctranslate2.Generator
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    started = []
+    real = bench.Worker
 
-    def generator(*args, **kwargs):
-        made.append(kwargs)
-        return real(*args, **kwargs)
+    def worker(argv, name, work):
+        started.append(argv)
+        return real(argv, name, work)
 
-    monkeypatch.setattr(ctranslate2, "Generator", generator)
+    monkeypatch.setattr(bench, "Worker", worker)
     llm = bench.LLM(TINY)
     vocab = bench.save_hf_dir(llm, str(tmp_path / "hf"))
     fp32, int8 = bench.ct2_providers(llm, str(tmp_path / "hf"), vocab, threads=3, work=str(tmp_path))
-    assert [m["intra_threads"] for m in made] == [3, 3] and [m["inter_threads"] for m in made] == [1, 1]
-    assert [m["compute_type"] for m in made] == ["float32", "int8_float32"]
-    prompts = bench.mixed_batch(3, llm.config.vocab_size, 40)
-    ours = [o.outputs[0].token_ids for o in llm.generate(
-        prompts, bench.SamplingParams(max_tokens=13, temperature=0, ignore_eos=True), use_tqdm=False)]
-    assert fp32.generate(prompts, 13) == ours  # exactly 13 each, never stopping at an end token
-    assert [len(ids) for ids in int8.generate(prompts, 13)] == [13] * 3
-    ids = prompts[0]
-    assert (fp32.logits(ids) - llm.logits(ids)).abs().max() < 1e-4
+    try:
+        # each in its own process: CTranslate2's OpenMP runtime stays out of ours
+        assert [argv[:3] for argv in started] == [[sys.executable, bench.CT2_WORKER, "serve"]] * 2
+        assert [argv[4:] for argv in started] == [["float32", "--threads", "3"], ["int8_float32", "--threads", "3"]]
+        assert fp32.version.startswith("ctranslate2 ")
+        prompts = bench.mixed_batch(3, llm.config.vocab_size, 40)
+        ours = [o.outputs[0].token_ids for o in llm.generate(
+            prompts, bench.SamplingParams(max_tokens=13, temperature=0, ignore_eos=True), use_tqdm=False)]
+        assert fp32.generate(prompts, 13) == ours  # exactly 13 each, never stopping at an end token
+        assert [len(ids) for ids in int8.generate(prompts, 13)] == [13] * 3
+        ids = prompts[0]
+        assert (fp32.logits(ids) - llm.logits(ids)).abs().max() < 1e-4
+        with pytest.raises(RuntimeError, match="ct2-float32 worker failed: .*unknown command"):
+            fp32.close.__self__.ask(cmd="nonsense")
+    finally:
+        for p in (fp32, int8):
+            p.close()
 
 
 # A stand-in for the ORT venv's Python: it speaks bench_ort_worker.py's protocol without onnxruntime,
