@@ -10,7 +10,9 @@ same weights, with the same prompts and the same ``--threads`` (default: torch's
   transformers checkpoint (``save_pretrained`` + ``vocab.json``/``merges.txt`` rebuilt from
   ``gpt2fast/data/gpt2.tiktoken``), converted by ``TransformersConverter`` (``quantization`` float32 /
   int8), run by ``Generator(compute_type="float32" | "int8_float32", intra_threads=threads,
-  inter_threads=1).generate_batch`` greedy with ``min_length = max_length = n`` and no end token;
+  inter_threads=1).generate_batch`` greedy with ``min_length = max_length = n`` and no end token, in a worker
+  process of its own (``gpt2fast/bench_ct2_worker.py``, timed around the round trip as ort is): its bundled
+  OpenMP runtime, run in this process, slowed every other provider's multi-threaded steps;
 * ``ort/float32``, ``ort/int8`` = ONNX Runtime through optimum (``ORTModelForCausalLM.generate``; export
   task text-generation-with-past; int8 = onnxruntime dynamic quantization), ``intra_op_num_threads=threads``.
   optimum-onnx needs transformers < 4.58, so it runs in its own venv (``--ort-python`` or
