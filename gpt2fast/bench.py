@@ -723,9 +723,10 @@ def rounds(jobs: int, repeats: int) -> list[int]:
     return [(r + i) % jobs for r in range(repeats) for i in range(jobs)]
 
 
-# Pause before each timed CPU job. Thread pools spin-wait after their work: CTranslate2's OpenMP for 200 ms by
-# default, ONNX Runtime's pool too (in its own process). Right after such an engine's run, the next provider
-# found a core taken: at 2 threads our int8 step measured 10.8 ms in the bench against 3.7 ms alone.
+# Pause before each timed CPU job: thread pools spin-wait after their work (OpenMP runtimes, ONNX Runtime's pool
+# in its worker), and a pool still spinning would take a core from the next provider in the rounds. A precaution,
+# not measured on its own: the 2-thread slowdown first blamed on it (our int8 step 3.7 -> 10.8 ms) was
+# CTranslate2's runtime in the bench's process (ct2_providers).
 SETTLE_S = 0.25
 
 
