@@ -478,15 +478,15 @@ def ct2_missing() -> str | None:
     return None
 
 
-def ct2_providers(llm: LLM, hf_dir: str, vocab: list[str], threads: int, work: str) -> list[Provider]:
+def ct2_providers(llm: LLM, hf_dir: str, threads: int, work: str) -> list[Provider]:
     """CTranslate2 ``Generator`` on ``llm``'s weights (converted from ``hf_dir``): ``ct2/float32`` and ``ct2/int8``.
 
     Each runs in a worker process (``bench_ct2_worker.py``, this Python): CTranslate2's own OpenMP runtime, run
     in this process, slowed every other provider's multi-threaded steps from its first generate on.
     ``generate_batch`` greedy (``sampling_topk=1``), ``min_length = max_length = n`` and no end token, so
     exactly ``n`` new tokens per prompt; ``intra_threads=threads``, ``inter_threads=1``. Logits for the
-    accuracy table come from ``forward_batch``, through a ``.npy`` file. ``vocab``: the checkpoint's tokens
-    (the converter writes them into each model folder; the worker reads them there).
+    accuracy table come from ``forward_batch``, through a ``.npy`` file. The worker maps ids to tokens with the
+    ``vocabulary.json`` the converter writes beside each model.
     """
     import ctranslate2
     import numpy as np
@@ -1249,7 +1249,7 @@ def baselines(args: argparse.Namespace, llm: LLM, fp32: LLM, skipped: list[str],
     if not engines and not found:
         return found
     hf_dir = os.path.join(work, "hf")
-    vocab = save_hf_dir(fp32, hf_dir)
+    save_hf_dir(fp32, hf_dir)
     for p in found:  # HF's peak RSS: from_pretrained of the saved checkpoint, as a user loads it
         spec = dict(kind="hf", path=hf_dir, static=p.backend == "hf-static")
         p.rss = lambda prompts, n, spec=spec: child_rss(spec, prompts, n, threads)
@@ -1258,7 +1258,7 @@ def baselines(args: argparse.Namespace, llm: LLM, fp32: LLM, skipped: list[str],
             skipped.append(f"ct2: ctranslate2 cannot be imported ({why}); {CT2_INSTALL}")
         else:
             try:
-                found += ct2_providers(fp32, hf_dir, vocab, threads, work)
+                found += ct2_providers(fp32, hf_dir, threads, work)
             except (RuntimeError, OSError) as e:
                 skipped.append(f"ct2: {e}")
     if "ort" in engines:

@@ -5,7 +5,7 @@ other in-process provider's 2-thread step slow for the rest of the run (our int8
 10.8 ms after, on the 2-core machine of 2026-12-06), so with the providers interleaved round by round the
 numbers of everything measured after it were CTranslate2's doing. Here it runs alone, as ONNX Runtime's worker
 does (``bench_ort_worker.py``, the same protocol). Run with the bench's own Python; imports only the standard
-library, numpy and ctranslate2.
+library, numpy, ctranslate2 and the ort worker's protocol helpers.
 
 ``serve CT2_DIR COMPUTE_TYPE --threads N``: loads ``ctranslate2.Generator(CT2_DIR, device="cpu",
 compute_type=COMPUTE_TYPE, intra_threads=N, inter_threads=1)``, answers ``{"ready": true, "versions": str,
@@ -18,6 +18,8 @@ compute_type=COMPUTE_TYPE, intra_threads=N, inter_threads=1)``, answers ``{"read
   ``numpy.save`` as float32 ``(T, V)`` -> ``{"shape": [T, V]}``;
 - ``{"cmd": "exit"}`` (or end of input) ends it. A failed request answers ``{"error": str}``.
 
+The request loop and the stdout handling are ``bench_ort_worker.py``'s (``serve_requests``, ``protocol_stdout``).
+
 Example::
 
     python gpt2fast/bench_ct2_worker.py serve /tmp/ct2-int8 int8_float32 --threads 1
@@ -29,14 +31,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
-_answer = sys.stdout  # replaced in main(): the protocol gets the real stdout, everything else stderr
-
-
-def answer(reply: dict) -> None:
-    _answer.write(json.dumps(reply) + "\n")
-    _answer.flush()
+if __package__:  # imported as gpt2fast.bench_ct2_worker
+    from gpt2fast.bench_ort_worker import answer, protocol_stdout, serve_requests
+else:  # run as a script, as the bench runs it: its folder is on sys.path
+    from bench_ort_worker import answer, protocol_stdout, serve_requests
 
 
 def serve(ct2_dir: str, compute_type: str, threads: int) -> None:
@@ -49,41 +48,29 @@ def serve(ct2_dir: str, compute_type: str, threads: int) -> None:
         vocab = json.load(f)
     answer({"ready": True, "versions": f"ctranslate2 {ctranslate2.__version__}", "compute_type": compute_type,
             "intra_threads": threads})
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            if request["cmd"] == "exit":
-                break
-            if request["cmd"] == "generate":
-                n = request["n"]
-                begin = time.perf_counter()
-                results = gen.generate_batch([[vocab[i] for i in p] for p in request["prompts"]], max_length=n,
-                                             min_length=n, sampling_topk=1, include_prompt_in_result=False,
-                                             end_token=[])
-                reply = {"seconds": time.perf_counter() - begin}
-                if request.get("ids"):
-                    reply["ids"] = [r.sequences_ids[0] for r in results]
-                answer(reply)
-            elif request["cmd"] == "logits":
-                logits = np.array(gen.forward_batch([request["ids"]]))[0].astype(np.float32)
-                np.save(request["out"], logits)
-                answer({"shape": list(logits.shape)})
-            else:
-                answer({"error": f"unknown command {request['cmd']!r}"})
-        except Exception as e:  # noqa: BLE001 - the bench shows the worker's error instead of hanging on it
-            answer({"error": f"{type(e).__name__}: {e}"})
+
+    def generate(prompts: list[list[int]], n: int) -> list[list[int]]:
+        results = gen.generate_batch([[vocab[i] for i in p] for p in prompts], max_length=n, min_length=n,
+                                     sampling_topk=1, include_prompt_in_result=False, end_token=[])
+        return [r.sequences_ids[0] for r in results]
+
+    def logits(ids: list[int], out: str) -> list[int]:
+        array = np.array(gen.forward_batch([ids]))[0].astype(np.float32)
+        np.save(out, array)
+        return list(array.shape)
+
+    serve_requests(generate, logits)
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _answer
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    protocol_stdout()
+    parser = argparse.ArgumentParser(prog="bench_ct2_worker")
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("serve")
     p.add_argument("ct2_dir")
     p.add_argument("compute_type")
     p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    _answer, sys.stdout = sys.stdout, sys.stderr  # library chatter must not break the protocol
     serve(args.ct2_dir, args.compute_type, args.threads)
     return 0
 

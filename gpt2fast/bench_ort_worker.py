@@ -35,6 +35,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 
 _answer = sys.stdout  # replaced in main(): the protocol gets the real stdout, everything else stderr
 
@@ -123,6 +124,15 @@ def logits(model, ids: list[int], out: str) -> list[int]:
 def serve(onnx_dir: str, file_name: str, threads: int) -> None:
     model = load(onnx_dir, file_name, threads)
     answer({"ready": True, "rss_mb": peak_rss_mb(), "versions": versions()})
+    serve_requests(lambda prompts, n: generate(model, prompts, n), lambda ids, out: logits(model, ids, out))
+
+
+def serve_requests(generate: Callable[[list[list[int]], int], list[list[int]]],
+                   logits: Callable[[list[int], str], list[int]]) -> None:
+    """The request loop of ``serve``, this worker's and ``bench_ct2_worker.py``'s: one JSON request per stdin
+    line, one answer per stdout line, until ``exit`` or the end of input. ``generate(prompts, n)`` returns the
+    new tokens (timed here); ``logits(ids, out)`` saves them to ``out`` and returns their shape.
+    """
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -130,24 +140,30 @@ def serve(onnx_dir: str, file_name: str, threads: int) -> None:
                 return
             if request["cmd"] == "generate":
                 start = time.perf_counter()
-                new = generate(model, request["prompts"], request["n"])
+                new = generate(request["prompts"], request["n"])
                 reply = {"seconds": time.perf_counter() - start}
                 if request.get("ids"):
                     reply["ids"] = new
                 answer(reply)
             elif request["cmd"] == "logits":
-                answer({"shape": logits(model, request["ids"], request["out"])})
+                answer({"shape": logits(request["ids"], request["out"])})
             else:
                 answer({"error": f"unknown cmd {request['cmd']!r}"})
         except Exception as e:  # the parent reports it; this process stays up for the next request
             answer({"error": f"{type(e).__name__}: {e}"})
 
 
-def main(argv: list[str] | None = None) -> None:
+def protocol_stdout() -> None:
+    """Keep the real stdout for the protocol (``answer``); whatever else is printed, by Python or by a library's
+    C code (export progress, warnings), goes to stderr."""
     global _answer
     _answer = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # library chatter (export progress, warnings) goes to stderr, not into the protocol
+    os.dup2(2, 1)
     sys.stdout = sys.stderr
+
+
+def main(argv: list[str] | None = None) -> None:
+    protocol_stdout()
     parser = argparse.ArgumentParser(prog="bench_ort_worker")
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("export")
