@@ -51,19 +51,27 @@ static inline vfloat load_i8(const int8_t* p) {
 #endif
 }
 
-// The same spot NB rows of K fp32 weights ahead (12-48 KB for GPT-2) whatever the weights' dtype: the hardware
-// prefetcher alone leaves decode short of bandwidth. int8 at batch 1 over GPT-2's layers: 8.4 ms with one
-// block (3 KB) ahead, 7.7-8.1 with four (this), slower again with eight.
-static inline void prefetch_ahead(const void* p, int64_t nb_times_k) {
-  __builtin_prefetch(static_cast<const char*>(p) + 4 * nb_times_k, 0, 3);
-}
-
-// fp32 weights one channel at a time (decode at batch 1): the [N, K] rows are then read as one stream, and
+// How far ahead of its loads a block of NB channels x MB rows prefetches its weights, in bytes: the same spot
+// NB rows of K fp32 weights ahead (12-48 KB for GPT-2) whatever the weights' dtype: the hardware prefetcher alone
+// leaves decode short of bandwidth. int8 at batch 1 over GPT-2's layers: 8.4 ms with one block (3 KB) ahead,
+// 7.7-8.1 with four (this), slower again with eight.
+//
+// Except fp32 weights one channel at a time (decode at batch 1): the [N, K] rows are then read as one stream, and
 // 3 KB ahead in it (a whole row at GPT-2's K = 768) kept it fed best. A one-thread decode step of GPT-2 124M
 // fp32, the two ways alternated step by step in one process (five processes; one of them saw no difference):
 // two channels and a block ahead 29.1 / 30.7 ms, this 27.9 / 29.4 (-4%); 2 or 4 KB ahead, or a block (12 KB at
 // K = 3072), was slower again.
 constexpr int64_t kStreamAhead = 3072;
+
+template <typename T, int NB, int MB>
+static inline int64_t prefetch_bytes(int64_t K) {
+  if constexpr (std::is_same_v<T, float> && NB == 1 && MB == 1) return std::min<int64_t>(4 * K, kStreamAhead);
+  return 4 * NB * K;
+}
+
+static inline void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(static_cast<const char*>(p) + bytes, 0, 3);
+}
 
 static inline float hsum(vfloat v) {
 #if defined(GPT2FAST_ISA_AVX512)
@@ -165,18 +173,13 @@ template <typename T, int NB, int MB>
 static void dot_block_widen(const float* x, int64_t ldx, const T* w, int64_t K, const float* scale, float* y,
                             int64_t ldy) {
   vfloat acc[MB][NB] = {};
+  const int64_t ahead = prefetch_bytes<T, NB, MB>(K);
   int64_t k = 0;
   for (; k + LANES <= K; k += LANES) {
     vfloat wv[NB];
     #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      if ((k * int64_t(sizeof(T))) % 64 == 0) {
-        if (std::is_same_v<T, float> && NB == 1 && MB == 1) {
-          __builtin_prefetch(reinterpret_cast<const char*>(w + k) + std::min<int64_t>(4 * K, kStreamAhead), 0, 3);
-        } else {
-          prefetch_ahead(w + j * K + k, NB * K);
-        }
-      }
+      if ((k * int64_t(sizeof(T))) % 64 == 0) prefetch_ahead(w + j * K + k, ahead);
       wv[j] = load_weight(w + j * K + k);
     }
     #pragma GCC unroll 8
@@ -210,7 +213,7 @@ static void widen_block(const Activations& a, const Weight& w, int64_t n, int64_
 // bf16 weights x bf16 activations with vdpbf16ps: 32 products per instruction, fp32 accumulation.
 template <int NB, int MB>
 static void bf16_block(const Activations& a, const Weight& w, int64_t n, int64_t m, float* y, int64_t ldy) {
-  const int64_t K = a.K;
+  const int64_t K = a.K, ahead = prefetch_bytes<uint16_t, NB, MB>(K);
   const uint16_t* wp = static_cast<const uint16_t*>(w.data) + n * K;
   __m512 acc[MB][NB];
   #pragma GCC unroll 8
@@ -222,7 +225,7 @@ static void bf16_block(const Activations& a, const Weight& w, int64_t n, int64_t
     __m512i wv[NB];
     #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      prefetch_ahead(wp + j * K + k, NB * K);
+      prefetch_ahead(wp + j * K + k, ahead);
       wv[j] = _mm512_maskz_loadu_epi16(mask, wp + j * K + k);
     }
     #pragma GCC unroll 8
@@ -249,7 +252,7 @@ static void bf16_block(const Activations& a, const Weight& w, int64_t n, int64_t
 // row (its sum, from the prologue). y = that * x_scale[m] * w_scale[n].
 template <int NB, int MB>
 static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t m, float* y, int64_t ldy) {
-  const int64_t K = a.K;
+  const int64_t K = a.K, ahead = prefetch_bytes<int8_t, NB, MB>(K);
   const int8_t* wp = static_cast<const int8_t*>(w.data) + n * K;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[MB][NB];
@@ -262,7 +265,7 @@ static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t
     __m512i wv[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      prefetch_ahead(wp + j * K + k, NB * K);
+      prefetch_ahead(wp + j * K + k, ahead);
       // masked bytes load as 0, flip to 128, and meet zero activation padding: they add nothing
       wv[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wp + j * K + k), flip);
     }
