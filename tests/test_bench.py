@@ -527,7 +527,16 @@ def test_threads_reach_every_provider_and_the_meta(tmp_path, stub_python, monkey
         seen.append(torch.get_num_threads())
         return real(args)
 
+    # Every job still runs (on the 2 threads), but its seconds are made up: 2 threads beside the other xdist
+    # worker on 2 cores time nothing reliably (CI once measured a negative decode step). Later jobs get more
+    # seconds, so each decode row's 1 + n token run outlasts its 1 token run.
+    def interleaved(jobs, repeats, device):
+        for job in jobs:
+            job()
+        return [[float(i + 1)] * repeats for i in range(len(jobs))]
+
     monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "interleaved", interleaved)
     before = torch.get_num_threads()
     assert bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "--prompt-lens", "5",
                        "--contexts", "5", "--decode-tokens", "8", "--repeats", "3", "--greedy-tokens", "3",
