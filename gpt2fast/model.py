@@ -9,7 +9,9 @@ Parameter names are our canonical checkpoint layout (every loader maps onto them
 With ``quantization="int8"`` (``gpt2fast.quant``) ``wte.weight`` and every linear's ``weight`` are int8 buffers
 beside fp32 ``weight_scale`` buffers ``(out,)`` (so ``state_dict`` and ``.to(device)`` carry both); ``wpe``,
 biases and LayerNorms stay in the model dtype. The model hands ops ``op_weight(module)``: the weight tensor, or
-an ``Int8Weight`` over those two buffers.
+an ``Int8Weight`` over those two buffers. Where the backend streams int8 weights in panels (``Ops.int8_panels``:
+the native CPU kernels with VNNI) the int8 buffers are panels ``(ceil(out / 16), in / 4, 16, 4)``, not
+``(out, in)``; ``dense_state_dict`` gives the float layout either way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from gpt2fast.checkpoint.layout import progress, trim_heap
 from gpt2fast.config import GPT2Config
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import TORCH, Ops
-from gpt2fast.quant import Int8Weight, check_quantization, quantize_int8
+from gpt2fast.quant import PANEL_K, Int8Weight, check_quantization, panel_shape, quantize_int8, to_panels
 
 
 class Linear(nn.Module):
@@ -50,11 +52,12 @@ def op_weight(module: nn.Module) -> torch.Tensor | Int8Weight:
     return Int8Weight(weight, module.weight_scale) if weight.dtype == torch.int8 else weight
 
 
-def _int8_slots(module: nn.Module) -> None:
-    """Swap ``module.weight`` (N, K) for an int8 buffer of that shape and a ``weight_scale`` (N,) fp32 buffer."""
+def _int8_slots(module: nn.Module, panels: bool) -> None:
+    """Swap ``module.weight`` (N, K) for an int8 buffer of that shape (or in panels: ``quant.panel_shape``) and a
+    ``weight_scale`` (N,) fp32 buffer."""
     n, k = module.weight.shape
     del module.weight
-    module.register_buffer("weight", torch.zeros(n, k, dtype=torch.int8))
+    module.register_buffer("weight", torch.zeros(panel_shape(n, k) if panels else (n, k), dtype=torch.int8))
     module.register_buffer("weight_scale", torch.ones(n))
 
 
@@ -144,17 +147,19 @@ class GPT2(nn.Module):
         torch.Size([1, 11])
     """
 
-    def __init__(self, config: GPT2Config, ops: Ops = TORCH, quantization: str | None = None) -> None:
+    def __init__(self, config: GPT2Config, ops: Ops = TORCH, quantization: str | None = None,
+                 int8_panels: bool = False) -> None:
         super().__init__()
         self.config, self.ops = config, ops
         self.quantization = check_quantization(quantization)
+        self.int8_panels = bool(self.quantization) and int8_panels
         self.wte = Embedding(config.vocab_size, config.n_embd)
         self.wpe = Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd)
         if self.quantization:
             for module in self.quantized_modules().values():
-                _int8_slots(module)
+                _int8_slots(module, self.int8_panels)
         self._decode_layers = None  # ops.decode_layers' object, built at the first decode step that uses it
 
     def quantized_modules(self) -> dict[str, nn.Module]:
@@ -291,10 +296,13 @@ class GPT2(nn.Module):
             >>> model.wte.weight.dtype, model.wte.weight_scale.shape, len(state)
             (torch.int8, torch.Size([11]), 0)
         """
+        panels = (ops.int8_panels is not None and ops.int8_panels(dtype)
+                  and config.n_embd % PANEL_K == 0 and config.mlp_width % PANEL_K == 0)
         with torch.device("meta"):
-            model = cls(config, ops, quantization)
+            model = cls(config, ops, quantization, int8_panels=panels)
         quantized = {name + ".weight" for name in model.quantized_modules()} if model.quantization else set()
-        total = sum(t.q.numel() if isinstance(t, Int8Weight) else t.numel() * t.element_size() for t in state.values())
+        total = sum(t.data.numel() if isinstance(t, Int8Weight) else t.numel() * t.element_size()
+                    for t in state.values())
         place = _placer(model, quantized, device, dtype, copy=bool(quantized))
         weights = {}
         for name in progress(list(state), total, "loading weights"):
@@ -303,7 +311,8 @@ class GPT2(nn.Module):
                 raise ValueError(f"{name} arrives as int8 weights, but the model is built with quantization=None")
             if name in quantized:
                 int8 = tensor if isinstance(tensor, Int8Weight) else quantize_int8(tensor)
-                q, scale = place(name, int8.q.to(device)), place(name + "_scale", int8.scale.to(device))
+                q = place(name, int8.q.to(device))  # into panels if the model holds them (_placer)
+                scale = place(name + "_scale", int8.scale.to(device))
                 weights[name], weights[name + "_scale"] = q, scale
             else:  # copied when quantizing: a view into a memory-mapped file would keep all of the file resident
                 weights[name] = place(name, tensor.to(device, dtype))
@@ -349,15 +358,28 @@ class GPT2(nn.Module):
 
 def _placer(model: GPT2, quantized: set[str], device: torch.device | str, dtype: torch.dtype, copy: bool):
     """``place(name, tensor)``: ``tensor`` copied into the model's ``WeightArena`` on a CPU (a transposed view
-    straight from the checkpoint, no contiguous temporary); elsewhere made contiguous, and a copy if ``copy``."""
-    if not arena_enabled(device):
-        return lambda name, tensor: tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
+    straight from the checkpoint, no contiguous temporary); elsewhere made contiguous, and a copy if ``copy``.
+    An int8 weight the model holds in panels is rearranged into them as it is copied (``quant.to_panels``)."""
     targets = {name: (tuple(t.shape), t.dtype if name.removesuffix("_scale") in quantized else dtype)
                for name, t in model.state_dict().items()}  # the meta model: every weight's final shape and dtype
+
+    def panels(name: str, tensor: torch.Tensor) -> bool:  # an (N, K) int8 weight the model holds in panels
+        shape = targets.get(name, ((),))[0]
+        return name in quantized and len(shape) == 4 and tensor.dim() == 2 and panel_shape(*tensor.shape) == shape
+
+    if not arena_enabled(device):
+        def place_plain(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if panels(name, tensor):
+                return to_panels(tensor)
+            return tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
+
+        return place_plain
     arena = WeightArena(WeightArena.size_for(list(targets.values())))
 
     def place(name: str, tensor: torch.Tensor) -> torch.Tensor:
         shape, target = targets.get(name, (None, None))
+        if panels(name, tensor):
+            return to_panels(tensor, out=arena.take(shape, target))
         if tuple(tensor.shape) != shape:  # a name or shape the model lacks: load_state_dict's strict check says so
             return tensor.contiguous()
         return arena.take(shape, target).copy_(tensor)

@@ -9,6 +9,12 @@ one scale.
 
 ``Int8Weight`` is what an op receives where it would receive a weight tensor; ``ops/reference.py``
 defines every op on it as "dequantize, then the fp32 op".
+
+The same values may lie in **panels** (``to_panels``), the layout the native CPU backend's VNNI kernels stream:
+``(ceil(N / 16), K / 4, 16, 4)`` int8, 16 output channels x 4 consecutive ``k`` per 64 bytes, so one vector load
+feeds ``vpdpbusd`` 16 channels' dot products against one broadcast group of 4 activations (no per-output
+horizontal sums) and each panel of 16 channels is one sequential stream. The vocabulary's last panel is padded
+with zero rows. ``Int8Weight.q`` unpacks them (a copy); ``rows`` reads the embedding rows straight from them.
 """
 
 from __future__ import annotations
@@ -21,9 +27,16 @@ QUANTIZATIONS = ("int8",)
 QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 rows ``quantize_int8`` converts at a time
 
 
+PANEL = 16  # output channels per panel (one AVX-512 vector of int32 sums)
+PANEL_K = 4  # consecutive k per channel in a panel's 64-byte group (vpdpbusd's 4-byte dot products)
+
+
 @dataclass(frozen=True)
 class Int8Weight:
-    """An ``(N, K)`` weight as int8 values ``q`` and per-output-channel fp32 ``scale``: ``W ~= q * scale[:, None]``.
+    """An ``(N, K)`` weight as int8 values and per-output-channel fp32 ``scale``: ``W ~= q * scale[:, None]``.
+
+    ``data`` is ``q`` itself ``(N, K)``, or ``q`` in panels (``to_panels``; ``panels`` is then True): ``shape``
+    and ``q`` are the ``(N, K)`` view either way (``N`` is ``scale``'s length).
 
     Example:
         >>> w = quantize_int8(torch.tensor([[0.5, -1.0], [0.0, 0.0]]))
@@ -31,20 +44,32 @@ class Int8Weight:
         ([[64, -127], [0, 0]], [0.007874015718698502, 1.0], torch.Size([2, 2]))
     """
 
-    q: torch.Tensor  # (N, K) int8
+    data: torch.Tensor  # (N, K) int8, or panels (ceil(N / 16), K / 4, 16, 4) int8
     scale: torch.Tensor  # (N,) fp32
 
     @property
+    def panels(self) -> bool:
+        """Whether ``data`` holds the values in panels."""
+        return self.data.dim() == 4
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The int8 values ``(N, K)`` (unpacked from panels: a copy)."""
+        return from_panels(self.data, self.scale.shape[0]) if self.panels else self.data
+
+    @property
     def shape(self) -> torch.Size:
-        return self.q.shape
+        if self.panels:
+            return torch.Size((self.scale.shape[0], self.data.shape[1] * PANEL_K))
+        return self.data.shape
 
     @property
     def device(self) -> torch.device:
-        return self.q.device
+        return self.data.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.q.dtype
+        return self.data.dtype
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``q * scale[:, None]`` in ``dtype`` (computed in fp32) ``(N, K)``.
@@ -63,7 +88,53 @@ class Int8Weight:
             >>> w.rows(torch.tensor([1])).double().round(decimals=3).tolist()
             [[4.0, -2.016]]
         """
-        return (self.q[ids].float() * self.scale[ids, None]).to(dtype)
+        if self.panels:  # row n: panel n // 16, lane n % 16 of every 4-k group
+            q = self.data[ids // PANEL, :, ids % PANEL, :].reshape(len(ids), -1)  # (len(ids), K)
+        else:
+            q = self.data[ids]
+        return (q.float() * self.scale[ids, None]).to(dtype)
+
+
+def panel_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    """The shape of an ``(n, k)`` int8 weight in panels (``k`` must be a multiple of 4).
+
+    Example:
+        >>> panel_shape(50257, 768)
+        (3142, 192, 16, 4)
+    """
+    if k % PANEL_K:
+        raise ValueError(f"int8 panels need K a multiple of {PANEL_K}, got K={k}")
+    return (-(-n // PANEL), k // PANEL_K, PANEL, PANEL_K)
+
+
+def to_panels(q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``q`` ``(N, K)`` int8 rearranged into panels ``panel_shape(N, K)`` (into ``out`` when given): element
+    ``[p, g, c, j]`` is ``q[16 p + c, 4 g + j]``, zero past row ``N``. No temporary the size of ``q``.
+
+    Example:
+        >>> q = torch.arange(-60, 60, dtype=torch.int8).reshape(15, 8)
+        >>> p = to_panels(q)
+        >>> tuple(p.shape), p[0, 1, 2].tolist() == q[2, 4:8].tolist(), p[0, 0, 15].tolist()
+        ((1, 2, 16, 4), True, [0, 0, 0, 0])
+        >>> torch.equal(from_panels(p, 15), q)
+        True
+    """
+    n, k = q.shape
+    shape = panel_shape(n, k)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int8, device=q.device)
+    full = n // PANEL
+    out[:full].copy_(q[: full * PANEL].view(full, PANEL, k // PANEL_K, PANEL_K).transpose(1, 2))
+    if full < shape[0]:  # the last panel's missing channels are zero
+        tail = torch.zeros(PANEL, k, dtype=torch.int8, device=q.device)
+        tail[: n - full * PANEL] = q[full * PANEL :]
+        out[full].copy_(tail.view(PANEL, k // PANEL_K, PANEL_K).transpose(0, 1))
+    return out
+
+
+def from_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``(n, K)`` int8 values of ``panels`` (``to_panels``' inverse; a copy)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1] * PANEL_K)[:n]
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:

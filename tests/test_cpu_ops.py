@@ -16,7 +16,7 @@ import torch
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import CPU, cpu, get_ops, reference
-from gpt2fast.quant import Int8Weight, quantize_int8
+from gpt2fast.quant import Int8Weight, quantize_int8, to_panels
 
 # Every `pip install` builds the module: a missing one is a failure here, not a skip.
 assert cpu.available(), cpu.unavailable_reason()
@@ -108,6 +108,37 @@ def test_linear_int8_matches_reference(isa, rows, k, n):
         torch.testing.assert_close(y, expected, atol=2e-5, rtol=1e-5)
 
 
+PANEL_SHAPES = [(4, 1), (12, 17), (40, 16), (68, 97), (200, 130), (772, 33)]  # (K, N): K a multiple of 4 only
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k, n", PANEL_SHAPES)
+def test_linear_int8_panels(isa, rows, k, n):
+    """int8 weights in panels (quant.to_panels): VNNI's sums are exactly those of the (N, K) rows; the other
+    instruction sets read the panels with plain loops, the reference's arithmetic."""
+    x, w, b, residual, ln = _inputs(rows, k, n, seed=5 * rows + k + n)
+    rows_q = quantize_int8(w)
+    panels = Int8Weight(to_panels(rows_q.q), rows_q.scale)
+    y = cpu.linear(x, panels, b, residual=residual)
+    if cpu.int8_method() == "vnni":
+        assert torch.equal(y, cpu.linear(x, rows_q, b, residual=residual))
+        torch.testing.assert_close((y - b - residual).double(), _vnni_model(x, rows_q), atol=2e-5, rtol=1e-5)
+        normed = reference.layer_norm(x, *ln, 1e-5)
+        assert torch.equal(cpu.ln_linear(x, *ln, 1e-5, panels, b, gelu=True),
+                           cpu.ln_linear(x, *ln, 1e-5, rows_q, b, gelu=True))
+        assert bool(((cpu.linear(normed, panels, None).double() - reference.linear(normed, rows_q.dequantize(), None))
+                     .abs() <= _int8_bound(normed, rows_q)).all())
+    else:
+        torch.testing.assert_close(y, reference.linear(x, rows_q.dequantize(), b, residual=residual), atol=2e-5,
+                                   rtol=1e-5)
+
+
+def test_linear_int8_panels_refuse_a_wrong_shape():
+    q = quantize_int8(torch.randn(20, 8))
+    with pytest.raises(ValueError, match=r"int8 panels for \(20, 8\) must be \(2, 2, 16, 4\)"):
+        cpu.linear(torch.randn(2, 8), Int8Weight(to_panels(q.q)[:1], q.scale), None)
+
+
 def test_linear_int8_bf16_activations(isa):
     x, w, b, _, ln = _inputs(5, 77, 33, seed=11, dtype=torch.bfloat16)
     q = quantize_int8(w.float())
@@ -158,9 +189,12 @@ def test_lm_head_argmax_follows_numpy_on_nan_and_inf(isa):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_lm_head_int8(isa, rows):
+@pytest.mark.parametrize("panels", [False, True])
+def test_lm_head_int8(isa, rows, panels):
     gen = torch.Generator().manual_seed(rows)
     x, wte = torch.randn(rows, 72, generator=gen), quantize_int8(torch.randn(301, 72, generator=gen))
+    if panels:  # 301 = 18 panels and 13 channels of a 19th
+        wte = Int8Weight(to_panels(wte.q), wte.scale)
     logits = cpu.lm_head(x, wte)
     expected = reference.lm_head(x, wte.dequantize())
     if cpu.int8_method() == "vnni":

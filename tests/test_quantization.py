@@ -17,8 +17,8 @@ from gpt2fast.checkpoint import load_checkpoint
 from gpt2fast.config import GPT2Config
 from gpt2fast.engine import LLM, Engine
 from gpt2fast.model import GPT2, op_weight
-from gpt2fast.ops import REFERENCE, TORCH, check_quantization_support, cpu, reference, torch_native
-from gpt2fast.quant import Int8Weight, check_quantization, quantize_int8
+from gpt2fast.ops import REFERENCE, TORCH, check_quantization_support, cpu, get_ops, reference, torch_native
+from gpt2fast.quant import Int8Weight, check_quantization, quantize_int8, to_panels
 from gpt2fast.sampling import SamplingParams
 from gpt2fast.server import serve
 from gpt2fast.viz import cli as viz_cli
@@ -148,6 +148,58 @@ def test_the_model_holds_int8_buffers_and_loading_frees_the_float_state():
     assert fp16.wpe.weight.dtype == torch.float16 and fp16.wte.weight_scale.dtype == torch.float32
     with pytest.raises(ValueError, match="init_random fills float weights"):
         model.init_random()
+
+
+@pytest.mark.parametrize("n, k", [(1, 4), (16, 8), (17, 12), (97, 40), (301, 72)])
+def test_panels_hold_the_same_values(n, k):
+    """quant.to_panels against a plain index loop: element [p, g, c, j] is q[16 p + c, 4 g + j], zero past N."""
+    gen = torch.Generator().manual_seed(n * k)
+    int8 = quantize_int8(torch.randn(n, k, generator=gen))
+    panels = to_panels(int8.q)
+    expected = np.zeros(((n + 15) // 16, k // 4, 16, 4), dtype=np.int8)
+    q = int8.q.numpy()
+    for row in range(n):
+        for col in range(k):
+            expected[row // 16, col // 4, row % 16, col % 4] = q[row, col]
+    assert np.array_equal(panels.numpy(), expected)
+    w = Int8Weight(panels, int8.scale)
+    assert w.panels and not int8.panels and w.shape == int8.shape == (n, k) and torch.equal(w.q, int8.q)
+    ids = torch.randint(0, n, (9,), generator=gen)
+    assert torch.equal(w.rows(ids), int8.rows(ids)) and torch.equal(w.dequantize(), int8.dequantize())
+
+
+def test_panels_need_k_a_multiple_of_4():
+    with pytest.raises(ValueError, match="K a multiple of 4, got K=6"):
+        to_panels(torch.zeros(3, 6, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
+def test_cpu_models_hold_int8_panels_where_the_kernels_use_vnni(monkeypatch, huge_pages):
+    """The cpu backend's VNNI kernels stream panels: a model built for it holds them (in the arena or not), and
+    every way of reading the weights sees the (N, K) values a torch-backend model holds."""
+    monkeypatch.setenv("GPT2FAST_HUGE_PAGES", huge_pages)
+    cfg = GPT2Config(**TINY)
+    state = GPT2(cfg).init_random(seed=4).state_dict()
+    rows = GPT2.from_state_dict(cfg, dict(state), ops=TORCH, quantization="int8")
+    model = GPT2.from_state_dict(cfg, dict(state), ops=get_ops("cpu", torch.device("cpu")), quantization="int8")
+    vnni = cpu.int8_method() == "vnni"
+    assert model.int8_panels == vnni and not rows.int8_panels
+    assert tuple(model.wte.weight.shape) == ((7, 10, 16, 4) if vnni else (97, 40))  # 97 = 6 panels + 1 channel
+    assert tuple(model.h[0].mlp.c_proj.weight.shape) == ((3, 40, 16, 4) if vnni else (40, 160))
+    for name in model.quantized_modules():
+        got, want = op_weight(model.get_submodule(name)), op_weight(rows.get_submodule(name))
+        assert got.panels == vnni and torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale), name
+    ids = torch.tensor([96, 0, 5, 16, 17])
+    assert torch.equal(model.wte_weight.rows(ids), rows.wte_weight.rows(ids))
+    dense, want = model.dense_state_dict(), rows.dense_state_dict()
+    assert dense.keys() == want.keys() and all(torch.equal(dense[n], want[n]) for n in want)
+    cpu_ops = get_ops("cpu", torch.device("cpu"))
+    for other in (dict(TINY, n_embd=42, n_head=6), TINY):  # K not a multiple of 4; fp16 runs the torch backend's ops
+        dtype = torch.float16 if other is TINY else torch.float32
+        c = GPT2Config(**other)
+        m = GPT2.from_state_dict(c, GPT2(c).init_random(seed=1).state_dict(), ops=cpu_ops, dtype=dtype,
+                                 quantization="int8")
+        assert not m.int8_panels and m.wte.weight.dim() == 2
 
 
 HF_TINY = {"n_layer": 2, "n_embd": 24, "n_head": 3, "vocab_size": 50257, "n_positions": 32}

@@ -10,7 +10,9 @@
 
 namespace gpt2fast_cpu {
 
-enum DType : int { kF32 = 0, kBF16 = 1, kI8 = 2 };
+// kI8Panels: int8 weights in panels, [ceil(N / 16)][K / 4][16][4] (16 output channels x 4 consecutive k per
+// 64 bytes, zero rows past N; gpt2fast/quant.py to_panels), with fp32 scales like kI8.
+enum DType : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI8Panels = 3 };
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
@@ -55,7 +57,8 @@ struct Activations {
   int64_t Kp = 0;
 };
 
-// One weight matrix [N, K] row-major (out-major, like nn.Linear), fp32, bf16 or int8 with fp32 scales [N].
+// One weight matrix [N, K] row-major (out-major, like nn.Linear), fp32, bf16 or int8 with fp32 scales [N], or
+// int8 in panels (kI8Panels).
 struct Weight {
   const void* data = nullptr;
   int dtype = kF32;

@@ -290,6 +290,117 @@ static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t
 }
 #endif
 
+// int8 weights in panels (kI8Panels, common.h): 16 output channels x 4 consecutive k per 64 bytes.
+constexpr int kPanel = 16;
+
+#if defined(GPT2FAST_ISA_AVX512)
+// How far ahead in each panel a panel block prefetches. GPT-2 124M's 48 projections and LM head, one thread, the
+// caches flushed before each step: 512 / 1024 / 2048 / 4096 / 8192 bytes ahead 8.5 / 8.4 / 7.9 / 7.9 / 8.1 ms at
+// batch 8 (two panels x 8 rows); at batch 1 every distance within the noise of the others.
+constexpr int64_t kPanelAhead = 2048;
+
+// P panels (16 P channels) x MB rows of int8 panels with vpdpbusd: one 64-byte load of a panel is 16 channels x 4 k,
+// each row's 4 int8 activations of that k are broadcast, and acc[i][p] holds 16 channels' int32 sums outright (no
+// horizontal sums). The same exact sums as vnni_block (weights flipped to unsigned, 128 sum(x) taken off once).
+// Channels from n; `valid` of them are real (the rest of the last panel is padding: neither read nor written).
+template <int P, int MB>
+static void panel_block(const Activations& a, const Weight& w, int64_t n, int64_t m, int64_t valid, float* y,
+                        int64_t ldy) {
+  const int64_t K = a.K, stride = kPanel * K;  // bytes per panel
+  const int8_t* wp = static_cast<const int8_t*>(w.data) + (n / kPanel) * stride;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512i acc[MB][P];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) acc[i][p] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 4) {
+    __m512i wv[P];
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      const int8_t* group = wp + p * stride + k * kPanel;
+      prefetch_ahead(group, kPanelAhead);
+      wv[p] = _mm512_xor_si512(_mm512_loadu_si512(group), flip);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      int32_t four;  // this row's activations k..k+3
+      std::memcpy(&four, a.u8 + (m + i) * a.Kp + k, 4);
+      const __m512i xv = _mm512_set1_epi32(four);
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], wv[p], xv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    const __m512i correction = _mm512_set1_epi32(128 * a.u8_sum[m + i]);
+    const __m512 x_scale = _mm512_set1_ps(a.u8_scale[m + i]);
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      const int64_t left = valid - p * kPanel;
+      const __mmask16 mask = left >= kPanel ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][p], correction));
+      const __m512 w_scale = _mm512_maskz_loadu_ps(mask, w.scale + n + p * kPanel);
+      _mm512_mask_storeu_ps(y + i * ldy + p * kPanel, mask, _mm512_mul_ps(_mm512_mul_ps(sums, x_scale), w_scale));
+    }
+  }
+}
+
+using PanelFn = void (*)(const Activations&, const Weight&, int64_t, int64_t, int64_t, float*, int64_t);
+// Few rows: 4 panels (a whole 64-channel tile) x up to 4 rows; more: 2 panels x up to 8 rows (16 accumulators, each
+// weight vector serves 8 rows). Same caches-flushed measurement as kPanelAhead, batch 8: 2 x 8 7.9, 3 x 8 8.0,
+// 4 x 4 9.3 ms; batch 1: 1, 2 or 4 panels within the noise.
+constexpr int kPanelWideP = 4, kPanelWideMB = 4, kPanelTallP = 2, kPanelTallMB = 8;
+
+struct PanelBlocks {
+  PanelFn fn[kPanelWideP][kPanelTallMB];
+};
+
+template <int P = 1, int MB = 1>
+constexpr void fill_panel_blocks(PanelBlocks& b) {
+  if constexpr (MB <= kPanelWideMB || P <= kPanelTallP) b.fn[P - 1][MB - 1] = panel_block<P, MB>;
+  if constexpr (MB < kPanelTallMB) {
+    fill_panel_blocks<P, MB + 1>(b);
+  } else if constexpr (P < kPanelWideP) {
+    fill_panel_blocks<P + 1, 1>(b);
+  }
+}
+
+static constexpr PanelBlocks kPanelBlocks = [] {
+  PanelBlocks b{};
+  fill_panel_blocks(b);
+  return b;
+}();
+
+// y[m * ldy + (n - n0)] for panels' channels [n0, n1); n0 is a multiple of 16 (tiles are kTileN = 64 wide).
+static void panel_tile(const Activations& a, const Weight& w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const bool tall = a.M > kPanelWideMB;
+  const int64_t max_p = tall ? kPanelTallP : kPanelWideP, max_mb = tall ? kPanelTallMB : kPanelWideMB;
+  for (int64_t n = n0; n < n1; n += max_p * kPanel) {
+    const int np = int(std::min(max_p, (n1 - n + kPanel - 1) / kPanel));
+    for (int64_t m = 0; m < a.M; m += max_mb) {
+      const int mb = int(std::min(max_mb, a.M - m));
+      kPanelBlocks.fn[np - 1][mb - 1](a, w, n, m, n1 - n, y + m * ldy + (n - n0), ldy);
+    }
+  }
+}
+#else
+// Without VNNI (AVX2, portable): a plain loop over fp32 activations and the panels' int8 values (a model holds
+// panels only where the kernels quantize activations for VNNI; this serves a select_isa after it was built).
+static void panel_tile(const Activations& a, const Weight& w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t K = a.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* lane = static_cast<const int8_t*>(w.data) + (n / kPanel) * kPanel * K + (n % kPanel) * 4;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* x = a.f32 + m * K;
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[k] * float(lane[(k / 4) * 4 * kPanel + k % 4]);
+      y[m * ldy + (n - n0)] = s * w.scale[n];
+    }
+  }
+}
+#endif
+
 using BlockFn = void (*)(const Activations&, const Weight&, int64_t, int64_t, float*, int64_t);
 // Blocks up to kNB channels x kMB rows. Few rows (decode at small batch): 4 channels x up to 4 rows, so
 // four weight streams run at once. More rows: 2 channels x up to 8 rows, so each weight vector loaded
@@ -344,6 +455,7 @@ static constexpr Blocks kBlocks[4] = {make_blocks<PickF32>(), make_blocks<PickBF
 
 // y[m * ldy + (n - n0)] for m in [0, M), n in [n0, n1).
 static void dot_tile(const Activations& a, const Weight& w, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  if (w.dtype == kI8Panels) return panel_tile(a, w, n0, n1, y, ldy);
   const Blocks& blocks = kBlocks[w.dtype == kBF16 && a.bf16 == nullptr ? 3 : w.dtype];
   const bool tall = a.M > kWideMB;
   // One row of fp32 (3-12 KB for GPT-2) at batch 1: one channel at a time, a single stream (kStreamAhead;

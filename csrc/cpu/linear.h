@@ -66,7 +66,8 @@ class PreparedActivations {
     act_.K = K;
     act_.f32 = f32_.data();
     if (weight_dtype == kBF16 && dtype == kBF16) to_bf16(M, K);  // fp32 activations: weights widened instead
-    if (weight_dtype == kI8 && std::string_view(kernels.int8_method) == "vnni") to_u8(kernels, M, K);
+    if ((weight_dtype == kI8 || weight_dtype == kI8Panels) && std::string_view(kernels.int8_method) == "vnni")
+      to_u8(kernels, M, K);
   }
   const Activations& get() const { return act_; }
 

@@ -52,6 +52,9 @@ class Ops:
     decode_rows: int = 0  # the most tokens a step may have for decode_layers (more: op by op)
     # Weight quantizations whose Int8Weight (gpt2fast.quant) every weight-taking op accepts; the engine refuses others.
     quantizations: tuple[str, ...] = ()
+    # Optional: whether a model of this dtype should hold its int8 weights in panels (gpt2fast.quant.to_panels),
+    # the layout this backend's int8 kernels stream fastest; None: always (N, K)
+    int8_panels: Callable[[torch.dtype], bool] | None = None
 
 
 REFERENCE = Ops(
@@ -114,6 +117,7 @@ def _cpu_table() -> Ops:
         decode_layers=cpu.decode_layers,
         decode_rows=cpu.LIBRARY_ROWS,  # larger batches: torch's GEMMs win (ops/cpu.py)
         quantizations=QUANTIZATIONS,
+        int8_panels=cpu.int8_panels,
     )
 
 

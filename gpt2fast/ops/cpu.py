@@ -24,7 +24,7 @@ import torch
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import reference, torch_native
-from gpt2fast.quant import Int8Weight
+from gpt2fast.quant import Int8Weight, panel_shape
 from gpt2fast.sampling import GREEDY_BELOW
 
 try:
@@ -45,6 +45,7 @@ else:
             _cpu, _IMPORT_ERROR = None, f"GPT2FAST_CPU_ISA: {error}"
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_PANELS = 3  # the dtype code of int8 weights in panels (gpt2fast.quant.to_panels; csrc/cpu/common.h kI8Panels)
 
 # Above this many rows (a prefill) fp32 and bf16 linears go to torch's F.linear (oneDNN), which measures faster
 # there; int8 stays native at every size. 1 thread, GPT-2 124M's 12 x 4 projections, ms (python /tmp/big.py,
@@ -126,21 +127,39 @@ def _rows(name: str, x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _weight(weight: torch.Tensor | Int8Weight) -> tuple[torch.Tensor, int, int]:
-    """(the (N, K) values, dtype code, scale pointer or 0)."""
+def int8_panels(dtype: torch.dtype) -> bool:
+    """Whether a model of ``dtype`` should hold its int8 weights in panels (``gpt2fast.quant.to_panels``): where the
+    kernels quantize activations for VNNI (AVX-512) and the dtype runs natively. Panels against the ``(N, K)``
+    rows, one thread, GPT-2 124M's 48 projections and LM head with the caches flushed before each step: 7.9 against
+    10.1 ms at batch 8 (no horizontal sums; each panel one stream), equal at batch 1 (``benchmarks/cpu_kernels.md``).
+
+    Example:
+        >>> int8_panels(torch.float16)
+        False
+    """
+    return _cpu is not None and dtype in (torch.float32, torch.bfloat16) and int8_method() == "vnni"
+
+
+def _weight(weight: torch.Tensor | Int8Weight) -> tuple[torch.Tensor, int, int, int, int]:
+    """(the values: (N, K) or int8 panels, dtype code, scale pointer or 0, N, K)."""
     if isinstance(weight, Int8Weight):
-        q, scale = weight.q, weight.scale
-        if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
-            raise ValueError(f"backend 'cpu': an Int8Weight's scale must be contiguous float32 ({q.shape[0]},)")
-        values, scale_ptr = q, scale.data_ptr()
+        n, k = weight.shape
+        scale = weight.scale
+        if scale.dtype != torch.float32 or scale.shape != (n,) or not scale.is_contiguous():
+            raise ValueError(f"backend 'cpu': an Int8Weight's scale must be contiguous float32 ({n},)")
+        values, scale_ptr = weight.data, scale.data_ptr()
+        if weight.panels and (values.dtype != torch.int8 or tuple(values.shape) != panel_shape(n, k)):
+            raise ValueError(f"backend 'cpu': int8 panels for ({n}, {k}) must be {panel_shape(n, k)} int8, got "
+                             f"{values.dtype} {tuple(values.shape)}")
     else:
         values, scale_ptr = weight, 0
     _check_cpu("weight", values)
-    if values.dim() != 2 or values.dtype not in _CODES or (values.dtype == torch.int8 and scale_ptr == 0):
+    if len(weight.shape) != 2 or values.dtype not in _CODES or (values.dtype == torch.int8 and scale_ptr == 0):
         raise ValueError(f"backend 'cpu': a weight must be (N, K) float32, bfloat16 or Int8Weight, got "
                          f"{values.dtype} {tuple(values.shape)}")
     values = values.contiguous()
-    return values, _CODES[values.dtype], scale_ptr
+    code = _PANELS if isinstance(weight, Int8Weight) and weight.panels else _CODES[values.dtype]
+    return values, code, scale_ptr, weight.shape[0], weight.shape[1]
 
 
 def _vector(name: str, t: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -176,11 +195,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tens
         if out_dtype is not None:  # the LM head
             return torch_native.lm_head(x, weight)
         return torch_native.linear(x, weight, bias, gelu=gelu, residual=residual)
-    values, w_code, scale_ptr = _weight(weight)
-    n, k = values.shape
+    values, w_code, scale_ptr, n, k = _weight(weight)
     x = _rows("x", x, k)
     m, dtype = x.shape[0], x.dtype
-    library = m > LIBRARY_ROWS and w_code != _CODES[torch.int8] and values.dtype == dtype
+    library = m > LIBRARY_ROWS and values.dtype == dtype  # int8 stays native
     if library and (out_dtype is None or out_dtype == dtype):  # (a bf16 LM head's fp32 logits stay native)
         return _library_linear(x, values, bias, gelu=gelu, residual=residual, ln=ln, out_dtype=out_dtype)
     out = torch.empty(m, n, dtype=out_dtype or dtype)  # (M, N)
@@ -265,8 +283,7 @@ def _pick(x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature: torch.Te
         if temperature is None:
             return torch_native.lm_head_argmax(x, wte)
         return torch_native.lm_head_gumbel(x, wte, temperature, seeds)
-    values, w_code, scale_ptr = _weight(wte)
-    v, k = values.shape
+    values, w_code, scale_ptr, v, k = _weight(wte)
     x = _rows("x", x, k).contiguous()
     m = x.shape[0]
     ids = torch.empty(m, dtype=torch.int64)  # (N,)
@@ -405,7 +422,7 @@ class DecodeLayers:
                 if tuple(t.shape) != shape:
                     raise ValueError(f"backend 'cpu': layer {i} {name} must be {shape}, got {tuple(t.shape)}")
                 if len(shape) == 2:  # a weight; else a vector
-                    values, code, scale_ptr = _weight(t)
+                    values, code, scale_ptr, _, _ = _weight(t)
                     self._keep += [values, t]
                     args += [values.data_ptr(), code, scale_ptr]
                 else:

@@ -61,9 +61,10 @@ def int8_matmul(weight: Int8Weight, x: torch.Tensor) -> torch.Tensor:
     rows = max(1, INT8_CHUNK_BYTES // (4 * k))
     out = torch.empty(n, x.shape[0], device=x.device)  # (N, T)
     chunk = torch.empty(min(rows, n), k, device=x.device)  # (rows, K) fp32, reused
+    q = weight.q  # (N, K); unpacked once from panels (the cpu backend's layout, here for fp16 activations)
     for start in range(0, n, rows):
         w = chunk[: min(rows, n - start)]
-        w.copy_(weight.q[start : start + rows])
+        w.copy_(q[start : start + rows])
         torch.mm(w, x.t(), out=out[start : start + rows])
     return out.mul_(weight.scale[:, None])
 
