@@ -4,9 +4,11 @@
 // pragma does not define __AVX512VNNI__ and friends in C++). Written with GCC vector extensions so one
 // source serves every width; AVX-512 adds VNNI (int8) and BF16 dot-product paths in intrinsics.
 //
-// Weights are [N, K] row-major as they lie in the checkpoint (no repacking): a tile of NB output
-// channels x MB activation rows keeps NB*MB accumulators, each K-step loads NB weight vectors and MB
+// fp32 and bf16 weights are [N, K] row-major as they lie in the checkpoint (no repacking): a tile of NB
+// output channels x MB activation rows keeps NB*MB accumulators, each K-step loads NB weight vectors and MB
 // activation vectors, and the horizontal sums happen once per output. K tails are scalar (or masked).
+// int8 weights are either that or, where the kernels use VNNI, panels of 16 channels (kI8Panels,
+// panel_block): a vector of 16 channels' sums per row, no horizontal sums.
 // Design notes and measurements: benchmarks/cpu_kernels.md.
 #pragma once
 

@@ -2,8 +2,9 @@
 
 Same signatures as ``ops/reference.py``. The kernels take raw pointers; these wrappers check every tensor
 (device, dtype, shape, strides), allocate the outputs and pass ``data_ptr()``s. Weights are used as they
-lie (``(N, K)`` row-major: fp32, bf16, or ``quant.Int8Weight``); activations are fp32 or bf16 (the model
-dtype). What runs natively: ``linear`` / ``ln_linear`` (LayerNorm prologue; bias, GELU, residual epilogues),
+lie (``(N, K)`` row-major: fp32, bf16, or ``quant.Int8Weight``, whose values a model built for this backend
+holds in panels where the kernels use VNNI: ``int8_panels``); activations are fp32 or bf16 (the model dtype).
+What runs natively: ``linear`` / ``ln_linear`` (LayerNorm prologue; bias, GELU, residual epilogues),
 decode ``write_kv_attention`` (one query per sequence), and the LM head with logits, argmax or Gumbel-max
 (the sampler's Philox noise, so a seeded draw matches every backend's). Prefill attention and the small
 ops are the ``torch`` backend's. Threads: ``torch.get_num_threads()`` at each call (``--cpu-threads``
