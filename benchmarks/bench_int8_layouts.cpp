@@ -25,6 +25,10 @@ static int8_t* huge_bytes(size_t bytes) {
   const size_t page = size_t(2) << 20;
   bytes = (bytes + page - 1) / page * page;
   void* p = std::aligned_alloc(page, bytes);
+  if (!p) {
+    std::fprintf(stderr, "out of memory (%zu bytes)\n", bytes);
+    std::exit(1);
+  }
   madvise(p, bytes, MADV_HUGEPAGE);
   std::memset(p, 1, bytes);
   return static_cast<int8_t*>(p);
@@ -40,6 +44,10 @@ struct Matrix {
 int main(int argc, char** argv) {
   const int64_t M = argc > 1 ? std::atoi(argv[1]) : 1;
   const int rounds = argc > 2 ? std::atoi(argv[2]) : 9;
+  if (M < 1 || M > 64 || rounds < 1) {  // one tile of rows (linear.h's kTileM), as a decode step has
+    std::fprintf(stderr, "usage: int8_layouts ROWS(1..64) ROUNDS(>=1)\n");
+    return 2;
+  }
   std::vector<std::pair<int64_t, int64_t>> shapes;  // (N, K)
   for (int layer = 0; layer < 12; ++layer)
     shapes.insert(shapes.end(), {{2304, 768}, {768, 768}, {3072, 768}, {768, 3072}});

@@ -365,7 +365,8 @@ def _placer(model: GPT2, quantized: set[str], device: torch.device | str, dtype:
 
     def panels(name: str, tensor: torch.Tensor) -> bool:  # an (N, K) int8 weight the model holds in panels
         shape = targets.get(name, ((),))[0]
-        return name in quantized and len(shape) == 4 and tensor.dim() == 2 and panel_shape(*tensor.shape) == shape
+        return (name in quantized and len(shape) == 4 and tensor.dim() == 2 and tensor.shape[1] % PANEL_K == 0
+                and panel_shape(*tensor.shape) == shape)  # (else load_state_dict's strict check names the shape)
 
     if not arena_enabled(device):
         def place_plain(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -89,10 +89,15 @@ class Int8Weight:
             [[4.0, -2.016]]
         """
         if self.panels:  # row n: panel n // 16, lane n % 16 of every 4-k group
-            q = self.data[ids // PANEL, :, ids % PANEL, :].reshape(len(ids), -1)  # (len(ids), K)
+            n = self.scale.shape[0]
+            lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+            if lo < -n or hi >= n:  # the last panel's padding rows are no rows
+                raise IndexError(f"Int8Weight.rows: ids must lie in [-{n}, {n}), got {lo}..{hi}")
+            ids = ids % n  # (as indexing the (N, K) values would)
+            q = self.data[ids // PANEL, :, ids % PANEL, :].reshape(*ids.shape, -1)  # (*ids.shape, K)
         else:
-            q = self.data[ids]
-        return (q.float() * self.scale[ids, None]).to(dtype)
+            q = self.data[ids]  # (*ids.shape, K)
+        return (q.float() * self.scale[ids].unsqueeze(-1)).to(dtype)
 
 
 def panel_shape(n: int, k: int) -> tuple[int, int, int, int]:
@@ -122,18 +127,24 @@ def to_panels(q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = q.shape
     shape = panel_shape(n, k)
     if out is None:
-        out = torch.empty(shape, dtype=torch.int8, device=q.device)
+        out = torch.empty(shape, dtype=torch.int8, device=q.device)  # (ceil(N/16), K/4, 16, 4)
     full = n // PANEL
     out[:full].copy_(q[: full * PANEL].view(full, PANEL, k // PANEL_K, PANEL_K).transpose(1, 2))
     if full < shape[0]:  # the last panel's missing channels are zero
-        tail = torch.zeros(PANEL, k, dtype=torch.int8, device=q.device)
+        tail = torch.zeros(PANEL, k, dtype=torch.int8, device=q.device)  # (16, K)
         tail[: n - full * PANEL] = q[full * PANEL :]
         out[full].copy_(tail.view(PANEL, k // PANEL_K, PANEL_K).transpose(0, 1))
     return out
 
 
 def from_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``(n, K)`` int8 values of ``panels`` (``to_panels``' inverse; a copy)."""
+    """The ``(n, K)`` int8 values of ``panels`` (``to_panels``' inverse; a copy).
+
+    Example:
+        >>> q = torch.arange(-40, 40, dtype=torch.int8).reshape(20, 4)
+        >>> torch.equal(from_panels(to_panels(q), 20), q)
+        True
+    """
     return panels.transpose(1, 2).reshape(-1, panels.shape[1] * PANEL_K)[:n]
 
 

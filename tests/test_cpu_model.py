@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -59,6 +61,30 @@ def test_decode_steps_match_the_reference(isa, dtype):
             for which in ("k", "v"):
                 got, want = (getattr(c, which)[layer][blocks, :, offsets].float() for c in caches)  # (n, H, D)
                 torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_panels_equal_int8_rows_on_every_isa(isa, dtype):
+    """int8 weights held in panels (forced here, so machines without VNNI run it too) against the same weights as
+    (N, K) rows: a prefill op by op and decode steps through DecodeLayers. Equal on VNNI (the same integer sums);
+    within fp32 summation order on AVX2 and portable, whose plain loop reads the panels."""
+    state = GPT2(CONFIG).init_random(seed=5).state_dict()
+    panels, rows = (GPT2.from_state_dict(CONFIG, dict(state), dataclasses.replace(CPU, int8_panels=choice), dtype=dtype,
+                                         quantization="int8") for choice in (lambda dtype: True, None))
+    assert panels.wte.weight.shape == (7, 10, 16, 4) and rows.wte.weight.shape == (97, 40)
+    caches = [KVCache(CONFIG, num_blocks=12, block_size=4, dtype=dtype) for _ in range(2)]
+    tables, lens = [[0, 1, 2, 3], [7, 5, 6, 4]], [7, 5]
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in lens]
+    for _ in range(4):  # the prefill, then three decode steps
+        got, want = (_step(m, c, tables, lens, ids) for m, c in ((panels, caches[0]), (rows, caches[1])))
+        if cpu.int8_method() == "vnni":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        ids = [[int(t)] for t in want.argmax(dim=-1)]
+        lens = [n + 1 for n in lens]
+    assert panels._decode_layers  # the decode steps went through the one-call path
 
 
 def test_greedy_generation_equals_the_reference():

@@ -139,11 +139,13 @@ def test_linear_int8_panels_refuse_a_wrong_shape():
         cpu.linear(torch.randn(2, 8), Int8Weight(to_panels(q.q)[:1], q.scale), None)
 
 
-def test_linear_int8_bf16_activations(isa):
-    x, w, b, _, ln = _inputs(5, 77, 33, seed=11, dtype=torch.bfloat16)
+@pytest.mark.parametrize("k, panels", [(77, False), (76, True)])
+def test_linear_int8_bf16_activations(isa, k, panels):
+    x, w, b, _, ln = _inputs(5, k, 33, seed=11, dtype=torch.bfloat16)
     q = quantize_int8(w.float())
-    y = cpu.ln_linear(x, *ln, 1e-5, q, b)
-    normed = reference.layer_norm(x, *ln, 1e-5)  # (5, 77) bf16, what the kernel quantizes
+    weight = Int8Weight(to_panels(q.q), q.scale) if panels else q
+    y = cpu.ln_linear(x, *ln, 1e-5, weight, b)
+    normed = reference.layer_norm(x, *ln, 1e-5)  # (5, K) bf16, what the kernel quantizes
     assert y.dtype == torch.bfloat16
     expected = reference.linear(normed, q.dequantize(torch.bfloat16), b).float()  # bf16 dequantized: a bf16 model
     bound = (_int8_bound(normed.float(), q) if cpu.int8_method() == "vnni" else 0) + expected.abs() * 2**-7 + 1e-2
@@ -154,7 +156,8 @@ def test_linear_nonfinite_rows_stay_nonfinite(isa):
     x, w, b, _, _ = _inputs(3, 40, 17, seed=5)
     x = x.contiguous()
     x[1, 7] = float("nan")
-    for weight in (w, quantize_int8(w), w.bfloat16()):
+    q = quantize_int8(w)
+    for weight in (w, q, Int8Weight(to_panels(q.q), q.scale), w.bfloat16()):
         xx = x.to(torch.bfloat16) if isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 else x
         y = cpu.linear(xx, weight, b.to(xx.dtype)).float()
         assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
@@ -194,7 +197,9 @@ def test_lm_head_int8(isa, rows, panels):
     gen = torch.Generator().manual_seed(rows)
     x, wte = torch.randn(rows, 72, generator=gen), quantize_int8(torch.randn(301, 72, generator=gen))
     if panels:  # 301 = 18 panels and 13 channels of a 19th
-        wte = Int8Weight(to_panels(wte.q), wte.scale)
+        rows_wte, wte = wte, Int8Weight(to_panels(wte.q), wte.scale)
+        if cpu.int8_method() == "vnni":
+            assert torch.equal(cpu.lm_head(x, wte), cpu.lm_head(x, rows_wte))
     logits = cpu.lm_head(x, wte)
     expected = reference.lm_head(x, wte.dequantize())
     if cpu.int8_method() == "vnni":

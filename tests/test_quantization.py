@@ -151,7 +151,7 @@ def test_the_model_holds_int8_buffers_and_loading_frees_the_float_state():
 
 
 @pytest.mark.parametrize("n, k", [(1, 4), (16, 8), (17, 12), (97, 40), (301, 72)])
-def test_panels_hold_the_same_values(n, k):
+def test_panels_hold_the_same_values(n, k, monkeypatch):
     """quant.to_panels against a plain index loop: element [p, g, c, j] is q[16 p + c, 4 g + j], zero past N."""
     gen = torch.Generator().manual_seed(n * k)
     int8 = quantize_int8(torch.randn(n, k, generator=gen))
@@ -164,8 +164,16 @@ def test_panels_hold_the_same_values(n, k):
     assert np.array_equal(panels.numpy(), expected)
     w = Int8Weight(panels, int8.scale)
     assert w.panels and not int8.panels and w.shape == int8.shape == (n, k) and torch.equal(w.q, int8.q)
-    ids = torch.randint(0, n, (9,), generator=gen)
+    ids = torch.randint(-n, n, (9,), generator=gen)  # negative ids count from the end, as indexing does
     assert torch.equal(w.rows(ids), int8.rows(ids)) and torch.equal(w.dequantize(), int8.dequantize())
+    assert torch.equal(w.rows(ids.reshape(3, 3)), int8.rows(ids.reshape(3, 3)))  # (3, 3, K)
+    x = torch.randn(3, k, generator=gen)
+    monkeypatch.setattr(torch_native, "INT8_CHUNK_BYTES", 4 * k * 5)  # chunks of 5 rows: 16 (whole panels) here
+    torch.testing.assert_close(torch_native.int8_matmul(w, x), torch_native.int8_matmul(int8, x), atol=1e-5, rtol=1e-5)
+    for bad in (n, -n - 1):  # (a row of the last panel's padding is no row)
+        for weight in (w, int8):
+            with pytest.raises(IndexError):
+                weight.rows(torch.tensor([0, bad]))
 
 
 def test_panels_need_k_a_multiple_of_4():

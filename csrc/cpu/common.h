@@ -13,6 +13,7 @@ namespace gpt2fast_cpu {
 // kI8Panels: int8 weights in panels, [ceil(N / 16)][K / 4][16][4] (16 output channels x 4 consecutive k per
 // 64 bytes, zero rows past N; gpt2fast/quant.py to_panels), with fp32 scales like kI8.
 enum DType : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI8Panels = 3 };
+constexpr int64_t kPanel = 16;  // output channels per panel (kI8Panels)
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

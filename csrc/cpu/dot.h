@@ -293,9 +293,7 @@ static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t
 #endif
 
 // int8 weights in panels (kI8Panels, common.h): 16 output channels x 4 consecutive k per 64 bytes.
-constexpr int kPanel = 16;
-
-#if defined(GPT2FAST_ISA_AVX512)
+#ifdef GPT2FAST_HAS_VNNI
 // How far ahead in each panel a panel block prefetches. GPT-2 124M's 48 projections and LM head, one thread, the
 // caches flushed before each step: 512 / 1024 / 2048 / 4096 / 8192 bytes ahead 8.5 / 8.4 / 7.9 / 7.9 / 8.1 ms at
 // batch 8 (two panels x 8 rows); at batch 1 every distance within the noise of the others.

@@ -16,6 +16,7 @@
 namespace gpt2fast_cpu {
 
 constexpr int64_t kTileN = 64;   // output channels per tile: a thread's unit of work
+static_assert(kTileN % kPanel == 0, "a tile starts at a panel (dot.h panel_tile)");
 constexpr int64_t kTileM = 64;   // activation rows per tile (prefill-sized calls)
 
 // The arguments of one linear: y = [LN](x) @ W.T (+ bias) (GELU) (+ residual), rows [M, N].

@@ -130,9 +130,8 @@ def _rows(name: str, x: torch.Tensor, width: int) -> torch.Tensor:
 
 def int8_panels(dtype: torch.dtype) -> bool:
     """Whether a model of ``dtype`` should hold its int8 weights in panels (``gpt2fast.quant.to_panels``): where the
-    kernels quantize activations for VNNI (AVX-512) and the dtype runs natively. Panels against the ``(N, K)``
-    rows, one thread, GPT-2 124M's 48 projections and LM head with the caches flushed before each step: 7.9 against
-    10.1 ms at batch 8 (no horizontal sums; each panel one stream), equal at batch 1 (``benchmarks/cpu_kernels.md``).
+    kernels quantize activations for VNNI (AVX-512) and the dtype runs natively. Why and what it measured:
+    ``benchmarks/cpu_kernels.md``.
 
     Example:
         >>> int8_panels(torch.float16)

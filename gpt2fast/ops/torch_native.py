@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import reference
-from gpt2fast.quant import Int8Weight
+from gpt2fast.quant import PANEL, Int8Weight, from_panels
 from gpt2fast.sampling import GREEDY_BELOW, argmax_rows, gumbel_from_uniform, philox_uniform
 
 # Rows of an int8 weight converted to fp32 at a time in ``int8_matmul``: 1 MB measured best (256 KB and 4 MB slower).
@@ -59,12 +59,16 @@ def int8_matmul(weight: Int8Weight, x: torch.Tensor) -> torch.Tensor:
     """
     n, k = weight.shape
     rows = max(1, INT8_CHUNK_BYTES // (4 * k))
+    if weight.panels:  # (the cpu backend's layout, met here by fp16 activations): whole panels per chunk
+        rows = -(-rows // PANEL) * PANEL
     out = torch.empty(n, x.shape[0], device=x.device)  # (N, T)
     chunk = torch.empty(min(rows, n), k, device=x.device)  # (rows, K) fp32, reused
-    q = weight.q  # (N, K); unpacked once from panels (the cpu backend's layout, here for fp16 activations)
     for start in range(0, n, rows):
         w = chunk[: min(rows, n - start)]
-        w.copy_(q[start : start + rows])
+        if weight.panels:
+            w.copy_(from_panels(weight.data[start // PANEL : -(-(start + len(w)) // PANEL)], len(w)))
+        else:
+            w.copy_(weight.q[start : start + rows])
         torch.mm(w, x.t(), out=out[start : start + rows])
     return out.mul_(weight.scale[:, None])
 
