@@ -104,6 +104,15 @@ static inline void copy_block(const V (&from)[MB][NB], V (&to)[MB][NB]) {
     for (int j = 0; j < NB; ++j) to[i][j] = from[i][j];
 }
 
+// Every accumulator of a block set to `value` (zero, as a vector of the block's type).
+template <typename V, int MB, int NB>
+static inline void fill_block(V (&acc)[MB][NB], V value) {
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = value;
+}
+
 template <typename V, int MB, int NB>
 static inline void hsums(const V (&acc_)[MB][NB], float* sums) {
   constexpr int n = MB * NB;
@@ -218,10 +227,7 @@ static void bf16_block(const Activations& a, const Weight& w, int64_t n, int64_t
   const int64_t K = a.K, ahead = prefetch_bytes<uint16_t, NB, MB>(K);
   const uint16_t* wp = static_cast<const uint16_t*>(w.data) + n * K;
   __m512 acc[MB][NB];
-  #pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-    #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  fill_block(acc, _mm512_setzero_ps());
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
     __m512i wv[NB];
@@ -258,10 +264,7 @@ static void vnni_block(const Activations& a, const Weight& w, int64_t n, int64_t
   const int8_t* wp = static_cast<const int8_t*>(w.data) + n * K;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[MB][NB];
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  fill_block(acc, _mm512_setzero_si512());
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : __mmask64((uint64_t(1) << (K - k)) - 1);
     __m512i wv[NB];
@@ -310,10 +313,7 @@ static void panel_block(const Activations& a, const Weight& w, int64_t n, int64_
   const int8_t* wp = static_cast<const int8_t*>(w.data) + (n / kPanel) * stride;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i acc[MB][P];
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) acc[i][p] = _mm512_setzero_si512();
+  fill_block(acc, _mm512_setzero_si512());
   for (int64_t k = 0; k < K; k += 4) {
     __m512i wv[P];
 #pragma GCC unroll 8
