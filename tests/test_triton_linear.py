@@ -287,11 +287,12 @@ def test_decode_linear_draws_tickets_only_when_it_splits(monkeypatch):
     _check(x, w, b, r, torch.float32, EPILOGUES["bias"])
     assert asked == [-(-131 // BLOCK_N_DECODE)]
     nonzero = torch.full((8,), 5, dtype=torch.int32, device=DEVICE)
-    monkeypatch.setattr(linear_module, "ticket_counters", lambda dev, slots: nonzero)
+    monkeypatch.setattr(linear_module, "ticket_counters", lambda dev, slots: asked.append(slots) or nonzero)
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
     _force_splits(monkeypatch, 1)
     _check(x, w, b, r, torch.float32, EPILOGUES["bias"])
     assert torch.equal(nonzero, torch.full((8,), 5, dtype=torch.int32, device=DEVICE))
+    assert asked[-1] == 1  # one split asks for no counters of its own (a graph capture never needs them to grow)
 
 
 def test_ticket_counters_grow_keep_old_buffers_and_refuse_to_grow_in_capture(monkeypatch):

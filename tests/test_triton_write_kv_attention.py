@@ -127,9 +127,13 @@ def test_decode_forced_split_counts(num_splits, monkeypatch):
     position of a split (17, 49: a writer whose cache loop is empty), on its last (16, 48, 192), in the middle,
     and an idle sequence (no query: stores nothing, its pages stay as they are)."""
     _force_splits(monkeypatch, num_splits)
+    asked = []
+    real = attention_module.ticket_counters
+    monkeypatch.setattr(attention_module, "ticket_counters", lambda dev, slots: asked.append(slots) or real(dev, slots))
     lens, queries = [1, 16, 17, 48, 49, 100, 192, 33], [1, 1, 1, 1, 1, 1, 1, 0]
     case = make_case(lens, queries, block_size=16, head_dim=16, seed=30 + num_splits, table_width=12)
     check(*case, monkeypatch=monkeypatch)
+    assert asked == [8 * N_HEAD if num_splits > 1 else 1]  # one counter per (sequence, head), only when split
 
 
 def test_a_second_call_gives_the_same_bits_and_programs_in_reverse_too(monkeypatch):

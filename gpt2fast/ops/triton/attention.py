@@ -451,7 +451,8 @@ def _decode(q, k_cache, v_cache, meta, scale, out, kv=None) -> None:
     k, v = kv if kv is not None else (q, q)  # q: valid, unread pointers when nothing is written
     _attention_decode_kernel[(num_seqs, n_head, num_splits)](
         q, k_cache, v_cache, k, v, meta.slot_mapping, part_ml, part_acc,
-        ticket_counters(q.device, num_seqs * n_head), out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+        ticket_counters(q.device, num_seqs * n_head if num_splits > 1 else 1),  # (one split: unread)
+        out, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
         scale, *q.stride()[:2], *k_cache.stride()[:3], *out.stride()[:2], meta.block_tables.stride(0),
         *k.stride()[:2], *v.stride()[:2], pages_per_split * block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_block_n(block_size),

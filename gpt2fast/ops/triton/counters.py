@@ -12,9 +12,10 @@ outgrows stays alive in ``_RETIRED``, because a CUDA graph captured earlier keep
 grows (a new, larger zeroed buffer) only outside CUDA-graph capture: an allocation and a fill there
 would be recorded into the graph, so a request that needs a larger buffer during capture raises. The
 warm-up run before each capture (``decode_runner``) makes it large enough, and in practice it never
-grows at all: the split-K kernels draw tickets only when they split, and both split rules split only
-while their tiles (linear: ``cdiv(N, 32)``; attention: ``B * H``) number fewer than 2 x 132 < ``MIN_SLOTS``;
-the LM head's fused argmax/Gumbel draws on every call, one counter per row tile: ``cdiv(N, 64)``.
+grows at all: the split-K kernels ask for counters (one per tile: linear ``cdiv(N, 32)``, attention ``B * H``)
+only when they split (else for 1, and never touch it), and both split rules split only while their tiles number
+fewer than 2 x 132 < ``MIN_SLOTS``; the LM head's fused argmax/Gumbel draws on every call, one counter per row
+tile: ``cdiv(N, 64)``.
 
 **One stream at a time.** Every launch counts from slot 0, so two split-K kernels running at once on
 two streams of one device would draw each other's tickets. Our engine runs one stream (a captured

@@ -516,7 +516,7 @@ def _decode(x, weight, bias, gelu, residual, etype, ln) -> torch.Tensor:
     block_m = 16 if t <= 16 else 64
     _linear_decode_kernel[(n_tiles, splits)](
         x, weight, weight if bias is None else bias, y if residual is None else residual, y, partials,
-        ticket_counters(x.device, n_tiles), ln_w, ln_b, t, n, k, x.stride(0),
+        ticket_counters(x.device, n_tiles if splits > 1 else 1), ln_w, ln_b, t, n, k, x.stride(0),
         0 if residual is None else residual.stride(0), k_per_split, int(bias is not None), int(residual is not None),
         float(eps), LN=ln is not None, GELU=gelu, IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype],
