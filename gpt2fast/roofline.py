@@ -8,6 +8,8 @@ program re-reads for its LayerNorm statistics (small enough to stay in an H100's
 by the memory bandwidth gives the roofline time each kernel is held against in ``benchmarks/``.
 A layer is 5 launches (``ln_linear`` x 2, the residual-adding projections x 2, and the decode attention that
 stores the step's k/v itself, ``write_kv_attention``); a step adds embed, the final LayerNorm and the LM head.
+``predict_step`` adds a latency model on top (dependent round trips and launch gaps, eager / graph / graph with
+programmatic dependent launch, per backend): a prediction with assumed constants, labelled so wherever printed.
 
 Example:
     >>> from gpt2fast.config import PRESETS
@@ -43,6 +45,10 @@ class KernelBytes:
     # (ln_linear) the x rows each split program re-reads for its LayerNorm statistics
     workspace_bytes: int = 0
     launches: int = 1  # kernel launches per call
+    # per call, the dependent memory round trips on its critical path that streaming does not hide: global
+    # memory (e.g. block table -> pages, ticket -> bias/residual loads) and L2 (the ticket atomic, the partials)
+    dram_trips: int = 1
+    l2_trips: int = 0
 
     def seconds(self, bandwidth: float = H100_BANDWIDTH) -> float:
         """Roofline time of one call."""
@@ -63,7 +69,9 @@ def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int, ln: boo
     workspace = 2 * splits * rows * n * FP32 if splits > 1 else 0  # one split keeps its tile in registers
     if ln:
         workspace += -(-n // BLOCK_N_DECODE) * splits * 2 * rows * k * size  # the stats' two passes over x
-    return KernelBytes(name, calls, dram, workspace_bytes=workspace)
+    # weights and x; then (after the ticket, when split) bias and residual: two trips to DRAM; a split adds the
+    # ticket atomic and the reload of the partials from L2
+    return KernelBytes(name, calls, dram, workspace_bytes=workspace, dram_trips=2, l2_trips=2 if splits > 1 else 0)
 
 
 def decode_step(
@@ -89,18 +97,20 @@ def decode_step(
     v_tiles = -(-v // _tiles("fp16", b)[1])
     head_out = b * v_tiles * (FP32 + INT32) + b * INT64 if fused_choice else b * v * FP32
     return [
-        KernelBytes("embed", 1, s * 3 * b * c + 2 * b * INT64),  # wte rows, wpe rows, out; ids + positions
+        KernelBytes("embed", 1, s * 3 * b * c + 2 * b * INT64, dram_trips=2),  # wte, wpe rows, out; ids (first)
         _linear("ln_1 + linear qkv", n_layer, b, c, 3 * c, s, ln=True),
         # one launch: the newest position's split stores k, v and attends to them from registers (the other
         # context - 1 positions' K, V from the pages); the last split merges
         KernelBytes("write_kv + attention decode", n_layer,
                     s * (2 * b * (context - 1) * c + 2 * b * c + 2 * b * c + 2 * b * c) + b * INT64 + tables,
-                    workspace_bytes=attn_workspace),  # cached K, V; k, v in; k, v into pages; q, out; slots
+                    workspace_bytes=attn_workspace,  # cached K, V; k, v in; k, v into pages; q, out; slots
+                    dram_trips=2, l2_trips=2 if splits > 1 else 0),  # block table, then pages; ticket, partials
         _linear("linear attn proj + residual", n_layer, b, c, c, s, residual=True),
         _linear("ln_2 + linear fc + gelu", n_layer, b, c, f, s, ln=True),
         _linear("linear mlp proj + residual", n_layer, b, f, c, s, residual=True),
         KernelBytes("layer_norm ln_f", 1, s * (2 * b * c + 2 * c)),  # x, y, weight + bias
-        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out),
+        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out,
+                    l2_trips=2 if fused_choice else 0),  # each row tile's ticket, then the tiles' bests merged
     ]
 
 
@@ -136,6 +146,90 @@ def step_time(kernels: list[KernelBytes], bandwidth: float = H100_BANDWIDTH) -> 
     return sum(k.calls * k.seconds(bandwidth) for k in kernels)
 
 
+# The latency model's constants: assumptions about an H100 SXM, not measurements (no GPU has run our kernels yet).
+# Published H100 microbenchmarks put one dependent global load under load at ~0.5-0.8 us and an L2 hit or atomic
+# at ~0.2-0.3 us; a kernel boundary inside a CUDA graph costs ~1-2 us (the last wave drains, the next ramps up),
+# ~0.3-0.5 us with programmatic dependent launch; an eager launch from Python ~5-10 us of host time.
+DRAM_TRIP_S = 0.7e-6
+L2_TRIP_S = 0.3e-6
+LAUNCH_GAP_S = {"eager": 8e-6, "graph": 1.5e-6, "graph+pdl": 0.4e-6}
+# A decode step's launches per backend, (per layer, fixed); tests/test_launches.py measures that they hold.
+BACKEND_LAUNCHES = {"triton": (5, 3), "cuda": (9, 2)}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A decode step's predicted time on one backend and launch mode, split into its three terms (seconds)."""
+
+    backend: str
+    mode: str
+    launches: int
+    bandwidth_s: float  # every kernel's DRAM bytes over the bandwidth: the floor
+    latency_s: float  # dependent round trips on the kernels' critical paths, DRAM and L2
+    launch_s: float  # the gaps between kernels
+
+    @property
+    def total_s(self) -> float:
+        return self.bandwidth_s + self.latency_s + self.launch_s
+
+    @property
+    def dominant(self) -> str:
+        """The largest term: ``"bandwidth"``, ``"latency"`` or ``"launches"``."""
+        terms = {"bandwidth": self.bandwidth_s, "latency": self.latency_s, "launches": self.launch_s}
+        return max(terms, key=terms.get)
+
+
+def predict_step(config: GPT2Config, backend: str, mode: str, batch: int, context: int,
+                 bandwidth: float = H100_BANDWIDTH) -> Prediction:
+    """Predicted time of one fp16 decode step: bytes / bandwidth, plus the dependent memory round trips of each
+    kernel times their latency, plus one launch gap per kernel (``mode``: ``LAUNCH_GAP_S``'s keys). A model, not
+    a measurement: every constant above is an assumption to hold against the first GPU run.
+
+    The kernels are ``decode_step``'s (the Triton design, 5 launches per layer + 3); a backend with more launches
+    (``BACKEND_LAUNCHES``) pays each extra one a gap and a DRAM round trip of its own. With programmatic dependent
+    launch each kernel's first round trip (its weights, loaded before it waits on the previous kernel) overlaps
+    the previous kernel's tail.
+
+    Example:
+        >>> p = predict_step(PRESETS["gpt2"], "triton", "graph+pdl", batch=1, context=128)
+        >>> p.launches, round(p.bandwidth_s * 1e6), round(p.total_s * 1e6), p.dominant
+        (63, 75, 180, 'latency')
+    """
+    if mode not in LAUNCH_GAP_S:
+        raise ValueError(f"unknown launch mode {mode!r}; use one of {', '.join(LAUNCH_GAP_S)}")
+    if backend not in BACKEND_LAUNCHES:
+        raise ValueError(f"no launch count for backend {backend!r}; known: {', '.join(BACKEND_LAUNCHES)}")
+    kernels = decode_step(config, batch, context)
+    per_layer, fixed = BACKEND_LAUNCHES[backend]
+    launches = per_layer * config.n_layer + fixed
+    extra = max(0, launches - sum(k.calls * k.launches for k in kernels))
+    dram_trips = sum(k.calls * k.dram_trips for k in kernels) + extra
+    if mode == "graph+pdl":
+        dram_trips -= launches
+    l2_trips = sum(k.calls * k.l2_trips for k in kernels)
+    return Prediction(backend, mode, launches, step_time(kernels, bandwidth),
+                      dram_trips * DRAM_TRIP_S + l2_trips * L2_TRIP_S, launches * LAUNCH_GAP_S[mode])
+
+
+def prediction_table(config: GPT2Config, batches: list[int], context: int) -> str:
+    """A markdown table of ``predict_step`` for every backend, batch and launch mode.
+
+    Example:
+        >>> print(prediction_table(PRESETS["gpt2"], [1], 128).splitlines()[0])
+        | backend | batch | launches | mode | bytes us | latency us | gaps us | total us | x floor | dominant |
+    """
+    lines = ["| backend | batch | launches | mode | bytes us | latency us | gaps us | total us | x floor | dominant |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for backend in BACKEND_LAUNCHES:
+        for batch in batches:
+            for mode in LAUNCH_GAP_S:
+                p = predict_step(config, backend, mode, batch, context)
+                lines.append(f"| {backend} | {batch} | {p.launches} | {mode} | {p.bandwidth_s * 1e6:.1f} | "
+                             f"{p.latency_s * 1e6:.1f} | {p.launch_s * 1e6:.1f} | {p.total_s * 1e6:.1f} | "
+                             f"{p.total_s / p.bandwidth_s:.2f} | {p.dominant} |")
+    return "\n".join(lines)
+
+
 def table(config: GPT2Config, batch: int, context: int, bandwidth: float = H100_BANDWIDTH) -> str:
     """A markdown table of one decode step, per kernel: calls, MB per call, extra L2 KB, launches, roofline us.
 
@@ -167,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
         for context in args.context:
             print(f"\n### {args.model}, fp16, batch {batch}, context {context} (H100: 3.35 TB/s)\n")
             print(table(config, batch, context))
+    print(f"\n### Predicted decode step, {args.model}, fp16, context {args.context[0]}: a latency model, not a "
+          "measurement (its constants are assumptions in gpt2fast/roofline.py; hold it against the first GPU run)\n")
+    print(prediction_table(config, args.batch, args.context[0]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from gpt2fast.launches import _decode_step_launches, count_launches, decode_launches
 from gpt2fast.ops import cuda, cuda_build
 from gpt2fast.ops import triton as triton_backend
+from gpt2fast.roofline import BACKEND_LAUNCHES
 
 needs_triton = pytest.mark.skipif(not triton_backend.available(), reason=triton_backend.UNAVAILABLE)
 needs_emulator = pytest.mark.skipif(bool(cuda_build.emulator_unavailable_reason()), reason="no emulated CUDA build")
@@ -39,7 +40,7 @@ def test_triton_decode_step_launches():
     from gpt2fast.ops.triton.attention import decode_splits
 
     assert decode_splits(2, 2, 4)[0] > 1
-    assert decode_launches("triton", "cpu") == (5, 3)
+    assert decode_launches("triton", "cpu") == (5, 3) == BACKEND_LAUNCHES["triton"]  # (what roofline predicts with)
 
 
 @needs_triton
@@ -57,7 +58,7 @@ def test_cuda_decode_step_launches():
     """Per layer: the CUDA LayerNorm before each ln_linear's GEMV (no fused CUDA kernel), four GEMVs, write_kv
     and the decode attention's launches (write_kv_attention is their composition: no fused CUDA kernel);
     per step: embed and the final LayerNorm (the LM head falls back to the torch backend on a CPU: no launches)."""
-    assert decode_launches("cuda", "cpu") == (9, 2)
+    assert decode_launches("cuda", "cpu") == (9, 2) == BACKEND_LAUNCHES["cuda"]
 
 
 @needs_emulator

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from gpt2fast.config import PRESETS
-from gpt2fast.roofline import H100_BANDWIDTH, decode_step, op_bytes, step_time
+from gpt2fast.roofline import (
+    BACKEND_LAUNCHES,
+    H100_BANDWIDTH,
+    LAUNCH_GAP_S,
+    decode_step,
+    op_bytes,
+    predict_step,
+    step_time,
+)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-xl"])
@@ -74,3 +82,27 @@ def test_fused_write_kv_attention_moves_both_ops_bytes_less_the_newest_kv_read_b
     assert fused.dram_bytes == ops["write_kv"].dram_bytes + ops["attention decode"].dram_bytes - newest_kv
     assert fused.launches == 1 and fused.workspace_bytes == ops["attention decode"].workspace_bytes
     assert "write_kv" not in [k.name for k in decode_step(cfg, batch, context)]
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_predictions_add_their_terms_and_every_launch_mode_saves_over_the_last(batch):
+    """The latency model (a prediction, not a measurement): the bandwidth term is step_time; fewer gaps and the
+    first round trip hidden make eager > graph > graph + PDL; more launches (cuda today) cost more."""
+    cfg = PRESETS["gpt2"]
+    for backend in BACKEND_LAUNCHES:
+        eager, graph, pdl = (predict_step(cfg, backend, mode, batch, 128) for mode in ("eager", "graph", "graph+pdl"))
+        assert eager.bandwidth_s == graph.bandwidth_s == step_time(decode_step(cfg, batch, 128))
+        assert eager.total_s > graph.total_s > pdl.total_s > pdl.bandwidth_s
+        assert graph.total_s == pytest.approx(graph.bandwidth_s + graph.latency_s + graph.launch_s)
+        per_layer, fixed = BACKEND_LAUNCHES[backend]
+        assert graph.launch_s == pytest.approx((per_layer * cfg.n_layer + fixed) * LAUNCH_GAP_S["graph"])
+    triton, cuda = (predict_step(cfg, b, "graph", batch, 128) for b in ("triton", "cuda"))
+    assert cuda.total_s > triton.total_s and cuda.latency_s > triton.latency_s
+    assert predict_step(cfg, "triton", "eager", batch, 128).dominant == "launches"
+
+
+def test_predictions_refuse_an_unknown_mode_or_backend():
+    with pytest.raises(ValueError, match="unknown launch mode 'graphs'"):
+        predict_step(PRESETS["gpt2"], "triton", "graphs", 1, 16)
+    with pytest.raises(ValueError, match="no launch count for backend 'torch'"):
+        predict_step(PRESETS["gpt2"], "torch", "graph", 1, 16)
