@@ -602,3 +602,14 @@ def test_int8_end_to_end_within_its_tolerance(tmp_path):
     assert 0 < int8["max_abs_logit_err"] and int8["flags"] == []
     assert {r["provider"] for r in data["overhead"]} == {fp32["provider"], int8["provider"]}
     assert {r["provider"] for r in data["rss"]} == {fp32["provider"], int8["provider"]}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU the script runs for real")
+def test_gpu_check_script_refuses_a_machine_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh (the GPU acceptance run) checks first that torch sees a GPU: here it says so and
+    exits 2 before building or writing anything."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")
+    done = subprocess.run(["bash", script, str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                          env=os.environ | {"PYTHON": sys.executable})
+    assert done.returncode == 2 and "sees no CUDA GPU; run this on a GPU machine" in done.stderr
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU acceptance run (issue 15): on a machine with one NVIDIA GPU (H100 or H200) whose python3 already holds
+# PyTorch with CUDA and Triton, build gpt2fast in place (nvcc builds gpt2fast._C), run every `gpu`-marked test,
+# then `gpt2fast bench` for the triton and cuda backends, fp16 and bf16, batch 1 / 8 / 64, beside hf and
+# hf-static; everything lands in one folder:
+#   env.txt        the GPU, driver, nvcc and package versions
+#   gpu-tests.log  pytest's output for the gpu-marked tests (and gpu-tests.xml, its JUnit report)
+#   bench/         bench.json, bench.md and the plots
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (default: benchmarks/results/gpu-check)
+# It installs nothing from the network: the build uses the machine's setuptools and pybind11 and no other
+# dependency is fetched (--no-deps); a package the machine lacks can come as wheels in GPT2FAST_WHEELS=DIR.
+# Budget: under 10 minutes (the tests 4, bench 5; each is cut off at its share and says so).
+# Not yet run on a GPU: no machine was lent when it was written (2026-12-06). The first run is the check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results/gpu-check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+
+if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: $py's torch sees no CUDA GPU; run this on a GPU machine" >&2
+    exit 2
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    nvcc --version | tail -n 2 || true
+    "$py" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+    git log --oneline -1 || true
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+if [ -n "${GPT2FAST_WHEELS:-}" ]; then
+    "$py" -m pip install -q --no-index --find-links "$GPT2FAST_WHEELS" "$GPT2FAST_WHEELS"/*.whl
+fi
+GPT2FAST_BUILD_CUDA=1 "$py" -m pip install -q --no-build-isolation --no-deps -e . || {
+    echo "gpu_check.sh: the build failed (nvcc, or pybind11 / setuptools missing from $py)" >&2
+    exit 3
+}
+
+status=0
+files=$(grep -l "pytest.mark.gpu" tests/*.py)
+# -m gpu after the config's -m 'not gpu': the last one wins
+timeout 240 "$py" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu-tests.xml" $files \
+    > "$out/gpu-tests.log" 2>&1 || status=$?
+tail -n 5 "$out/gpu-tests.log"
+[ "$status" -eq 124 ] && echo "gpu_check.sh: the gpu tests ran past 240 s and were cut off" | tee -a "$out/gpu-tests.log"
+
+bench_status=0
+timeout 300 "$py" -m gpt2fast bench --model random:gpt2 --backends triton cuda --dtypes float16 bfloat16 \
+    --batch-sizes 1 8 64 --baselines hf hf-static --out "$out/bench" || bench_status=$?
+[ "$bench_status" -eq 124 ] && echo "gpu_check.sh: bench ran past 300 s and was cut off" >&2
+
+echo "gpu_check.sh: tests exit $status, bench exit $bench_status; results in $out"
+[ "$status" -eq 0 ] && [ "$bench_status" -eq 0 ]
