@@ -69,9 +69,9 @@ def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int, ln: boo
     workspace = 2 * splits * rows * n * FP32 if splits > 1 else 0  # one split keeps its tile in registers
     if ln:
         workspace += -(-n // BLOCK_N_DECODE) * splits * 2 * rows * k * size  # the stats' two passes over x
-    # weights and x; then (after the ticket, when split) bias and residual: two trips to DRAM; a split adds the
-    # ticket atomic and the reload of the partials from L2
-    return KernelBytes(name, calls, dram, workspace_bytes=workspace, dram_trips=2, l2_trips=2 if splits > 1 else 0)
+    # weights and x, with bias and residual loaded beside them (before the ticket): one trip to DRAM; a split adds
+    # the ticket atomic and the reload of the partials from L2
+    return KernelBytes(name, calls, dram, workspace_bytes=workspace, l2_trips=2 if splits > 1 else 0)
 
 
 def decode_step(
@@ -193,7 +193,7 @@ def predict_step(config: GPT2Config, backend: str, mode: str, batch: int, contex
     Example:
         >>> p = predict_step(PRESETS["gpt2"], "triton", "graph+pdl", batch=1, context=128)
         >>> p.launches, round(p.bandwidth_s * 1e6), round(p.total_s * 1e6), p.dominant
-        (63, 75, 180, 'latency')
+        (63, 75, 146, 'bandwidth')
     """
     if mode not in LAUNCH_GAP_S:
         raise ValueError(f"unknown launch mode {mode!r}; use one of {', '.join(LAUNCH_GAP_S)}")

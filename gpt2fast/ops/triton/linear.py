@@ -24,7 +24,9 @@ Two shapes of work, chosen by the number of rows ``T``:
   counter (:mod:`gpt2fast.ops.triton.counters`). The program that draws ticket S - 1 -- whichever
   split it is -- loads the S partials of its slice in the fixed order 0..S-1 (so the sum has the same
   bits every run, unlike atomic float adds), applies the epilogue, casts, stores, and puts the counter
-  back to 0 for the next launch or graph replay. The other S - 1 programs end after their ticket.
+  back to 0 for the next launch or graph replay. The other S - 1 programs end after their ticket. Every
+  program loads the epilogue's bias and residual before its ticket, so their round trip to memory overlaps
+  the ticket's instead of following it (the later splits read them from L2).
   With S = 1 (a short K, or N so wide that its slices alone fill the GPU) the one program applies the
   epilogue to its own tile: no workspace, no ticket. The kernel's comments give the memory-ordering
   argument (no test can: the interpreter runs programs one at a time). The split S is the smallest
@@ -223,6 +225,57 @@ def _ln_x_times_w_t(
 
 
 @triton.jit
+def _epilogue_loads(
+    b_ptr,  # (N,) bias (HAS_BIAS; else unread)
+    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
+    rows,  # (BM,) row ids of the tile
+    cols,  # (BN,) output columns of the tile
+    row_ok,  # (BM,) rows < M
+    col_ok,  # (BN,) cols < N
+    res_row_stride,
+    HAS_BIAS,
+    HAS_RESIDUAL,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The epilogue's inputs of one tile, fp32: the bias ``(BN,)`` and the residual ``(BM, BN)`` (zeros when absent)."""
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    res = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        res_ptrs = res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :]
+        res = tl.load(res_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    return bias, res
+
+
+@triton.jit
+def _epilogue_apply_store(
+    acc,  # (BM, BN) fp32 tile of x @ w.T
+    bias,  # (BN,) fp32 (_epilogue_loads)
+    res,  # (BM, BN) fp32 (_epilogue_loads)
+    y_ptr,  # (M, N) output, contiguous
+    rows,  # (BM,) row ids of the tile
+    cols,  # (BN,) output columns of the tile
+    row_ok,  # (BM,) rows < M
+    col_ok,  # (BN,) cols < N
+    N,
+    HAS_BIAS,
+    HAS_RESIDUAL,
+    GELU: tl.constexpr,
+):
+    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store."""
+    if HAS_BIAS:
+        acc += bias[None, :]
+    if GELU:
+        acc = _tanh_gelu(acc)
+    if HAS_RESIDUAL:
+        acc += res
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _epilogue_store(
     acc,  # (BM, BN) fp32 tile of x @ w.T
     b_ptr,  # (N,) bias (HAS_BIAS; else unread)
@@ -237,17 +290,13 @@ def _epilogue_store(
     HAS_BIAS,
     HAS_RESIDUAL,
     GELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (prefill and decode)."""
-    out_mask = row_ok[:, None] & col_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = _tanh_gelu(acc)
-    if HAS_RESIDUAL:
-        res = tl.load(res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :], mask=out_mask, other=0.0)
-        acc += res.to(tl.float32)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (the prefill kernel)."""
+    bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
+                                BLOCK_M, BLOCK_N)
+    _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
 
 
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
@@ -280,7 +329,7 @@ def _linear_kernel(
     acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, 0, K,
                       IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
     _epilogue_store(acc, b_ptr, res_ptr, y_ptr, rows, cols, row_ok, col_ok, N, res_row_stride, HAS_BIAS,
-                    HAS_RESIDUAL, GELU)
+                    HAS_RESIDUAL, GELU, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
@@ -328,6 +377,10 @@ def _linear_decode_kernel(
     else:
         acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start,
                           k_start + k_per_split, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
+    # The epilogue's bias and residual, loaded before the ticket (by every split, the later ones from L2): their
+    # memory round trip overlaps the partial's store and the ticket's, instead of following the last ticket.
+    bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
+                                BLOCK_M, BLOCK_N)  # (BN,), (BM, BN) fp32
     if num_splits > 1:
         tile = rows[:, None].to(tl.int64) * N + cols[None, :]  # (BM, BN) offsets in one split's (M, N) slab
         tile_mask = row_ok[:, None] & col_ok[None, :]
@@ -353,8 +406,7 @@ def _linear_decode_kernel(
         # Every ticket of this tile is drawn, so nothing else touches the counter in this launch: a plain
         # store leaves it 0 for the next launch (or graph replay), which kernel order on the stream publishes.
         tl.store(counter_ptr + pid_n, 0)
-    _epilogue_store(acc, b_ptr, res_ptr, y_ptr, rows, cols, row_ok, col_ok, N, res_row_stride, HAS_BIAS,
-                    HAS_RESIDUAL, GELU)
+    _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
 
 
 def prefill_tile(etype: str, t: int, n: int) -> tuple[int, int, int, int]:
