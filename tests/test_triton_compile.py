@@ -17,11 +17,12 @@ from gpt2fast.ops.triton import available, unavailable_reason
 pytestmark = pytest.mark.skipif(not available(), reason=unavailable_reason() or "triton available")
 
 if available():
-    from gpt2fast.ops.triton.aot import ARCHES, SHARED_LIMIT, all_variants, compile_all
+    from gpt2fast.ops.triton.aot import ARCHES, SHARED_LIMIT, all_variants, compile_all, variant_arches
 
     VARIANTS = {v["name"]: v for v in all_variants()}
+    CASES = [(name, arch) for name, v in VARIANTS.items() for arch in variant_arches(v)]
 else:
-    ARCHES, VARIANTS = (), {}
+    ARCHES, VARIANTS, CASES = (), {}, []
 
 
 def _module(variant: dict) -> str:
@@ -45,8 +46,7 @@ def resources():
     return get
 
 
-@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name, arch", CASES, ids=[f"{n}-sm{a}" for n, a in CASES])
 def test_variant_compiles_without_spills_within_shared_memory(resources, name, arch):
     r = resources(name, arch)
     assert (r["spill_stores"], r["spill_loads"]) == (0, 0), f"{name} spills on sm_{arch}: {r}"
@@ -64,3 +64,13 @@ def test_every_kernel_module_lists_variants():
     for variant in VARIANTS.values():
         assert set(variant) >= {"name", "fn", "signature", "constexprs", "num_warps"}, variant["name"]
         assert all(variant["signature"][k] == "constexpr" for k in variant["constexprs"]), variant["name"]
+
+
+def test_pdl_variants_wait_and_signal_in_their_ptx_and_no_other_does(resources):
+    """The decode linear launched with programmatic dependent launch (sm_90): its PTX holds griddepcontrol.wait
+    (nothing an earlier kernel wrote is read before it) and griddepcontrol.launch_dependents; without PDL neither."""
+    pdl = [name for name in VARIANTS if name.endswith("_pdl")]
+    assert pdl and all(VARIANTS[name]["arches"] == (90,) for name in pdl)
+    for name in pdl:
+        assert resources(name, 90)["griddepcontrol"] == ["launch_dependents", "wait"], name
+        assert resources(name.removesuffix("_pdl"), 90)["griddepcontrol"] == [], name

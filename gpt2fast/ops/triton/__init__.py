@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 UNAVAILABLE = (
     "backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported "
@@ -30,6 +34,23 @@ def interpreting() -> bool:
         True
     """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch: a CUDA GPU of compute capability
+    9.0 or newer (Hopper), not the interpreter, and ``GPT2FAST_PDL`` not ``0``. A PDL kernel's programs start while
+    the previous kernel finishes and wait (``gdc_wait``) before they read anything an earlier kernel wrote.
+
+    Example:
+        >>> import torch
+        >>> pdl_enabled(torch.device("cpu"))
+        False
+    """
+    if device.type != "cuda" or interpreting() or os.environ.get("GPT2FAST_PDL", "1") == "0":
+        return False
+    import torch
+
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def available() -> bool:

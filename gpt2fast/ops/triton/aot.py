@@ -137,8 +137,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
     """Compile one kernel variant for ``sm_<arch>`` and return its resource use.
 
     Returns ``name, arch, num_warps, registers, spill_stores, spill_loads, stack, shared_dynamic,
-    shared_static, shared, compile_s`` (bytes for spills, stack and shared memory; ``shared`` is the
-    per-block total).
+    shared_static, shared, compile_s, griddepcontrol`` (bytes for spills, stack and shared memory; ``shared`` is
+    the per-block total; ``griddepcontrol``: the PTX's programmatic-dependent-launch instructions, sorted).
 
     Example (skipped in doctests: about a second of compiling; tests/test_triton_compile.py runs it):
         >>> from gpt2fast.ops.triton.layer_norm import COMPILE_VARIANTS
@@ -167,6 +167,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
     seconds = time.perf_counter() - start
     usage = resource_usage(compiled.asm["cubin"])
     spill_stores, spill_loads = _spills(_ptxas_log(compiled.asm["ptx"], arch))
+    # programmatic dependent launch's instructions in the PTX: "wait", "launch_dependents"
+    griddepcontrol = sorted(set(re.findall(r"griddepcontrol\.(\w+)", compiled.asm["ptx"])))
     return dict(
         name=variant["name"],
         arch=arch,
@@ -179,6 +181,7 @@ def compile_variant(variant: dict, arch: int) -> dict:
         shared_static=usage["static_shared"],
         shared=int(compiled.metadata.shared) + usage["static_shared"],
         compile_s=seconds,
+        griddepcontrol=griddepcontrol,
     )
 
 
@@ -232,7 +235,18 @@ def compile_all(variants: list[dict] | None = None, arches: tuple[int, ...] = AR
     variants = all_variants() if variants is None else variants
     if variants and not _compiles_here(variants[0]["fn"]):
         return _compile_in_subprocess([v["name"] for v in variants], arches)
-    return [compile_variant(v, arch) for v in variants for arch in arches]
+    return [compile_variant(v, arch) for v in variants for arch in variant_arches(v, arches)]
+
+
+def variant_arches(variant: dict, arches: tuple[int, ...] = ARCHES) -> tuple[int, ...]:
+    """The arches of ``arches`` a variant compiles for: all, or those its ``"arches"`` names (a variant using an
+    instruction of newer GPUs only, such as programmatic dependent launch's ``griddepcontrol`` on sm_90).
+
+    Example:
+        >>> variant_arches({"name": "k"}, (80, 90)), variant_arches({"name": "k", "arches": (90,)}, (80, 90))
+        ((80, 90), (90,))
+    """
+    return tuple(a for a in arches if a in variant.get("arches", arches))
 
 
 def main(argv: list[str] | None = None) -> None:

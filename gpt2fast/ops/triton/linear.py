@@ -69,8 +69,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
+from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting, pdl_enabled
 from gpt2fast.ops.triton.counters import ticket_counters
 
 DECODE_MAX_ROWS = 64  # at most this many rows: the split-K GEMV path (row tile 16, or 64 above 16 rows)
@@ -359,6 +360,7 @@ def _linear_decode_kernel(
     BLOCK_M: tl.constexpr,  # 16 (tl.dot's smallest M) or 64; rows >= M are masked
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (sm_90, pdl_enabled)
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -368,6 +370,11 @@ def _linear_decode_kernel(
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
+    if PDL:
+        # This program may start before the previous kernel has finished: x, the residual and the counters are
+        # earlier kernels' to write, so nothing is read before griddepcontrol.wait, which returns once the
+        # previous grid has completed and its memory is visible (the weights could be fetched before it; not yet).
+        gdc_wait()
     if LN:
         # Every split program of every N slice recomputes the same (M,) stats: reads of x that hit L2,
         # instead of a stats launch (or a cross-program hand-off) before the GEMV. See ln_linear.
@@ -377,6 +384,8 @@ def _linear_decode_kernel(
     else:
         acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start,
                           k_start + k_per_split, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
+    if PDL:  # this program's weights are read: the next kernel may launch and run up to its own wait
+        gdc_launch_dependents()
     # The epilogue's bias and residual, loaded before the ticket (by every split, the later ones from L2): their
     # memory round trip overlaps the partial's store and the ticket's, instead of following the last ticket.
     bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
@@ -407,6 +416,17 @@ def _linear_decode_kernel(
         # store leaves it 0 for the next launch (or graph replay), which kernel order on the stream publishes.
         tl.store(counter_ptr + pid_n, 0)
     _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The decode kernel's launch arguments for programmatic dependent launch: ``PDL`` (its waits) and Triton's
+    ``launch_pdl`` where ``pdl_enabled(device)``; none elsewhere (the interpreter takes no ``launch_pdl``).
+
+    Example:
+        >>> pdl_launch(torch.device("cpu"))
+        {}
+    """
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else {}
 
 
 def prefill_tile(etype: str, t: int, n: int) -> tuple[int, int, int, int]:
@@ -572,7 +592,7 @@ def _decode(x, weight, bias, gelu, residual, etype, ln) -> torch.Tensor:
         0 if residual is None else residual.stride(0), k_per_split, int(bias is not None), int(residual is not None),
         float(eps), LN=ln is not None, GELU=gelu, IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype],
-        num_warps=decode_warps(block_m, ln is not None),
+        num_warps=decode_warps(block_m, ln is not None), **pdl_launch(x.device),
     )
     return y
 
@@ -596,23 +616,29 @@ def _variants() -> list[dict]:
                 ))
             for ln in (False, True):
                 for block_m in (16, 64):
-                    out.append(dict(
-                        name=f"linear_decode_{'ln_' if ln else ''}{suffix}_m{block_m}", fn=_linear_decode_kernel,
-                        signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, part_ptr="*fp32",
-                                       counter_ptr="*i32", ln_w_ptr=ptr, ln_b_ptr=ptr, M="i32", N="i32", K="i32",
-                                       x_row_stride="i64", res_row_stride="i64", k_per_split="i32", HAS_BIAS="i32",
-                                       HAS_RESIDUAL="i32", eps="fp32", LN="constexpr", GELU="constexpr",
-                                       IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
-                                       BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                        constexprs=dict(LN=ln, GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=block_m,
-                                        BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype]),
-                        num_warps=decode_warps(block_m, ln),
-                        divisible_by_16=("N", "K", "x_row_stride", "res_row_stride", "k_per_split"),
-                    ))
+                    # PDL: fp16 and bf16 only (what a Hopper decodes in), sm_90 only (griddepcontrol)
+                    for pdl in (False, True) if etype != "fp32" else (False,):
+                        out.append(dict(
+                            name=f"linear_decode_{'ln_' if ln else ''}{suffix}_m{block_m}{'_pdl' if pdl else ''}",
+                            fn=_linear_decode_kernel,
+                            signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr,
+                                           part_ptr="*fp32", counter_ptr="*i32", ln_w_ptr=ptr, ln_b_ptr=ptr, M="i32",
+                                           N="i32", K="i32", x_row_stride="i64", res_row_stride="i64",
+                                           k_per_split="i32", HAS_BIAS="i32", HAS_RESIDUAL="i32", eps="fp32",
+                                           LN="constexpr", GELU="constexpr", IEEE="constexpr", UPCAST="constexpr",
+                                           BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
+                                           PDL="constexpr"),
+                            constexprs=dict(LN=ln, GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=block_m,
+                                            BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype], PDL=pdl),
+                            num_warps=decode_warps(block_m, ln),
+                            divisible_by_16=("N", "K", "x_row_stride", "res_row_stride", "k_per_split"),
+                            **(dict(arches=(90,)) if pdl else {}),
+                        ))
     return out
 
 
 # Every configuration linear() and ln_linear() can launch: per dtype, with and without GELU, each prefill
-# tile and the decode kernel, plain and with the LayerNorm prologue (LN), at row tiles 16 and 64. GPT-2's
+# tile and the decode kernel, plain and with the LayerNorm prologue (LN), at row tiles 16 and 64, and for fp16 and
+# bf16 on sm_90 with programmatic dependent launch too (PDL). GPT-2's
 # widths (768, 2304, 3072, ... 6400) and strides are multiples of 16, as the JIT will see them on the GPU.
 COMPILE_VARIANTS: list[dict] = _variants()
