@@ -265,7 +265,7 @@ def _epilogue_apply_store(
     HAS_RESIDUAL,
     GELU: tl.constexpr,
 ):
-    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store."""
+    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (prefill and decode)."""
     if HAS_BIAS:
         acc += bias[None, :]
     if GELU:
@@ -274,30 +274,6 @@ def _epilogue_apply_store(
         acc += res
     out_mask = row_ok[:, None] & col_ok[None, :]
     tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _epilogue_store(
-    acc,  # (BM, BN) fp32 tile of x @ w.T
-    b_ptr,  # (N,) bias (HAS_BIAS; else unread)
-    res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
-    y_ptr,  # (M, N) output, contiguous
-    rows,  # (BM,) row ids of the tile
-    cols,  # (BN,) output columns of the tile
-    row_ok,  # (BM,) rows < M
-    col_ok,  # (BN,) cols < N
-    N,
-    res_row_stride,
-    HAS_BIAS,
-    HAS_RESIDUAL,
-    GELU: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (the prefill kernel)."""
-    bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
-                                BLOCK_M, BLOCK_N)
-    _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
 
 
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
@@ -329,8 +305,9 @@ def _linear_kernel(
     col_ok = cols < N
     acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, 0, K,
                       IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
-    _epilogue_store(acc, b_ptr, res_ptr, y_ptr, rows, cols, row_ok, col_ok, N, res_row_stride, HAS_BIAS,
-                    HAS_RESIDUAL, GELU, BLOCK_M, BLOCK_N)
+    bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
+                                BLOCK_M, BLOCK_N)  # (BN,), (BM, BN) fp32
+    _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
 
 
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
