@@ -155,6 +155,10 @@ L2_TRIP_S = 0.3e-6
 LAUNCH_GAP_S = {"eager": 8e-6, "graph": 1.5e-6, "graph+pdl": 0.4e-6}
 # A decode step's launches per backend, (per layer, fixed); tests/test_launches.py measures that they hold.
 BACKEND_LAUNCHES = {"triton": (5, 3), "cuda": (9, 2)}
+# Of those, the ones launched with programmatic dependent launch on sm_90 (per layer, fixed): triton's four decode
+# linears (ops/triton/linear.py pdl_launch); none in the cuda backend yet. None of them fetches its weights before
+# its wait yet, so PDL shortens their gaps and hides no round trip.
+PDL_LAUNCHES = {"triton": (4, 0), "cuda": (0, 0)}
 
 
 @dataclass(frozen=True)
@@ -186,14 +190,14 @@ def predict_step(config: GPT2Config, backend: str, mode: str, batch: int, contex
     a measurement: every constant above is an assumption to hold against the first GPU run.
 
     The kernels are ``decode_step``'s (the Triton design, 5 launches per layer + 3); a backend with more launches
-    (``BACKEND_LAUNCHES``) pays each extra one a gap and a DRAM round trip of its own. With programmatic dependent
-    launch each kernel's first round trip (its weights, loaded before it waits on the previous kernel) overlaps
-    the previous kernel's tail.
+    (``BACKEND_LAUNCHES``) pays each extra one a gap and a DRAM round trip of its own. ``"graph+pdl"``: the
+    backend's kernels launched with programmatic dependent launch today (``PDL_LAUNCHES``) get the PDL gap, the
+    others the graph gap.
 
     Example:
         >>> p = predict_step(PRESETS["gpt2"], "triton", "graph+pdl", batch=1, context=128)
         >>> p.launches, round(p.bandwidth_s * 1e6), round(p.total_s * 1e6), p.dominant
-        (63, 75, 146, 'bandwidth')
+        (63, 75, 207, 'latency')
     """
     if mode not in LAUNCH_GAP_S:
         raise ValueError(f"unknown launch mode {mode!r}; use one of {', '.join(LAUNCH_GAP_S)}")
@@ -204,11 +208,14 @@ def predict_step(config: GPT2Config, backend: str, mode: str, batch: int, contex
     launches = per_layer * config.n_layer + fixed
     extra = max(0, launches - sum(k.calls * k.launches for k in kernels))
     dram_trips = sum(k.calls * k.dram_trips for k in kernels) + extra
-    if mode == "graph+pdl":
-        dram_trips -= launches
     l2_trips = sum(k.calls * k.l2_trips for k in kernels)
+    pdl = 0
+    if mode == "graph+pdl":
+        pdl_per_layer, pdl_fixed = PDL_LAUNCHES[backend]
+        pdl = pdl_per_layer * config.n_layer + pdl_fixed
+    gaps = pdl * LAUNCH_GAP_S["graph+pdl"] + (launches - pdl) * LAUNCH_GAP_S["graph" if mode == "graph+pdl" else mode]
     return Prediction(backend, mode, launches, step_time(kernels, bandwidth),
-                      dram_trips * DRAM_TRIP_S + l2_trips * L2_TRIP_S, launches * LAUNCH_GAP_S[mode])
+                      dram_trips * DRAM_TRIP_S + l2_trips * L2_TRIP_S, gaps)
 
 
 def prediction_table(config: GPT2Config, batches: list[int], context: int) -> str:

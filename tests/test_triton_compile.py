@@ -1,5 +1,6 @@
-"""Every Triton kernel variant the launchers can launch compiles for sm_80 and sm_90 with no register
-spills and shared memory within the GPU's per-block limit.
+"""Every Triton kernel variant the launchers can launch compiles for sm_80 and sm_90 (the ``_pdl`` ones, with
+programmatic dependent launch, for sm_90 only) with no register spills and shared memory within the GPU's
+per-block limit.
 
 No GPU needed: ``gpt2fast.ops.triton.aot`` compiles with ``triton.compile(..., GPUTarget("cuda",
 arch, 32))`` and reads the cubin. This process runs the interpreter (conftest), so the compiling
@@ -73,4 +74,5 @@ def test_pdl_variants_wait_and_signal_in_their_ptx_and_no_other_does(resources):
     assert pdl and all(VARIANTS[name]["arches"] == (90,) for name in pdl)
     for name in pdl:
         assert resources(name, 90)["griddepcontrol"] == ["launch_dependents", "wait"], name
+        assert resources(name, 90)["loads_before_wait"] == 0, name  # nothing read before the previous grid is done
         assert resources(name.removesuffix("_pdl"), 90)["griddepcontrol"] == [], name

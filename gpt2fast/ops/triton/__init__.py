@@ -13,6 +13,7 @@ merge their split-K partials inside the same launch).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING
@@ -48,9 +49,15 @@ def pdl_enabled(device: torch.device) -> bool:
     """
     if device.type != "cuda" or interpreting() or os.environ.get("GPT2FAST_PDL", "1") == "0":
         return False
+    return _capability(device.index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index`` (None: the current one), asked once per device."""
     import torch
 
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return torch.cuda.get_device_capability(index)
 
 
 def available() -> bool:

@@ -138,7 +138,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
 
     Returns ``name, arch, num_warps, registers, spill_stores, spill_loads, stack, shared_dynamic,
     shared_static, shared, compile_s, griddepcontrol`` (bytes for spills, stack and shared memory; ``shared`` is
-    the per-block total; ``griddepcontrol``: the PTX's programmatic-dependent-launch instructions, sorted).
+    the per-block total; ``griddepcontrol``: the PTX's programmatic-dependent-launch instructions, sorted;
+    ``loads_before_wait``: global loads in the PTX before its ``griddepcontrol.wait``).
 
     Example (skipped in doctests: about a second of compiling; tests/test_triton_compile.py runs it):
         >>> from gpt2fast.ops.triton.layer_norm import COMPILE_VARIANTS
@@ -150,6 +151,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if arch not in variant_arches(variant, (arch,)):
+        raise ValueError(f"{variant['name']} compiles only for sm_{variant['arches']}, not sm_{arch}")
     fn = variant["fn"]
     if not _compiles_here(fn):
         return _compile_in_subprocess([variant["name"]], (arch,))[0]
@@ -168,7 +171,10 @@ def compile_variant(variant: dict, arch: int) -> dict:
     usage = resource_usage(compiled.asm["cubin"])
     spill_stores, spill_loads = _spills(_ptxas_log(compiled.asm["ptx"], arch))
     # programmatic dependent launch's instructions in the PTX: "wait", "launch_dependents"
-    griddepcontrol = sorted(set(re.findall(r"griddepcontrol\.(\w+)", compiled.asm["ptx"])))
+    ptx = compiled.asm["ptx"]
+    griddepcontrol = sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx)))
+    wait = ptx.find("griddepcontrol.wait")
+    loads_before_wait = ptx[:wait].count("ld.global") if wait >= 0 else 0  # reads that may see a stale buffer
     return dict(
         name=variant["name"],
         arch=arch,
@@ -182,6 +188,7 @@ def compile_variant(variant: dict, arch: int) -> dict:
         shared=int(compiled.metadata.shared) + usage["static_shared"],
         compile_s=seconds,
         griddepcontrol=griddepcontrol,
+        loads_before_wait=loads_before_wait,
     )
 
 

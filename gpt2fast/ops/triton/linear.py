@@ -395,15 +395,16 @@ def _linear_decode_kernel(
     _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
 
 
-def pdl_launch(device: torch.device) -> dict:
+def pdl_launch(device: torch.device, etype: str) -> dict:
     """The decode kernel's launch arguments for programmatic dependent launch: ``PDL`` (its waits) and Triton's
-    ``launch_pdl`` where ``pdl_enabled(device)``; none elsewhere (the interpreter takes no ``launch_pdl``).
+    ``launch_pdl`` for fp16 and bf16 where ``pdl_enabled(device)`` (the ``_pdl`` compile variants: fp32 has none);
+    none elsewhere (the interpreter takes no ``launch_pdl``).
 
     Example:
-        >>> pdl_launch(torch.device("cpu"))
+        >>> pdl_launch(torch.device("cpu"), "fp16")
         {}
     """
-    return dict(PDL=True, launch_pdl=True) if pdl_enabled(device) else {}
+    return dict(PDL=True, launch_pdl=True) if etype != "fp32" and pdl_enabled(device) else {}
 
 
 def prefill_tile(etype: str, t: int, n: int) -> tuple[int, int, int, int]:
@@ -569,7 +570,7 @@ def _decode(x, weight, bias, gelu, residual, etype, ln) -> torch.Tensor:
         0 if residual is None else residual.stride(0), k_per_split, int(bias is not None), int(residual is not None),
         float(eps), LN=ln is not None, GELU=gelu, IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype],
-        num_warps=decode_warps(block_m, ln is not None), **pdl_launch(x.device),
+        num_warps=decode_warps(block_m, ln is not None), **pdl_launch(x.device, etype),
     )
     return y
 
