@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -34,11 +33,41 @@ RATIO_KEYS = {"provider", "batch", "decode_ms", "hf_ratio"}
 STRINGS = {"provider", "backend", "dtype"}
 
 
+REAL_INTERLEAVED = bench.interleaved  # before steady_timings replaces it
+
+
+def test_interleaved_times_every_job_round_by_round(monkeypatch):
+    """The real bench.interleaved: every job once per round in bench.rounds' order, the pause (SETTLE_S) before
+    each, and each job's seconds per round (positive; what they measure is bench.timings')."""
+    import torch
+
+    order, pauses = [], []
+    monkeypatch.setattr(bench.time, "sleep", pauses.append)
+    monkeypatch.setattr(bench, "SETTLE_S", 0.5)
+    seconds = REAL_INTERLEAVED([lambda i=i: order.append(i) for i in range(3)], 4, torch.device("cpu"))
+    assert order == list(bench.rounds(3, 4)) and pauses == [0.5] * 12
+    assert [len(s) for s in seconds] == [4, 4, 4] and all(t > 0 for s in seconds for t in s)
+
+
+def steady_interleaved(jobs, repeats, device):
+    """``bench.interleaved`` with made-up seconds: every job still runs, in bench's round order, but job ``i`` of
+    the call takes ``(i + 1)`` ms, a little more each round (so spreads are not 0), and a decode row's 1 + n token
+    run always outlasts its 1 token run. The tiny models here step in about a millisecond, which the other xdist
+    worker on a 2-core machine can swamp: CI measured negative decode steps, which bench rightly refuses."""
+    seconds: list[list[float]] = [[] for _ in jobs]
+    for i in bench.rounds(len(jobs), repeats):
+        jobs[i]()
+        seconds[i].append(1e-3 * (i + 1) * (1 + 0.01 * len(seconds[i])))
+    return seconds
+
+
 @pytest.fixture(scope="module", autouse=True)
-def no_settling():
-    """The pause before each timed job (bench.SETTLE_S) is for real measurements; these only need timings."""
+def steady_timings():
+    """These tests check what bench does with its timings, not the timings: steady_interleaved, no pause before
+    each timed job (bench.SETTLE_S, for real measurements)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "SETTLE_S", 0.0)
+        patch.setattr(bench, "interleaved", steady_interleaved)
         yield
 
 
@@ -166,7 +195,6 @@ def test_decode_rows_interleave_the_providers_round_by_round():
     def provider(name: str) -> bench.Provider:
         def generate(prompts: list[list[int]], n: int) -> None:
             calls.append((name, n))
-            time.sleep(n * 1e-3)  # a step costs time, so the subtraction is positive
 
         return bench.Provider(name, "x", "float32", generate, llm)
 
@@ -527,16 +555,7 @@ def test_threads_reach_every_provider_and_the_meta(tmp_path, stub_python, monkey
         seen.append(torch.get_num_threads())
         return real(args)
 
-    # Every job still runs (on the 2 threads), but its seconds are made up: 2 threads beside the other xdist
-    # worker on 2 cores time nothing reliably (CI once measured a negative decode step). Later jobs get more
-    # seconds, so each decode row's 1 + n token run outlasts its 1 token run.
-    def interleaved(jobs, repeats, device):
-        for job in jobs:
-            job()
-        return [[float(i + 1)] * repeats for i in range(len(jobs))]
-
     monkeypatch.setattr(bench, "run", run)
-    monkeypatch.setattr(bench, "interleaved", interleaved)
     before = torch.get_num_threads()
     assert bench.main(["--model", TINY, "--backends", "torch", "--batch-sizes", "1", "--prompt-lens", "5",
                        "--contexts", "5", "--decode-tokens", "8", "--repeats", "3", "--greedy-tokens", "3",
