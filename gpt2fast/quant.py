@@ -90,7 +90,7 @@ class Int8Weight:
         """
         if self.panels:  # row n: panel n // 16, lane n % 16 of every 4-k group
             n = self.scale.shape[0]
-            lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+            lo, hi = map(int, torch.aminmax(ids)) if ids.numel() else (0, 0)  # one pass (the embedding, per step)
             if lo < -n or hi >= n:  # the last panel's padding rows are no rows
                 raise IndexError(f"Int8Weight.rows: ids must lie in [-{n}, {n}), got {lo}..{hi}")
             ids = ids % n  # (as indexing the (N, K) values would)

@@ -362,7 +362,7 @@ def test_ct2_peak_rss_is_per_process_and_leaves_torch_out(ct2_result):
 
 
 def test_ct2_generates_exactly_n_greedy_tokens_like_ours_on_threads_asked(tmp_path, monkeypatch):
-    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed")
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install -e '.[bench]')")
     started = []
     real = bench.Worker
 
