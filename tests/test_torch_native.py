@@ -43,6 +43,28 @@ def test_lm_head_family_matches_reference(rows):
                            reference.lm_head_gumbel(x, wte, temps, seeds))
 
 
+@pytest.mark.parametrize("vocab", [1, 2, 1013])
+def test_sync_free_sampler_draws_the_references_tokens(vocab):
+    """Every temperature x top_k x top_p combination (greedy, off, k = 1, k past the vocabulary), min-p on every
+    third row, one -inf logit per row (a filter already ran), seeds apart: the same token as the reference."""
+    combos = [(t, k, p) for t in (0.0, 0.4, 1.0, 1.7) for k in (0, 1, 3, 40, vocab + 2) for p in (0.2, 0.9, 1.0)]
+    rows = len(combos)
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(rows, vocab, generator=gen) * 3  # (B, V)
+    if vocab > 1:
+        logits[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=gen)] = -float("inf")
+    temperature = torch.tensor([t for t, _, _ in combos])
+    top_k = torch.tensor([k for _, k, _ in combos], dtype=torch.int32)
+    top_p = torch.tensor([p for _, _, p in combos])
+    min_p = torch.tensor([0.1 if i % 3 == 0 else 0.0 for i in range(rows)])
+    seeds = torch.randint(0, 2**62, (rows,), generator=gen)
+    for m in (min_p, None):
+        got = torch_native.sample_top_k_top_p(logits, temperature, top_k, top_p, seeds, m)
+        want = reference.sample_top_k_top_p(logits, temperature, top_k, top_p, seeds, m)
+        assert torch.equal(got, want)
+    assert vocab == 1 or len(set(got.tolist())) > vocab // 100 + 1  # not one token everywhere
+
+
 def test_lm_head_low_precision_weights_use_the_reference():
     x, wte = torch.randn(2, 16), torch.randn(50, 16).bfloat16()
     assert torch.equal(torch_native.lm_head(x, wte), reference.lm_head(x, wte))

@@ -211,7 +211,7 @@ def triton_ops() -> Ops:
         lm_head=lm_head.lm_head,
         lm_head_argmax=lm_head.lm_head_argmax,
         lm_head_gumbel=lm_head.lm_head_gumbel,
-        sample_top_k_top_p=reference.sample_top_k_top_p,  # no Triton sampler: the CUDA backend has one
+        sample_top_k_top_p=torch_native.sample_top_k_top_p,  # no Triton sampler; torch's without a sync (graphs)
     )
 
 

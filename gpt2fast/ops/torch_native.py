@@ -33,6 +33,8 @@ Everything else is the reference's function, prefill attention included (the loo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -168,6 +170,49 @@ def lm_head_gumbel(
         noise = gumbel_from_uniform(philox_uniform(seeds.index_select(0, sampled), logits.shape[-1]))  # (S, V)
         chosen = chosen.index_copy(0, sampled, argmax_rows(noise.add_(rows)).to(x.device))
     return chosen
+
+
+def sample_top_k_top_p(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    min_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``reference.sample_top_k_top_p`` (the same token, bit for bit) with no host sync: every row's settings stay
+    tensors and every row is filtered, drawn or not, so a CUDA graph can hold it (the Triton backend's sampler).
+
+    One descending sort per row gives the top-k floor (the k-th value) and the top-p floor of the top-k
+    survivors (masking below a floor keeps the sorted order); min-p's floor is ``max + log(min_p)``, ``-inf``
+    when off. Costs a full sort of every row, so on a CPU, where a sync is free, the reference is faster.
+
+    Example:
+        >>> logits, seeds = torch.randn(3, 50), torch.tensor([5, 6, 7])
+        >>> t, k = torch.tensor([0.0, 0.8, 1.2]), torch.tensor([0, 10, 0], dtype=torch.int32)
+        >>> p, m = torch.tensor([1.0, 0.9, 0.5]), torch.tensor([0.0, 0.0, 0.1])
+        >>> args = (logits, t, k, p, seeds, m)
+        >>> torch.equal(sample_top_k_top_p(*args), reference.sample_top_k_top_p(*args))
+        True
+    """
+    vocab = logits.shape[-1]
+    greedy = (temperature < GREEDY_BELOW) | (top_k == 1)  # (B,)
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # (B, V)
+    ranked = torch.sort(scaled, dim=-1, descending=True).values  # (B, V)
+    kth = ranked.gather(1, (top_k.long() - 1).clamp(0, vocab - 1)[:, None])  # (B, 1)
+    floor = kth.masked_fill(((top_k <= 0) | (top_k >= vocab))[:, None], -math.inf)  # (B, 1)
+    survivors = ranked.masked_fill(ranked < floor, -math.inf)  # (B, V), still sorted
+    probs = torch.softmax(survivors, dim=-1)  # (B, V)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V)
+    num_kept = (mass_before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp_min_(1)  # (B, 1)
+    nucleus = (top_p < 1)[:, None]  # (B, 1)
+    floor = torch.where(nucleus, torch.maximum(floor, survivors.gather(1, num_kept - 1)), floor)
+    if min_p is not None:  # log(0) = -inf: rows without min-p keep their floor
+        floor = torch.maximum(floor, scaled.amax(dim=-1, keepdim=True) + torch.log(min_p)[:, None])
+    filtered = scaled.masked_fill_(scaled < floor, -math.inf)  # (B, V)
+    noise = gumbel_from_uniform(philox_uniform(seeds, vocab))  # (B, V)
+    drawn = argmax_rows(noise.add_(filtered)).to(logits.device)  # (B,)
+    return torch.where(greedy, argmax_rows(logits).to(logits.device), drawn)
 
 
 # Gathered keys per decode-attention group (values as many again): 64 KB-256 KB measured best here.
