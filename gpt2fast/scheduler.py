@@ -54,6 +54,11 @@ class Sequence:
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt:]
 
+    @property
+    def num_output(self) -> int:
+        """``len(output_ids)`` without the copy."""
+        return len(self.token_ids) - self.num_prompt
+
 
 @dataclass
 class Batch:
@@ -112,7 +117,7 @@ class Scheduler:
         # After a preemption the pool is tight: admitting new work now would only preempt it again.
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            if len(self.running) + seq.fork_n > self.max_num_seqs:
+            if not self.can_admit(seq):
                 break
             if seq.num_computed == 0 and not seq.all_logits:
                 self._use_prefix_cache(seq)
@@ -129,6 +134,19 @@ class Scheduler:
             batch.num_new.append(num_new)
             budget -= num_new
         return batch
+
+    def can_admit(self, seq: Sequence, leaving: int = 0) -> bool:
+        """``max_num_seqs`` leaves room for ``seq`` and all its samples, counting those of running prompts that
+        have not split into their samples yet (``fork_n``); ``leaving``: running sequences known to end first.
+
+        Example:
+            >>> sched = Scheduler(BlockPool(8), block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+            >>> sched.running.append(Sequence("a", 0, [1], 1, BlockTable(4), fork_n=3))
+            >>> sched.can_admit(Sequence("b", 0, [2], 1, BlockTable(4))), sched.can_admit(Sequence("c", 0, [2], 1,
+            ...     BlockTable(4), fork_n=2))
+            (True, False)
+        """
+        return sum(s.fork_n for s in self.running) - leaving + seq.fork_n <= self.max_num_seqs
 
     def _reserve(self, seq: Sequence, num_new: int, batch: Batch) -> bool:
         """Give ``seq`` the blocks for ``num_new`` more tokens, or return False if the pool lacks them."""
@@ -151,6 +169,25 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def reserve_ahead(self, seqs: list[Sequence]) -> Batch | None:
+        """A decode step of ``seqs`` whose input tokens are not in ``token_ids`` yet (the step before is still
+        choosing them, on the device): blocks for one more token each, or None when the pool lacks them (this
+        never preempts). ``step_done`` follows once those tokens are appended.
+
+        Example:
+            >>> sched = Scheduler(BlockPool(2), block_size=2, max_num_seqs=2, max_num_batched_tokens=8)
+            >>> sched.add(Sequence("a", 0, [5, 6], 2, BlockTable(2)))
+            >>> sched.step_done(sched.schedule())  # the prompt fills block 0; its next token needs block 1
+            >>> sched.reserve_ahead(sched.running).num_new, sched.running[0].table.blocks
+            ([1], [0, 1])
+        """
+        if sum(s.table.blocks_needed(self.pool, s.num_computed, s.num_computed + 1) for s in seqs) > self.pool.num_free:
+            return None
+        batch = Batch(list(seqs), [1] * len(seqs))
+        for seq in seqs:
+            batch.copies += seq.table.reserve(self.pool, seq.num_computed + 1, seq.num_computed)
+        return batch
 
     def step_done(self, batch: Batch) -> None:
         """The model computed the batch: advance each sequence and cache its newly full blocks."""
