@@ -292,7 +292,8 @@ def ours(llm: LLM, timed: bool = False, quantization: str | None = None) -> Prov
     """A gpt2fast provider: ``LLM.generate`` over the whole batch, greedy, never stopping early.
 
     ``timed``: record the host time of every model forward (the body, the LM head op the engine picks, and
-    the static decode runner's step) in ``forward_s``, so the runtime's own cost can be told apart.
+    the static decode runner's replay and the wait for a launched step's tokens) in ``forward_s``, so the runtime's
+    own cost can be told apart.
     ``quantization``: what ``llm`` was built with (``LLM(..., quantization=...)``); it names the row's dtype.
     """
 
@@ -304,8 +305,16 @@ def ours(llm: LLM, timed: bool = False, quantization: str | None = None) -> Prov
         forward_s = []
         engine = llm.engine
         engine._forward = _timed(engine._forward, forward_s)
-        if engine.decode_runner is not None:
-            engine.decode_runner.run = _timed(engine.decode_runner.run, forward_s)
+        if engine.decode_runner is not None:  # its replays, and the waits for the tokens of a launched step
+            runner, launch = engine.decode_runner, engine.decode_runner.launch
+            runner._replay = _timed(runner._replay, forward_s)
+
+            def timed_launch(*args, **kwargs):
+                pending = launch(*args, **kwargs)
+                pending.result = _timed(pending.result, forward_s)
+                return pending
+
+            runner.launch = timed_launch
         ops = engine.model.ops
         engine.model.ops = replace(ops, **{name: _timed(getattr(ops, name), forward_s) for name in LM_HEAD_OPS})
     dtype = quantization or dtype_name(llm.dtype)

@@ -220,6 +220,8 @@ class BlockTable:
     def register_full_blocks(self, pool: BlockPool, token_ids: Sequence[int], num_computed: int) -> None:
         """Put every block whose tokens are all computed into the prefix cache."""
         done = len(self.hashes)
+        if num_computed // self.block_size <= done:  # most decode steps: no block filled up
+            return
         self.hashes = chain_hashes(token_ids, self.block_size, num_computed // self.block_size, self.hashes)
         for block, h in zip(self.blocks[done:], self.hashes[done:]):
             pool.register(block, h)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gpt2fast.cache import BlockPool, BlockTable, KVCache
 from gpt2fast.checkpoint import available_memory, load_checkpoint
-from gpt2fast.decode_runner import DecodeRunner
+from gpt2fast.decode_runner import DecodeRunner, PendingTokens
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.model import GPT2, AttentionCapture
 from gpt2fast.ops import check_quantization_support, default_backend, get_ops
@@ -33,6 +33,8 @@ from gpt2fast.sampling import (
     flag_nonfinite,
     row_check,
     row_seed,
+    row_seed_at,
+    row_seed_base,
     sample_batch,
     zero_nonfinite_rows,
 )
@@ -137,9 +139,21 @@ class _Request:
     top_n: int = 0  # a scoring request's top tokens per position
     stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids, for membership tests
     banned: torch.Tensor | None = None  # (K,) int64: the tokens min_tokens bans (stop ids and EOS), built once
+    # A decode row's (temperature, top_k, top_p, min_p) as the runner takes them (``Engine._queue``).
+    settings: tuple[float, int, float, float] = (0.0, 0, 1.0, 0.0)
+
+    def __post_init__(self) -> None:
+        # What every decode step asks, answered once (a step at batch 64 asks 64 times).
+        self.choice = _params_choice(self.params)  # how its rows choose a token once nothing is banned
+        self.ban_until = self.params.min_tokens if self.banned is not None and len(self.banned) else 0
+        self.seed_bases = [row_seed_base(self.seed, s.index) for s in self.samples]  # row_seed of sample i, step t
+        self.hold = max((len(s) for s in self.params.stop_strings), default=1) - 1  # text a stop may still claim
+        self.ranks = _ranks_samples(self.params)  # best_of > n: outputs only when finished
 
     @property
     def finished(self) -> bool:
+        if len(self.samples) == 1:
+            return self.samples[0].finish_reason is not None
         return all(s.finish_reason is not None for s in self.samples)
 
 
@@ -175,6 +189,29 @@ def _prompt_ids(prompt: object) -> list[int]:
     return list(prompt)
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """A decode step launched through the runner whose tokens the host has not read yet."""
+
+    seqs: list[Seq]  # its rows, in order
+    pending: PendingTokens
+    batch: Batch | None = None  # launched ahead: the scheduler advances it once the previous step's tokens are in
+
+
+_PENALISED = "host"  # a row only the host sampler can serve (penalties, logprobs, logit bias, banned ids)
+
+
+def _params_choice(params: SamplingParams) -> str:
+    """How a decode row's token can be chosen on the device while nothing is banned: ``"tokens"`` (the LM head
+    picks it), ``"sampled"`` (the backend's top-k/top-p/min-p sampler over written logits), or ``"host"``
+    (``sample_batch``: penalties, logprobs, logit bias)."""
+    if not params.needs_logits:
+        return "tokens"
+    if params.has_penalties or params.needs_logprobs or params.logit_bias:
+        return _PENALISED
+    return "sampled"
+
+
 class Engine:
     """Continuous batching over a paged KV cache; one ``step()`` is one model forward.
 
@@ -186,7 +223,11 @@ class Engine:
     A prompt plus ``max_tokens`` beyond the context is clamped: the sample ends there with
     ``finish_reason="length"``. ``cuda_graphs`` (default: on for CUDA) runs plain decode steps
     through ``DecodeRunner``'s static buffers, replayed as one CUDA graph per batch-size bucket; on a
-    CPU ``cuda_graphs=True`` runs the same runner eagerly (how the tests check it). ``quantization="int8"``
+    CPU ``cuda_graphs=True`` runs the same runner eagerly (how the tests check it). ``async_scheduling``
+    (default: on with the decode runner) launches decode step N+1 before reading step N's tokens, which stay
+    on the device for it; step N's text, stop checks and outputs are done while N+1 runs, and a sequence
+    found finished drops the one token it got too many. Each ``step()`` still returns one step's outputs
+    (the first overlapped one launches two steps). ``quantization="int8"``
     quantizes the weights as they load (``gpt2fast.quant``; ``GPT2.from_state_dict``); a backend without
     int8 kernels (today: triton, cuda) refuses it here.
 
@@ -215,6 +256,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         seed: int = 0,
         quantization: str | None = None,
+        async_scheduling: bool | None = None,
     ) -> None:
         self.quantization = check_quantization(quantization)
         self.block_size = _positive_int("block_size", block_size)
@@ -245,6 +287,15 @@ class Engine:
             raise ValueError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         # Decode steps through static buffers: CUDA graphs on CUDA, the same runner eagerly elsewhere (tests).
         self.decode_runner = DecodeRunner(self.model, self.cache, max_num_seqs) if cuda_graphs else None
+        if async_scheduling is None:
+            async_scheduling = self.decode_runner is not None
+        if not isinstance(async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
+        if async_scheduling and self.decode_runner is None:
+            raise ValueError("async_scheduling launches decode steps through the decode runner: it needs cuda_graphs "
+                             "(on a CPU, cuda_graphs=True runs that runner eagerly)")
+        self.async_scheduling = async_scheduling
+        self._inflight: _InFlight | None = None  # a launched decode step whose tokens the host has not read
         self._requests: dict[str, _Request] = {}
 
     def _num_blocks(self, tokens: int | None, fraction: float | None, max_num_seqs: int) -> int:
@@ -385,6 +436,11 @@ class Engine:
         return self.encode(prompt), params
 
     def _queue(self, request: _Request, first: Seq) -> None:
+        p, vocab = request.params, self.config.vocab_size
+        # A decode row's settings as the runner takes them: a greedy row's temperature is 0 (its seed unused);
+        # top_k >= the vocabulary keeps every token: off (0), which also fits int32 (top_k may not).
+        request.settings = (0.0 if p.greedy else p.temperature, p.top_k if 0 < p.top_k < vocab else 0, p.top_p,
+                            p.min_p)
         request.samples[0].seq = first
         self._requests[request.request_id] = request
         self.scheduler.add(first)
@@ -412,22 +468,45 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one model forward over the scheduled batch; outputs of every request that advanced (a ``best_of > n``
-        request only once it has finished: which samples are best is known only then)."""
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not place any sequence; the KV cache is too small")
-            return []
-        self.cache.copy_blocks(batch.copies)
-        scored: list[Seq] = []
-        if self.decode_runner is not None and self._plain_decode(batch):
-            seqs = batch.seqs
-            sampled = self._decode_static(seqs)
+        request only once it has finished: which samples are best is known only then).
+
+        With ``async_scheduling`` a plain decode step stays in flight when this returns: the next call launches
+        the step after it first, then reads it (``_launch_ahead``)."""
+        if self._inflight is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("the scheduler could not place any sequence; the KV cache is too small")
+                return []
+            self.cache.copy_blocks(batch.copies)
+            if self.decode_runner is None or not self._plain_decode(batch):
+                return self._advance(*self._step_dynamic(batch))
+            mode = self._mode(batch.seqs)
+            if mode == _PENALISED or not self.async_scheduling:
+                sampled = self._decode_static(batch.seqs, mode)
+                self.scheduler.step_done(batch)
+                return self._advance(batch.seqs, sampled)
+            self._inflight = _InFlight(batch.seqs, self._launch(batch.seqs, mode))
             self.scheduler.step_done(batch)
-        else:
-            seqs, sampled, scored = self._step_dynamic(batch)
+        current = self._inflight
+        self._inflight = self._launch_ahead(current.seqs)
+        outputs = self._advance(current.seqs, as_sampled(current.pending.result()))
+        if self._inflight is not None:  # its input tokens are in the sequences now: advance it
+            ahead = self._inflight.batch
+            live = [i for i, seq in enumerate(ahead.seqs) if seq.status is Status.RUNNING]
+            self.scheduler.step_done(Batch([ahead.seqs[i] for i in live], [ahead.num_new[i] for i in live]))
+            if not live:  # every row of it finished (or was aborted) with the step just read: nothing to wait for
+                self._inflight.pending.result()
+                self._inflight = None
+        return outputs
+
+    def _advance(self, seqs: list[Seq], sampled: list[SampledToken], scored: Sequence[Seq] = ()
+                 ) -> list[RequestOutput]:
+        """Append each sequence's token (stop checks, text), finish what ended; the outputs of the advanced requests."""
         advanced: dict[str, _Request] = {}
         for seq, token in zip(seqs, sampled):
+            if seq.status is Status.FINISHED:  # aborted, or it ended a step before this token (launched ahead)
+                continue
             request = self._requests[seq.request_id]
             if request.finished:  # a sibling sample failed this step and took the request with it
                 continue
@@ -446,16 +525,62 @@ class Engine:
                 sample.finish_reason = "length"
                 self.scheduler.finish(seq)
             advanced[request.request_id] = request
-        # A best_of > n request has no partial answer: which samples are best is known only at the end.
-        outputs = [self._output(r) for r in advanced.values() if r.finished or not _ranks_samples(r.params)]
+        outputs = []
         for r in advanced.values():
-            if r.finished:
+            finished = r.finished
+            if finished or not r.ranks:  # a best_of > n request's best samples are known only at the end
+                outputs.append(self._output(r, finished))
+            if finished:
                 del self._requests[r.request_id]
         return outputs
 
+    def _launch_ahead(self, previous: list[Seq]) -> _InFlight | None:
+        """Launch the decode step after the in-flight one (rows ``previous``) before its tokens reach the host.
+
+        Each running sequence adds the token the in-flight step is choosing for it, read on the device
+        (``DecodeRunner.launch(from_previous=...)``); one whose in-flight token is surely its last (``max_tokens``,
+        the context) sits it out. None when the next step may not be that plain decode: waiting work that could
+        be admitted, a running sequence outside the flight, a row for the host's sampler, or too few free
+        blocks (the caller then reads the tokens and schedules as usual, preempting if it must).
+        """
+        sched = self.scheduler
+        row_of = {id(seq): i for i, seq in enumerate(previous)}
+        seqs, ending, context = [], 0, self.config.n_positions
+        for seq in sched.running:
+            if id(seq) not in row_of:
+                return None
+            last = seq.num_output + 1 >= self._requests[seq.request_id].params.max_tokens
+            if last or len(seq.token_ids) + 1 >= context:  # its in-flight token ends it (by length)
+                ending += 1
+                continue
+            seqs.append(seq)
+        # Work the scheduler would admit once the in-flight tokens are in: read them first, as without overlap.
+        if sched.waiting and sched.can_admit(sched.waiting[0], leaving=ending):
+            return None
+        if not seqs or len(seqs) > sched.max_num_batched_tokens:
+            return None
+        mode = self._mode(seqs, ahead=1)
+        if mode == _PENALISED:
+            return None
+        batch = sched.reserve_ahead(seqs)
+        if batch is None:
+            return None
+        self.cache.copy_blocks(batch.copies)
+        pending = self._launch(seqs, mode, ahead=1, from_previous=[row_of[id(seq)] for seq in seqs])
+        return _InFlight(seqs, pending, batch)
+
+    def _mode(self, seqs: list[Seq], ahead: int = 0) -> str:
+        """The runner mode for a decode step of ``seqs``: the most general one a row needs (``_params_choice``;
+        ``"host"`` while min_tokens bans tokens). ``ahead=1``: the step after the one in flight."""
+        choices = set()
+        for seq in seqs:
+            request = self._requests[seq.request_id]
+            choices.add(_PENALISED if seq.num_output + ahead < request.ban_until else request.choice)
+        return _PENALISED if _PENALISED in choices else "sampled" if "sampled" in choices else "tokens"
+
     def _row(self, seq: Seq) -> SampleRow:
         request = self._requests[seq.request_id]
-        params, step = request.params, len(seq.output_ids)
+        params, step = request.params, seq.num_output
         banned = request.banned if request.banned is not None and step < params.min_tokens else ()
         return SampleRow(params, request.seed, seq.sample_index, step, request.prompt_ids, seq.output_ids, banned)
 
@@ -545,17 +670,34 @@ class Engine:
         return all(n == 1 and seq.pending == 1 and seq.fork_n == 1 and not seq.all_logits
                    for seq, n in zip(batch.seqs, batch.num_new))
 
-    def _decode_static(self, seqs: list[Seq]) -> list[SampledToken]:
-        """A plain decode step through the static-buffer runner (a CUDA graph replay on CUDA)."""
-        rows = [self._row(seq) for seq in seqs]
+    def _decode_static(self, seqs: list[Seq], mode: str) -> list[SampledToken]:
+        """A plain decode step through the static-buffer runner (a CUDA graph replay on CUDA), waited for."""
+        if mode != _PENALISED:
+            return as_sampled(self._launch(seqs, mode).result())  # -1: the row went non-finite
         token_ids = [seq.token_ids[-1] for seq in seqs]
-        positions = [len(seq.token_ids) - 1 for seq in seqs]
-        tables = [seq.table.blocks for seq in seqs]
-        if any(_needs_logits(r) for r in rows):
-            return self._sample(self.decode_runner.run(token_ids, positions, tables, mode="hidden"), rows)
-        temps, seeds = self._fused_choice(rows)
-        chosen = self.decode_runner.run(token_ids, positions, tables, mode="tokens", temperature=temps, seeds=seeds)
-        return as_sampled(chosen.tolist())  # -1: the row went non-finite (flagged inside the runner's step)
+        positions = [seq.num_computed for seq in seqs]
+        hidden = self.decode_runner.run(token_ids, positions, [seq.table.blocks for seq in seqs], mode="hidden")
+        return self._sample(hidden, [self._row(seq) for seq in seqs])
+
+    def _launch(self, seqs: list[Seq], mode: str, ahead: int = 0, from_previous: list[int] | None = None
+                ) -> PendingTokens:
+        """Launch a token-choosing decode step of ``seqs``: each adds the token at ``num_computed``, its newest,
+        or with ``ahead=1`` the one the in-flight step chose in row ``from_previous[i]``, still on the device.
+
+        Per row, what ``_fused_choice`` gives (a greedy row's seed is never used: 0) and, when ``"sampled"``, the
+        top-k/top-p/min-p settings as ``_sample`` passes them (``_Request.settings``)."""
+        settings, seeds = [], []
+        for seq in seqs:
+            request = self._requests[seq.request_id]
+            settings.append(request.settings)
+            greedy = not request.settings[0]
+            seeds.append(0 if greedy else row_seed_at(request.seed_bases[seq.sample_index], seq.num_output + ahead))
+        temps, top_k, top_p, min_p = zip(*settings)
+        token_ids = [seq.token_ids[-1] for seq in seqs] if not ahead else [0] * len(seqs)
+        positions = [seq.num_computed for seq in seqs]
+        sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p) if mode == "sampled" else {}
+        return self.decode_runner.launch(token_ids, positions, [seq.table.blocks for seq in seqs], mode, temps, seeds,
+                                         from_previous, **sampling)
 
     def _forward(self, batch: Batch, all_rows: bool = False) -> torch.Tensor:
         ids, positions = [], []
@@ -638,7 +780,7 @@ class Engine:
             sample.cumulative_logprob += token.logprob
         t = token.token_id
         # Stop strings match only in text after the first min_tokens tokens (vLLM's detokenizer does the same).
-        check_stops = len(seq.output_ids) > params.min_tokens
+        check_stops = seq.num_output > params.min_tokens
         if t == self.config.eos_token_id and not params.ignore_eos:
             sample.finish_reason = "stop"
         elif t in request.stop_ids:
@@ -648,7 +790,7 @@ class Engine:
             if t != self.tokenizer.eot_token or not params.skip_special_tokens:
                 delta = sample.decoder.decode(self.tokenizer.decode_single_token_bytes(t))
                 self._add_text(sample, params, delta, check_stops and sample.finish_reason is None)
-            if sample.finish_reason is None and (len(seq.output_ids) >= params.max_tokens
+            if sample.finish_reason is None and (seq.num_output >= params.max_tokens
                                                  or len(seq.token_ids) >= self.config.n_positions):
                 sample.finish_reason = "length"
         if sample.finish_reason is not None:
@@ -675,9 +817,9 @@ class Engine:
             sample.text = sample.text[:at + len(stop)] if params.include_stop_str_in_output else sample.text[:at]
             sample.finish_reason, sample.stop_reason = "stop", stop
 
-    def _output(self, request: _Request) -> RequestOutput:
+    def _output(self, request: _Request, finished: bool) -> RequestOutput:
         # While a stop string could still be completing, hold its possible start back from the visible text.
-        hold = max((len(s) for s in request.params.stop_strings), default=1) - 1
+        hold = request.hold
         outputs = []
         for sample in request.samples:
             seq = sample.seq
@@ -687,11 +829,11 @@ class Engine:
                                             list(sample.logprobs) if sample.logprobs is not None else None,
                                             sample.cumulative_logprob, sample.stop_reason, sample.error))
         generated = sum(len(o.token_ids) for o in outputs)
-        if _ranks_samples(request.params):
+        if request.ranks:
             outputs = _best(outputs, request.params.n)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished,
-                             generated, *(list(x) if x is not None else None
-                                          for x in (request.prompt_logprobs, request.prompt_ranks)))
+        scores, ranks = request.prompt_logprobs, request.prompt_ranks
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished, generated,
+                             list(scores) if scores is not None else None, list(ranks) if ranks is not None else None)
 
     # ---- one pass, for verification ---------------------------------------------------------------
 

@@ -372,10 +372,22 @@ def row_seed(seed: int, sample_index: int, step: int) -> int:
     """
     if min(seed, sample_index, step) < 0 or max(seed, sample_index, step) > _MASK64:
         raise ValueError(f"row_seed: seed, sample_index and step must be in [0, 2**64), got {seed, sample_index, step}")
-    h = _splitmix64(seed)
-    h = _splitmix64(h ^ sample_index)
-    h = _splitmix64(h ^ step)
-    return h >> 1
+    return row_seed_at(row_seed_base(seed, sample_index), step)
+
+
+def row_seed_base(seed: int, sample_index: int) -> int:
+    """The part of ``row_seed`` one sample keeps for all its steps (a decode step then hashes once per row).
+
+    Example:
+        >>> row_seed_at(row_seed_base(7, 2), 5) == row_seed(7, 2, 5)
+        True
+    """
+    return _splitmix64(_splitmix64(seed) ^ sample_index)
+
+
+def row_seed_at(base: int, step: int) -> int:
+    """``row_seed`` from its sample's ``row_seed_base`` (unchecked: the engine's steps are in range)."""
+    return _splitmix64(base ^ step) >> 1
 
 
 def _philox_first_word(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

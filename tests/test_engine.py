@@ -290,9 +290,10 @@ def test_min_tokens_writes_the_logits_only_while_it_bans_tokens():
     """Once min_tokens are out, the request (and its batch) goes back to the fused LM head: the decode runner's
     "tokens" mode. The tokens equal those of the dynamic path, which always writes the logits."""
     runner_llm = LLM(STOP_MODEL, device="cpu", cuda_graphs=True)
-    modes = []
-    run = runner_llm.engine.decode_runner.run
-    runner_llm.engine.decode_runner.run = lambda *a, **kw: modes.append(kw.get("mode")) or run(*a, **kw)
+    modes, runner = [], runner_llm.engine.decode_runner
+    run, launch = runner.run, runner.launch  # hidden steps are run; token steps launched (and overlapped)
+    runner.run = lambda *a, **kw: modes.append(kw.get("mode")) or run(*a, **kw)
+    runner.launch = lambda *a, **kw: modes.append(a[3]) or launch(*a, **kw)
     params = [SamplingParams(max_tokens=8, temperature=0, min_tokens=3), SamplingParams(max_tokens=8, seed=4)]
     got = runner_llm.generate(["A ship", "The dog ran"], params)
     want = LLM(STOP_MODEL, device="cpu").generate(["A ship", "The dog ran"], params)
