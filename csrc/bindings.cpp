@@ -108,37 +108,43 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
 
   m.def(
       "attention_decode",
-      [](std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
-         std::uintptr_t cu_seqlens, std::uintptr_t seq_lens, std::uintptr_t block_tables,
-         std::uintptr_t part_ml, std::uintptr_t part_acc, std::uintptr_t out, int num_seqs,
+      [](std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t k_new,
+         std::uintptr_t v_new, std::uintptr_t slots, std::uintptr_t cu_seqlens,
+         std::uintptr_t seq_lens, std::uintptr_t block_tables, std::uintptr_t part_ml,
+         std::uintptr_t part_acc, std::uintptr_t counters, std::uintptr_t out, int num_seqs,
          int n_head, int head_dim, int block_size, int max_blocks, int num_splits,
-         int pages_per_split, int64_t q_tok, int64_t q_head, float scale, int dtype,
-         std::uintptr_t stream) {
-        check(gpt2fast::attention_decode(
-                  ptr(q), ptr(k_cache), ptr(v_cache), ptr<const int>(cu_seqlens),
-                  ptr<const int>(seq_lens), ptr<const int>(block_tables), ptr<float>(part_ml),
-                  ptr<float>(part_acc), ptr(out), num_seqs, n_head, head_dim, block_size,
-                  max_blocks, num_splits, pages_per_split, q_tok, q_head, scale, dtype_of(dtype),
-                  stream_of(stream)),
+         int pages_per_split, int64_t q_tok, int64_t q_head, int64_t kv_tok, int64_t kv_head,
+         float scale, int dtype, std::uintptr_t stream) {
+        const gpt2fast::AttentionDecodeArgs args{
+            ptr(q), ptr(k_cache), ptr(v_cache), ptr(k_new), ptr(v_new), ptr<const int64_t>(slots),
+            ptr<const int>(cu_seqlens), ptr<const int>(seq_lens), ptr<const int>(block_tables),
+            ptr<float>(part_ml), ptr<float>(part_acc), ptr<int>(counters), ptr(out), num_seqs,
+            n_head, head_dim, block_size, max_blocks, num_splits, pages_per_split, q_tok, q_head,
+            kv_tok, kv_head, scale};
+        check(gpt2fast::attention_decode(args, dtype_of(dtype), stream_of(stream)),
               "attention_decode");
       },
-      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens"),
-      py::arg("seq_lens"), py::arg("block_tables"), py::arg("part_ml"), py::arg("part_acc"),
-      py::arg("out"), py::arg("num_seqs"), py::arg("n_head"), py::arg("head_dim"),
-      py::arg("block_size"), py::arg("max_blocks"), py::arg("num_splits"),
-      py::arg("pages_per_split"), py::arg("q_tok"), py::arg("q_head"), py::arg("scale"),
-      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-      "paged decode attention (split-K over the block table, then merge when num_splits > 1)");
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"),
+      py::arg("slots"), py::arg("cu_seqlens"), py::arg("seq_lens"), py::arg("block_tables"),
+      py::arg("part_ml"), py::arg("part_acc"), py::arg("counters"), py::arg("out"),
+      py::arg("num_seqs"), py::arg("n_head"), py::arg("head_dim"), py::arg("block_size"),
+      py::arg("max_blocks"), py::arg("num_splits"), py::arg("pages_per_split"), py::arg("q_tok"),
+      py::arg("q_head"), py::arg("kv_tok"), py::arg("kv_head"), py::arg("scale"), py::arg("dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "paged decode attention, split-K over the block table merged in the same launch; with "
+      "k_new/v_new (0: none) and slots, the step's K/V stored and attended (write_kv_attention)");
 
   m.attr("LINEAR_MAX_ROWS") = gpt2fast::kGemvMaxRows;
+  m.def("gemv_warps", &gpt2fast::gemv_warps, py::arg("num_vecs"),
+        "warps per block of the decode GEMV for rows of num_vecs vectors (3 or 4)");
   m.def(
       "linear",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
          std::uintptr_t out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
          int64_t res_stride, bool gelu, int dtype, std::uintptr_t stream) {
-        check(gpt2fast::linear(ptr(x), ptr(weight), ptr(bias), ptr(residual), ptr(out), rows,
-                               n_out, k_in, x_stride, res_stride, gelu, dtype_of(dtype),
-                               stream_of(stream)),
+        check(gpt2fast::linear(ptr(x), ptr(weight), ptr(bias), ptr(residual), nullptr, nullptr,
+                               ptr(out), rows, n_out, k_in, x_stride, res_stride, gelu, 0.0f,
+                               dtype_of(dtype), stream_of(stream)),
               "linear");
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
@@ -147,6 +153,23 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]], rows <= LINEAR_MAX_ROWS; bias and "
       "residual 0 when absent");
+  m.def(
+      "ln_linear",
+      [](std::uintptr_t x, std::uintptr_t ln_weight, std::uintptr_t ln_bias, float eps,
+         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t out, int64_t rows,
+         int64_t n_out, int64_t k_in, int64_t x_stride, bool gelu, int dtype,
+         std::uintptr_t stream) {
+        check(gpt2fast::linear(ptr(x), ptr(weight), ptr(bias), nullptr, ptr(ln_weight),
+                               ptr(ln_bias), ptr(out), rows, n_out, k_in, x_stride, n_out, gelu,
+                               eps, dtype_of(dtype), stream_of(stream)),
+              "ln_linear");
+      },
+      py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("weight"),
+      py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
+      py::arg("x_stride"), py::arg("gelu"), py::arg("dtype"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "out[t] = [gelu](LayerNorm(x[t]) @ weight.T + bias) in one launch, rows <= LINEAR_MAX_ROWS; "
+      "bias 0 when absent");
 
   m.def(
       "embed",

@@ -187,6 +187,84 @@ def test_bad_attention_inputs_raise_value_error_before_any_launch(message):
         _bad_attention_calls()[message]()
 
 
+# ---- write_kv_attention: the K/V store and the attention in one launch --------------------------------
+
+
+def _step_kv(q: torch.Tensor, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's k and v, strided views of a fused (T, 3, H, D) qkv like the model's."""
+    qkv = _random((q.shape[0], 3, *q.shape[1:]), dtype, torch.Generator().manual_seed(seed))
+    return qkv[:, 1], qkv[:, 2]
+
+
+def _check_write_kv_attention(q, k, v, k_cache, v_cache, meta, dtype):
+    """Output as the reference's (write, then attend), and the caches equal the reference's bit for bit."""
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = reference.write_kv_attention(q, k, v, want_k, want_v, meta, SCALE)
+    out = cuda.write_kv_attention(q, k, v, k_cache, v_cache, meta, SCALE)  # (T, H, D)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_write_kv_attention_matches_reference(batch, block_size, dtype, order):
+    """Split-K (the newest position in the last split with content, at page boundaries 15/16/17, 31/32/33),
+    idle sequences, and the merge by the last split, all in one launch."""
+    seqs, n_head = BATCHES[batch], HEADS[batch]
+    q, k_cache, v_cache, meta = _decode_case(seqs, n_head, block_size, dtype, seed=batch * 10 + block_size)
+    k, v = _step_kv(q, dtype, seed=batch)
+    _check_write_kv_attention(q, k, v, k_cache, v_cache, meta, dtype)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 48])
+def test_write_kv_attention_one_split_and_runtime_page_arithmetic(block_size, order, canaries):
+    seqs = [(length, length % 5 != 2) for length in (1, 16, 17, 33, 50, 64, 65, 3, 100, 2, 31, 32, 48, 9, 10, 80, 15,
+                                                     47, 20, 5, 64, 1, 96)]  # fmt: skip
+    assert decode_splits(len(seqs), 12, MAX_CONTEXT // block_size)[0] == 1
+    q, k_cache, v_cache, meta = _decode_case(seqs, 12, block_size, torch.float32, seed=block_size)
+    k, v = _step_kv(q, torch.float32, seed=block_size)
+    _check_write_kv_attention(q, k, v, k_cache, v_cache, meta, torch.float32)
+    assert all((tail == -7).all() for tail in canaries)
+
+
+def test_write_kv_attention_is_one_launch_and_skips_slot_minus_one(emu):
+    """Split-K with a merge, still one launch; a row whose slot is -1 stores nothing and attends to the cache as
+    it is, as write_kv then attention do."""
+    seqs = [(40, True), (17, True), (300, True)]
+    q, k_cache, v_cache, meta = _decode_case(seqs, 3, 16, torch.float32, seed=5)
+    assert decode_splits(len(seqs), 3, MAX_CONTEXT // 16)[0] > 1
+    k, v = _step_kv(q, torch.float32, seed=6)
+    meta.slot_mapping[1] = -1
+    before, kept = emu.launch_count(), k_cache.clone()
+    _check_write_kv_attention(q, k, v, k_cache, v_cache, meta, torch.float32)
+    assert emu.launch_count() - before == 1
+    changed = (k_cache != kept).any(dim=(1, 3))  # (NB, BS) slots written in any head
+    assert changed.sum() == 2  # rows 0 and 2 only
+
+
+def _bad_write_kv_attention_calls():
+    q, k_cache, v_cache, meta = _decode_case([(20, True), (3, True)], 2, 16, torch.float32, seed=0)
+    k, v = _step_kv(q, torch.float32, seed=1)
+    odd = torch.randn(2 * 2 * D + 1)[1:].view(2, 2, D)  # rows one element off 16 bytes
+    return {
+        "must have q's shape": lambda: cuda.write_kv_attention(q, k[:1], v, k_cache, v_cache, meta, SCALE),
+        "must have the caches' dtype": lambda: cuda.write_kv_attention(q, k.half(), v.half(), k_cache, v_cache, meta,
+                                                                       SCALE),
+        "need one layout": lambda: cuda.write_kv_attention(q, k, v.contiguous(), k_cache, v_cache, meta, SCALE),
+        "16-byte aligned": lambda: cuda.write_kv_attention(q, odd, odd.clone(), k_cache, v_cache, meta, SCALE),
+        "decode steps only": lambda: cuda.write_kv_attention(
+            q, k, v, k_cache, v_cache, AttentionMetadata.build([[0, 1]], [20], [2], block_size=16), SCALE),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("message", list(_bad_write_kv_attention_calls()))
+def test_bad_write_kv_attention_inputs_raise_value_error_before_any_launch(message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _bad_write_kv_attention_calls()[message]()
+
+
 # ---- write_kv ----------------------------------------------------------------------------------------
 
 WRITE_KV_PAIRS = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),

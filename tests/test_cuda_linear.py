@@ -164,6 +164,16 @@ def test_tanh_gelu_accuracy(emu):
     assert torch.equal(edges, huge.view(1, 3).clamp_min(0))  # saturates to y or -0, no NaN
 
 
+def test_no_idle_warps_at_gpt2_124m_widths(emu):
+    """GPT-2 124M's K (768 in, 3072 into the MLP's projection) and 1024 (355M): every thread of a block gets the
+    same number of 16-byte vectors, so no warp idles; K = 768 in fp16/bf16 (96 vectors) takes 3 warps, not 4."""
+    for k in (768, 1024, 3072, 4096):
+        for per_vector in (8, 4):  # fp16/bf16, fp32
+            vecs = k // per_vector
+            assert vecs % (32 * emu.gemv_warps(vecs)) == 0, (k, per_vector, emu.gemv_warps(vecs))
+    assert emu.gemv_warps(768 // 8) == 3 and emu.gemv_warps(3072 // 8) == 4
+
+
 def test_linear_empty_batch_and_row_limit(emu):
     assert emu.LINEAR_MAX_ROWS == cuda.LINEAR_MAX_ROWS == 16
     x, w, b, _ = _linear_inputs(17, 8, 5, torch.float32, seed=1)
@@ -197,6 +207,79 @@ def _bad_linear_calls():
 def test_linear_bad_inputs_raise_value_error_before_any_launch(message):
     with pytest.raises(ValueError, match=re.escape(message)):
         _bad_linear_calls()[message]()
+
+
+# ---- ln_linear: the GEMV with its LayerNorm prologue ------------------------------------------------
+
+
+def _ln_inputs(k: int, dtype: torch.dtype, seed: int):
+    """LayerNorm weight around 1 and bias around 0, never zero."""
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.3 * torch.randn(k, generator=g)).to(dtype), (0.2 * torch.randn(k, generator=g)).to(dtype)
+
+
+def _ln_expected_close(y, x, g, h, w, b, gelu):
+    """``y`` against reference.ln_linear (LayerNorm rounded to x's dtype, then the linear); the fp32 slack as
+    ``_expected_close``'s, over the normalised rows."""
+    normed = reference.layer_norm(x, g, h, 1e-5)  # (T, K): reference.ln_linear is linear of this, by definition
+    _expected_close(y, normed, w, b, None, gelu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n", SHAPES, ids=lambda s: str(s))
+@pytest.mark.parametrize("rows", ROWS)
+def test_ln_linear_matches_reference(rows, k, n, dtype, order):
+    """Every row bucket, both load paths (K = 97: scalar), GELU and bias on and off; x with a large mean (a
+    one-pass variance would cancel it away)."""
+    x, w, b, _ = _linear_inputs(rows, k, n, dtype, seed=rows * 7 + k + n)
+    x = (x.float() * 3 + 20).to(dtype)  # mean ~21.5, spread ~3
+    g, h = _ln_inputs(k, dtype, seed=k)
+    for bias, gelu in ((b, False), (b, True), (None, True)):
+        y = cuda.ln_linear(x, g, h, 1e-5, w, bias, gelu=gelu)
+        _ln_expected_close(y, x, g, h, w, bias, gelu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ln_linear_strided_rows_and_misaligned_vectors(dtype, order):
+    """x rows 2K + 8 apart (16-byte path), x or a LayerNorm vector one element off 16 bytes (scalar path)."""
+    k, n = 768, 20
+    x, w, b, _ = _linear_inputs(5, k, n, dtype, seed=3)
+    g, h = _ln_inputs(k, dtype, seed=4)
+    wide = torch.randn(5, 2 * k + 8).to(dtype)
+    cases = [(wide[:, :k], g, h), (misaligned(x), g, h), (x, misaligned(g[None])[0], h), (x, g, misaligned(h[None])[0])]
+    for xs, gs, hs in cases:
+        y = cuda.ln_linear(xs, gs, hs, 1e-5, w, b, gelu=True)
+        _ln_expected_close(y, xs, gs, hs, w, b, True)
+
+
+def test_ln_linear_is_one_launch_and_equals_the_two_kernel_composition(emu):
+    """fp32: the fused GEMV against the CUDA LayerNorm then the CUDA linear (two launches); their statistics'
+    sums run in other orders, so within fp32 rounding, not bit for bit."""
+    x, w, b, _ = _linear_inputs(4, 96, 40, torch.float32, seed=11)
+    g, h = _ln_inputs(96, torch.float32, seed=12)
+    before = emu.launch_count()
+    y = cuda.ln_linear(x, g, h, 1e-5, w, b, gelu=True)
+    assert emu.launch_count() - before == 1
+    torch.testing.assert_close(y, cuda.linear(cuda.layer_norm(x, g, h, 1e-5), w, b, gelu=True), atol=2e-5, rtol=1e-5)
+
+
+def _bad_ln_linear_calls():
+    x, w, b, _ = _linear_inputs(4, 8, 6, torch.float32, seed=0)
+    g, h = _ln_inputs(8, torch.float32, seed=1)
+    return {
+        "at most 16 rows": lambda: cuda.ln_linear(torch.randn(17, 8), g, h, 1e-5, w, b),
+        "ln_weight must be (8,)": lambda: cuda.ln_linear(x, g[:7], h, 1e-5, w, b),
+        "ln_bias has dtype": lambda: cuda.ln_linear(x, g, h.half(), 1e-5, w, b),
+        "ln_weight must be contiguous": lambda: cuda.ln_linear(x, torch.randn(16)[::2], h, 1e-5, w, b),
+        "LayerNorm needs K >= 1": lambda: cuda.ln_linear(x[:, :0], g[:0], h[:0], 1e-5, w[:, :0], b),
+        "weight must be (N, 8)": lambda: cuda.ln_linear(x, g, h, 1e-5, w[:, :7], b),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("message", list(_bad_ln_linear_calls()))
+def test_ln_linear_bad_inputs_raise_value_error_before_any_launch(message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _bad_ln_linear_calls()[message]()
 
 
 # ---- embed -------------------------------------------------------------------------------------
@@ -291,11 +374,14 @@ def test_nvcc_linear_and_embed_kernels_compile_for_both_archs():
     names = {(r.arch, r.name) for r in records if r.entry}
     for arch in (80, 90):
         gemv = [n for a, n in names if a == arch and "linear_gemv_kernel" in n]
-        assert len(gemv) == 18, gemv  # 3 dtypes x (16-byte, scalar) x row buckets 1 / 4 / 16
+        assert len(gemv) == 36, gemv  # 3 dtypes x (16-byte, scalar) x row buckets 1 / 4 / 16 x LayerNorm or not
         assert len([n for a, n in names if a == arch and "embed_kernel" in n]) == 12  # x int32 / int64 ids
     mine = [r for r in records if "linear_gemv_kernel" in r.name or "embed_kernel" in r.name]
     assert not [r for r in mine if r.spill_stores or r.spill_loads or r.stack_frame], cuda_build.format_report(mine)
-    assert all(r.registers <= 128 for r in mine if "linear_gemv_kernel" in r.name)  # __launch_bounds__(128, 4)
+    gemv = [r for r in mine if "linear_gemv_kernel" in r.name]
+    ln16 = [r for r in gemv if ", 16, true>" in r.name]  # the 16-row LayerNorm variants: __launch_bounds__(128, 3)
+    assert len(ln16) == 12 and all(r.registers <= 168 for r in ln16), cuda_build.format_report(ln16)
+    assert all(r.registers <= 128 for r in gemv if r not in ln16)  # __launch_bounds__(128, 4)
 
 
 # ---- on a GPU: gpt2fast._C ------------------------------------------------------------------------

@@ -62,7 +62,9 @@ def test_decode_steps_run_the_cuda_kernels(pair, monkeypatch):
     """The dispatch: a decode step's linears and attention reach the CUDA wrappers, not the fallback."""
     _, fast = pair
     calls: list[str] = []
-    for name in ("linear", "attention", "write_kv", "embed", "layer_norm", "sample_top_k_top_p"):
+    names = ("linear", "ln_linear", "attention", "write_kv", "write_kv_attention", "embed", "layer_norm",
+             "sample_top_k_top_p")
+    for name in names:
         op = getattr(cuda, name)
         monkeypatch.setattr(cuda, name, lambda *a, _op=op, _name=name, **k: (calls.append(_name), _op(*a, **k))[1])
     fast.engine.model.ops = get_ops("cuda", torch.device("cpu"))  # rebuilt: it binds the patched wrappers
@@ -71,7 +73,10 @@ def test_decode_steps_run_the_cuda_kernels(pair, monkeypatch):
     finally:
         monkeypatch.undo()
         fast.engine.model.ops = get_ops("cuda", torch.device("cpu"))
-    assert {"linear", "attention", "write_kv", "embed", "layer_norm", "sample_top_k_top_p"} <= set(calls)
+    # the decode step's: GEMVs with and without the LayerNorm prologue, the fused K/V store + attention (the prefill
+    # of 3 tokens, a longer query, takes write_kv and the fallback's attention), the final LayerNorm, the sampler
+    assert {"linear", "ln_linear", "write_kv_attention", "write_kv", "embed", "layer_norm",
+            "sample_top_k_top_p"} <= set(calls)
 
 
 def test_static_decode_runner_on_the_cuda_kernels(pair):

@@ -88,7 +88,7 @@ def test_fused_write_kv_attention_moves_both_ops_bytes_less_the_newest_kv_read_b
 @pytest.mark.parametrize("batch", [1, 64])
 def test_predictions_add_their_terms_and_every_launch_mode_saves_over_the_last(batch):
     """The latency model (a prediction, not a measurement): the bandwidth term is step_time; eager > graph >=
-    graph + PDL, which saves only the gaps of the kernels launched with PDL today; more launches (cuda) cost more."""
+    graph + PDL, which saves only the gaps of the kernels launched with PDL today (none in cuda yet)."""
     cfg = PRESETS["gpt2"]
     for backend in BACKEND_LAUNCHES:
         eager, graph, pdl = (predict_step(cfg, backend, mode, batch, 128) for mode in ("eager", "graph", "graph+pdl"))
@@ -101,7 +101,9 @@ def test_predictions_add_their_terms_and_every_launch_mode_saves_over_the_last(b
         per_layer, fixed = BACKEND_LAUNCHES[backend]
         assert graph.launch_s == pytest.approx((per_layer * cfg.n_layer + fixed) * LAUNCH_GAP_S["graph"])
     triton, cuda = (predict_step(cfg, b, "graph", batch, 128) for b in ("triton", "cuda"))
-    assert cuda.total_s > triton.total_s and cuda.latency_s > triton.latency_s
+    assert cuda.total_s == pytest.approx(triton.total_s)  # as many launches, 5 per layer + 3
+    triton, cuda = (predict_step(cfg, b, "graph+pdl", batch, 128) for b in ("triton", "cuda"))
+    assert cuda.total_s > triton.total_s and cuda.latency_s == pytest.approx(triton.latency_s)  # no PDL in cuda
     assert predict_step(cfg, "triton", "eager", batch, 128).dominant == "launches"
 
 

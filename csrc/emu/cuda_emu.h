@@ -26,7 +26,7 @@
 //     arrival computes every lane's result and releases the others. Full masks only (a partial
 //     warp at the end of a block may pass the mask of its existing lanes); any other mask, lanes
 //     of one warp at different collectives, or a shuffle from a lane that does not exist, abort.
-//   - Index built-ins, `atomicAdd/Max/Min/Exch/CAS` (std::atomic_ref), `__ldg`, bit and float
+//   - Index built-ins, `atomicAdd/Max/Min/Exch/CAS` (std::atomic_ref), `__ldg`, `__ldcg`, bit and float
 //     intrinsics, `__expf`-style fast math (exact here), half/bf16 shims for the device-only
 //     `hexp`, `htanh`, `__hfma`, `h2exp`. `cuda_fp16.h` / `cuda_bf16.h` / `vector_types.h` /
 //     `driver_types.h` come from the CUDA toolkit (they work in host code); nothing is linked.
@@ -719,6 +719,10 @@ T atomicMin(T* address, T val) {
 
 template <typename T>
 T __ldg(const T* ptr) {
+  return *ptr;
+}
+template <typename T>
+T __ldcg(const T* ptr) {  // ld.global.cg: through L2 on a GPU; one memory here
   return *ptr;
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }

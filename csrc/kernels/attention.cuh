@@ -1,5 +1,6 @@
-// attention.cuh — paged decode attention (flash-decoding: split-K over the block table + merge),
-// the contract of reference.attention for decode steps (every sequence has at most one query).
+// attention.cuh — paged decode attention (flash-decoding: split-K over the block table, merged in
+// the same launch), the contract of reference.attention for decode steps (every sequence has at
+// most one query), and of reference.write_kv_attention when given the step's K and V: one launch.
 //
 // Split kernel, grid (num_seqs, H, num_splits), 128 threads = 4 warps. Split s of sequence b
 // covers context positions [s * split_len, min((s + 1) * split_len, seq_lens[b])), split_len =
@@ -12,11 +13,21 @@
 // lane keeps the online-softmax state (max m, sum l, acc for its d-slice) of its group's keys, in
 // fp32, kUnroll = 2 keys per loop step so that 4 16-byte loads are in flight per lane. After
 // the loop the groups merge by xor shuffles, the warps through shared memory, and the split has
-// one (m, l, acc[D]). With one split the kernel stores acc / l (no workspace, no second launch);
-// otherwise it writes (m, l, acc) to the fp32 workspace and the merge kernel (grid (num_seqs, H),
-// D threads) rescales and sums the splits. A split past the context writes the neutral (-inf, 0,
-// 0); a sequence with no query this step reads nothing and its output row is never written. No
-// thread returns before the barrier (loop bounds are warp-uniform; the stores are predicated).
+// one (m, l, acc[D]). With one split the kernel stores acc / l (no workspace); otherwise it writes
+// (m, l, acc) to the fp32 workspace and draws a ticket on its (sequence, head) counter: the split
+// that draws the last one rescales and sums all the splits' states and stores the output (the
+// ticket-counter pattern of gpt2fast/ops/triton/counters.py; the memory-ordering argument is beside
+// the code). A split past the context writes the neutral (-inf, 0, 0); a sequence with no query
+// this step reads nothing and its output row is never written. No thread returns before a
+// barrier (loop bounds are warp-uniform; the stores are predicated; the last-split branch is
+// block-uniform).
+//
+// With the step's K and V (k_new/v_new, write_kv_attention): the split holding the sequence's
+// newest position, seq_lens[b] - 1, stores that key and value into the cache slot slots[row]
+// (D threads, one element each) and takes that position from k_new/v_new after its loop over the
+// others, not from the cache: no block reads the slot this launch writes, so the caches stay
+// read-only (`__restrict__`), and the write costs no barrier and no second launch. A row whose slot is < 0 stores
+// nothing and reads that position from the cache, as write_kv then attention would.
 //
 // Napkin math (GPT-2 124M decode: 12 heads x 64, fp16, 64-page tables at block 16; one layer):
 // K and V of every context token, 2 * B * L * 12 * 64 * 2 bytes, + q and out + tables + the fp32
@@ -59,18 +70,24 @@ __device__ __forceinline__ void merge_softmax_state(float& m, float& l, float (&
 
 template <typename T, int kHeadDim, int kBlockSize>  // kBlockSize 0: the runtime block_size
 __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinBlocks)
-    attention_decode_split_kernel(
+    attention_decode_kernel(
     const T* __restrict__ q,                // [T, H, D], strides (q_tok, q_head, 1)
-    const T* __restrict__ k_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned
-    const T* __restrict__ v_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned
+    const T* __restrict__ k_cache,          // [NB, H, BS, D] contiguous, 16-byte aligned; never
+    const T* __restrict__ v_cache,          //   read at a slot this launch stores (see above)
+    T* k_cache_out,                         // the same caches: the stores of k_new/v_new
+    T* v_cache_out,
+    const T* __restrict__ k_new,            // [T, H, D], strides (kv_tok, kv_head, 1), or nullptr
+    const T* __restrict__ v_new,            // [T, H, D], same strides, or nullptr
+    const int64_t* __restrict__ slots,      // [T] cache slot of each row's K/V (with k_new)
     const int* __restrict__ cu_seqlens,     // [B + 1] query rows of sequence b: [cu[b], cu[b+1])
     const int* __restrict__ seq_lens,       // [B] context length including this step's query
     const int* __restrict__ block_tables,   // [B, max_blocks] page ids, -1 padded
     float* __restrict__ part_ml,            // [B, H, num_splits, 2] (max, sum); unused at 1 split
     float* __restrict__ part_acc,           // [B, H, num_splits, D]; unused at 1 split
+    int* __restrict__ counters,             // [B, H] tickets, 0 on entry and left 0; unused at 1
     T* __restrict__ out,                    // [T, H, D] contiguous
     int block_size_arg, int max_blocks, int split_len, int64_t q_tok, int64_t q_head,
-    float scale_log2) {
+    int64_t kv_tok, int64_t kv_head, float scale_log2) {
   constexpr int kVec = kVecElems<T>;
   constexpr int kLanesPerKey = kHeadDim / kVec;
   constexpr int kKeysPerWarp = kWarpSize / kLanesPerKey;
@@ -100,16 +117,33 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinBlocks)
   const int64_t page_stride = static_cast<int64_t>(n_head) * block_size * kHeadDim;
   const int64_t head_offset = static_cast<int64_t>(head) * block_size * kHeadDim + d0;
 
+  // This step's key and value: position new_pos reads them from k_new/v_new (-1: not this split).
+  // A row with slot -1 stores nothing, so its position reads the cache as it is (as the reference).
+  const int64_t slot = k_new != nullptr && has_query ? slots[q_row] : -1;
+  const bool has_new = slot >= 0 && split_start <= context_end - 1 &&
+                       context_end - 1 < split_start + split_len;
+  const int new_pos = context_end - 1;  // taken after the loop (has_new), which stops before it
+  const int loop_end = has_new ? new_pos : split_end;
+  const int64_t new_row =
+      static_cast<int64_t>(q_row) * kv_tok + static_cast<int64_t>(head) * kv_head;
+  if (has_new && threadIdx.x < kHeadDim) {  // store them in the cache, for the steps after this one
+    const int64_t dst = slot / block_size * page_stride +
+                        static_cast<int64_t>(head) * block_size * kHeadDim +
+                        slot % block_size * kHeadDim + threadIdx.x;
+    k_cache_out[dst] = k_new[new_row + threadIdx.x];
+    v_cache_out[dst] = v_new[new_row + threadIdx.x];
+  }
+
   float m = -INFINITY, l = 0.0f, acc[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
   // `base` is the same on every lane of a warp: the shuffles inside see whole warps.
-  for (int base = split_start + warp * kKeysPerWarp; base < split_end; base += kKeysPerStep) {
+  for (int base = split_start + warp * kKeysPerWarp; base < loop_end; base += kKeysPerStep) {
     float kf[kAttentionUnroll][kVec], vf[kAttentionUnroll][kVec];
 #pragma unroll
     for (int u = 0; u < kAttentionUnroll; ++u) {  // issue every load before any math
       const int pos = base + u * kAttentionWarps * kKeysPerWarp + group;
-      if (pos < split_end) {
+      if (pos < loop_end) {
         const int64_t off = table[pos / block_size] * page_stride + head_offset +
                             static_cast<int64_t>(pos % block_size) * kHeadDim;
         load_floats<T, kVec>(k_cache + off, kf[u]);
@@ -129,7 +163,7 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinBlocks)
       for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) {
         s += __shfl_xor_sync(kFullMask, s, offset);
       }
-      if (pos < split_end) {
+      if (pos < loop_end) {
         const float m_new = fmaxf(m, s);
         const float alpha = exp2f(m - m_new);  // m = -inf on the first key: 0
         const float p = exp2f(s - m_new);
@@ -138,6 +172,31 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinBlocks)
         for (int i = 0; i < kVec; ++i) acc[i] = acc[i] * alpha + p * vf[u][i];
         m = m_new;
       }
+    }
+  }
+
+  // The newest position, from k_new/v_new: warp 0 computes its score (every group alike, so the
+  // shuffles see the whole warp) and its group 0 takes it into its state. Outside the loop, so the
+  // loop carries no extra register or branch.
+  if (has_new && warp == 0) {
+    float kf[kVec], vf[kVec];
+    load_floats<T, kVec>(k_new + new_row + d0, kf);
+    load_floats<T, kVec>(v_new + new_row + d0, vf);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) s += qs[i] * kf[i];
+#pragma unroll
+    for (int offset = kLanesPerKey / 2; offset > 0; offset /= 2) {
+      s += __shfl_xor_sync(kFullMask, s, offset);
+    }
+    if (group == 0) {
+      const float m_new = fmaxf(m, s);
+      const float alpha = exp2f(m - m_new);
+      const float p = exp2f(s - m_new);
+      l = l * alpha + p;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = acc[i] * alpha + p * vf[i];
+      m = m_new;
     }
   }
 
@@ -186,111 +245,119 @@ __global__ void __launch_bounds__(kAttentionThreads, kAttentionMinBlocks)
       }
     }
   }
-}
+  if (num_splits == 1) return;  // block-uniform, and no barrier follows on this path
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kHeadDim) attention_decode_merge_kernel(
-    const float* __restrict__ part_ml,   // [B, H, num_splits, 2] (max in the log2 domain, sum)
-    const float* __restrict__ part_acc,  // [B, H, num_splits, D] unnormalised outputs
-    const int* __restrict__ cu_seqlens,  // [B + 1]
-    T* __restrict__ out,                 // [T, H, D] contiguous
-    int num_splits) {
-  const int seq = blockIdx.x, head = blockIdx.y, n_head = gridDim.y, d = threadIdx.x;
-  const int q_row = cu_seqlens[seq];
-  if (cu_seqlens[seq + 1] == q_row) return;  // no query this step: no output row (no barriers here)
-  const int64_t first = (static_cast<int64_t>(seq) * n_head + head) * num_splits;
-  float m = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) m = fmaxf(m, part_ml[(first + s) * 2]);
-  // split 0 holds position 0, so m is finite; splits past the context weigh exp2(-inf) = 0
-  float l = 0.0f, acc = 0.0f;
-  for (int s = 0; s < num_splits; ++s) {
-    const float w = exp2f(part_ml[(first + s) * 2] - m);
-    l += w * part_ml[(first + s) * 2 + 1];
-    acc += w * part_acc[(first + s) * kHeadDim + d];
+  // The last split of (seq, head) to finish merges them all. Memory ordering (the emulator runs
+  // blocks one after another, so no test can check this): the threads that stored a partial fence
+  // (__threadfence: fence.sc at gpu scope) before the barrier, so those stores are ordered before
+  // thread 0's ticket, an atomicAdd at gpu scope; the counter's chain of read-modify-writes
+  // carries every earlier split's fence to the split that draws the last ticket, whose thread 0
+  // fences again after its atomic (the acquire side). Its barrier then orders the other threads'
+  // loads after that fence, and they load through L2 (__ldcg, ld.global.cg): the SM's L1 is not
+  // coherent, and a line of this workspace cached there by an earlier block or launch must not be
+  // read instead. No block waits for another, so any grid size runs, and the last split resets the
+  // counter to 0 for the next launch (or graph replay), which the stream's kernel order publishes.
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  const int64_t tile = static_cast<int64_t>(seq) * n_head + head;
+  if (threadIdx.x == 0) {
+    is_last = atomicAdd(counters + tile, 1) == num_splits - 1;
+    __threadfence();
   }
-  out[(static_cast<int64_t>(q_row) * n_head + head) * kHeadDim + d] = from_float<T>(acc / l);
+  __syncthreads();
+  if (!is_last) return;
+  if (threadIdx.x == 0) counters[tile] = 0;  // every ticket of the tile is drawn
+  if (threadIdx.x >= kHeadDim || !has_query) return;  // no query this step: no output row
+  const int d = threadIdx.x;
+  const int64_t first = tile * num_splits;
+  float max_all = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) max_all = fmaxf(max_all, __ldcg(part_ml + (first + s) * 2));
+  // split 0 holds position 0, so max_all is finite; splits past the context weigh exp2(-inf) = 0
+  float sum = 0.0f, total = 0.0f;
+  for (int s = 0; s < num_splits; ++s) {  // fixed order: the same bits whichever split is last
+    const float w = exp2f(__ldcg(part_ml + (first + s) * 2) - max_all);
+    sum += w * __ldcg(part_ml + (first + s) * 2 + 1);
+    total += w * __ldcg(part_acc + (first + s) * kHeadDim + d);
+  }
+  out[(static_cast<int64_t>(q_row) * n_head + head) * kHeadDim + d] = from_float<T>(total / sum);
 }
 
 // ---- launchers ---------------------------------------------------------------------------------
 
+// One launch's operands (attention_decode's, below), untyped.
+struct AttentionDecodeArgs {
+  const void* q;
+  void* k_cache;
+  void* v_cache;
+  const void* k_new;  // nullptr: attention only
+  const void* v_new;
+  const int64_t* slots;
+  const int* cu_seqlens;
+  const int* seq_lens;
+  const int* block_tables;
+  float* part_ml;
+  float* part_acc;
+  int* counters;
+  void* out;
+  int num_seqs, n_head, head_dim, block_size, max_blocks, num_splits, pages_per_split;
+  int64_t q_tok, q_head, kv_tok, kv_head;
+  float scale;
+};
+
 template <typename T, int kBlockSize>
-cudaError_t launch_attention_decode_typed(const void* q, const void* k_cache, const void* v_cache,
-                                          const int* cu_seqlens, const int* seq_lens,
-                                          const int* block_tables, float* part_ml,
-                                          float* part_acc, void* out, int num_seqs, int n_head,
-                                          int block_size, int max_blocks, int num_splits,
-                                          int pages_per_split, int64_t q_tok, int64_t q_head,
-                                          float scale, cudaStream_t stream) {
+cudaError_t launch_attention_decode_typed(const AttentionDecodeArgs& a, cudaStream_t stream) {
   constexpr int D = kAttentionHeadDim;
-  auto* ot = static_cast<T*>(out);
-  const dim3 grid(num_seqs, n_head, num_splits), block(kAttentionThreads);
-  LAUNCH(grid, block, 0, stream, attention_decode_split_kernel<T, D, kBlockSize>)(
-      static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),
-      cu_seqlens, seq_lens, block_tables, part_ml, part_acc, ot, block_size, max_blocks,
-      pages_per_split * block_size, q_tok, q_head, scale * kLog2e);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || num_splits == 1) return err;
-  LAUNCH(dim3(num_seqs, n_head), dim3(D), 0, stream, attention_decode_merge_kernel<T, D>)(
-      part_ml, part_acc, cu_seqlens, ot, num_splits);
+  const dim3 grid(a.num_seqs, a.n_head, a.num_splits), block(kAttentionThreads);
+  LAUNCH(grid, block, 0, stream, attention_decode_kernel<T, D, kBlockSize>)(
+      static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+      static_cast<const T*>(a.v_cache), static_cast<T*>(a.k_cache), static_cast<T*>(a.v_cache),
+      static_cast<const T*>(a.k_new), static_cast<const T*>(a.v_new), a.slots, a.cu_seqlens,
+      a.seq_lens, a.block_tables, a.part_ml, a.part_acc, a.counters, static_cast<T*>(a.out),
+      a.block_size, a.max_blocks, a.pages_per_split * a.block_size, a.q_tok, a.q_head, a.kv_tok,
+      a.kv_head, a.scale * kLog2e);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_attention_decode_bs(const void* q, const void* k_cache, const void* v_cache,
-                                       const int* cu_seqlens, const int* seq_lens,
-                                       const int* block_tables, float* part_ml, float* part_acc,
-                                       void* out, int num_seqs, int n_head, int block_size,
-                                       int max_blocks, int num_splits, int pages_per_split,
-                                       int64_t q_tok, int64_t q_head, float scale,
-                                       cudaStream_t stream) {
+cudaError_t launch_attention_decode_bs(const AttentionDecodeArgs& a, cudaStream_t stream) {
   // Block sizes 16 and 32 get constant page arithmetic (shifts); other sizes divide at run time.
-  auto launch = [&](auto block_size_constant) {
-    return launch_attention_decode_typed<T, decltype(block_size_constant)::value>(
-        q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, part_ml, part_acc, out, num_seqs,
-        n_head, block_size, max_blocks, num_splits, pages_per_split, q_tok, q_head, scale, stream);
-  };
-  if (block_size == 16) return launch(std::integral_constant<int, 16>{});
-  if (block_size == 32) return launch(std::integral_constant<int, 32>{});
-  return launch(std::integral_constant<int, 0>{});
+  if (a.block_size == 16) return launch_attention_decode_typed<T, 16>(a, stream);
+  if (a.block_size == 32) return launch_attention_decode_typed<T, 32>(a, stream);
+  return launch_attention_decode_typed<T, 0>(a, stream);
 }
 
 // Decode attention: out[cu[b]] = softmax(q K^T * scale) V over sequence b's first seq_lens[b]
 // cache positions, for every b with a query (cu[b+1] - cu[b] == 1; 0 = skipped, row not written).
 // Caches [NB, H, BS, D] contiguous and 16-byte aligned; out [T, H, D] contiguous; q rows strided.
-// Workspaces part_ml [B, H, num_splits, 2], part_acc [B, H, num_splits, D] fp32 (unused at 1).
-inline cudaError_t attention_decode(const void* q, const void* k_cache, const void* v_cache,
-                                    const int* cu_seqlens, const int* seq_lens,
-                                    const int* block_tables, float* part_ml, float* part_acc,
-                                    void* out, int num_seqs, int n_head, int head_dim,
-                                    int block_size, int max_blocks, int num_splits,
-                                    int pages_per_split, int64_t q_tok, int64_t q_head,
-                                    float scale, DType dtype, cudaStream_t stream) {
-  if (head_dim != kAttentionHeadDim || num_seqs < 0 || n_head < 1 || n_head > 65535 ||
-      block_size < 1 || max_blocks < 0 || num_splits < 1 || num_splits > 65535 ||
-      pages_per_split < 1 ||
-      static_cast<int64_t>(num_splits) * pages_per_split < max_blocks ||
-      static_cast<int64_t>(pages_per_split) * block_size > 0x7fffffff ||
-      !is_aligned(k_cache, kVecBytes) || !is_aligned(v_cache, kVecBytes) ||
-      !is_aligned(out, kVecBytes)) {
+// Workspaces part_ml [B, H, num_splits, 2], part_acc [B, H, num_splits, D] fp32 and counters
+// [B, H] int32, zero and left zero (all unused at 1 split). With k_new/v_new ([T, H, D],
+// strides (kv_tok, kv_head, 1), 16-byte aligned rows) and slots: write_kv_attention, the row's
+// K/V stored at its slot (-1: not stored) and used for position seq_lens[b] - 1.
+inline cudaError_t attention_decode(const AttentionDecodeArgs& a, DType dtype,
+                                    cudaStream_t stream) {
+  const int vec = dtype == DType::kFloat32 ? 4 : 8;  // elements per 16-byte vector
+  if (a.head_dim != kAttentionHeadDim || a.num_seqs < 0 || a.n_head < 1 || a.n_head > 65535 ||
+      a.block_size < 1 || a.max_blocks < 0 || a.num_splits < 1 || a.num_splits > 65535 ||
+      a.pages_per_split < 1 ||
+      static_cast<int64_t>(a.num_splits) * a.pages_per_split < a.max_blocks ||
+      static_cast<int64_t>(a.pages_per_split) * a.block_size > 0x7fffffff ||
+      !is_aligned(a.k_cache, kVecBytes) || !is_aligned(a.v_cache, kVecBytes) ||
+      !is_aligned(a.out, kVecBytes) || (a.num_splits > 1 && a.counters == nullptr) ||
+      (a.k_new == nullptr) != (a.v_new == nullptr) ||
+      (a.k_new != nullptr &&
+       (a.slots == nullptr || !is_aligned(a.k_new, kVecBytes) || !is_aligned(a.v_new, kVecBytes) ||
+        a.kv_tok % vec != 0 || a.kv_head % vec != 0))) {
     return cudaErrorInvalidValue;
   }
-  if (num_seqs == 0) return cudaSuccess;
+  if (a.num_seqs == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      return launch_attention_decode_bs<float>(q, k_cache, v_cache, cu_seqlens, seq_lens,
-                                               block_tables, part_ml, part_acc, out, num_seqs,
-                                               n_head, block_size, max_blocks, num_splits,
-                                               pages_per_split, q_tok, q_head, scale, stream);
+      return launch_attention_decode_bs<float>(a, stream);
     case DType::kFloat16:
-      return launch_attention_decode_bs<__half>(q, k_cache, v_cache, cu_seqlens, seq_lens,
-                                                block_tables, part_ml, part_acc, out, num_seqs,
-                                                n_head, block_size, max_blocks, num_splits,
-                                                pages_per_split, q_tok, q_head, scale, stream);
+      return launch_attention_decode_bs<__half>(a, stream);
     case DType::kBFloat16:
-      return launch_attention_decode_bs<__nv_bfloat16>(
-          q, k_cache, v_cache, cu_seqlens, seq_lens, block_tables, part_ml, part_acc, out,
-          num_seqs, n_head, block_size, max_blocks, num_splits, pages_per_split, q_tok, q_head,
-          scale, stream);
+      return launch_attention_decode_bs<__nv_bfloat16>(a, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,23 +1,35 @@
 // linear.cuh — the decode linear, `out = [gelu](x @ weight.T + bias) [+ residual]` for at most
 // 16 rows: the contract of reference.linear (x (T, K), weight (N, K) as nn.Linear stores it,
 // fp32 accumulation, GPT-2's tanh-GELU, one rounding at the store). Bigger batches go to Triton.
+// With a LayerNorm prologue (kLN) it is reference.ln_linear, `linear(layer_norm(x), ...)`, in the
+// same launch: see "LayerNorm prologue" below.
 //
 // Design: a GEMV on CUDA cores (no tensor cores), memory-bound: the weight is the traffic.
-//   - One block of 4 warps owns kGemvOutputsPerBlock (4) consecutive outputs n and ALL K for
-//     them, so every weight element is read from DRAM exactly once per call, for all T rows. Its
-//     128 threads split K: thread i takes the 16-byte weight vectors i, i + 128, ... of each of
-//     the 4 weight rows (8 fp16/bf16 or 4 fp32 per load; one element per load when K, the row
-//     stride or a pointer is not 16-byte aligned: the scalar instantiation, kVec = 1).
+//   - One block of 4 warps (3 where that idles no thread: gemv_warps) owns kGemvOutputsPerBlock (4)
+//     consecutive outputs n and ALL K for them, so every weight element is read from DRAM exactly
+//     once per call, for all T rows. Its threads split K: thread i of 128 (96) takes the 16-byte
+//     weight vectors i, i + 128 (96), ... of each of the 4 weight rows (8 fp16/bf16 or 4 fp32 per
+//     load; one element per load when K, the row stride or a pointer is not 16-byte aligned: the
+//     scalar instantiation, kVec = 1).
 //   - x rows are read straight into registers (16-byte loads of the same K slice, converted to
 //     fp32 once and used for the 4 outputs): each x element is used by exactly one thread of a
 //     block, so staging it in shared memory would buy no reuse. The x bytes a block reads (T K,
 //     L1/L2 hits: the whole x is <= 200 KB) are T/4 of its weight bytes.
 //   - fp32 accumulators acc[t][r] (T x 4, in registers: the row count is a template bucket,
 //     1 / 4 / 16, so arrays are indexed by constants). A reduce-scatter butterfly sums the 4T
-//     values over the warp's 32 lanes with 2T + T + ... shuffles (not 5 per value), then the 4
-//     warps' partials meet in shared memory (dyn_smem, 4 x 4T floats) and 4T threads add them
+//     values over the warp's 32 lanes with 2T + T + ... shuffles (not 5 per value), then the
+//     warps' partials meet in shared memory (dyn_smem, 4 (3) x 4T floats) and 4T threads add them
 //     in warp order, apply bias -> GELU -> + residual, and store. Fixed order everywhere, no
 //     atomics: the same inputs give the same bits, whatever the schedule.
+//   - LayerNorm prologue (kLN, the qkv and fc projections): each block first computes the mean
+//     and rstd of its rows over all K (warp w takes rows w, w + 4 (3), ...: two passes, the mean
+//     then the squares around it, as layer_norm.cuh; x comes from L2, T K elements per block
+//     against 4 K weight elements per row), then the K loop normalises each x vector as it loads
+//     it, `(x - mean) * rstd * ln_w + ln_b`, rounded to T: the value the LayerNorm kernel would
+//     have stored and this GEMV read. No launch, no (T, K) round trip through memory for the
+//     LayerNorm output. The statistics' fp32 sums run in another order than layer_norm.cuh's,
+//     so a value on a rounding boundary of T may round the other way: within the tests'
+//     tolerances.
 //   - Why not split K over blocks: 4 outputs per block already give N/4 blocks = 192 at N = 768
 //     (132 H100 SMs), 576 at 2304 and 768 at 3072, each thread with 4 weight vectors (64 B) in
 //     flight per K step, and need no fp32 workspace and no second launch. (At N = 768, 192
@@ -40,8 +52,17 @@
 namespace gpt2fast {
 
 constexpr int kGemvMaxRows = 16;           // decode batches of at most this many rows
-constexpr int kGemvWarps = 4;              // warps per block, splitting K
+constexpr int kGemvWarps = 4;              // warps per block, splitting K (at most; see gemv_warps)
 constexpr int kGemvThreads = kGemvWarps * kWarpSize;
+
+// Warps per block for rows of num_vecs vectors: 4, or 3 where that leaves no thread without a
+// vector in the last round while 4 would idle a warp or more: K = 768 in fp16/bf16 is 96 16-byte
+// vectors, one per thread of 3 warps (4 warps: 32 threads idle the whole call); fp32 at 768 is
+// 192 (2 each).
+// K = 3072 (384 vectors) and 1600 fp16 (200) keep 4.
+constexpr int gemv_warps(int num_vecs) {
+  return num_vecs % kGemvThreads != 0 && num_vecs % (3 * kWarpSize) == 0 ? 3 : 4;
+}
 constexpr int kGemvOutputsPerBlock = 4;    // outputs n per block (weight rows it streams)
 
 // GPT-2's gelu_new, 0.5 y (1 + tanh(z)) with z = sqrt(2/pi) (y + 0.044715 y^3), written as
@@ -83,20 +104,61 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&v)[kValues], int lan
 
 // __launch_bounds__(128, 4): at most 128 registers a thread, so 4 blocks (16 warps) fit an SM to
 // keep loads in flight. (With no minimum, ptxas capped the 4-row fp16 variant at 64 and spilled.)
-template <typename T, int kVec, int kRows>
-__global__ void __launch_bounds__(kGemvThreads, 4) linear_gemv_kernel(
-    const T* __restrict__ x,         // [rows, k_in], rows x_stride apart
-    const T* __restrict__ weight,    // [n_out, k_in], contiguous
-    const T* __restrict__ bias,      // [n_out], or nullptr
-    const T* __restrict__ residual,  // [rows, n_out], rows res_stride apart, or nullptr
-    T* __restrict__ out,             // [rows, n_out], contiguous
-    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu) {
+// The 16-row LayerNorm variant holds the LayerNorm's weight and bias slices besides 64 accumulators
+// and 4 weight vectors: 3 blocks (at most 168 registers), where 128 spilled 260 bytes on sm_80.
+template <int kRows, bool kLN>
+constexpr int gemv_min_blocks() {
+  return kLN && kRows == kGemvMaxRows ? 3 : 4;
+}
+
+template <typename T, int kVec, int kRows, bool kLN>
+__global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kRows, kLN>())) linear_gemv_kernel(
+    const T* __restrict__ x,          // [rows, k_in], rows x_stride apart
+    const T* __restrict__ weight,     // [n_out, k_in], contiguous
+    const T* __restrict__ bias,       // [n_out], or nullptr
+    const T* __restrict__ residual,   // [rows, n_out], rows res_stride apart, or nullptr
+    const T* __restrict__ ln_weight,  // [k_in] (kLN; else unread)
+    const T* __restrict__ ln_bias,    // [k_in] (kLN; else unread)
+    T* __restrict__ out,              // [rows, n_out], contiguous
+    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu, float eps) {
   constexpr int kOut = kGemvOutputsPerBlock;
   constexpr int kValues = kRows * kOut;  // acc[t * kOut + r]: row t, output n0 + r
-  static_assert((kValues & (kValues - 1)) == 0 && kValues <= kGemvThreads);
+  static_assert((kValues & (kValues - 1)) == 0 && kValues <= 3 * kWarpSize);
+  const int num_warps = blockDim.x / kWarpSize;  // gemv_warps: 3 or 4
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int n0 = blockIdx.x * kOut;
+  const int num_vecs = k_in / kVec;
+
+  // LayerNorm statistics of the block's rows: stats[2 t] the mean, stats[2 t + 1] the rstd.
+  __shared__ float stats[2 * kRows];
+  if constexpr (kLN) {
+    for (int t = warp; t < rows; t += num_warps) {  // warp-uniform: every lane reaches the shuffles
+      const T* x_row = x + t * x_stride;             // [k_in]
+      float sum = 0.0f;
+      for (int j = lane; j < num_vecs; j += kWarpSize) {
+        float v[kVec];
+        load_floats<T, kVec>(x_row + j * kVec, v);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sum += v[e];
+      }
+      const float mean = warp_sum(sum) / k_in;
+      float squares = 0.0f;
+      for (int j = lane; j < num_vecs; j += kWarpSize) {
+        float v[kVec];
+        load_floats<T, kVec>(x_row + j * kVec, v);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) squares += (v[e] - mean) * (v[e] - mean);
+      }
+      // IEEE sqrt and division, as layer_norm.cuh: once per row
+      const float rstd = 1.0f / sqrtf(warp_sum(squares) / k_in + eps);
+      if (lane == 0) {
+        stats[2 * t] = mean;
+        stats[2 * t + 1] = rstd;
+      }
+    }
+    __syncthreads();
+  }
 
   // Outputs past n_out (the last block of an N that is not a multiple of kOut) re-read the last
   // weight row and are never stored: every thread keeps the same control flow.
@@ -111,16 +173,27 @@ __global__ void __launch_bounds__(kGemvThreads, 4) linear_gemv_kernel(
 #pragma unroll
   for (int i = 0; i < kValues; ++i) acc[i] = 0.0f;
 
-  const int num_vecs = k_in / kVec;
-  for (int j = threadIdx.x; j < num_vecs; j += kGemvThreads) {
+  for (int j = threadIdx.x; j < num_vecs; j += blockDim.x) {
     float w[kOut][kVec];
 #pragma unroll
     for (int r = 0; r < kOut; ++r) load_floats<T, kVec>(w_row[r] + j * kVec, w[r]);
+    float g[kLN ? kVec : 1], h[kLN ? kVec : 1];  // this slice of the LayerNorm's weight and bias
+    if constexpr (kLN) {
+      load_floats<T, kVec>(ln_weight + j * kVec, g);
+      load_floats<T, kVec>(ln_bias + j * kVec, h);
+    }
 #pragma unroll
     for (int t = 0; t < kRows; ++t) {
       if (t < rows) {
         float xv[kVec];
         load_floats<T, kVec>(x + t * x_stride + j * kVec, xv);
+        if constexpr (kLN) {
+          const float mean = stats[2 * t], rstd = stats[2 * t + 1];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            xv[e] = to_float(from_float<T>((xv[e] - mean) * rstd * g[e] + h[e]));
+          }
+        }
 #pragma unroll
         for (int r = 0; r < kOut; ++r) {
 #pragma unroll
@@ -131,7 +204,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) linear_gemv_kernel(
   }
 
   warp_reduce_scatter<kValues, kWarpSize / 2>(acc, lane);
-  float* partials = reinterpret_cast<float*>(dyn_smem);  // [kGemvWarps][kValues]
+  float* partials = reinterpret_cast<float*>(dyn_smem);  // [num_warps][kValues]
   if constexpr (kValues >= kWarpSize) {
     constexpr int kPerLane = kValues / kWarpSize;
 #pragma unroll
@@ -147,8 +220,7 @@ __global__ void __launch_bounds__(kGemvThreads, 4) linear_gemv_kernel(
     const int n = n0 + static_cast<int>(threadIdx.x) % kOut;
     if (t < rows && n < n_out) {
       float y = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kGemvWarps; ++w) y += partials[w * kValues + threadIdx.x];
+      for (int w = 0; w < num_warps; ++w) y += partials[w * kValues + threadIdx.x];
       if (bias != nullptr) y += to_float(bias[n]);
       if (gelu) y = tanh_gelu(y);
       if (residual != nullptr) y += to_float(residual[t * res_stride + n]);
@@ -159,68 +231,97 @@ __global__ void __launch_bounds__(kGemvThreads, 4) linear_gemv_kernel(
 
 // ---- launchers ---------------------------------------------------------------------------------
 
+// The operands of one launch, typed.
+template <typename T>
+struct GemvArgs {
+  const T* x;
+  const T* weight;
+  const T* bias;
+  const T* residual;
+  const T* ln_weight;
+  const T* ln_bias;
+  T* out;
+  int rows, n_out, k_in;
+  int64_t x_stride, res_stride;
+  bool gelu;
+  float eps;
+};
+
+template <typename T, int kVec, int kRows, bool kLN>
+void launch_gemv(const GemvArgs<T>& a, cudaStream_t stream) {
+  const int warps = gemv_warps(a.k_in / kVec);
+  const dim3 grid(ceil_div(a.n_out, kGemvOutputsPerBlock)), block(warps * kWarpSize);
+  const std::size_t smem = warps * kGemvOutputsPerBlock * kRows * sizeof(float);
+  LAUNCH(grid, block, smem, stream, linear_gemv_kernel<T, kVec, kRows, kLN>)(
+      a.x, a.weight, a.bias, a.residual, a.ln_weight, a.ln_bias, a.out, a.rows, a.n_out, a.k_in,
+      a.x_stride, a.res_stride, a.gelu, a.eps);
+}
+
 // Row-count buckets 1, 4, 16: the accumulators are kRows x 4 registers, so a single-row decode
 // does not pay a 16-row register file (occupancy is what hides DRAM latency in a GEMV).
-template <typename T, int kVec>
-cudaError_t launch_linear_rows(const T* x, const T* weight, const T* bias, const T* residual,
-                               T* out, int rows, int n_out, int k_in, int64_t x_stride,
-                               int64_t res_stride, bool gelu, cudaStream_t stream) {
-  const dim3 grid(ceil_div(n_out, kGemvOutputsPerBlock)), block(kGemvThreads);
-  constexpr std::size_t kSmemPerRow = kGemvWarps * kGemvOutputsPerBlock * sizeof(float);
-  if (rows <= 1) {
-    LAUNCH(grid, block, kSmemPerRow * 1, stream, linear_gemv_kernel<T, kVec, 1>)(
-        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
-  } else if (rows <= 4) {
-    LAUNCH(grid, block, kSmemPerRow * 4, stream, linear_gemv_kernel<T, kVec, 4>)(
-        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+template <typename T, int kVec, bool kLN>
+cudaError_t launch_linear_rows(const GemvArgs<T>& a, cudaStream_t stream) {
+  if (a.rows <= 1) {
+    launch_gemv<T, kVec, 1, kLN>(a, stream);
+  } else if (a.rows <= 4) {
+    launch_gemv<T, kVec, 4, kLN>(a, stream);
   } else {
-    LAUNCH(grid, block, kSmemPerRow * 16, stream, linear_gemv_kernel<T, kVec, 16>)(
-        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+    launch_gemv<T, kVec, 16, kLN>(a, stream);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_linear_typed(const void* x, const void* weight, const void* bias,
-                                const void* residual, void* out, int rows, int n_out, int k_in,
-                                int64_t x_stride, int64_t res_stride, bool gelu,
-                                cudaStream_t stream) {
-  const auto* xt = static_cast<const T*>(x);
-  const auto* wt = static_cast<const T*>(weight);
-  const auto* bt = static_cast<const T*>(bias);
-  const auto* rt = static_cast<const T*>(residual);
-  auto* ot = static_cast<T*>(out);
-  // Only x and weight are read in vectors (bias, residual and out are touched once per output).
-  if (can_vectorize<T>({x, weight}, k_in, {x_stride})) {
-    return launch_linear_rows<T, kVecElems<T>>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride,
-                                               res_stride, gelu, stream);
+                                const void* residual, const void* ln_weight, const void* ln_bias,
+                                void* out, int rows, int n_out, int k_in, int64_t x_stride,
+                                int64_t res_stride, bool gelu, float eps, cudaStream_t stream) {
+  const GemvArgs<T> a{static_cast<const T*>(x),         static_cast<const T*>(weight),
+                      static_cast<const T*>(bias),      static_cast<const T*>(residual),
+                      static_cast<const T*>(ln_weight), static_cast<const T*>(ln_bias),
+                      static_cast<T*>(out),             rows,
+                      n_out,                            k_in,
+                      x_stride,                         res_stride,
+                      gelu,                             eps};
+  const bool ln = ln_weight != nullptr;
+  // x, weight and the LayerNorm's vectors are read in vectors (bias, residual and out are touched
+  // once per output).
+  if (ln ? can_vectorize<T>({x, weight, ln_weight, ln_bias}, k_in, {x_stride})
+         : can_vectorize<T>({x, weight}, k_in, {x_stride})) {
+    return ln ? launch_linear_rows<T, kVecElems<T>, true>(a, stream)
+              : launch_linear_rows<T, kVecElems<T>, false>(a, stream);
   }
-  return launch_linear_rows<T, 1>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride, res_stride,
-                                  gelu, stream);
+  return ln ? launch_linear_rows<T, 1, true>(a, stream)
+            : launch_linear_rows<T, 1, false>(a, stream);
 }
 
-// out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for rows <= kGemvMaxRows; bias and
-// residual may be nullptr. x rows x_stride apart, residual rows res_stride apart, out contiguous.
+// out[t] = [gelu](LN(x[t]) @ weight.T + bias) [+ residual[t]] for rows <= kGemvMaxRows, where LN
+// is LayerNorm(ln_weight, ln_bias, eps) when ln_weight is given and the identity when it is
+// nullptr (both LayerNorm vectors, or neither). bias and residual may be nullptr. x rows x_stride
+// apart, residual rows res_stride apart, out contiguous.
 inline cudaError_t linear(const void* x, const void* weight, const void* bias,
-                          const void* residual, void* out, int64_t rows, int64_t n_out,
-                          int64_t k_in, int64_t x_stride, int64_t res_stride, bool gelu,
-                          DType dtype, cudaStream_t stream) {
+                          const void* residual, const void* ln_weight, const void* ln_bias,
+                          void* out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
+                          int64_t res_stride, bool gelu, float eps, DType dtype,
+                          cudaStream_t stream) {
   if (rows < 0 || rows > kGemvMaxRows || n_out < 0 || n_out > 0x7fffffff || k_in < 0 ||
-      k_in > 0x7fffffff || x_stride < k_in || (residual != nullptr && res_stride < n_out)) {
+      k_in > 0x7fffffff || x_stride < k_in || (residual != nullptr && res_stride < n_out) ||
+      (ln_weight == nullptr) != (ln_bias == nullptr) || (ln_weight != nullptr && k_in == 0)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0 || n_out == 0) return cudaSuccess;
   const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
   switch (dtype) {
     case DType::kFloat32:
-      return launch_linear_typed<float>(x, weight, bias, residual, out, r, n, k, x_stride,
-                                        res_stride, gelu, stream);
+      return launch_linear_typed<float>(x, weight, bias, residual, ln_weight, ln_bias, out, r, n,
+                                        k, x_stride, res_stride, gelu, eps, stream);
     case DType::kFloat16:
-      return launch_linear_typed<__half>(x, weight, bias, residual, out, r, n, k, x_stride,
-                                         res_stride, gelu, stream);
+      return launch_linear_typed<__half>(x, weight, bias, residual, ln_weight, ln_bias, out, r, n,
+                                         k, x_stride, res_stride, gelu, eps, stream);
     case DType::kBFloat16:
-      return launch_linear_typed<__nv_bfloat16>(x, weight, bias, residual, out, r, n, k, x_stride,
-                                                res_stride, gelu, stream);
+      return launch_linear_typed<__nv_bfloat16>(x, weight, bias, residual, ln_weight, ln_bias,
+                                                out, r, n, k, x_stride, res_stride, gelu, eps,
+                                                stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -222,9 +222,10 @@ CUDA_MAX_LINEAR_ROWS = 16  # the CUDA GEMV's row limit: more rows are a prefill,
 def cuda_ops(device: torch.device) -> Ops:
     """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``), with a fallback where they stop.
 
-    CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear for at most
-    ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV; ``ln_linear`` is the CUDA LayerNorm, then that linear),
-    attention for decode steps (every sequence has at most one query), and the top-k/top-p/min-p sampler.
+    CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear and ln_linear for at most
+    ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV, with the LayerNorm as its prologue for ln_linear),
+    attention and write_kv_attention for decode steps (every sequence has at most one query; one launch, the
+    K/V store and the split merge included), and the top-k/top-p/min-p sampler.
     The fallback runs prefill linears and prefill
     attention (tensor-core ``tl.dot`` work the CUDA-core kernels do not do) and the LM head: Triton on
     a GPU, the PyTorch reference on the CPU (where the CUDA kernels run emulated, for tests). The
@@ -245,14 +246,18 @@ def cuda_ops(device: torch.device) -> Ops:
         return op(x, weight, bias, gelu=gelu, residual=residual)
 
     def ln_linear(x, ln_weight, ln_bias, eps, weight, bias, *, gelu=False):
-        # the composition of this table's own ops: the CUDA LayerNorm, then the linear dispatch above
-        return linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
+        if x.shape[0] <= CUDA_MAX_LINEAR_ROWS:  # one launch: the GEMV with its LayerNorm prologue
+            return cuda.ln_linear(x, ln_weight, ln_bias, eps, weight, bias, gelu=gelu)
+        # a prefill: the CUDA LayerNorm, then the fallback's linear
+        return fallback.linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
 
     def attention(q, k_cache, v_cache, meta, scale):
         op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
         return op(q, k_cache, v_cache, meta, scale)
 
     def write_kv_attention(q, k, v, k_cache, v_cache, meta, scale):
+        if meta.max_query_len <= 1 and cuda.fuses_write_kv(k, v, k_cache):  # a decode step: one launch
+            return cuda.write_kv_attention(q, k, v, k_cache, v_cache, meta, scale)
         # the composition of this table's own ops: the CUDA write_kv, then the attention dispatch above
         cuda.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return attention(q, k_cache, v_cache, meta, scale)

@@ -371,9 +371,9 @@ def attention(
     ``q``: ``(T, H, 64)``, token/head strides free, last dim contiguous; caches ``(NB, H, BS, 64)`` contiguous
     in ``q.dtype``. Returns a new ``(T, H, 64)``; rows of sequences without a query are not written.
     Split-K over the block table with the Triton backend's split rule (``decode_splits``: shapes only, so
-    CUDA graphs replay), fp32 partials in a workspace from ``_empty``, merged by a second launch when
-    there is more than one split. Steps with a longer query (prefill) raise ValueError: route them to
-    another backend.
+    CUDA graphs replay), fp32 partials in a workspace from ``_empty``, merged in the same launch by the
+    split that finishes last (ticket counters, ``triton.counters``). Steps with a longer query (prefill)
+    raise ValueError: route them to another backend.
 
     Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
         >>> from gpt2fast.ops import reference
@@ -384,7 +384,71 @@ def attention(
         ...                atol=1e-5)  # doctest: +SKIP
         True
     """
+    return _attention_decode(q, None, None, k_cache, v_cache, meta, scale)
+
+
+def write_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """``reference.write_kv_attention`` for a decode step in one launch: each row's key and value go to its slot
+    (``meta.slot_mapping``, -1 not stored) and are attended at the sequence's newest position, read from
+    ``k``/``v`` (the cache is never read where this launch writes).
+
+    ``k``, ``v``: ``(T, H, 64)`` in the caches' dtype, one token/head stride for both (views of the fused qkv
+    output), rows 16-byte aligned (ValueError otherwise: use ``write_kv`` then ``attention``). Else as
+    ``attention``.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> kc = torch.randn(4, 2, 16, 64); vc = torch.randn_like(kc)
+        >>> meta = AttentionMetadata.build([[3, 1], [2]], [20, 5], [1, 1], block_size=16)
+        >>> q, k, v = torch.randn(3, 2, 2, 64).unbind(0)
+        >>> out = write_kv_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.125)  # doctest: +SKIP
+        >>> torch.allclose(out, reference.write_kv_attention(q, k, v, kc, vc, meta, 0.125), atol=1e-5)  # doctest: +SKIP
+        True
+    """
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have q's shape {tuple(q.shape)}")
+    if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
+        raise ValueError(f"k ({k.dtype}) and v ({v.dtype}) must have the caches' dtype {k_cache.dtype}")
+    if k.stride() != v.stride() or k.stride(2) != 1:
+        raise ValueError(f"k and v need one layout, last dim contiguous (strides {k.stride()}, {v.stride()})")
+    vec = 16 // k.element_size()
+    if k.data_ptr() % 16 or v.data_ptr() % 16 or k.stride(0) % vec or k.stride(1) % vec:
+        raise ValueError("k and v rows must be 16-byte aligned (data pointers and token/head strides): the "
+                         "kernel reads them in 16-byte vectors")  # fmt: skip
+    slots = meta.slot_mapping
+    if slots.dtype != torch.int64 or slots.shape != (q.shape[0],) or (q.shape[0] > 1 and slots.stride(0) != 1):
+        raise ValueError(f"meta.slot_mapping must be a contiguous int64 ({q.shape[0]},), got {slots.dtype} "
+                         f"{tuple(slots.shape)}")  # fmt: skip
+    _check_same_device(dict(q=q, k=k, v=v, slot_mapping=slots))
+    return _attention_decode(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def fuses_write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether ``write_kv_attention`` takes these ``k``/``v`` (dtype, one layout, 16-byte aligned rows).
+
+    Example:
+        >>> qkv = torch.randn(3, 3, 2, 64)  # (T, 3, H, D), as the model's qkv projection lays it out
+        >>> fuses_write_kv(qkv[:, 1], qkv[:, 2], torch.empty(4, 2, 16, 64)), fuses_write_kv(qkv[:, 1].half(),
+        ...     qkv[:, 2].half(), torch.empty(4, 2, 16, 64))
+        (True, False)
+    """
+    vec = 16 // k.element_size()
+    return (k.dtype == v.dtype == k_cache.dtype and k.stride() == v.stride() and k.dim() == 3 and k.stride(2) == 1
+            and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and k.stride(0) % vec == 0
+            and k.stride(1) % vec == 0)
+
+
+def _attention_decode(q, k, v, k_cache, v_cache, meta, scale) -> torch.Tensor:
     from gpt2fast.ops.triton.attention import decode_splits  # the one split rule (imports triton)
+    from gpt2fast.ops.triton.counters import ticket_counters
 
     _check_attention(q, k_cache, v_cache, meta)
     if meta.max_query_len > 1:
@@ -396,15 +460,20 @@ def attention(
     if q.shape[0] == 0 or num_seqs == 0:
         return out
     num_splits, pages_per_split = decode_splits(num_seqs, n_head, max_blocks)
-    parts = num_seqs * n_head * num_splits if num_splits > 1 else 1  # 1: a valid pointer the kernel never uses
+    split = num_splits > 1
+    parts = num_seqs * n_head * num_splits if split else 1  # 1: a valid pointer the kernel never uses
     part_ml = _empty((parts, 2), torch.float32, q.device)  # (B * H * splits, 2) max (log2 domain), sum
     part_acc = _empty((parts, head_dim), torch.float32, q.device)  # (B * H * splits, D) unnormalised out
+    counters = ticket_counters(q.device, num_seqs * n_head if split else 1)  # (B * H,) tickets, zero
     module = module_for(q.device)
+    new = k is not None
     with _on(q.device):
-        module.attention_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(),
-                                meta.seq_lens.data_ptr(), meta.block_tables.data_ptr(), part_ml.data_ptr(),
-                                part_acc.data_ptr(), out.data_ptr(), num_seqs, n_head, head_dim, block_size,
-                                max_blocks, num_splits, pages_per_split, _stride(q, 0), _stride(q, 1), float(scale),
+        module.attention_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr() if new else 0,
+                                v.data_ptr() if new else 0, meta.slot_mapping.data_ptr() if new else 0,
+                                meta.cu_seqlens_q.data_ptr(), meta.seq_lens.data_ptr(), meta.block_tables.data_ptr(),
+                                part_ml.data_ptr(), part_acc.data_ptr(), counters.data_ptr(), out.data_ptr(), num_seqs,
+                                n_head, head_dim, block_size, max_blocks, num_splits, pages_per_split, _stride(q, 0),
+                                _stride(q, 1), _stride(k, 0) if new else 0, _stride(k, 1) if new else 0, float(scale),
                                 _dtype_code(module, q.dtype), _stream(q.device))  # fmt: skip
     return out
 
@@ -569,6 +638,51 @@ def linear(
                       0 if residual is None else residual.data_ptr(), out.data_ptr(), rows, n_out, k_in,
                       _row_stride(x), n_out if residual is None else _row_stride(residual), bool(gelu),
                       _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+    return out
+
+
+def ln_linear(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """``linear(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)`` (``reference.ln_linear``) as
+    one GEMV launch: every block computes its rows' LayerNorm statistics, then normalises x as it reads it,
+    rounded to x's dtype as the LayerNorm kernel would store it (csrc/kernels/linear.cuh).
+
+    ``x``: ``(T, K)``, ``T <= 16``, rows may be strided; ``ln_weight``/``ln_bias``: ``(K,)``; ``weight``:
+    ``(N, K)`` contiguous; ``bias``: ``(N,)`` or None. Returns a contiguous ``(T, N)`` in ``x.dtype``.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> x, g, h, w, b = torch.randn(3, 8), torch.rand(8), torch.randn(8), torch.randn(5, 8), torch.randn(5)
+        >>> y = ln_linear(x, g, h, 1e-5, w, b)  # doctest: +SKIP
+        >>> torch.allclose(y, reference.ln_linear(x, g, h, 1e-5, w, b), atol=1e-5)  # doctest: +SKIP
+        True
+    """
+    if x.dim() == 2 and x.shape[1] == 0:
+        raise ValueError("x has no columns: LayerNorm needs K >= 1")
+    _check_linear(x, weight, bias, None)
+    rows, k_in = x.shape
+    _check_operand("ln_weight", ln_weight, x, (k_in,), "ln_linear")
+    _check_operand("ln_bias", ln_bias, x, (k_in,), "ln_linear")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if k_in > 1 and t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous (stride {t.stride(0)})")
+    n_out = weight.shape[0]
+    out = _empty((rows, n_out), x.dtype, x.device)  # (T, N)
+    if rows == 0 or n_out == 0:
+        return out
+    module = module_for(x.device)
+    with _on(x.device):
+        module.ln_linear(x.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), weight.data_ptr(),
+                         0 if bias is None else bias.data_ptr(), out.data_ptr(), rows, n_out, k_in, _row_stride(x),
+                         bool(gelu), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
     return out
 
 
