@@ -322,3 +322,27 @@ def test_split_rule_never_asks_for_more_counters_than_the_first_buffer(n_embd):
         for etype in ("fp32", "fp16"):
             if decode_split(n, k, BLOCK_K_DECODE[etype])[0] > 1:
                 assert -(-n // BLOCK_N_DECODE) < counters.MIN_SLOTS
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
+def test_pdl_weight_prefetch_keeps_the_bits(ln, dtype, monkeypatch):
+    """The PDL decode kernel loads its first weight tile before griddepcontrol.wait and takes it as its own first
+    step: the same dots in the same order, so the same bits as without PDL. The interpreter cannot run griddepcontrol:
+    PDL_PREFETCH_ONLY runs the prefetch and the order alone. Split K (6 splits of K = 768) and one split (K = 96)."""
+    gen = torch.Generator().manual_seed(int(ln))
+    for k, n in ((768, 72), (96, 40)):
+        x = torch.randn(5, k, generator=gen).to(dtype)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+        b, res = torch.randn(n, generator=gen).to(dtype), torch.randn(5, n, generator=gen).to(dtype)
+        g, h = (1 + 0.2 * torch.randn(k, generator=gen)).to(dtype), torch.randn(k, generator=gen).to(dtype)
+        run = (lambda: linear_module.ln_linear(x, g, h, 1e-5, w, b, gelu=True)) if ln else (
+            lambda: linear(x, w, b, residual=res))
+        plain = run()
+        monkeypatch.setattr(linear_module, "pdl_launch",
+                            lambda device, etype: dict(PDL=linear_module.PDL_PREFETCH_ONLY.value))
+        prefetched = run()
+        monkeypatch.undo()
+        assert torch.equal(prefetched, plain)
+        if ln:
+            torch.testing.assert_close(plain, reference.ln_linear(x, g, h, 1e-5, w, b, gelu=True), atol=3e-2, rtol=2e-2)

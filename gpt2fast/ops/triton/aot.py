@@ -139,7 +139,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
     Returns ``name, arch, num_warps, registers, spill_stores, spill_loads, stack, shared_dynamic,
     shared_static, shared, compile_s, griddepcontrol`` (bytes for spills, stack and shared memory; ``shared`` is
     the per-block total; ``griddepcontrol``: the PTX's programmatic-dependent-launch instructions, sorted;
-    ``loads_before_wait``: global loads in the PTX before its ``griddepcontrol.wait``).
+    ``loads_before_wait``: global loads in the PTX before its ``griddepcontrol.wait``; ``unmarked_loads_before_wait``:
+    those of them not ``evict_first``, the mark of a PDL decode linear's weight prefetch).
 
     Example (skipped in doctests: about a second of compiling; tests/test_triton_compile.py runs it):
         >>> from gpt2fast.ops.triton.layer_norm import COMPILE_VARIANTS
@@ -174,7 +175,11 @@ def compile_variant(variant: dict, arch: int) -> dict:
     ptx = compiled.asm["ptx"]
     griddepcontrol = sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx)))
     wait = ptx.find("griddepcontrol.wait")
-    loads_before_wait = ptx[:wait].count("ld.global") if wait >= 0 else 0  # reads that may see a stale buffer
+    before_wait = re.findall(r"ld\.global[\w.:]*", ptx[:wait]) if wait >= 0 else []  # reads before it
+    loads_before_wait = len(before_wait)
+    # the weight tile a PDL decode linear prefetches is loaded evict_first (ops/triton/linear.py); anything else
+    # read before the wait may be an earlier kernel's output, not yet written
+    unmarked_loads_before_wait = sum("evict_first" not in load for load in before_wait)
     return dict(
         name=variant["name"],
         arch=arch,
@@ -189,6 +194,7 @@ def compile_variant(variant: dict, arch: int) -> dict:
         compile_s=seconds,
         griddepcontrol=griddepcontrol,
         loads_before_wait=loads_before_wait,
+        unmarked_loads_before_wait=unmarked_loads_before_wait,
     )
 
 

@@ -111,7 +111,27 @@ def _tanh_gelu(y):
 
 
 @triton.jit
+def _w_tile(w_ptr, cols, col_ok, K, k0, BLOCK_K: tl.constexpr):
+    """The (BK, BN) tile ``w[cols, k0:k0 + BK].T`` (zeros past K and N)."""
+    ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+    return tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None], mask=(ks < K)[:, None] & col_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _dot_tile(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32 (``IEEE``: exact fp32 products; ``UPCAST``: the interpreter's bf16 dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def x_times_w_t(
+    acc,  # (BM, BN) fp32 to add to (zeros, or the tiles before k_begin)
     x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
     w_ptr,  # (N, K) weight, contiguous
     rows,  # (BM,) row ids of this tile
@@ -128,23 +148,14 @@ def x_times_w_t(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The fp32 tile ``x[rows, k_begin:k_end] @ w[cols, k_begin:k_end].T`` (BM, BN), shared by every
+    """``acc`` plus the fp32 tile ``x[rows, k_begin:k_end] @ w[cols, k_begin:k_end].T`` (BM, BN), shared by every
     projection kernel (linear prefill, linear split-K, the LM head)."""
     ks = tl.arange(0, BLOCK_K)  # (BK,)
     x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
-    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN): w.T
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = (k0 + ks) < K
         a = tl.load(x_tile + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _dot_tile(acc, a, _w_tile(w_ptr, cols, col_ok, K, k0, BLOCK_K), IEEE, UPCAST)
     return acc
 
 
@@ -179,7 +190,23 @@ def _row_stats(
 
 
 @triton.jit
+def _ln_x_tile(x_ptr, ln_w_ptr, ln_b_ptr, mean, rstd, rows, row_ok, x_row_stride, K, k0, BLOCK_K: tl.constexpr):
+    """The (BM, BK) tile of ``LayerNorm(x)[rows, k0:k0 + BK]``, normalised in fp32 and cast to x's dtype: the value
+    ``reference.layer_norm`` would have stored (zeros past K and M)."""
+    ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+    k_ok = ks < K
+    x_mask = row_ok[:, None] & k_ok[None, :]
+    v = tl.load(x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :], mask=x_mask,
+                other=0.0).to(tl.float32)  # (BM, BK)
+    g = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+    h = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+    normed = (v - mean[:, None]) * rstd[:, None] * g[None, :] + h[None, :]
+    return tl.where(x_mask, normed, 0.0).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _ln_x_times_w_t(
+    acc,  # (BM, BN) fp32 to add to (zeros, or the tiles before k_begin)
     x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
     w_ptr,  # (N, K) weight, contiguous
     ln_w_ptr,  # (K,) LayerNorm weight
@@ -200,28 +227,11 @@ def _ln_x_times_w_t(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``x_times_w_t`` of ``LayerNorm(x)``: each x chunk is normalised in fp32, ``(x - mean) * rstd * ln_w + ln_b``,
-    and cast to x's dtype -- the value ``reference.layer_norm`` would have stored -- before the ``tl.dot``."""
-    ks = tl.arange(0, BLOCK_K)  # (BK,)
-    x_tile = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # (BM, BK)
-    w_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # (BK, BN): w.T
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    """``x_times_w_t`` of ``LayerNorm(x)``: each x chunk is normalised in fp32 (``_ln_x_tile``) before the
+    ``tl.dot``."""
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        x_mask = row_ok[:, None] & k_ok[None, :]
-        v = tl.load(x_tile + k0, mask=x_mask, other=0.0).to(tl.float32)  # (BM, BK)
-        g = tl.load(ln_w_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
-        h = tl.load(ln_b_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
-        normed = (v - mean[:, None]) * rstd[:, None] * g[None, :] + h[None, :]
-        a = tl.where(x_mask, normed, 0.0).to(x_ptr.dtype.element_ty)  # (BM, BK): LayerNorm's output dtype
-        b = tl.load(w_tile + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        a = _ln_x_tile(x_ptr, ln_w_ptr, ln_b_ptr, mean, rstd, rows, row_ok, x_row_stride, K, k0, BLOCK_K)
+        acc = _dot_tile(acc, a, _w_tile(w_ptr, cols, col_ok, K, k0, BLOCK_K), IEEE, UPCAST)
     return acc
 
 
@@ -303,11 +313,14 @@ def _linear_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     row_ok = rows < M
     col_ok = cols < N
-    acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, 0, K,
-                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
+    acc = x_times_w_t(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptr, w_ptr, rows, cols, row_ok, col_ok,
+                      x_row_stride, K, 0, K, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
     bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
                                 BLOCK_M, BLOCK_N)  # (BN,), (BM, BN) fp32
     _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
+
+
+PDL_PREFETCH_ONLY: tl.constexpr = tl.constexpr(2)  # _linear_decode_kernel's PDL without griddepcontrol (tests)
 
 
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
@@ -337,7 +350,9 @@ def _linear_decode_kernel(
     BLOCK_M: tl.constexpr,  # 16 (tl.dot's smallest M) or 64; rows >= M are masked
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (sm_90, pdl_enabled)
+    # launched with programmatic dependent launch (sm_90, pdl_enabled); PDL_PREFETCH_ONLY (2): the same weight
+    # prefetch and order without griddepcontrol, which the interpreter cannot run (the tests' check of the order)
+    PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -347,21 +362,40 @@ def _linear_decode_kernel(
     row_ok = rows < M
     col_ok = cols < N
     k_start = split * k_per_split
+    k_end = k_start + k_per_split
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PDL:
         # This program may start before the previous kernel has finished: x, the residual and the counters are
-        # earlier kernels' to write, so nothing is read before griddepcontrol.wait, which returns once the
-        # previous grid has completed and its memory is visible (the weights could be fetched before it; not yet).
-        gdc_wait()
+        # earlier kernels' to write, so none of them is read before griddepcontrol.wait, which returns once the
+        # previous grid has completed and its memory is visible. The weights are no kernel's output: the first
+        # (BK, BN) tile of this program's slice is loaded before the wait, so its DRAM round trip overlaps the
+        # previous kernel's tail (evict_first: weights are read once a step; it also marks these loads for
+        # tests/test_triton_compile.py, which checks that nothing else is loaded before the wait).
+        ks = k_start + tl.arange(0, BLOCK_K)  # (BK,)
+        w_first = tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None],
+                          mask=(ks < K)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if PDL != PDL_PREFETCH_ONLY:
+            gdc_wait()
     if LN:
         # Every split program of every N slice recomputes the same (M,) stats: reads of x that hit L2,
         # instead of a stats launch (or a cross-program hand-off) before the GEMV. See ln_linear.
         mean, rstd = _row_stats(x_ptr, rows, row_ok, x_row_stride, K, eps, BLOCK_M, BLOCK_K)  # (BM,) x 2 fp32
-        acc = _ln_x_times_w_t(x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, mean, rstd, rows, cols, row_ok, col_ok, x_row_stride,
-                              K, k_start, k_start + k_per_split, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    if PDL:  # the first tile with the weights loaded before the wait: the same dot, in the same order
+        if LN:
+            a = _ln_x_tile(x_ptr, ln_w_ptr, ln_b_ptr, mean, rstd, rows, row_ok, x_row_stride, K, k_start, BLOCK_K)
+        else:
+            ks = k_start + tl.arange(0, BLOCK_K)  # (BK,)
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :],
+                        mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)  # (BM, BK)
+        acc = _dot_tile(acc, a, w_first, IEEE, UPCAST)
+        k_start += BLOCK_K
+    if LN:
+        acc = _ln_x_times_w_t(acc, x_ptr, w_ptr, ln_w_ptr, ln_b_ptr, mean, rstd, rows, cols, row_ok, col_ok,
+                              x_row_stride, K, k_start, k_end, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start,
-                          k_start + k_per_split, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
-    if PDL:  # this program's weights are read: the next kernel may launch and run up to its own wait
+        acc = x_times_w_t(acc, x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, K, k_start, k_end, IEEE,
+                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
+    if PDL and PDL != PDL_PREFETCH_ONLY:  # this program's weights are read: the next kernel may run up to its wait
         gdc_launch_dependents()
     # The epilogue's bias and residual, loaded before the ticket (by every split, the later ones from L2): their
     # memory round trip overlaps the partial's store and the ticket's, instead of following the last ticket.

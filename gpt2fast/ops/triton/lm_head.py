@@ -126,8 +126,8 @@ def _lm_head_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # (BV,) token ids
     row_ok = rows < N
     col_ok = cols < V
-    acc = x_times_w_t(x_ptr, w_ptr, rows, cols, row_ok, col_ok, x_row_stride, C, 0, C,
-                      IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV) fp32 logits
+    acc = x_times_w_t(tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32), x_ptr, w_ptr, rows, cols, row_ok, col_ok,
+                      x_row_stride, C, 0, C, IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV) fp32 logits
     if MODE == 0:
         out = out_ptr + rows[:, None].to(tl.int64) * V + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
