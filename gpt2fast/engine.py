@@ -554,7 +554,9 @@ class Engine:
                 ending += 1
                 continue
             seqs.append(seq)
-        # Work the scheduler would admit once the in-flight tokens are in: read them first, as without overlap.
+        # Work the scheduler would admit once the in-flight tokens are in: read them first, as without overlap. (A
+        # sequence that ends by a token, EOS or a stop, is known to end only once read: a request waiting for its
+        # slot starts one step later than without overlap, as with vLLM's async scheduling; results are the same.)
         if sched.waiting and sched.can_admit(sched.waiting[0], leaving=ending):
             return None
         if not seqs or len(seqs) > sched.max_num_batched_tokens:

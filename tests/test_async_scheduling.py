@@ -1,9 +1,10 @@
 """Overlapped decode (``Engine(async_scheduling=True)``): step N+1 launched before step N's tokens are read.
 
 The independent check is the engine without a decode runner (``cuda_graphs=False``: every step built to its
-batch, nothing in flight), called the same way: every output of every step must be the same. On a CPU the
-runner runs eagerly, so its "device" is done at launch; ``SimulatedDevice`` shows the order of launches and
-reads a GPU would see.
+batch, nothing in flight), called the same way: every output of every step must be the same, except that a
+waiting request whose slot frees when a sequence ends by a token (EOS, stop) starts one step later (its results
+are the same). On a CPU the runner runs eagerly, so its "device" is done at launch; ``SimulatedDevice`` shows
+the order of launches and reads a GPU would see.
 """
 
 from __future__ import annotations
@@ -155,6 +156,22 @@ def test_waiting_requests_and_preemption_in_a_tight_pool():
     assert got == want
     assert reference.scheduler.num_preemptions > 0 and overlapped.scheduler.num_preemptions > 0
     assert counter.ahead > 10, counter.ahead
+
+
+def test_a_request_waiting_for_a_slot_that_an_early_stop_frees_starts_one_step_later():
+    """A sequence that ends by a token (EOS, a stop id or string) is known to end only when its in-flight token is
+    read, after the next step was launched without the waiting request: it starts one step later than without
+    overlap (as with vLLM's async scheduling), and every request's result is the same."""
+    stops = dict(stop_token_ids=list(range(250)), min_tokens=3, max_tokens=12, temperature=0)
+    requests = [("a", [1, 2, 3], SamplingParams(**stops)),
+                ("c", [4, 5], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)),
+                ("b", [6, 7, 8], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))]
+    reference, overlapped = _engines(_model(), max_num_seqs=2)
+    want, got = _drive(reference, requests), _drive(overlapped, requests)
+    finals = [{o[0]: o for step in run for o in step if o[4]} for run in (want, got)]
+    assert finals[0] == finals[1] and len(finals[0]) == 3
+    first_b = [next(i for i, step in enumerate(run) if any(o[0] == "b" for o in step)) for run in (want, got)]
+    assert first_b[1] == first_b[0] + 1, first_b
 
 
 def test_abort_while_a_step_is_in_flight():
