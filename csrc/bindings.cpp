@@ -16,6 +16,7 @@
 #include "kernels/embed.cuh"
 #include "kernels/layer_norm.cuh"
 #include "kernels/linear.cuh"
+#include "kernels/lm_head.cuh"
 #include "kernels/sampling.cuh"
 #include "kernels/write_kv.cuh"
 
@@ -134,6 +135,27 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       "paged decode attention, split-K over the block table merged in the same launch; with "
       "k_new/v_new (0: none) and slots, the step's K/V stored and attended (write_kv_attention)");
 
+  m.def("lm_head_blocks", &gpt2fast::lm_head_blocks, py::arg("vocab"),
+        "blocks of the decode LM head (candidates per row in its workspaces)");
+  m.def(
+      "lm_head_choice",
+      [](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature, std::uintptr_t seeds,
+         std::uintptr_t part_score, std::uintptr_t part_token, std::uintptr_t counter,
+         std::uintptr_t out, int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
+         int dtype, std::uintptr_t stream) {
+        check(gpt2fast::lm_head_choice(ptr(x), ptr(wte), ptr<const float>(temperature),
+                                       ptr<const int64_t>(seeds), ptr<float>(part_score),
+                                       ptr<int>(part_token), ptr<int>(counter), ptr<int64_t>(out),
+                                       rows, vocab, width, x_stride, dtype_of(dtype),
+                                       stream_of(stream)),
+              "lm_head_choice");
+      },
+      py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
+      py::arg("part_score"), py::arg("part_token"), py::arg("counter"), py::arg("out"),
+      py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "out[t] = the LM head's token for row t (argmax, or Gumbel-max at temperature[t]), rows <= "
+      "LINEAR_MAX_ROWS, the logits never written");
   m.attr("LINEAR_MAX_ROWS") = gpt2fast::kGemvMaxRows;
   m.def("gemv_warps", &gpt2fast::gemv_warps, py::arg("num_vecs"),
         "warps per block of the decode GEMV for rows of num_vecs vectors (3 or 4)");

@@ -154,8 +154,8 @@ DRAM_TRIP_S = 0.7e-6
 L2_TRIP_S = 0.3e-6
 LAUNCH_GAP_S = {"eager": 8e-6, "graph": 1.5e-6, "graph+pdl": 0.4e-6}
 # A decode step's launches per backend on a GPU, (per layer, fixed); tests/test_launches.py measures that they hold.
-# cuda: its own 5 per layer (two LayerNorm-prologue GEMVs, write_kv_attention, two GEMVs) + embed and the final
-# LayerNorm, and the LM head, which falls back to Triton's on a GPU (to the torch backend on a CPU: 2 counted there).
+# cuda: 5 per layer (two LayerNorm-prologue GEMVs, write_kv_attention, two GEMVs) + embed, the final LayerNorm and
+# the LM head with its token choice.
 BACKEND_LAUNCHES = {"triton": (5, 3), "cuda": (5, 3)}
 # Of those, the ones launched with programmatic dependent launch on sm_90 (per layer, fixed): triton's four decode
 # linears (ops/triton/linear.py pdl_launch); none in the cuda backend yet. Each loads its first weight tile before

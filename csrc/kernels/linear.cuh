@@ -102,6 +102,77 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&v)[kValues], int lan
   }
 }
 
+// The sums over K of rows x (LayerNorm'd with stats[2 t], stats[2 t + 1] when kLN) times weight rows
+// n0 .. n0 + kGemvOutputsPerBlock - 1, one partial per warp: partials[w * kValues + t * kOut + r]
+// (kValues = kRows * kOut). Every thread of the block calls it; it ends with a barrier, after which
+// threads i < kValues add their column over the warps in warp order.
+template <typename T, int kVec, int kRows, bool kLN>
+__device__ __forceinline__ void gemv_sums(const T* __restrict__ x, const T* __restrict__ weight,
+                                          const T* __restrict__ ln_weight,
+                                          const T* __restrict__ ln_bias, const float* stats,
+                                          float* partials, int rows, int n_out, int k_in,
+                                          int64_t x_stride, int n0) {
+  constexpr int kOut = kGemvOutputsPerBlock;
+  constexpr int kValues = kRows * kOut;  // acc[t * kOut + r]: row t, output n0 + r
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_vecs = k_in / kVec;
+
+  // Outputs past n_out (the last block of an N that is not a multiple of kOut) re-read the last
+  // weight row and are never stored: every thread keeps the same control flow.
+  const T* w_row[kOut];  // [kOut][k_in]
+#pragma unroll
+  for (int r = 0; r < kOut; ++r) {
+    const int n = n0 + r < n_out ? n0 + r : n_out - 1;
+    w_row[r] = weight + static_cast<int64_t>(n) * k_in;
+  }
+
+  float acc[kValues];
+#pragma unroll
+  for (int i = 0; i < kValues; ++i) acc[i] = 0.0f;
+
+  for (int j = threadIdx.x; j < num_vecs; j += blockDim.x) {
+    float w[kOut][kVec];
+#pragma unroll
+    for (int r = 0; r < kOut; ++r) load_floats<T, kVec>(w_row[r] + j * kVec, w[r]);
+    float g[kLN ? kVec : 1], h[kLN ? kVec : 1];  // this slice of the LayerNorm's weight and bias
+    if constexpr (kLN) {
+      load_floats<T, kVec>(ln_weight + j * kVec, g);
+      load_floats<T, kVec>(ln_bias + j * kVec, h);
+    }
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t < rows) {
+        float xv[kVec];
+        load_floats<T, kVec>(x + t * x_stride + j * kVec, xv);
+        if constexpr (kLN) {
+          const float mean = stats[2 * t], rstd = stats[2 * t + 1];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            xv[e] = to_float(from_float<T>((xv[e] - mean) * rstd * g[e] + h[e]));
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kOut; ++r) {
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[t * kOut + r] += w[r][e] * xv[e];
+        }
+      }
+    }
+  }
+
+  warp_reduce_scatter<kValues, kWarpSize / 2>(acc, lane);
+  if constexpr (kValues >= kWarpSize) {
+    constexpr int kPerLane = kValues / kWarpSize;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) partials[warp * kValues + lane * kPerLane + i] = acc[i];
+  } else {
+    constexpr int kGroup = kWarpSize / kValues;  // lanes holding the same sum
+    if (lane % kGroup == 0) partials[warp * kValues + lane / kGroup] = acc[0];
+  }
+  __syncthreads();
+}
+
 // __launch_bounds__(128, 4): at most 128 registers a thread, so 4 blocks (16 warps) fit an SM to
 // keep loads in flight. (With no minimum, ptxas capped the 4-row fp16 variant at 64 and spilled.)
 // The 16-row LayerNorm variant holds the LayerNorm's weight and bias slices besides 64 accumulators
@@ -160,60 +231,9 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kRows, kLN>()))
     __syncthreads();
   }
 
-  // Outputs past n_out (the last block of an N that is not a multiple of kOut) re-read the last
-  // weight row and are never stored: every thread keeps the same control flow.
-  const T* w_row[kOut];  // [kOut][k_in]
-#pragma unroll
-  for (int r = 0; r < kOut; ++r) {
-    const int n = n0 + r < n_out ? n0 + r : n_out - 1;
-    w_row[r] = weight + static_cast<int64_t>(n) * k_in;
-  }
-
-  float acc[kValues];
-#pragma unroll
-  for (int i = 0; i < kValues; ++i) acc[i] = 0.0f;
-
-  for (int j = threadIdx.x; j < num_vecs; j += blockDim.x) {
-    float w[kOut][kVec];
-#pragma unroll
-    for (int r = 0; r < kOut; ++r) load_floats<T, kVec>(w_row[r] + j * kVec, w[r]);
-    float g[kLN ? kVec : 1], h[kLN ? kVec : 1];  // this slice of the LayerNorm's weight and bias
-    if constexpr (kLN) {
-      load_floats<T, kVec>(ln_weight + j * kVec, g);
-      load_floats<T, kVec>(ln_bias + j * kVec, h);
-    }
-#pragma unroll
-    for (int t = 0; t < kRows; ++t) {
-      if (t < rows) {
-        float xv[kVec];
-        load_floats<T, kVec>(x + t * x_stride + j * kVec, xv);
-        if constexpr (kLN) {
-          const float mean = stats[2 * t], rstd = stats[2 * t + 1];
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            xv[e] = to_float(from_float<T>((xv[e] - mean) * rstd * g[e] + h[e]));
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kOut; ++r) {
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[t * kOut + r] += w[r][e] * xv[e];
-        }
-      }
-    }
-  }
-
-  warp_reduce_scatter<kValues, kWarpSize / 2>(acc, lane);
   float* partials = reinterpret_cast<float*>(dyn_smem);  // [num_warps][kValues]
-  if constexpr (kValues >= kWarpSize) {
-    constexpr int kPerLane = kValues / kWarpSize;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) partials[warp * kValues + lane * kPerLane + i] = acc[i];
-  } else {
-    constexpr int kGroup = kWarpSize / kValues;  // lanes holding the same sum
-    if (lane % kGroup == 0) partials[warp * kValues + lane / kGroup] = acc[0];
-  }
-  __syncthreads();
+  gemv_sums<T, kVec, kRows, kLN>(x, weight, ln_weight, ln_bias, stats, partials, rows, n_out, k_in,
+                                 x_stride, n0);
 
   if (threadIdx.x < kValues) {
     const int t = threadIdx.x / kOut;

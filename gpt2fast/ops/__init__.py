@@ -225,10 +225,11 @@ def cuda_ops(device: torch.device) -> Ops:
     CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear and ln_linear for at most
     ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV, with the LayerNorm as its prologue for ln_linear),
     attention and write_kv_attention for decode steps (every sequence has at most one query; one launch, the
-    K/V store and the split merge included), and the top-k/top-p/min-p sampler.
-    The fallback runs prefill linears and prefill
-    attention (tensor-core ``tl.dot`` work the CUDA-core kernels do not do) and the LM head: Triton on
-    a GPU, the PyTorch reference on the CPU (where the CUDA kernels run emulated, for tests). The
+    K/V store and the split merge included), the LM head's token choice (argmax, Gumbel-max) for at most
+    ``CUDA_MAX_LINEAR_ROWS`` rows, and the top-k/top-p/min-p sampler.
+    The fallback runs prefill linears and prefill attention (tensor-core ``tl.dot`` work the CUDA-core kernels
+    do not do) and the LM head where the logits are written: Triton on a GPU, the PyTorch reference on the CPU
+    (where the CUDA kernels run emulated, for tests). The
     fallback also computes ``attention_with_probs`` (inspection; there is no CUDA C++ variant).
 
     Example:
@@ -255,6 +256,16 @@ def cuda_ops(device: torch.device) -> Ops:
         op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
         return op(q, k_cache, v_cache, meta, scale)
 
+    def lm_head_argmax(x, wte):
+        if x.shape[0] <= CUDA_MAX_LINEAR_ROWS and isinstance(wte, torch.Tensor):  # a decode batch: the fused GEMV
+            return cuda.lm_head_argmax(x, wte)
+        return fallback.lm_head_argmax(x, wte)
+
+    def lm_head_gumbel(x, wte, temperature, seeds):
+        if x.shape[0] <= CUDA_MAX_LINEAR_ROWS and isinstance(wte, torch.Tensor):
+            return cuda.lm_head_gumbel(x, wte, temperature, seeds)
+        return fallback.lm_head_gumbel(x, wte, temperature, seeds)
+
     def write_kv_attention(q, k, v, k_cache, v_cache, meta, scale):
         if meta.max_query_len <= 1 and cuda.fuses_write_kv(k, v, k_cache):  # a decode step: one launch
             return cuda.write_kv_attention(q, k, v, k_cache, v_cache, meta, scale)
@@ -273,8 +284,8 @@ def cuda_ops(device: torch.device) -> Ops:
         attention=attention,
         write_kv_attention=write_kv_attention,
         attention_with_probs=fallback.attention_with_probs,  # inspection: no CUDA C++ variant
-        lm_head=fallback.lm_head,
-        lm_head_argmax=fallback.lm_head_argmax,
-        lm_head_gumbel=fallback.lm_head_gumbel,
+        lm_head=fallback.lm_head,  # logits for processors: the fallback's (fp32 out of a tensor-core GEMM on a GPU)
+        lm_head_argmax=lm_head_argmax,
+        lm_head_gumbel=lm_head_gumbel,
         sample_top_k_top_p=cuda.sample_top_k_top_p,
     )

@@ -686,6 +686,72 @@ def ln_linear(
     return out
 
 
+# ---- lm_head_argmax / lm_head_gumbel ----
+
+
+def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+    """``reference.lm_head_argmax`` for a decode batch (``T <= 16`` rows): the token of the largest logit of each
+    row (ties to the lowest id), in one launch that never writes the logits (csrc/kernels/lm_head.cuh).
+
+    ``x``: ``(T, C)``, rows may be strided; ``wte``: ``(V, C)`` contiguous, x's dtype. Returns ``(T,)`` int64. The
+    logits are fp32 sums in another order than the reference's, so two logits within a few ulps may swap.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> x, wte = torch.randn(3, 8), torch.randn(50, 8)
+        >>> torch.equal(lm_head_argmax(x, wte), reference.lm_head_argmax(x, wte))  # doctest: +SKIP
+        True
+    """
+    rows = x.shape[0] if x.dim() == 2 else 0
+    return lm_head_gumbel(x, wte, torch.zeros(rows, dtype=torch.float32, device=x.device),
+                          torch.zeros(rows, dtype=torch.int64, device=x.device))
+
+
+def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
+                   ) -> torch.Tensor:
+    """``reference.lm_head_gumbel`` for a decode batch (``T <= 16`` rows), in one launch that never writes the
+    logits: row ``t``'s token is ``argmax(logits / temperature[t] + g)``, ``g`` the Gumbel noise of
+    ``sampling.philox_uniform`` at ``seeds[t]`` (the argmax where ``temperature[t] < sampling.GREEDY_BELOW``).
+
+    ``temperature``: ``(T,)`` float32; ``seeds``: ``(T,)`` int64 Philox row seeds (``sampling.row_seed``). Else as
+    ``lm_head_argmax``; near-ties (a few fp32 ulps apart, logits or noise) may pick the other token.
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> x, wte, t, s = torch.randn(2, 8), torch.randn(50, 8), torch.tensor([0.0, 0.7]), torch.tensor([3, 4])
+        >>> torch.equal(lm_head_gumbel(x, wte, t, s), reference.lm_head_gumbel(x, wte, t, s))  # doctest: +SKIP
+        True
+    """
+    from gpt2fast.ops.triton.counters import ticket_counters
+
+    if not isinstance(wte, torch.Tensor):
+        raise ValueError(f"wte must be a tensor, got {type(wte).__name__} (the CUDA LM head takes no int8 weights)")
+    if x.dim() != 2 or wte.dim() != 2 or x.shape[1] != wte.shape[1]:
+        raise ValueError(f"x (T, C) and wte (V, C) disagree: {tuple(x.shape)}, {tuple(wte.shape)}")
+    if x.shape[1] == 0 or wte.shape[0] == 0:
+        raise ValueError(f"wte {tuple(wte.shape)} must have a vocabulary and a width")
+    _check_linear(x, wte, None, None)
+    rows, width = x.shape
+    vocab = wte.shape[0]
+    if vocab > 0x7FFF0000:
+        raise ValueError(f"wte has {vocab} rows: the CUDA LM head takes vocabularies below 2**31 - 2**16")
+    _check_sampling(torch.empty((rows, 1), device=x.device),
+                    {"temperature": (temperature, torch.float32), "seeds": (seeds, torch.int64)})
+    out = _empty((rows,), torch.int64, x.device)  # (T,)
+    if rows == 0:
+        return out
+    module = module_for(x.device)
+    blocks = module.lm_head_blocks(vocab)
+    part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
+    part_token = _empty((blocks, rows), torch.int32, x.device)  # (blocks, T) and its token
+    with _on(x.device):
+        module.lm_head_choice(x.data_ptr(), wte.data_ptr(), temperature.data_ptr(), seeds.data_ptr(),
+                              part_score.data_ptr(), part_token.data_ptr(), ticket_counters(x.device, 1).data_ptr(),
+                              out.data_ptr(), rows, vocab, width, _row_stride(x), _dtype_code(module, x.dtype),
+                              _stream(x.device))  # fmt: skip
+    return out
+
+
 # ---- embed ----
 
 INDEX_BYTES = {torch.int64: 8, torch.int32: 4}
