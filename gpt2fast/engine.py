@@ -157,9 +157,16 @@ class _Request:
         return all(s.finish_reason is not None for s in self.samples)
 
 
-def _needs_logits(row: SampleRow) -> bool:
-    """True when the row's logits must be written: a processor needs them, or tokens are banned this step."""
-    return row.params.needs_logits or len(row.banned_ids) > 0
+def _row_choice(row: SampleRow) -> str:
+    """``_params_choice`` of a row this step: the host's sampler while tokens are banned (``min_tokens``)."""
+    return _PENALISED if len(row.banned_ids) else _params_choice(row.params)
+
+
+def _device_settings(params: SamplingParams, vocab: int) -> tuple[float, int, float, float]:
+    """A row's (temperature, top_k, top_p, min_p) as the token-choosing ops take them: a greedy row's temperature
+    is 0; top_k >= the vocabulary keeps every token: off (0), which also fits int32 (top_k may not)."""
+    return (0.0 if params.greedy else params.temperature, params.top_k if 0 < params.top_k < vocab else 0,
+            params.top_p, params.min_p)
 
 
 def _ranks_samples(params: SamplingParams) -> bool:
@@ -436,11 +443,7 @@ class Engine:
         return self.encode(prompt), params
 
     def _queue(self, request: _Request, first: Seq) -> None:
-        p, vocab = request.params, self.config.vocab_size
-        # A decode row's settings as the runner takes them: a greedy row's temperature is 0 (its seed unused);
-        # top_k >= the vocabulary keeps every token: off (0), which also fits int32 (top_k may not).
-        request.settings = (0.0 if p.greedy else p.temperature, p.top_k if 0 < p.top_k < vocab else 0, p.top_p,
-                            p.min_p)
+        request.settings = _device_settings(request.params, self.config.vocab_size)
         request.samples[0].seq = first
         self._requests[request.request_id] = request
         self.scheduler.add(first)
@@ -728,23 +731,21 @@ class Engine:
         either way, read with the tokens, no extra sync.
         """
         ops, wte = self.model.ops, self.model.wte_weight  # a tensor, or an Int8Weight
-        params = [r.params for r in rows]
-        if any(_needs_logits(r) for r in rows):
+        choices = {_row_choice(r) for r in rows}
+        if choices != {"tokens"}:  # a row needs the logits written
             logits = ops.lm_head(hidden, wte)  # (N, V)
-            if any(r.params.has_penalties or r.params.needs_logprobs or r.params.logit_bias or len(r.banned_ids)
-                   for r in rows):
+            if _PENALISED in choices:
                 return sample_batch(logits, rows)
             check = row_check(logits)  # (N,)
             logits = zero_nonfinite_rows(logits, check)
-            temps, seeds = self._fused_choice(rows)
             dev, vocab = logits.device, logits.shape[-1]
+            temps, top_k, top_p, min_p = zip(*(_device_settings(r.params, vocab) for r in rows))
+            seeds = self._fused_choice(rows)[1]
+            f32 = dict(dtype=torch.float32, device=dev)
             token_ids = ops.sample_top_k_top_p(
-                logits, torch.tensor(temps, dtype=torch.float32, device=dev),
-                # top_k >= the vocabulary keeps every token: off (0), which also fits int32 (top_k may not)
-                torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in params], dtype=torch.int32, device=dev),
-                torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-                torch.tensor(seeds, dtype=torch.int64, device=dev),
-                torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+                logits, torch.tensor(temps, **f32), torch.tensor(top_k, dtype=torch.int32, device=dev),
+                torch.tensor(top_p, **f32), torch.tensor(seeds, dtype=torch.int64, device=dev),
+                torch.tensor(min_p, **f32),
             )  # (N,)
             return as_sampled(flag_nonfinite(token_ids, check).tolist())
         check = row_check(hidden)  # (N,)
