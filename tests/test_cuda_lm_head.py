@@ -101,6 +101,7 @@ def _bad_calls():
         "seeds must be (3,)": lambda: cuda.lm_head_gumbel(x, wte, temperature, seeds[:2]),
         "must have a vocabulary and a width": lambda: cuda.lm_head_argmax(x[:, :0], wte[:, :0]),
         "takes no int8 weights": lambda: cuda.lm_head_argmax(x, object()),
+        "temperature and seeds must be (T,) tensors": lambda: cuda.lm_head_gumbel(x, wte, None, seeds),
     }  # fmt: skip
 
 

@@ -36,8 +36,8 @@ __global__ void __launch_bounds__(kGemvThreads, (kRows == kGemvMaxRows ? 3 : 4))
     lm_head_choice_kernel(
     const T* __restrict__ x,              // [rows, width], rows x_stride apart
     const T* __restrict__ wte,            // [vocab, width], contiguous
-    const float* __restrict__ temperature,  // [rows]; < GREEDY_BELOW: the argmax
-    const int64_t* __restrict__ seeds,    // [rows] Philox row seeds (sampling.row_seed)
+    const float* __restrict__ temperature,  // [rows]; < GREEDY_BELOW: the argmax; nullptr: all argmax
+    const int64_t* __restrict__ seeds,    // [rows] Philox row seeds (sampling.row_seed); with temperature
     float* __restrict__ part_score,       // [gridDim.x, rows] each block's best score per row
     int* __restrict__ part_token,         // [gridDim.x, rows] and its token
     int* __restrict__ counter,            // [1] ticket, 0 on entry and left 0
@@ -52,9 +52,10 @@ __global__ void __launch_bounds__(kGemvThreads, (kRows == kGemvMaxRows ? 3 : 4))
   // Thread i < kValues scores row t = i / kOut, token column r = i % kOut of every group.
   const int t = threadIdx.x / kOut;
   const bool scorer = threadIdx.x < kValues && t < rows;
-  const bool greedy = !scorer || static_cast<double>(temperature[t]) < kGreedyBelow;
+  const bool greedy =
+      !scorer || temperature == nullptr || static_cast<double>(temperature[t]) < kGreedyBelow;
   const float temp = greedy ? 1.0f : temperature[t];
-  const uint64_t seed = scorer ? static_cast<uint64_t>(seeds[t]) : 0;
+  const uint64_t seed = greedy ? 0 : static_cast<uint64_t>(seeds[t]);
   ArgMax best{-INFINITY, 0x7fffffff};
   const int first = blockIdx.x * kLmHeadTokensPerBlock;
   for (int group = 0; group < kLmHeadGroups; ++group) {
@@ -144,7 +145,8 @@ cudaError_t launch_lm_head_choice_rows(const T* x, const T* wte, const float* te
 }
 
 // out[t] = argmax_n (logit[t, n] / T_t + g(seed_t, n)), logit = x[t] . wte[n] (T_t < GREEDY_BELOW:
-// argmax_n logit[t, n]), ties to the lowest n, for rows <= kGemvMaxRows. Workspaces part_score /
+// argmax_n logit[t, n]; every row when temperature and seeds are nullptr), ties to the lowest n, for
+// rows <= kGemvMaxRows. Workspaces part_score /
 // part_token [lm_head_blocks(vocab), rows]; counter [1] zero (left zero).
 inline cudaError_t lm_head_choice(const void* x, const void* wte, const float* temperature,
                                   const int64_t* seeds, float* part_score, int* part_token,
@@ -152,7 +154,8 @@ inline cudaError_t lm_head_choice(const void* x, const void* wte, const float* t
                                   int64_t width, int64_t x_stride, DType dtype,
                                   cudaStream_t stream) {
   if (rows < 0 || rows > kGemvMaxRows || vocab < 1 || vocab > 0x7fff0000 || width < 1 ||
-      width > 0x7fffffff || x_stride < width || counter == nullptr) {
+      width > 0x7fffffff || x_stride < width || counter == nullptr ||
+      (temperature == nullptr) != (seeds == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;

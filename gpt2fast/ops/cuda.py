@@ -702,9 +702,7 @@ def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
         >>> torch.equal(lm_head_argmax(x, wte), reference.lm_head_argmax(x, wte))  # doctest: +SKIP
         True
     """
-    rows = x.shape[0] if x.dim() == 2 else 0
-    return lm_head_gumbel(x, wte, torch.zeros(rows, dtype=torch.float32, device=x.device),
-                          torch.zeros(rows, dtype=torch.int64, device=x.device))
+    return _lm_head_choice(x, wte, None, None)
 
 
 def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
@@ -722,6 +720,13 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor
         >>> torch.equal(lm_head_gumbel(x, wte, t, s), reference.lm_head_gumbel(x, wte, t, s))  # doctest: +SKIP
         True
     """
+    if not isinstance(temperature, torch.Tensor) or not isinstance(seeds, torch.Tensor):
+        raise ValueError("temperature and seeds must be (T,) tensors (lm_head_argmax takes neither)")
+    return _lm_head_choice(x, wte, temperature, seeds)
+
+
+def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
+    """The one launch behind both: ``temperature`` and ``seeds`` None for the argmax of every row."""
     from gpt2fast.ops.triton.counters import ticket_counters
 
     if not isinstance(wte, torch.Tensor):
@@ -735,8 +740,9 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor
     vocab = wte.shape[0]
     if vocab > 0x7FFF0000:
         raise ValueError(f"wte has {vocab} rows: the CUDA LM head takes vocabularies below 2**31 - 2**16")
-    _check_sampling(torch.empty((rows, 1), device=x.device),
-                    {"temperature": (temperature, torch.float32), "seeds": (seeds, torch.int64)})
+    if temperature is not None:
+        _check_sampling(torch.empty((rows, 1), device=x.device),
+                        {"temperature": (temperature, torch.float32), "seeds": (seeds, torch.int64)})
     out = _empty((rows,), torch.int64, x.device)  # (T,)
     if rows == 0:
         return out
@@ -745,7 +751,8 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor
     part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
     part_token = _empty((blocks, rows), torch.int32, x.device)  # (blocks, T) and its token
     with _on(x.device):
-        module.lm_head_choice(x.data_ptr(), wte.data_ptr(), temperature.data_ptr(), seeds.data_ptr(),
+        module.lm_head_choice(x.data_ptr(), wte.data_ptr(), 0 if temperature is None else temperature.data_ptr(),
+                              0 if seeds is None else seeds.data_ptr(),
                               part_score.data_ptr(), part_token.data_ptr(), ticket_counters(x.device, 1).data_ptr(),
                               out.data_ptr(), rows, vocab, width, _row_stride(x), _dtype_code(module, x.dtype),
                               _stream(x.device))  # fmt: skip
