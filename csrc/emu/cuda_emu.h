@@ -31,9 +31,15 @@
 //     `hexp`, `htanh`, `__hfma`, `h2exp`. `cuda_fp16.h` / `cuda_bf16.h` / `vector_types.h` /
 //     `driver_types.h` come from the CUDA toolkit (they work in host code); nothing is linked.
 //   - `cudaGetLastError` / `cudaPeekAtLastError` / `cudaGetErrorName` / `cudaGetErrorString`.
+//   - Tensor-core PTX, as functions that csrc/kernels/mma.cuh calls where nvcc gets inline PTX
+//     (see "tensor-core PTX" below): `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}` and
+//     `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].b16` are warp collectives whose lane-to-element
+//     maps are the PTX ISA's tables; `cp.async.{ca,cg}.shared.global` (4/8/16 bytes, zero-fill)
+//     with `commit_group` / `wait_group` reads its source when issued and writes shared memory only
+//     when a `wait_group` retires its group, so a read before the wait sees the poison.
 //
 // What is not emulated (keep it out of kernels, or behind `#if defined(__CUDA_ARCH__)` with a
-// portable `#else` that runs here): inline PTX, mma/wmma, cp.async/TMA, CUB/CUTLASS, clusters,
+// portable `#else` that runs here): other inline PTX, wmma, TMA, CUB/CUTLASS, clusters,
 // grid sync, dynamic parallelism, textures, partial-mask collectives, spin-waits on memory (a
 // fiber never yields there: it hangs). Races between threads of a block are only seen through
 // the orders above; memory-model effects (fences, volatile, L1 staleness) are invisible. Static
@@ -186,7 +192,17 @@ inline uint64_t seed() {
 // ---- fibers and the per-OS-thread block runner ------------------------------------------------
 
 enum class Wait : uint8_t { kReady, kBarrier, kWarp, kDone };
-enum class WarpOp : uint8_t { kSync, kShfl, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll };
+enum class WarpOp : uint8_t {
+  kSync, kShfl, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll, kMma, kLdmatrix
+};
+
+// One cp.async in flight: the source bytes (read when issued), where they go, and the group.
+struct AsyncCopy {
+  void* dst;
+  int size;   // 4, 8 or 16 bytes written (the source's src_size of them, then zeros)
+  int group;  // the thread's commit count when issued: committed once group < Fiber::commits
+  alignas(16) unsigned char bytes[16];
+};
 
 struct Fiber {
   void* sp = nullptr;          // saved stack pointer while switched out
@@ -201,6 +217,9 @@ struct Fiber {
   unsigned mask = 0;
   int arg = 0, width = 0;
   uint64_t in = 0, out = 0;  // warp exchange: value offered, value received
+  const void* payload = nullptr;  // mma / ldmatrix: this lane's operands and result (its stack)
+  std::vector<AsyncCopy> copies;  // cp.async not yet retired by a wait_group
+  int commits = 0;                // cp.async.commit_group calls so far
 };
 
 struct WarpState {
@@ -218,6 +237,7 @@ struct Worker {
   std::vector<Fiber> fibers;
   std::vector<WarpState> warps;
   int barrier_arrived = 0, barrier_count = 0;
+  size_t smem = 0;  // the running launch's dynamic shared memory bytes
   int live = 0;
   Entry entry = nullptr;
   const void* closure = nullptr;
@@ -405,6 +425,8 @@ inline void check_mask(unsigned mask, const char* what, std::source_location loc
   }
 }
 
+inline void resolve_tensor_core(Worker& w, int warp);  // below, with the tensor-core PTX
+
 // Every lane of the warp has arrived at a collective: check they agree, compute each lane's
 // result and release them.
 inline void resolve_warp(Worker& w, int warp) {
@@ -419,6 +441,11 @@ inline void resolve_warp(Worker& w, int warp) {
           base_name(lanes[0].where.file_name()), lanes[0].where.line(), lanes[l].what,
           base_name(lanes[l].where.file_name()), lanes[l].where.line());
     }
+  }
+  if (lanes[0].op == WarpOp::kMma || lanes[0].op == WarpOp::kLdmatrix) {
+    resolve_tensor_core(w, warp);
+    for (int l = 0; l < size; ++l) lanes[l].wait = Wait::kReady;
+    return;
   }
   unsigned ballot = 0;
   for (int l = 0; l < size; ++l) ballot |= (lanes[l].in != 0 ? 1u : 0u) << l;
@@ -586,7 +613,7 @@ inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Ent
   if (outer_worker != nullptr)
     fail("kernel %s launched from inside kernel %s", kernel, outer_worker->kernel);
   tls_worker = &w;
-  w.entry = entry, w.closure = closure, w.kernel = kernel;
+  w.entry = entry, w.closure = closure, w.kernel = kernel, w.smem = smem;
   tls_grid_dim = grid;
   tls_block_dim = block;
   const int mode = order();
@@ -610,6 +637,215 @@ inline void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, Ent
   ASAN_UNPOISON_MEMORY_REGION(smem_bytes, kMaxDynSmem);
 #endif
   tls_worker = nullptr;
+}
+
+// ---- tensor-core PTX ----------------------------------------------------------------------------
+// What csrc/kernels/mma.cuh calls under CUDA_EMU where nvcc gets inline PTX. The lane-to-element
+// maps are the PTX ISA's ("Matrix Fragments for mma.m16n8k16 with floating point type" and
+// "Warp-level matrix load instruction: ldmatrix"), with groupID = lane >> 2 and
+// threadID_in_group = lane % 4; tests/test_cuda_tensor_core.py checks them against those tables
+// written out independently, and against float64 matmuls. Each 32-bit register holds two 16-bit
+// elements, the lower-numbered one in its low half.
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: D = A (16x16) B (16x8) + C.
+struct MmaLane {
+  uint32_t a[4];  // a0..a7
+  uint32_t b[2];  // b0..b3
+  float c[4];
+  float d[4];
+};
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: matrix j's row r comes from the address
+// lane 8 j + r holds; lane l receives one 32-bit register per matrix.
+struct LdmatrixLane {
+  const void* row;
+  uint32_t r[4];
+};
+
+constexpr int kMmaF16 = 0, kMmaBf16 = 1;
+
+// Element i (0..7) of A's fragment in lane l sits at row a_row, column a_col; B's element i (0..3)
+// at row (k) b_row, column (n) b_col; C's and D's element i (0..3) at c_row, c_col.
+inline int mma_a_row(int lane, int i) { return (lane >> 2) + 8 * ((i >> 1) & 1); }
+inline int mma_a_col(int lane, int i) { return (lane % 4) * 2 + (i & 1) + 8 * (i >> 2); }
+inline int mma_b_row(int lane, int i) { return (lane % 4) * 2 + (i & 1) + 8 * (i >> 1); }
+inline int mma_b_col(int lane, int /*i*/) { return lane >> 2; }
+inline int mma_c_row(int lane, int i) { return (lane >> 2) + 8 * (i >> 1); }
+inline int mma_c_col(int lane, int i) { return (lane % 4) * 2 + (i & 1); }
+
+inline double half_bits_to_double(uint16_t bits, int type) {
+  if (type == kMmaF16) {
+    __half_raw raw;
+    raw.x = bits;
+    return static_cast<double>(__half2float(__half(raw)));
+  }
+  return static_cast<double>(std::bit_cast<float>(static_cast<uint32_t>(bits) << 16));
+}
+inline uint16_t element_of(const uint32_t* regs, int i) {
+  return static_cast<uint16_t>(regs[i >> 1] >> (16 * (i & 1)));
+}
+
+[[noreturn]] inline void tensor_core_fail(const Fiber& f, const char* fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+inline void tensor_core_fail(const Fiber& f, const char* fmt, ...) {
+  char message[512];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(message, sizeof message, fmt, args);
+  va_end(args);
+  fail("%s at %s:%u in kernel %s, block (%u,%u,%u), thread %d: %s", f.what,
+       base_name(f.where.file_name()), f.where.line(), tls_worker->kernel, tls_block_idx.x,
+       tls_block_idx.y, tls_block_idx.z, f.linear, message);
+}
+
+// Where the shared-memory bytes [p, p + bytes) sit in the launch's dynamic shared memory (the
+// only shared memory tensor-core kernels address), else abort naming the access.
+inline const unsigned char* smem_bytes(const Fiber& f, const void* p, size_t bytes, size_t align);
+
+inline void resolve_tensor_core(Worker& w, int warp) {
+  Fiber* lanes = &w.fibers[warp * kWarpSize];
+  if (w.warps[warp].size != kWarpSize)
+    tensor_core_fail(lanes[0], "a partial warp of %d lanes (the instruction needs all 32)",
+                     w.warps[warp].size);
+  for (int l = 1; l < kWarpSize; ++l) {
+    if (lanes[l].arg != lanes[0].arg)
+      tensor_core_fail(lanes[l], "lane %d's variant %d differs from lane 0's %d", l, lanes[l].arg,
+                       lanes[0].arg);
+  }
+  if (lanes[0].op == WarpOp::kMma) {
+    const int type = lanes[0].arg;
+    double a[16][16], b[16][8], c[16][8];
+    for (int l = 0; l < kWarpSize; ++l) {
+      const auto& in = *static_cast<const MmaLane*>(lanes[l].payload);
+      for (int i = 0; i < 8; ++i)
+        a[mma_a_row(l, i)][mma_a_col(l, i)] = half_bits_to_double(element_of(in.a, i), type);
+      for (int i = 0; i < 4; ++i) {
+        b[mma_b_row(l, i)][mma_b_col(l, i)] = half_bits_to_double(element_of(in.b, i), type);
+        c[mma_c_row(l, i)][mma_c_col(l, i)] = in.c[i];
+      }
+    }
+    for (int l = 0; l < kWarpSize; ++l) {
+      auto& out = *static_cast<MmaLane*>(const_cast<void*>(lanes[l].payload));
+      for (int i = 0; i < 4; ++i) {
+        const int row = mma_c_row(l, i), col = mma_c_col(l, i);
+        double sum = c[row][col];  // products of 16-bit inputs are exact; one rounding at the end
+        for (int k = 0; k < 16; ++k) sum += a[row][k] * b[k][col];
+        out.d[i] = static_cast<float>(sum);
+      }
+    }
+    return;
+  }
+  // ldmatrix: arg = matrices (1, 2, 4) | 8 when .trans
+  const int matrices = lanes[0].arg & 7;
+  const bool trans = (lanes[0].arg & 8) != 0;
+  uint16_t m[4][8][8];  // [matrix][row][column] as stored in shared memory
+  for (int j = 0; j < matrices; ++j) {
+    for (int r = 0; r < 8; ++r) {
+      const Fiber& src = lanes[8 * j + r];
+      const void* row = static_cast<const LdmatrixLane*>(src.payload)->row;
+      std::memcpy(m[j][r], smem_bytes(src, row, 16, 16), 16);
+    }
+  }
+  for (int l = 0; l < kWarpSize; ++l) {
+    auto& out = *static_cast<LdmatrixLane*>(const_cast<void*>(lanes[l].payload));
+    for (int j = 0; j < matrices; ++j) {
+      uint16_t lo, hi;
+      if (trans) {
+        lo = m[j][2 * (l % 4)][l >> 2];
+        hi = m[j][2 * (l % 4) + 1][l >> 2];
+      } else {
+        lo = m[j][l >> 2][2 * (l % 4)];
+        hi = m[j][l >> 2][2 * (l % 4) + 1];
+      }
+      out.r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+}
+
+inline void tensor_core_collective(WarpOp op, int arg, void* payload, const char* what,
+                                   std::source_location loc) {
+  if (tls_fiber == nullptr) fail("%s called outside a kernel", what);
+  Worker& w = *tls_worker;
+  Fiber& f = *tls_fiber;
+  f.op = op, f.mask = kFullMask, f.arg = arg, f.width = kWarpSize, f.payload = payload;
+  f.what = what, f.where = loc;
+  WarpState& ws = w.warps[f.warp];
+  if (++ws.arrived == ws.size) {
+    ws.arrived = 0;
+    resolve_warp(w, f.warp);
+  } else {
+    f.wait = Wait::kWarp;
+    park(f);
+  }
+  f.payload = nullptr;
+}
+
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                         const float (&c)[4], int type, std::source_location loc) {
+  MmaLane lane;
+  std::memcpy(lane.a, a, sizeof lane.a);
+  std::memcpy(lane.b, b, sizeof lane.b);
+  std::memcpy(lane.c, c, sizeof lane.c);
+  tensor_core_collective(WarpOp::kMma, type, &lane,
+                         type == kMmaF16 ? "mma.m16n8k16.f16" : "mma.m16n8k16.bf16", loc);
+  std::memcpy(d, lane.d, sizeof lane.d);
+}
+
+inline void ldmatrix(uint32_t* r, int matrices, bool trans, const void* row,
+                     std::source_location loc) {
+  LdmatrixLane lane{row, {}};
+  tensor_core_collective(WarpOp::kLdmatrix, matrices | (trans ? 8 : 0), &lane,
+                         trans ? "ldmatrix.trans" : "ldmatrix", loc);
+  for (int j = 0; j < matrices; ++j) r[j] = lane.r[j];
+}
+
+inline const unsigned char* smem_bytes(const Fiber& f, const void* p, size_t bytes, size_t align) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  const unsigned char* base = ::dyn_smem;
+  if (reinterpret_cast<uintptr_t>(q) % align != 0)
+    tensor_core_fail(f, "shared address %p is not aligned to %zu bytes", p, align);
+  if (q < base || q + bytes > base + tls_worker->smem) {
+    tensor_core_fail(f, "shared address %p (%zu bytes) is outside the launch's %zu bytes of "
+                        "dynamic shared memory", p, bytes, tls_worker->smem);
+  }
+  return q;
+}
+
+// cp.async.{ca,cg}.shared.global [dst], [src], size, src_size: reads src_size bytes now, then
+// zeros up to size; they reach dst when a wait_group retires the copy's group.
+inline void cp_async(void* dst, const void* src, int size, int src_size, bool cg,
+                     std::source_location loc) {
+  if (tls_fiber == nullptr) fail("cp.async called outside a kernel");
+  Fiber& f = *tls_fiber;
+  f.what = cg ? "cp.async.cg" : "cp.async.ca", f.where = loc;
+  if (size != 4 && size != 8 && size != 16) tensor_core_fail(f, "size %d is not 4, 8 or 16", size);
+  if (cg && size != 16) tensor_core_fail(f, "cp.async.cg copies 16 bytes, not %d", size);
+  if (src_size < 0 || src_size > size)
+    tensor_core_fail(f, "src_size %d is outside 0..%d", src_size, size);
+  if (reinterpret_cast<uintptr_t>(src) % size != 0)
+    tensor_core_fail(f, "global address %p is not aligned to %d bytes", src, size);
+  smem_bytes(f, dst, size, size);
+  AsyncCopy copy{dst, size, f.commits, {}};
+  if (src_size > 0) std::memcpy(copy.bytes, src, src_size);
+  f.copies.push_back(copy);
+}
+inline void cp_async_commit() {
+  if (tls_fiber == nullptr) fail("cp.async.commit_group called outside a kernel");
+  ++tls_fiber->commits;
+}
+// cp.async.wait_group n: every committed group but the n most recent has landed.
+inline void cp_async_wait(int n) {
+  if (tls_fiber == nullptr) fail("cp.async.wait_group called outside a kernel");
+  Fiber& f = *tls_fiber;
+  size_t kept = 0;
+  for (size_t i = 0; i < f.copies.size(); ++i) {
+    AsyncCopy& copy = f.copies[i];
+    if (copy.group < f.commits - n) {
+      std::memcpy(copy.dst, copy.bytes, copy.size);
+    } else {
+      f.copies[kept++] = copy;
+    }
+  }
+  f.copies.resize(kept);
 }
 
 }  // namespace emu
