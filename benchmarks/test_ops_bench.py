@@ -47,7 +47,7 @@ import torch
 
 from gpt2fast.config import PRESETS, GPT2Config
 from gpt2fast.metadata import AttentionMetadata
-from gpt2fast.ops import CUDA_MAX_LINEAR_ROWS, get_ops, reference
+from gpt2fast.ops import get_ops, reference
 from gpt2fast.roofline import op_bytes
 
 BLOCK_SIZE = 16
@@ -214,11 +214,6 @@ def _provider_op(provider: str, op: str, target: Target, shape: Shape) -> Callab
         pytest.skip("Triton takes CPU tensors only under its interpreter (TRITON_INTERPRET=1 before import)")
     if provider == "triton" and on_cpu and not shape.interpreted:
         pytest.skip("the Triton interpreter takes seconds per call at this size; the small shapes time it on CPU")
-    if provider == "cuda" and op == "lm_head_argmax":
-        pytest.skip("no CUDA kernel: the cuda backend's LM head is its fallback (Triton on a GPU, torch on a CPU)")
-    if provider == "cuda" and op == "linear" and shape.rows > CUDA_MAX_LINEAR_ROWS:
-        pytest.skip(f"the CUDA GEMV takes <= {CUDA_MAX_LINEAR_ROWS} rows; the cuda backend runs a prefill on its "
-                    "fallback")  # fmt: skip
     try:
         return getattr(get_ops(provider, torch.device(target.device)), op)
     except (ValueError, ImportError) as err:

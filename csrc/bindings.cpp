@@ -14,6 +14,7 @@
 
 #include "kernels/attention.cuh"
 #include "kernels/embed.cuh"
+#include "kernels/gemm.cuh"
 #include "kernels/layer_norm.cuh"
 #include "kernels/linear.cuh"
 #include "kernels/lm_head.cuh"
@@ -175,6 +176,28 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]], rows <= LINEAR_MAX_ROWS; bias and "
       "residual 0 when absent");
+  m.def(
+      "gemm",
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
+         std::uintptr_t out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
+         int64_t res_stride, bool gelu, bool fp32_out, int dtype, std::uintptr_t stream) {
+        check(gpt2fast::gemm(ptr(x), ptr(weight), ptr(bias), ptr(residual), ptr(out), rows, n_out,
+                             k_in, x_stride, res_stride, gelu, fp32_out, dtype_of(dtype),
+                             stream_of(stream)),
+              "gemm");
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
+      py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("x_stride"),
+      py::arg("res_stride"), py::arg("gelu"), py::arg("fp32_out"), py::arg("dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any rows (tensor cores for "
+      "fp16/bf16); fp32_out: fp32 logits x @ weight.T (no bias, GELU or residual)");
+  m.def(
+      "set_gemm_tile",
+      [](int tile) {
+        if (!gpt2fast::set_gemm_tile(tile)) throw std::invalid_argument("tile must be 0, 64 or 128");
+      },
+      py::arg("tile"), "pin the GEMM's tile size (64 or 128) for tests; 0: chosen by the grid size");
   m.def(
       "ln_linear",
       [](std::uintptr_t x, std::uintptr_t ln_weight, std::uintptr_t ln_bias, float eps,

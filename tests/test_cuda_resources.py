@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(cuda_build.nvcc_path() is None, reason="nvcc not
 
 # A kernel of each header, as ptxas names it once demangled.
 KERNELS = ("layer_norm_kernel", "linear_gemv_kernel", "embed_kernel", "write_kv_kernel",
-           "attention_decode_kernel", "sample_top_k_top_p_kernel", "lm_head_choice_kernel")
+           "attention_decode_kernel", "sample_top_k_top_p_kernel", "lm_head_choice_kernel", "gemm_mma_kernel",
+           "gemm_simt_kernel")
 
 
 @pytest.fixture(scope="module")

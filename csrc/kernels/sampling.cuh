@@ -291,9 +291,9 @@ __device__ ArgMax gumbel_argmax(const float* __restrict__ x, int vocab, float t,
 
 __global__ void __launch_bounds__(1024) sample_top_k_top_p_kernel(
     const float* __restrict__ logits,       // [rows, vocab], contiguous
-    const float* __restrict__ temperature,  // [rows]; < kGreedyBelow: argmax
-    const int32_t* __restrict__ top_k,      // [rows]; <= 0 or >= vocab: off; 1: argmax
-    const float* __restrict__ top_p,        // [rows]; in (0, 1], 1: off
+    const float* __restrict__ temperature,  // [rows]; < kGreedyBelow: argmax; nullptr: every row's
+    const int32_t* __restrict__ top_k,      // [rows]; <= 0 or >= vocab: off; 1: argmax; nullptr: off
+    const float* __restrict__ top_p,        // [rows]; in (0, 1], 1: off; nullptr: off
     const float* __restrict__ min_p,        // [rows]; <= 0: off; nullptr: off for every row
     const int64_t* __restrict__ seeds,      // [rows]; sampling.row_seed, in [0, 2**63)
     int64_t* __restrict__ out,              // [rows]: token ids
@@ -301,8 +301,8 @@ __global__ void __launch_bounds__(1024) sample_top_k_top_p_kernel(
   const int64_t row = blockIdx.x;
   const float* x = logits + row * vocab;  // [vocab]
   const ArgMax top = row_argmax(x, vocab);
-  const float t = temperature[row];
-  const int k = top_k[row];
+  const float t = temperature != nullptr ? temperature[row] : 0.0f;
+  const int k = top_k != nullptr ? top_k[row] : 0;
   if (static_cast<double>(t) < kGreedyBelow || k == 1) {  // block-uniform
     if (threadIdx.x == 0) out[row] = top.index;
     return;
@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(1024) sample_top_k_top_p_kernel(
   const float m = top.value / t;  // the scaled max: fl(x / t) is monotone in x
   float floor = -INFINITY;        // a token stays when its scaled logit is >= every floor
   if (k > 1 && k < vocab) floor = kth_largest(x, vocab, k, ordered_key(top.value)) / t;
-  const float p = top_p[row];
+  const float p = top_p != nullptr ? top_p[row] : 1.0f;
   if (p < 1.0f && m > -INFINITY) floor = fmaxf(floor, nucleus_floor(x, vocab, t, floor, m, p));
   const float mp = min_p != nullptr ? min_p[row] : 0.0f;
   if (mp > 0.0f) floor = fmaxf(floor, m + logf(mp));

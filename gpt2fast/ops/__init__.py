@@ -215,22 +215,20 @@ def triton_ops() -> Ops:
     )
 
 
-# The hand-written CUDA kernels cover memory-bound decode work; larger shapes go to the fallback backend.
-CUDA_MAX_LINEAR_ROWS = 16  # the CUDA GEMV's row limit: more rows are a prefill, a tensor-core GEMM's job
+CUDA_MAX_LINEAR_ROWS = 16  # the CUDA GEMV's row limit (ln_linear's LayerNorm prologue): more rows take the GEMM
 
 
 def cuda_ops(device: torch.device) -> Ops:
     """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``), with a fallback where they stop.
 
-    CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear and ln_linear for at most
-    ``CUDA_MAX_LINEAR_ROWS`` rows (the decode GEMV, with the LayerNorm as its prologue for ln_linear),
-    attention and write_kv_attention for decode steps (every sequence has at most one query; one launch, the
-    K/V store and the split merge included), the LM head's token choice (argmax, Gumbel-max) for at most
-    ``CUDA_MAX_LINEAR_ROWS`` rows, and the top-k/top-p/min-p sampler.
-    The fallback runs prefill linears and prefill attention (tensor-core ``tl.dot`` work the CUDA-core kernels
-    do not do) and the LM head where the logits are written: Triton on a GPU, the PyTorch reference on the CPU
-    (where the CUDA kernels run emulated, for tests). The
-    fallback also computes ``attention_with_probs`` (inspection; there is no CUDA C++ variant).
+    CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear (the decode GEMV up to
+    ``CUDA_MAX_LINEAR_ROWS`` rows, the tensor-core GEMM above), ln_linear (the GEMV with its LayerNorm prologue;
+    a prefill: the LayerNorm kernel, then the GEMM), attention and write_kv_attention for decode steps (every
+    sequence has at most one query; one launch, the K/V store and the split merge included), the LM head's logits
+    (the GEMM, fp32 out) and token choice (a decode batch: argmax / Gumbel-max fused into the GEMV; more rows:
+    the GEMM's logits, then the sampler kernel), and the top-k/top-p/min-p sampler.
+    The fallback runs prefill attention: Triton on a GPU, the PyTorch reference on the CPU (where the CUDA kernels
+    run emulated, for tests). It also computes ``attention_with_probs`` (inspection; there is no CUDA C++ variant).
 
     Example:
         >>> from gpt2fast.ops import cuda
@@ -242,29 +240,15 @@ def cuda_ops(device: torch.device) -> Ops:
 
     fallback = triton_ops() if device.type == "cuda" and triton_backend.available() else TORCH
 
-    def linear(x, weight, bias, *, gelu=False, residual=None):
-        op = cuda.linear if x.shape[0] <= CUDA_MAX_LINEAR_ROWS else fallback.linear
-        return op(x, weight, bias, gelu=gelu, residual=residual)
-
     def ln_linear(x, ln_weight, ln_bias, eps, weight, bias, *, gelu=False):
         if x.shape[0] <= CUDA_MAX_LINEAR_ROWS:  # one launch: the GEMV with its LayerNorm prologue
             return cuda.ln_linear(x, ln_weight, ln_bias, eps, weight, bias, gelu=gelu)
-        # a prefill: the CUDA LayerNorm, then the fallback's linear
-        return fallback.linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
+        # a prefill: the LayerNorm kernel, then the GEMM
+        return cuda.linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
 
     def attention(q, k_cache, v_cache, meta, scale):
         op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
         return op(q, k_cache, v_cache, meta, scale)
-
-    def lm_head_argmax(x, wte):
-        if x.shape[0] <= CUDA_MAX_LINEAR_ROWS and isinstance(wte, torch.Tensor):  # a decode batch: the fused GEMV
-            return cuda.lm_head_argmax(x, wte)
-        return fallback.lm_head_argmax(x, wte)
-
-    def lm_head_gumbel(x, wte, temperature, seeds):
-        if x.shape[0] <= CUDA_MAX_LINEAR_ROWS and isinstance(wte, torch.Tensor):
-            return cuda.lm_head_gumbel(x, wte, temperature, seeds)
-        return fallback.lm_head_gumbel(x, wte, temperature, seeds)
 
     def write_kv_attention(q, k, v, k_cache, v_cache, meta, scale):
         if meta.max_query_len <= 1 and cuda.fuses_write_kv(k, v, k_cache):  # a decode step: one launch
@@ -278,14 +262,14 @@ def cuda_ops(device: torch.device) -> Ops:
         embed=cuda.embed,
         layer_norm=cuda.layer_norm,
         add_layer_norm=cuda.add_layer_norm,
-        linear=linear,
+        linear=cuda.linear,
         ln_linear=ln_linear,
         write_kv=cuda.write_kv,
         attention=attention,
         write_kv_attention=write_kv_attention,
         attention_with_probs=fallback.attention_with_probs,  # inspection: no CUDA C++ variant
-        lm_head=fallback.lm_head,  # logits for processors: the fallback's (fp32 out of a tensor-core GEMM on a GPU)
-        lm_head_argmax=lm_head_argmax,
-        lm_head_gumbel=lm_head_gumbel,
+        lm_head=cuda.lm_head,
+        lm_head_argmax=cuda.lm_head_argmax,
+        lm_head_gumbel=cuda.lm_head_gumbel,
         sample_top_k_top_p=cuda.sample_top_k_top_p,
     )

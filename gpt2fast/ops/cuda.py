@@ -557,6 +557,7 @@ def sample_top_k_top_p(
 # ---- linear ----
 
 LINEAR_MAX_ROWS = 16  # csrc/kernels/linear.cuh kGemvMaxRows (the modules export it: LINEAR_MAX_ROWS)
+GEMM_MAX_ROWS = 65535 * 64  # csrc/kernels/gemm.cuh: a grid of at most 65535 row tiles
 
 
 def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...], op: str) -> None:
@@ -576,7 +577,7 @@ def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  residual: torch.Tensor | None) -> None:  # fmt: skip
+                  residual: torch.Tensor | None, max_rows: int = 2**62) -> None:  # fmt: skip
     if x.dim() != 2:
         raise ValueError(f"x must be (T, K), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -584,11 +585,10 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"x is on {x.device}: the CUDA kernels take CUDA tensors (or CPU tensors, emulated)")
     rows, k_in = x.shape
-    if rows > LINEAR_MAX_ROWS:
-        raise ValueError(
-            f"x has {rows} rows: the CUDA GEMV covers decode batches of at most {LINEAR_MAX_ROWS} rows "
-            "(larger batches belong to the Triton linear)"
-        )
+    if rows > max_rows:
+        raise ValueError(f"x has {rows} rows: the CUDA GEMV covers decode batches of at most {max_rows} rows")
+    if rows > GEMM_MAX_ROWS:
+        raise ValueError(f"x has {rows} rows: the CUDA GEMM takes at most {GEMM_MAX_ROWS} (65535 tiles of 64 rows)")
     if weight.dim() != 2 or weight.shape[1] != k_in:
         raise ValueError(f"weight must be (N, {k_in}) (nn.Linear's (out, in)), got {tuple(weight.shape)}")
     n_out = weight.shape[0]
@@ -612,12 +612,13 @@ def linear(
     gelu: bool = False,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode linear ``x @ weight.T + bias``, then optionally tanh-GELU, then optionally ``+ residual`` (see
-    ``reference.linear``), as one GEMV launch (csrc/kernels/linear.cuh).
+    """``x @ weight.T + bias``, then optionally tanh-GELU, then optionally ``+ residual`` (see
+    ``reference.linear``), in one launch: the decode GEMV for ``T <= 16`` rows (csrc/kernels/linear.cuh), the
+    GEMM above that (csrc/kernels/gemm.cuh: tensor cores for fp16/bf16, fp32 FMAs for fp32).
 
-    ``x``: ``(T, K)`` with ``T <= 16`` (ValueError above: larger batches are the Triton linear's), rows may be
-    strided; ``weight``: ``(N, K)`` contiguous; ``bias``: ``(N,)`` or None; ``residual``: ``(T, N)`` or None.
-    Returns a contiguous ``(T, N)`` in ``x.dtype``; fp32 accumulation, deterministic (no atomics).
+    ``x``: ``(T, K)``, rows may be strided; ``weight``: ``(N, K)`` contiguous; ``bias``: ``(N,)`` or None;
+    ``residual``: ``(T, N)`` or None. Returns a contiguous ``(T, N)`` in ``x.dtype``; fp32 accumulation,
+    deterministic (no atomics).
 
     Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
         >>> from gpt2fast.ops import reference
@@ -633,11 +634,42 @@ def linear(
     if rows == 0 or n_out == 0:
         return out
     module = module_for(x.device)
+    res_stride = n_out if residual is None else _row_stride(residual)
+    args = (x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            0 if residual is None else residual.data_ptr(), out.data_ptr(), rows, n_out, k_in, _row_stride(x),
+            res_stride, bool(gelu))  # fmt: skip
     with _on(x.device):
-        module.linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                      0 if residual is None else residual.data_ptr(), out.data_ptr(), rows, n_out, k_in,
-                      _row_stride(x), n_out if residual is None else _row_stride(residual), bool(gelu),
-                      _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+        if rows <= LINEAR_MAX_ROWS:
+            module.linear(*args, _dtype_code(module, x.dtype), _stream(x.device))
+        else:
+            module.gemm(*args, False, _dtype_code(module, x.dtype), _stream(x.device))
+    return out
+
+
+def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+    """``reference.lm_head``: fp32 logits ``x @ wte.T`` ``(T, V)`` through the GEMM of ``linear`` (tensor cores
+    for fp16/bf16, fp32 products summed in fp32), any number of rows.
+
+    ``x``: ``(T, C)``, rows may be strided; ``wte``: ``(V, C)`` contiguous, x's dtype (no int8 weights).
+
+    Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
+        >>> from gpt2fast.ops import reference
+        >>> x, wte = torch.randn(3, 8), torch.randn(50, 8)
+        >>> torch.allclose(lm_head(x, wte), reference.lm_head(x, wte), atol=1e-5)  # doctest: +SKIP
+        True
+    """
+    if not isinstance(wte, torch.Tensor):
+        raise ValueError(f"wte must be a tensor, got {type(wte).__name__} (the CUDA LM head takes no int8 weights)")
+    _check_linear(x, wte, None, None)
+    rows, width = x.shape
+    vocab = wte.shape[0]
+    out = _empty((rows, vocab), torch.float32, x.device)  # (T, V)
+    if rows == 0 or vocab == 0:
+        return out
+    module = module_for(x.device)
+    with _on(x.device):
+        module.gemm(x.data_ptr(), wte.data_ptr(), 0, 0, out.data_ptr(), rows, vocab, width, _row_stride(x), vocab,
+                    False, True, _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
     return out
 
 
@@ -667,7 +699,7 @@ def ln_linear(
     """
     if x.dim() == 2 and x.shape[1] == 0:
         raise ValueError("x has no columns: LayerNorm needs K >= 1")
-    _check_linear(x, weight, bias, None)
+    _check_linear(x, weight, bias, None, LINEAR_MAX_ROWS)
     rows, k_in = x.shape
     _check_operand("ln_weight", ln_weight, x, (k_in,), "ln_linear")
     _check_operand("ln_bias", ln_bias, x, (k_in,), "ln_linear")
@@ -690,8 +722,9 @@ def ln_linear(
 
 
 def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
-    """``reference.lm_head_argmax`` for a decode batch (``T <= 16`` rows): the token of the largest logit of each
-    row (ties to the lowest id), in one launch that never writes the logits (csrc/kernels/lm_head.cuh).
+    """``reference.lm_head_argmax``: the token of the largest logit of each row (ties to the lowest id). A decode
+    batch (``T <= 16`` rows) takes one launch that never writes the logits (csrc/kernels/lm_head.cuh); more rows
+    take ``lm_head``'s GEMM, then the sampler kernel's argmax over the logits (two launches).
 
     ``x``: ``(T, C)``, rows may be strided; ``wte``: ``(V, C)`` contiguous, x's dtype. Returns ``(T,)`` int64. The
     logits are fp32 sums in another order than the reference's, so two logits within a few ulps may swap.
@@ -707,9 +740,10 @@ def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
 
 def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor
                    ) -> torch.Tensor:
-    """``reference.lm_head_gumbel`` for a decode batch (``T <= 16`` rows), in one launch that never writes the
-    logits: row ``t``'s token is ``argmax(logits / temperature[t] + g)``, ``g`` the Gumbel noise of
-    ``sampling.philox_uniform`` at ``seeds[t]`` (the argmax where ``temperature[t] < sampling.GREEDY_BELOW``).
+    """``reference.lm_head_gumbel``: row ``t``'s token is ``argmax(logits / temperature[t] + g)``, ``g`` the Gumbel
+    noise of ``sampling.philox_uniform`` at ``seeds[t]`` (the argmax where ``temperature[t] <
+    sampling.GREEDY_BELOW``). One launch that never writes the logits for a decode batch (``T <= 16`` rows); more
+    rows: ``lm_head``'s GEMM, then the sampler kernel's Gumbel-max.
 
     ``temperature``: ``(T,)`` float32; ``seeds``: ``(T,)`` int64 Philox row seeds (``sampling.row_seed``). Else as
     ``lm_head_argmax``; near-ties (a few fp32 ulps apart, logits or noise) may pick the other token.
@@ -747,6 +781,13 @@ def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
     if rows == 0:
         return out
     module = module_for(x.device)
+    if rows > LINEAR_MAX_ROWS:  # a prefill's rows: the GEMM's logits, then the sampler's argmax / Gumbel-max
+        logits = lm_head(x, wte)  # (T, V) fp32
+        with _on(x.device):
+            module.sample_top_k_top_p(logits.data_ptr(), 0 if temperature is None else temperature.data_ptr(), 0, 0,
+                                      0, 0 if seeds is None else seeds.data_ptr(), out.data_ptr(), rows, vocab,
+                                      _stream(x.device))  # fmt: skip
+        return out
     blocks = module.lm_head_blocks(vocab)
     part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
     part_token = _empty((blocks, rows), torch.int32, x.device)  # (blocks, T) and its token

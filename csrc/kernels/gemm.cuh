@@ -1,0 +1,327 @@
+// gemm.cuh — the prefill linear, `out = [gelu](x @ weight.T + bias) [+ residual]` for any number of
+// rows: the contract of reference.linear (x (M, K), weight (N, K) as nn.Linear stores it, fp32
+// accumulation, GPT-2's tanh-GELU, one rounding at the store), and the LM head's fp32 logits
+// (`x @ wte.T`, TOut = float). linear.cuh's GEMV keeps the decode batches of <= 16 rows.
+//
+// fp16 / bf16: tensor cores (gemm_mma_kernel), written for sm_80 and run as is on sm_90.
+//   - A block of 4 warps (2 x 2) owns a kBM x kBN tile of out (128 x 128 when the grid still has
+//     an H100's 132 blocks at that size, else 64 x 64, so a prefill of a few hundred rows at
+//     N = 768 still spreads over the SMs); each warp a (kBM/2) x (kBN/2) sub-tile of m16n8
+//     accumulators in registers (fp32).
+//   - K advances in steps of kBK = 32 through a kStages = 3 deep ring of shared-memory tiles:
+//     while the warps multiply step k, cp.async brings steps k + 1 and k + 2 (the loads are in
+//     flight for two steps' worth of mma). Both operands are K-contiguous ("row.col": x rows and
+//     weight rows), so ldmatrix without .trans gives the A and B fragments directly (mma.cuh).
+//   - Shared-memory tiles are rows of kBK = 32 elements = 64 bytes = four 16-byte chunks, chunk c
+//     of row r stored at chunk c ^ ((r / 2) % 4): an ldmatrix phase reads one chunk of 8
+//     consecutive rows, which this XOR spreads over all 32 banks (without it, 4-way conflicts).
+//   - Edges: rows past M and columns past N are zero-filled by cp.async (src size 0) and never
+//     stored; K needs to be a multiple of 8 with 16-byte aligned rows (every GPT-2 width is) for
+//     cp.async; otherwise the kAsync = false instantiation loads the same tiles element by element
+//     (zero past K) with plain loads and stores.
+//   - Epilogue in registers: bias, tanh-GELU, residual, one rounding, stored pairwise.
+// fp32: CUDA cores (gemm_simt_kernel): exact fp32 FMAs, the 1e-4 contract of the fp32 model, which
+//   TF32 tensor cores (10-bit mantissas) would miss. 64 x 64 tiles, 256 threads of 4 x 4 outputs,
+//   K in steps of 16 through shared memory. fp32 is the accuracy reference on a GPU, not the fast
+//   path.
+//
+// Napkin math, GPT-2 124M fp16 prefill of 512 tokens on an H100 (989 TFLOP/s dense fp16, 3.35
+// TB/s): the fc projection 768 -> 3072 is 2.4 GFLOP (2.4 us at peak) over 4.7 MB of weight and 3.9
+// MB of activations (2.6 us): the bytes and the FLOPs are level (arithmetic intensity ~280
+// FLOP/byte, the ridge ~295), so tile reuse decides it; 128 x 128 tiles read each x row N / 128
+// times from L2, not DRAM.
+#pragma once
+
+#include "../common.cuh"
+#include "linear.cuh"
+#include "mma.cuh"
+
+#include <type_traits>
+
+namespace gpt2fast {
+
+constexpr int kGemmThreads = 128;  // 4 warps, 2 x 2
+constexpr int kGemmBK = 32;        // K per pipeline stage
+constexpr int kGemmStages = 3;
+constexpr int kGemmChunks = kGemmBK / 8;  // 16-byte chunks per tile row
+
+// The shared-memory offset (in elements) of chunk `chunk` of tile row `row`: the XOR swizzle.
+__device__ __forceinline__ int gemm_swizzle(int row, int chunk) {
+  return row * kGemmBK + ((chunk ^ ((row >> 1) & (kGemmChunks - 1))) * 8);
+}
+
+template <int kBM, int kBN>
+constexpr std::size_t gemm_mma_smem(int elem_bytes) {
+  return static_cast<std::size_t>(kGemmStages) * (kBM + kBN) * kGemmBK * elem_bytes;
+}
+
+// bias -> GELU -> residual for out[row, col] (in range), rounded once to TOut.
+template <typename T, typename TOut>
+__device__ __forceinline__ void gemm_store(float y, int row, int col, const T* __restrict__ bias,
+                                           const T* __restrict__ residual, int64_t res_stride,
+                                           bool gelu, TOut* __restrict__ out, int n_out) {
+  if (bias != nullptr) y += to_float(bias[col]);
+  if (gelu) y = tanh_gelu(y);
+  if (residual != nullptr) y += to_float(residual[static_cast<int64_t>(row) * res_stride + col]);
+  out[static_cast<int64_t>(row) * n_out + col] = from_float<TOut>(y);
+}
+
+// One kBM-row or kBN-row operand tile of step k0 (rows from `row0` of src, `rows` of them exist,
+// `stride` apart) into its shared-memory stage.
+template <typename T, int kRowsTile, bool kAsync>
+__device__ __forceinline__ void gemm_load_tile(T* __restrict__ tile, const T* __restrict__ src,
+                                               int row0, int rows, int64_t stride, int k0,
+                                               int k_in) {
+#pragma unroll
+  for (int c = threadIdx.x; c < kRowsTile * kGemmChunks; c += kGemmThreads) {
+    const int r = c / kGemmChunks, chunk = c % kGemmChunks;
+    const int row = row0 + r, k = k0 + chunk * 8;
+    T* dst = tile + gemm_swizzle(r, chunk);
+    if constexpr (kAsync) {
+      const bool inside = row < rows && k < k_in;  // k_in % 8 == 0: a chunk is all in or all out
+      const T* from = inside ? src + static_cast<int64_t>(row) * stride + k : src;
+      cp_async_16(dst, from, inside ? 16 : 0);
+    } else {
+      Packed<T, 8> v;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        v.v[e] = row < rows && k + e < k_in ? src[static_cast<int64_t>(row) * stride + k + e]
+                                            : from_float<T>(0.0f);
+      }
+      *reinterpret_cast<Packed<T, 8>*>(dst) = v;
+    }
+  }
+}
+
+template <typename T, typename TOut, int kBM, int kBN, bool kAsync>
+__global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
+    const T* __restrict__ x,         // [rows, k_in], rows x_stride apart
+    const T* __restrict__ weight,    // [n_out, k_in], contiguous
+    const T* __restrict__ bias,      // [n_out] or nullptr
+    const T* __restrict__ residual,  // [rows, n_out], rows res_stride apart, or nullptr
+    TOut* __restrict__ out,          // [rows, n_out], contiguous
+    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu) {
+  constexpr int kWM = kBM / 2, kWN = kBN / 2;  // a warp's sub-tile
+  constexpr int kMT = kWM / 16, kNT = kWN / 8;  // its m16n8 tiles
+  static_assert(kNT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+  T* smem = reinterpret_cast<T*>(dyn_smem);  // [kGemmStages][(kBM + kBN) * kGemmBK]
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int wm = warp / 2, wn = warp % 2;
+  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  const int steps = ceil_div(k_in, kGemmBK);
+
+  auto load_stage = [&](int step) {
+    T* a_tile = smem + (step % kGemmStages) * (kBM + kBN) * kGemmBK;
+    gemm_load_tile<T, kBM, kAsync>(a_tile, x, m0, rows, x_stride, step * kGemmBK, k_in);
+    gemm_load_tile<T, kBN, kAsync>(a_tile + kBM * kGemmBK, weight + static_cast<int64_t>(n0) * k_in,
+                                   0, n_out - n0, k_in, step * kGemmBK, k_in);
+  };
+
+  float acc[kMT][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    }
+  }
+
+  // Prologue: steps 0 .. kStages - 2 in flight, one commit group each (empty past the end).
+#pragma unroll
+  for (int s = 0; s < kGemmStages - 1; ++s) {
+    if (s < steps) load_stage(s);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kGemmStages - 2>();  // this thread's copies of `step` have landed ...
+    __syncthreads();  // ... and everyone's; and every warp is done with the stage reloaded below
+    if (step + kGemmStages - 1 < steps) load_stage(step + kGemmStages - 1);
+    cp_async_commit();
+
+    const T* a_tile = smem + (step % kGemmStages) * (kBM + kBN) * kGemmBK;
+    const T* b_tile = a_tile + kBM * kGemmBK;
+#pragma unroll
+    for (int kk = 0; kk < kGemmBK / 16; ++kk) {
+      uint32_t a[kMT][4], b[kNT][2];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        const int r = wm * kWM + i * 16 + lane % 16;
+        ldmatrix_x4(a[i], a_tile + gemm_swizzle(r, 2 * kk + lane / 16));
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; j += 2) {
+        const int r = wn * kWN + j * 8 + lane % 8 + 8 * (lane / 16);
+        uint32_t pair[4];
+        ldmatrix_x4(pair, b_tile + gemm_swizzle(r, 2 * kk + (lane / 8) % 2));
+        b[j][0] = pair[0], b[j][1] = pair[1], b[j + 1][0] = pair[2], b[j + 1][1] = pair[3];
+      }
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing is left in flight (the trailing groups are empty)
+
+  const int g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = m0 + wm * kWM + i * 16 + g + 8 * (e / 2);
+        const int col = n0 + wn * kWN + j * 8 + 2 * q + e % 2;
+        if (row < rows && col < n_out) {
+          gemm_store(acc[i][j][e], row, col, bias, residual, res_stride, gelu, out, n_out);
+        }
+      }
+    }
+  }
+}
+
+// ---- fp32 on CUDA cores ------------------------------------------------------------------------
+
+constexpr int kSimtTile = 64, kSimtBK = 16, kSimtThreads = 256;
+
+__global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
+    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const float* __restrict__ residual, float* __restrict__ out, int rows, int n_out, int k_in,
+    int64_t x_stride, int64_t res_stride, bool gelu) {
+  // Tiles stored k-major ([k][row]) so the 4 x 4 outer products read rows as float4s; +4 pads
+  // the stores of a column across banks.
+  __shared__ __align__(16) float xs[kSimtBK][kSimtTile + 4];
+  __shared__ __align__(16) float ws[kSimtBK][kSimtTile + 4];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 4 x 4 outputs each: rows 4 ty.., cols 4 tx..
+  const int m0 = blockIdx.y * kSimtTile, n0 = blockIdx.x * kSimtTile;
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < k_in; k0 += kSimtBK) {
+    for (int i = threadIdx.x; i < kSimtTile * kSimtBK; i += kSimtThreads) {
+      const int r = i / kSimtBK, k = i % kSimtBK;  // consecutive threads: consecutive k (coalesced)
+      const bool k_in_range = k0 + k < k_in;
+      xs[k][r] = m0 + r < rows && k_in_range ? x[static_cast<int64_t>(m0 + r) * x_stride + k0 + k]
+                                             : 0.0f;
+      ws[k][r] = n0 + r < n_out && k_in_range
+                     ? weight[static_cast<int64_t>(n0 + r) * k_in + k0 + k]
+                     : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kSimtBK; ++k) {
+      const float4 a = *reinterpret_cast<const float4*>(&xs[k][4 * ty]);
+      const float4 b = *reinterpret_cast<const float4*>(&ws[k][4 * tx]);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = m0 + 4 * ty + i, col = n0 + 4 * tx + j;
+      if (row < rows && col < n_out)
+        gemm_store(acc[i][j], row, col, bias, residual, res_stride, gelu, out, n_out);
+    }
+  }
+}
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+template <typename T, typename TOut, int kBM, int kBN>
+cudaError_t launch_gemm_mma(const T* x, const T* weight, const T* bias, const T* residual,
+                            TOut* out, int rows, int n_out, int k_in, int64_t x_stride,
+                            int64_t res_stride, bool gelu, cudaStream_t stream) {
+  const dim3 grid(ceil_div(n_out, kBN), ceil_div(rows, kBM)), block(kGemmThreads);
+  const std::size_t smem = gemm_mma_smem<kBM, kBN>(sizeof(T));
+  if (can_vectorize<T>({x, weight}, k_in, {x_stride})) {
+    LAUNCH(grid, block, smem, stream, gemm_mma_kernel<T, TOut, kBM, kBN, true>)(
+        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+  } else {
+    LAUNCH(grid, block, smem, stream, gemm_mma_kernel<T, TOut, kBM, kBN, false>)(
+        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
+  }
+  return cudaGetLastError();
+}
+
+// The tile: 128 x 128 once the grid has a block for each of an H100's 132 SMs, else 64 x 64.
+// Tests pin one with set_gemm_tile (64 or 128; 0 restores the rule) to run both on small shapes.
+constexpr int kGemmLargeGridBlocks = 132;
+inline int g_gemm_tile = 0;
+inline bool gemm_large_tiles(int rows, int n_out) {
+  if (g_gemm_tile != 0) return g_gemm_tile == 128;
+  return static_cast<int64_t>(ceil_div(rows, 128)) * ceil_div(n_out, 128) >= kGemmLargeGridBlocks;
+}
+inline bool set_gemm_tile(int tile) {
+  if (tile != 0 && tile != 64 && tile != 128) return false;
+  g_gemm_tile = tile;
+  return true;
+}
+
+template <typename T, typename TOut>
+cudaError_t launch_gemm_typed(const void* x, const void* weight, const void* bias,
+                              const void* residual, void* out, int rows, int n_out, int k_in,
+                              int64_t x_stride, int64_t res_stride, bool gelu,
+                              cudaStream_t stream) {
+  const auto* xt = static_cast<const T*>(x);
+  const auto* wt = static_cast<const T*>(weight);
+  const auto* bt = static_cast<const T*>(bias);
+  const auto* rt = static_cast<const T*>(residual);
+  auto* ot = static_cast<TOut*>(out);
+  if constexpr (std::is_same_v<T, float>) {
+    const dim3 grid(ceil_div(n_out, kSimtTile), ceil_div(rows, kSimtTile)), block(kSimtThreads);
+    LAUNCH(grid, block, 0, stream, gemm_simt_kernel)(xt, wt, bt, rt, ot, rows, n_out, k_in,
+                                                     x_stride, res_stride, gelu);
+    return cudaGetLastError();
+  } else {
+    if (gemm_large_tiles(rows, n_out)) {
+      return launch_gemm_mma<T, TOut, 128, 128>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride,
+                                                res_stride, gelu, stream);
+    }
+    return launch_gemm_mma<T, TOut, 64, 64>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride,
+                                            res_stride, gelu, stream);
+  }
+}
+
+// out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any number of rows (bias and
+// residual may be nullptr), out contiguous in x's dtype, or fp32 logits when fp32_out (the LM
+// head: no bias, GELU or residual). x rows x_stride apart, residual rows res_stride apart.
+inline cudaError_t gemm(const void* x, const void* weight, const void* bias, const void* residual,
+                        void* out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
+                        int64_t res_stride, bool gelu, bool fp32_out, DType dtype,
+                        cudaStream_t stream) {
+  if (rows < 0 || rows > 0x7fffffff || n_out < 0 || n_out > 0x7fffffff || k_in < 0 ||
+      k_in > 0x7fffffff || x_stride < k_in || (residual != nullptr && res_stride < n_out) ||
+      (fp32_out && (bias != nullptr || residual != nullptr || gelu)) ||
+      ceil_div(static_cast<int>(rows), 64) > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || n_out == 0) return cudaSuccess;
+  const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_gemm_typed<float, float>(x, weight, bias, residual, out, r, n, k, x_stride,
+                                             res_stride, gelu, stream);
+    case DType::kFloat16:
+      return fp32_out ? launch_gemm_typed<__half, float>(x, weight, bias, residual, out, r, n, k,
+                                                         x_stride, res_stride, gelu, stream)
+                      : launch_gemm_typed<__half, __half>(x, weight, bias, residual, out, r, n,
+                                                          k, x_stride, res_stride, gelu, stream);
+    case DType::kBFloat16:
+      return fp32_out ? launch_gemm_typed<__nv_bfloat16, float>(x, weight, bias, residual, out, r,
+                                                                n, k, x_stride, res_stride, gelu,
+                                                                stream)
+                      : launch_gemm_typed<__nv_bfloat16, __nv_bfloat16>(
+                            x, weight, bias, residual, out, r, n, k, x_stride, res_stride, gelu,
+                            stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gpt2fast
