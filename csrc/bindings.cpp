@@ -13,6 +13,7 @@
 #include <string>
 
 #include "kernels/attention.cuh"
+#include "kernels/attention_prefill.cuh"
 #include "kernels/embed.cuh"
 #include "kernels/gemm.cuh"
 #include "kernels/layer_norm.cuh"
@@ -136,6 +137,31 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       "paged decode attention, split-K over the block table merged in the same launch; with "
       "k_new/v_new (0: none) and slots, the step's K/V stored and attended (write_kv_attention)");
 
+  m.def(
+      "attention_prefill",
+      [](std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t k_new,
+         std::uintptr_t v_new, std::uintptr_t slots, std::uintptr_t cu_seqlens,
+         std::uintptr_t seq_lens, std::uintptr_t block_tables, std::uintptr_t out,
+         int64_t num_seqs, int64_t max_query_len, int64_t n_head, int64_t head_dim,
+         int64_t block_size, int64_t max_blocks, int64_t q_tok, int64_t q_head, int64_t kv_tok,
+         int64_t kv_head, float scale, int dtype, std::uintptr_t stream) {
+        check(gpt2fast::attention_prefill(
+                  ptr(q), ptr(k_cache), ptr(v_cache), ptr(k_new), ptr(v_new),
+                  ptr<const int64_t>(slots), ptr<const int>(cu_seqlens), ptr<const int>(seq_lens),
+                  ptr<const int>(block_tables), ptr(out), num_seqs, max_query_len, n_head,
+                  head_dim, block_size, max_blocks, q_tok, q_head, kv_tok, kv_head, scale,
+                  dtype_of(dtype), stream_of(stream)),
+              "attention_prefill");
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"),
+      py::arg("slots"), py::arg("cu_seqlens"), py::arg("seq_lens"), py::arg("block_tables"),
+      py::arg("out"), py::arg("num_seqs"), py::arg("max_query_len"), py::arg("n_head"),
+      py::arg("head_dim"), py::arg("block_size"), py::arg("max_blocks"), py::arg("q_tok"),
+      py::arg("q_head"), py::arg("kv_tok"), py::arg("kv_head"), py::arg("scale"),
+      py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "causal flash attention of prefill chunks over the paged cache (fp16/bf16, tensor cores); "
+      "with k_new/v_new (0: none) and slots, the chunk's K/V stored and attended");
+
   m.def("lm_head_blocks", &gpt2fast::lm_head_blocks, py::arg("vocab"),
         "blocks of the decode LM head (candidates per row in its workspaces)");
   m.def(
@@ -192,12 +218,9 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any rows (tensor cores for "
       "fp16/bf16); fp32_out: fp32 logits x @ weight.T (no bias, GELU or residual)");
-  m.def(
-      "set_gemm_tile",
-      [](int tile) {
-        if (!gpt2fast::set_gemm_tile(tile)) throw std::invalid_argument("tile must be 0, 64 or 128");
-      },
-      py::arg("tile"), "pin the GEMM's tile size (64 or 128) for tests; 0: chosen by the grid size");
+  m.def("set_gemm_tile", &gpt2fast::set_gemm_tile, py::arg("tile"),
+        "pin the GEMM's tile size (64 or 128) for tests, 0: chosen by the grid size; False (and no "
+        "change) for any other value");
   m.def(
       "ln_linear",
       [](std::uintptr_t x, std::uintptr_t ln_weight, std::uintptr_t ln_bias, float eps,

@@ -159,7 +159,6 @@ def test_empty_steps(emu):
 
 def _bad_attention_calls():
     q, k_cache, v_cache, meta = _decode_case([(20, True), (3, True)], 2, 16, torch.float32, seed=0)
-    prefill = AttentionMetadata.build([[0, 1], [2]], [20, 3], [4, 1], block_size=16)
     wide = torch.randn(k_cache.shape[:3] + (2 * D,))[..., :D]  # (NB, H, BS, D) with rows 2 * D apart
     small = torch.randn(4, 2, 16, 32)
     meta64 = AttentionMetadata(meta.cu_seqlens_q, meta.seq_lens, meta.block_tables.long(), meta.slot_mapping,
@@ -169,7 +168,6 @@ def _bad_attention_calls():
         "float32, float16 or bfloat16": lambda: cuda.attention(q.double(), k_cache.double(), v_cache.double(),
                                                                meta, SCALE),
         "head_dim 32": lambda: cuda.attention(torch.randn(2, 2, 32), small, small, meta, SCALE),
-        "decode steps only": lambda: cuda.attention(torch.randn(5, 2, D), k_cache, v_cache, prefill, SCALE),
         "k_cache must be contiguous": lambda: cuda.attention(q, wide, v_cache, meta, SCALE),
         "different devices": lambda: cuda.attention(q.to("meta"), k_cache, v_cache, meta, SCALE),
         "meta.block_tables must be a contiguous int32": lambda: cuda.attention(q, k_cache, v_cache, meta64, SCALE),
@@ -254,8 +252,6 @@ def _bad_write_kv_attention_calls():
                                                                        SCALE),
         "need one layout": lambda: cuda.write_kv_attention(q, k, v.contiguous(), k_cache, v_cache, meta, SCALE),
         "16-byte aligned": lambda: cuda.write_kv_attention(q, odd, odd.clone(), k_cache, v_cache, meta, SCALE),
-        "decode steps only": lambda: cuda.write_kv_attention(
-            q, k, v, k_cache, v_cache, AttentionMetadata.build([[0, 1]], [20], [2], block_size=16), SCALE),
     }  # fmt: skip
 
 

@@ -140,6 +140,8 @@ def test_thread_orders_forward_reverse_and_seeded_shuffle(emu):
     assert emu.tickets(2, 64) == list(range(64)) * 2
     emu.set_order(1)
     assert emu.tickets(2, 64) == list(range(63, -1, -1)) * 2
+    emu.set_order(3)  # warp by warp, the last warp first
+    assert emu.tickets(2, 64) == (list(range(32, 64)) + list(range(32))) * 2
     emu.set_order(2)
     emu.set_seed(7)
     first = emu.tickets(2, 64)

@@ -12,8 +12,10 @@
 //     on its own mmap'ed stack with a PROT_NONE guard page below it. A fiber runs until it reaches
 //     a barrier or a warp collective, then yields to the block's scheduler.
 //   - Scheduling: rounds over the block's threads in EMU_ORDER: 0 forward, 1 reverse, 2 shuffled
-//     anew every round (seed EMU_SEED). A race that needs a `__syncthreads` shows in at least one
-//     order. A round in which no thread could run is a deadlock: the emulator prints the block and
+//     anew every round (seed EMU_SEED), 3 warp after warp (the last warp first, each running until
+//     all its lanes wait at a block barrier or exit: warps far out of step, as a GPU may run them;
+//     orders 0-2 keep warps within a collective of each other). A race that needs a
+//     `__syncthreads` shows in at least one order. A round in which no thread could run is a deadlock: the emulator prints the block and
 //     what every thread waits at (file:line) and aborts — so an early `return` before a barrier
 //     is reported, not hidden.
 //   - `__shared__` is `thread_local` (one copy per OS thread = per running block). Dynamic shared
@@ -35,8 +37,9 @@
 //     (see "tensor-core PTX" below): `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}` and
 //     `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].b16` are warp collectives whose lane-to-element
 //     maps are the PTX ISA's tables; `cp.async.{ca,cg}.shared.global` (4/8/16 bytes, zero-fill)
-//     with `commit_group` / `wait_group` reads its source when issued and writes shared memory only
-//     when a `wait_group` retires its group, so a read before the wait sees the poison.
+//     with `commit_group` / `wait_group` reads its source when issued, poisons its destination
+//     (0xFF) at once and writes it only when a `wait_group` retires its group: a read before the
+//     wait, or of a buffer refilled while another warp still reads it, sees the poison.
 //
 // What is not emulated (keep it out of kernels, or behind `#if defined(__CUDA_ARCH__)` with a
 // portable `#else` that runs here): other inline PTX, wmma, TMA, CUB/CUTLASS, clusters,
@@ -48,7 +51,7 @@
 // `__noinline__` is left undefined (libstdc++ spells `__attribute__((__noinline__))`): write
 // `__attribute__((noinline))`, which nvcc accepts too.
 //
-// Environment: EMU_ORDER=0|1|2 (default 0; `emu::set_order` overrides it), EMU_SEED=<uint64>
+// Environment: EMU_ORDER=0|1|2|3 (default 0; `emu::set_order` overrides it), EMU_SEED=<uint64>
 // (default 0; `emu::set_seed`). Build with -fno-strict-aliasing: kernels reinterpret `uint4`
 // vectors as half/bfloat16 lanes, which g++ would otherwise miscompile. x86-64 Linux only.
 #pragma once
@@ -164,8 +167,8 @@ inline bool g_seed_set = false;
 inline uint64_t g_seed = 0;
 
 inline void set_order(int order) {
-  if (order < -1 || order > 2)
-    fail("set_order(%d): use 0 (forward), 1 (reverse), 2 (shuffled)", order);
+  if (order < -1 || order > 3)
+    fail("set_order(%d): use 0 (forward), 1 (reverse), 2 (shuffled), 3 (warp by warp)", order);
   g_order_override = order;  // -1: read EMU_ORDER again
 }
 inline void set_seed(uint64_t seed) {
@@ -176,8 +179,8 @@ inline int order() {
   if (g_order_override >= 0) return g_order_override;
   const char* env = std::getenv("EMU_ORDER");
   if (env == nullptr || *env == '\0') return 0;
-  if ((env[0] == '0' || env[0] == '1' || env[0] == '2') && env[1] == '\0') return env[0] - '0';
-  fail("EMU_ORDER=%s: use 0 (forward), 1 (reverse) or 2 (shuffled)", env);
+  if (env[0] >= '0' && env[0] <= '3' && env[1] == '\0') return env[0] - '0';
+  fail("EMU_ORDER=%s: use 0 (forward), 1 (reverse), 2 (shuffled) or 3 (warp by warp)", env);
 }
 // Kernel launches that ran (a valid configuration), so the ops layer can count launches per step.
 inline std::atomic<uint64_t> g_launches{0};
@@ -396,14 +399,27 @@ inline void run_block(Worker& w, int mode, uint64_t block_seed) {
       for (int i = n - 1; i > 0; --i) std::swap(order[i], order[splitmix64(rng) % (i + 1)]);
     }
     bool progressed = false;
-    for (int idx : order) {
-      Fiber& f = w.fibers[idx];
-      if (f.wait != Wait::kReady) continue;
+    auto run = [&](Fiber& f) {
       progressed = true;
       tls_fiber = &f;
       asan_start_switch(&w.sched_fake_stack, f.stack, kFiberStack);
       emu_fiber_switch(&w.sched_sp, f.sp);
       asan_finish_switch(w.sched_fake_stack, nullptr, nullptr);
+    };
+    if (mode == 3) {  // warp after warp, the last first: each until none of its lanes can run
+      for (int warp = static_cast<int>(w.warps.size()) - 1; warp >= 0; --warp) {
+        const int first = warp * kWarpSize, end = first + w.warps[warp].size;
+        for (bool again = true; again;) {
+          again = false;
+          for (int i = first; i < end; ++i) {
+            if (w.fibers[i].wait == Wait::kReady) run(w.fibers[i]), again = true;
+          }
+        }
+      }
+    } else {
+      for (int idx : order) {
+        if (w.fibers[idx].wait == Wait::kReady) run(w.fibers[idx]);
+      }
     }
     tls_fiber = nullptr;
     if (!progressed) report_deadlock(w, mode);
@@ -811,7 +827,8 @@ inline const unsigned char* smem_bytes(const Fiber& f, const void* p, size_t byt
 }
 
 // cp.async.{ca,cg}.shared.global [dst], [src], size, src_size: reads src_size bytes now, then
-// zeros up to size; they reach dst when a wait_group retires the copy's group.
+// zeros up to size; dst holds the 0xFF poison from the issue until a wait_group retires the copy's
+// group and writes them (the two ends of the window in which the chip may write them).
 inline void cp_async(void* dst, const void* src, int size, int src_size, bool cg,
                      std::source_location loc) {
   if (tls_fiber == nullptr) fail("cp.async called outside a kernel");
@@ -827,6 +844,9 @@ inline void cp_async(void* dst, const void* src, int size, int src_size, bool cg
   AsyncCopy copy{dst, size, f.commits, {}};
   if (src_size > 0) std::memcpy(copy.bytes, src, src_size);
   f.copies.push_back(copy);
+  // On the chip the bytes may land any time from now: the destination is clobbered (0xFF) at once,
+  // so a thread still reading the old contents (a missing barrier before the reuse) sees NaN.
+  std::memset(dst, 0xFF, size);
 }
 inline void cp_async_commit() {
   if (tls_fiber == nullptr) fail("cp.async.commit_group called outside a kernel");

@@ -219,16 +219,16 @@ CUDA_MAX_LINEAR_ROWS = 16  # the CUDA GEMV's row limit (ln_linear's LayerNorm pr
 
 
 def cuda_ops(device: torch.device) -> Ops:
-    """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``), with a fallback where they stop.
+    """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``): every op of a prefill and a decode step.
 
-    CUDA kernels: embed, layer_norm, add_layer_norm, write_kv, linear (the decode GEMV up to
-    ``CUDA_MAX_LINEAR_ROWS`` rows, the tensor-core GEMM above), ln_linear (the GEMV with its LayerNorm prologue;
-    a prefill: the LayerNorm kernel, then the GEMM), attention and write_kv_attention for decode steps (every
-    sequence has at most one query; one launch, the K/V store and the split merge included), the LM head's logits
-    (the GEMM, fp32 out) and token choice (a decode batch: argmax / Gumbel-max fused into the GEMV; more rows:
-    the GEMM's logits, then the sampler kernel), and the top-k/top-p/min-p sampler.
-    The fallback runs prefill attention: Triton on a GPU, the PyTorch reference on the CPU (where the CUDA kernels
-    run emulated, for tests). It also computes ``attention_with_probs`` (inspection; there is no CUDA C++ variant).
+    embed, layer_norm, add_layer_norm, write_kv; linear (the decode GEMV up to ``CUDA_MAX_LINEAR_ROWS`` rows,
+    the tensor-core GEMM above: fp16/bf16 mma.sync, fp32 on CUDA cores); ln_linear (the GEMV with its LayerNorm
+    prologue; a prefill: the LayerNorm kernel, then the GEMM); attention and write_kv_attention (decode: split-K
+    over the pages, merged in the launch; prefill: flash attention on tensor cores, fp32 through the decode
+    kernel per query); the LM head's logits (the GEMM, fp32 out) and token choice (a decode batch: argmax /
+    Gumbel-max fused into the GEMV; more rows: the GEMM's logits, then the sampler kernel); the
+    top-k/top-p/min-p sampler. Only ``attention_with_probs`` (inspection, never the hot path) is the fallback's:
+    Triton on a GPU, the PyTorch ``torch`` backend on the CPU, where the CUDA kernels run emulated (tests).
 
     Example:
         >>> from gpt2fast.ops import cuda
@@ -246,16 +246,11 @@ def cuda_ops(device: torch.device) -> Ops:
         # a prefill: the LayerNorm kernel, then the GEMM
         return cuda.linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
 
-    def attention(q, k_cache, v_cache, meta, scale):
-        op = cuda.attention if meta.max_query_len <= 1 else fallback.attention
-        return op(q, k_cache, v_cache, meta, scale)
-
     def write_kv_attention(q, k, v, k_cache, v_cache, meta, scale):
-        if meta.max_query_len <= 1 and cuda.fuses_write_kv(k, v, k_cache):  # a decode step: one launch
+        if cuda.fuses_write_kv(k, v, k_cache):  # one launch, decode or prefill
             return cuda.write_kv_attention(q, k, v, k_cache, v_cache, meta, scale)
-        # the composition of this table's own ops: the CUDA write_kv, then the attention dispatch above
         cuda.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return attention(q, k_cache, v_cache, meta, scale)
+        return cuda.attention(q, k_cache, v_cache, meta, scale)
 
     return Ops(
         name="cuda",
@@ -265,7 +260,7 @@ def cuda_ops(device: torch.device) -> Ops:
         linear=cuda.linear,
         ln_linear=ln_linear,
         write_kv=cuda.write_kv,
-        attention=attention,
+        attention=cuda.attention,
         write_kv_attention=write_kv_attention,
         attention_with_probs=fallback.attention_with_probs,  # inspection: no CUDA C++ variant
         lm_head=cuda.lm_head,

@@ -366,14 +366,16 @@ def attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Paged attention of a decode step (every sequence has at most one query; see ``reference.attention``).
+    """Causal paged attention of a step (``reference.attention``), decode or prefill.
 
     ``q``: ``(T, H, 64)``, token/head strides free, last dim contiguous; caches ``(NB, H, BS, 64)`` contiguous
     in ``q.dtype``. Returns a new ``(T, H, 64)``; rows of sequences without a query are not written.
-    Split-K over the block table with the Triton backend's split rule (``decode_splits``: shapes only, so
-    CUDA graphs replay), fp32 partials in a workspace from ``_empty``, merged in the same launch by the
-    split that finishes last (ticket counters, ``triton.counters``). Steps with a longer query (prefill)
-    raise ValueError: route them to another backend.
+    A decode step (every sequence has at most one query): split-K over the block table with the Triton backend's
+    split rule (``decode_splits``: shapes only, so CUDA graphs replay), fp32 partials in a workspace from
+    ``_empty``, merged in the same launch by the split that finishes last (ticket counters, ``triton.counters``).
+    A prefill (``meta.max_query_len > 1``; chunks with earlier context in the pages, mixed with decode rows):
+    fp16/bf16 run the flash kernel on tensor cores (csrc/kernels/attention_prefill.cuh); fp32 runs the decode
+    kernel once per query row (exact fp32 FMAs, the fp32 model's 1e-4 contract).
 
     Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
         >>> from gpt2fast.ops import reference
@@ -384,6 +386,8 @@ def attention(
         ...                atol=1e-5)  # doctest: +SKIP
         True
     """
+    if meta.max_query_len > 1:
+        return _attention_prefill(q, None, None, k_cache, v_cache, meta, scale)
     return _attention_decode(q, None, None, k_cache, v_cache, meta, scale)
 
 
@@ -396,9 +400,10 @@ def write_kv_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """``reference.write_kv_attention`` for a decode step in one launch: each row's key and value go to its slot
-    (``meta.slot_mapping``, -1 not stored) and are attended at the sequence's newest position, read from
-    ``k``/``v`` (the cache is never read where this launch writes).
+    """``reference.write_kv_attention`` in one launch: each row's key and value go to its slot
+    (``meta.slot_mapping``, -1 not stored) and are attended at their positions, read from ``k``/``v`` (the cache
+    is never read where this launch writes). A decode step runs the split-K kernel, a prefill of fp16/bf16 the
+    flash kernel; fp32 prefill is ``write_kv`` then ``attention`` (two launches).
 
     ``k``, ``v``: ``(T, H, 64)`` in the caches' dtype, one token/head stride for both (views of the fused qkv
     output), rows 16-byte aligned (ValueError otherwise: use ``write_kv`` then ``attention``). Else as
@@ -428,6 +433,8 @@ def write_kv_attention(
         raise ValueError(f"meta.slot_mapping must be a contiguous int64 ({q.shape[0]},), got {slots.dtype} "
                          f"{tuple(slots.shape)}")  # fmt: skip
     _check_same_device(dict(q=q, k=k, v=v, slot_mapping=slots))
+    if meta.max_query_len > 1:
+        return _attention_prefill(q, k, v, k_cache, v_cache, meta, scale)
     return _attention_decode(q, k, v, k_cache, v_cache, meta, scale)
 
 
@@ -444,6 +451,45 @@ def fuses_write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> b
     return (k.dtype == v.dtype == k_cache.dtype and k.stride() == v.stride() and k.dim() == 3 and k.stride(2) == 1
             and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and k.stride(0) % vec == 0
             and k.stride(1) % vec == 0)
+
+
+def _per_query(meta: AttentionMetadata, num_tokens: int) -> AttentionMetadata:
+    """``meta`` with every query row as its own sequence of context ``position + 1`` (device ops, no sync): what
+    the decode kernel attends once per query for an fp32 prefill."""
+    device = meta.seq_lens.device
+    cu = meta.cu_seqlens_q.long()  # (B + 1,)
+    q_lens = cu[1:] - cu[:-1]  # (B,)
+    seq = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device), q_lens, output_size=num_tokens)  # (T,)
+    local = torch.arange(num_tokens, device=device) - cu[seq]  # (T,) the row's index in its sequence
+    lens = meta.seq_lens.long()[seq] - q_lens[seq] + local + 1  # (T,) context of each query
+    return AttentionMetadata(
+        cu_seqlens_q=torch.arange(num_tokens + 1, dtype=torch.int32, device=device), seq_lens=lens.int(),
+        block_tables=meta.block_tables.index_select(0, seq).contiguous(), slot_mapping=meta.slot_mapping,
+        logits_indices=meta.logits_indices, max_query_len=1, max_seq_len=meta.max_seq_len,
+    )  # fmt: skip
+
+
+def _attention_prefill(q, k, v, k_cache, v_cache, meta, scale) -> torch.Tensor:
+    _check_attention(q, k_cache, v_cache, meta)
+    if q.dtype == torch.float32:
+        if k is not None:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return _attention_decode(q, None, None, k_cache, v_cache, _per_query(meta, q.shape[0]), scale)
+    n_head, block_size, head_dim = k_cache.shape[1:]
+    out = _empty(tuple(q.shape), q.dtype, q.device)  # (T, H, D)
+    if q.shape[0] == 0 or meta.num_seqs == 0:
+        return out
+    module = module_for(q.device)
+    new = k is not None
+    with _on(q.device):
+        module.attention_prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr() if new else 0,
+                                 v.data_ptr() if new else 0, meta.slot_mapping.data_ptr() if new else 0,
+                                 meta.cu_seqlens_q.data_ptr(), meta.seq_lens.data_ptr(), meta.block_tables.data_ptr(),
+                                 out.data_ptr(), meta.num_seqs, meta.max_query_len, n_head, head_dim, block_size,
+                                 meta.block_tables.shape[1], _stride(q, 0), _stride(q, 1), _stride(k, 0) if new else 0,
+                                 _stride(k, 1) if new else 0, float(scale), _dtype_code(module, q.dtype),
+                                 _stream(q.device))  # fmt: skip
+    return out
 
 
 def _attention_decode(q, k, v, k_cache, v_cache, meta, scale) -> torch.Tensor:
