@@ -218,6 +218,33 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any rows (tensor cores for "
       "fp16/bf16); fp32_out: fp32 logits x @ weight.T (no bias, GELU or residual)");
+  m.def(
+      "gemm_grid",
+      [](int rows, int n_out, int dtype) {
+        const dim3 grid = gpt2fast::gemm_grid(rows, n_out, dtype_of(dtype));
+        return py::make_tuple(grid.x, grid.y);
+      },
+      py::arg("rows"), py::arg("n_out"), py::arg("dtype"),
+      "(column tiles, row tiles) of the GEMM's grid: gemm_choice's workspace and counter sizes");
+  m.def(
+      "gemm_choice",
+      [](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature, std::uintptr_t seeds,
+         std::uintptr_t part_score, std::uintptr_t part_token, std::uintptr_t counters,
+         std::uintptr_t out, int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
+         int dtype, std::uintptr_t stream) {
+        check(gpt2fast::gemm_choice(ptr(x), ptr(wte), ptr<const float>(temperature),
+                                    ptr<const int64_t>(seeds), ptr<float>(part_score),
+                                    ptr<int>(part_token), ptr<int>(counters), ptr<int64_t>(out),
+                                    rows, vocab, width, x_stride, dtype_of(dtype),
+                                    stream_of(stream)),
+              "gemm_choice");
+      },
+      py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
+      py::arg("part_score"), py::arg("part_token"), py::arg("counters"), py::arg("out"),
+      py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "the LM head GEMM with argmax / Gumbel-max as its epilogue, any rows; the logits are never "
+      "stored");
   m.def("set_gemm_tile", &gpt2fast::set_gemm_tile, py::arg("tile"),
         "pin the GEMM's tile size (64 or 128) for tests, 0: chosen by the grid size; False (and no "
         "change) for any other value");

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from gpt2fast.config import PRESETS, GPT2Config
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+H100_FP16_FLOPS = 989e12  # dense fp16/bf16 tensor-core FLOP/s, H100 SXM (mma.sync reaches part of it; wgmma more)
 H100_SMS = 132
 INT32, INT64, FP32 = 4, 8, 4
 
@@ -260,6 +261,89 @@ def table(config: GPT2Config, batch: int, context: int, bandwidth: float = H100_
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class KernelWork:
+    """One kernel of a prefill step: calls per step, and the FLOPs and DRAM bytes of one call."""
+
+    name: str
+    calls: int
+    flops: float
+    dram_bytes: int
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per DRAM byte (the H100's ridge point is ``H100_FP16_FLOPS / H100_BANDWIDTH``, ~295)."""
+        return self.flops / self.dram_bytes
+
+    def seconds(self, flops: float = H100_FP16_FLOPS, bandwidth: float = H100_BANDWIDTH) -> float:
+        """Roofline time of one call: the larger of its FLOPs at the peak and its bytes at the bandwidth."""
+        return max(self.flops / flops, self.dram_bytes / bandwidth)
+
+    def bound(self, flops: float = H100_FP16_FLOPS, bandwidth: float = H100_BANDWIDTH) -> str:
+        return "compute" if self.flops / flops > self.dram_bytes / bandwidth else "memory"
+
+
+def prefill_step(config: GPT2Config, batch: int, prompt_len: int, dtype_bytes: int = 2) -> list[KernelWork]:
+    """Every kernel of the cuda backend's prefill of ``batch`` fresh prompts of ``prompt_len`` tokens (fp16: 2
+    bytes): the LayerNorm kernel, then the tensor-core GEMM (csrc/kernels/gemm.cuh) for each linear, the flash
+    attention that stores the chunk's K/V (attention_prefill.cuh), and the LM head's fused token choice over the
+    ``batch`` last rows. DRAM bytes count every input once and every output once (the GEMM's re-reads of x per
+    column tile and the flash kernel's K/V re-reads per query tile hit L2); FLOPs are the multiply-adds x 2 (the
+    causal attention counts the lower triangle).
+
+    Example:
+        >>> step = prefill_step(PRESETS["gpt2"], batch=1, prompt_len=512)
+        >>> qkv = next(k for k in step if k.name == "linear qkv")
+        >>> round(qkv.flops / 1e9, 2), round(qkv.intensity), qkv.bound()
+        (1.81, 271, 'memory')
+    """
+    t, b, s = batch * prompt_len, batch, dtype_bytes
+    c, h, d, f, v, n_layer = (config.n_embd, config.n_head, config.head_dim, config.mlp_width, config.vocab_size,
+                              config.n_layer)  # fmt: skip
+
+    def gemm(name: str, k: int, n: int, residual: bool = False) -> KernelWork:
+        # weight, bias, x, out (+ the residual read)
+        return KernelWork(name, n_layer, 2.0 * t * k * n, s * (n * k + n + t * k + t * n + (t * n if residual else 0)))
+
+    layer_norm = KernelWork("layer_norm", 2 * n_layer, 8.0 * t * c, s * (2 * t * c + 2 * c))
+    max_blocks = -(-config.n_positions // 16)
+    return [
+        KernelWork("embed", 1, 1.0 * t * c, s * 3 * t * c + 2 * t * INT64),
+        layer_norm,
+        gemm("linear qkv", c, 3 * c),
+        # q, k, v in; k, v into the pages; out; slots and tables. Q K^T and P V over the causal triangle
+        KernelWork("write_kv + attention prefill", n_layer, 2.0 * b * h * prompt_len * (prompt_len + 1) * d,
+                   s * 6 * t * c + t * INT64 + INT32 * b * (max_blocks + 2)),
+        gemm("linear attn proj + residual", c, c, residual=True),
+        gemm("linear fc + gelu", c, f),
+        gemm("linear mlp proj + residual", f, c, residual=True),
+        KernelWork("layer_norm ln_f", 1, 8.0 * b * c, s * (2 * b * c + 2 * c)),
+        KernelWork("lm_head + choice", 1, 2.0 * b * c * v, s * (v * c + b * c) + b * INT64),
+    ]
+
+
+def prefill_table(config: GPT2Config, batch: int, prompt_len: int) -> str:
+    """A markdown table of ``prefill_step``, per kernel: GFLOP and MB per call, arithmetic intensity, what bounds
+    it, and its roofline time on an H100 (a prediction: no GPU has run these kernels).
+
+    Example:
+        >>> print(prefill_table(PRESETS["gpt2"], 1, 128).splitlines()[0])
+        | kernel | calls | GFLOP / call | MB / call | FLOP / byte | bound | us / call | us / step |
+    """
+    kernels = prefill_step(config, batch, prompt_len)
+    lines = ["| kernel | calls | GFLOP / call | MB / call | FLOP / byte | bound | us / call | us / step |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for k in kernels:
+        us = k.seconds() * 1e6
+        lines.append(f"| {k.name} | {k.calls} | {k.flops / 1e9:.3f} | {k.dram_bytes / 1e6:.3f} | {k.intensity:.0f} | "
+                     f"{k.bound()} | {us:.2f} | {k.calls * us:.2f} |")
+    total = sum(k.calls * k.seconds() for k in kernels)
+    flops = sum(k.calls * k.flops for k in kernels)
+    launches = sum(k.calls for k in kernels)
+    lines.append(f"| **step** ({launches} launches) | | {flops / 1e9:.1f} | | | | | **{total * 1e6:.1f}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Bytes and roofline time of one decode step, per kernel.")
     parser.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
@@ -274,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### Predicted decode step, {args.model}, fp16, context {args.context[0]}: a latency model, not a "
           "measurement (its constants are assumptions in gpt2fast/roofline.py; hold it against the first GPU run)\n")
     print(prediction_table(config, args.batch, args.context[0]))
+    for batch, prompt_len in ((1, 128), (1, 1024), (8, 512)):
+        print(f"\n### Prefill, {args.model}, fp16, batch {batch}, prompts of {prompt_len} tokens (H100: "
+              f"{H100_FP16_FLOPS / 1e12:.0f} TFLOP/s fp16, 3.35 TB/s): roofline predictions, not measurements\n")
+        print(prefill_table(config, batch, prompt_len))
 
 
 if __name__ == "__main__":

@@ -168,9 +168,9 @@ def test_nvcc_gemm_emits_the_tensor_core_instructions(tmp_path):
     source = tmp_path / "gemm.cu"
     source.write_text(
         '#include "kernels/gemm.cuh"\n'
-        "template __global__ void gpt2fast::gemm_mma_kernel<__half, __half, 64, 64, true>(\n"
+        "template __global__ void gpt2fast::gemm_mma_kernel<__half, __half, 64, 64, true, false>(\n"
         "    const __half*, const __half*, const __half*, const __half*, __half*, int, int, int, int64_t, int64_t,"
-        " bool);\n"
+        " bool, gpt2fast::GemmChoice);\n"
     )
     for arch in (80, 90):
         ptx = tmp_path / f"gemm{arch}.ptx"

@@ -80,6 +80,29 @@ def test_ties_go_to_the_lowest_id_across_blocks_and_strided_misaligned_rows(orde
         _check(xs, wte, temperature, seeds, cuda.lm_head_gumbel(xs, wte, temperature, seeds))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [64, 128])
+def test_gemm_choice_over_row_and_column_tiles_with_ties(tile, dtype, emu, order):
+    """More than 16 rows: the GEMM with the choice as its epilogue. 150 rows (2 or 3 row tiles, each merged by
+    its own last ticket), 1013 tokens (8 or 16 column tiles, the last partial); a greedy tie between tokens in
+    different column tiles goes to the lower id; strided rows."""
+    emu.set_gemm_tile(tile)
+    try:
+        x, wte, temperature, seeds = _inputs(300, 1013, 64, dtype, seed=tile)
+        x = x[::2]  # (150, C), rows 2C apart
+        temperature, seeds = temperature[:150], seeds[:150]
+        wte[900] = wte[70] = (3 * x[5].float()).to(dtype)  # row 5's logit ~ 3 |x_5|^2 ~ 190: far above the rest
+        before = emu.launch_count()
+        greedy = cuda.lm_head_argmax(x, wte)
+        assert emu.launch_count() - before == 1
+        assert int(ticket_counters("cpu", 3).sum()) == 0  # every row tile's counter left zero
+        _check(x, wte, torch.zeros(150), seeds, greedy)
+        _check(x, wte, temperature, seeds, cuda.lm_head_gumbel(x, wte, temperature, seeds))
+        assert greedy[5] == 70 and not (greedy == 900).any()
+    finally:
+        emu.set_gemm_tile(0)
+
+
 def test_one_launch_leaves_the_counter_zero_and_empty_batches(emu):
     x, wte, temperature, seeds = _inputs(5, 4099, 64, torch.float16, seed=9)
     before = emu.launch_count()

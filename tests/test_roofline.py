@@ -1,4 +1,4 @@
-"""The decode-step napkin math against independent counts: the model's parameters and the KV cache size."""
+"""The napkin math against independent counts: the model's parameters, the KV cache size, the prefill's FLOPs."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from gpt2fast.roofline import (
     BACKEND_LAUNCHES,
     DRAM_TRIP_S,
     H100_BANDWIDTH,
+    H100_FP16_FLOPS,
     LAUNCH_GAP_S,
     PDL_LAUNCHES,
     decode_step,
     op_bytes,
     predict_step,
+    prefill_step,
+    prefill_table,
     step_time,
 )
 
@@ -116,3 +119,35 @@ def test_predictions_refuse_an_unknown_mode_or_backend():
         predict_step(PRESETS["gpt2"], "triton", "graphs", 1, 16)
     with pytest.raises(ValueError, match="no launch count for backend 'torch'"):
         predict_step(PRESETS["gpt2"], "torch", "graph", 1, 16)
+
+
+# ---- prefill: FLOPs, bytes, arithmetic intensity ---------------------------------------------------------------
+
+
+def test_prefill_flops_are_the_model_multiply_adds():
+    """The prefill's FLOPs against a count from the weight shapes: 2 per multiply-add of every linear over every
+    token, plus the causal attention's Q K^T and P V over the lower triangle (positions 0..P-1 see 1..P keys)."""
+    cfg, batch, prompt = PRESETS["gpt2"], 2, 300
+    step = {k.name: k for k in prefill_step(cfg, batch, prompt)}
+    c, tokens = cfg.n_embd, batch * prompt
+    linears = 2 * tokens * (c * 3 * c + c * c + 2 * c * cfg.mlp_width) * cfg.n_layer
+    assert sum(step[n].calls * step[n].flops for n in step if n.startswith("linear")) == linears
+    keys_seen = sum(range(1, prompt + 1))  # per sequence and head
+    attention = 2 * 2 * keys_seen * cfg.head_dim * cfg.n_head * batch
+    assert step["write_kv + attention prefill"].flops == attention
+    assert step["lm_head + choice"].flops == 2 * batch * c * cfg.vocab_size  # the last row of each prompt only
+
+
+def test_prefill_gemms_cross_from_memory_to_compute_bound_with_the_prompt():
+    """A GEMM's intensity grows with the rows (the weight is read once however many): memory-bound for short
+    prompts, compute-bound past the H100's ridge (~295 FLOP/byte) for long ones; LayerNorm never leaves memory."""
+    ridge = H100_FP16_FLOPS / H100_BANDWIDTH
+    short = {k.name: k for k in prefill_step(PRESETS["gpt2"], 1, 64)}
+    long = {k.name: k for k in prefill_step(PRESETS["gpt2"], 1, 4096)}
+    assert short["linear fc + gelu"].bound() == "memory" and short["linear fc + gelu"].intensity < ridge
+    assert long["linear fc + gelu"].bound() == "compute" and long["linear fc + gelu"].intensity > ridge
+    assert long["layer_norm"].bound() == "memory"
+    k = long["linear qkv"]
+    assert k.seconds() == pytest.approx(k.flops / H100_FP16_FLOPS)
+    table = prefill_table(PRESETS["gpt2"], 1, 4096)
+    assert "| linear qkv | 12 |" in table and "compute" in table and "**step** (87 launches)" in table

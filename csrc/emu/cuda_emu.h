@@ -15,9 +15,9 @@
 //     anew every round (seed EMU_SEED), 3 warp after warp (the last warp first, each running until
 //     all its lanes wait at a block barrier or exit: warps far out of step, as a GPU may run them;
 //     orders 0-2 keep warps within a collective of each other). A race that needs a
-//     `__syncthreads` shows in at least one order. A round in which no thread could run is a deadlock: the emulator prints the block and
-//     what every thread waits at (file:line) and aborts — so an early `return` before a barrier
-//     is reported, not hidden.
+//     `__syncthreads` shows in at least one order. A round in which no thread could run is a
+//     deadlock: the emulator prints the block and what every thread waits at (file:line) and
+//     aborts — so an early `return` before a barrier is reported, not hidden.
 //   - `__shared__` is `thread_local` (one copy per OS thread = per running block). Dynamic shared
 //     memory is exactly one name, `dyn_smem` (declared in common.cuh), filled with 0xFF before
 //     each block so that reads of never-written shared memory give NaN / -1. Under ASan the bytes
@@ -35,11 +35,12 @@
 //   - `cudaGetLastError` / `cudaPeekAtLastError` / `cudaGetErrorName` / `cudaGetErrorString`.
 //   - Tensor-core PTX, as functions that csrc/kernels/mma.cuh calls where nvcc gets inline PTX
 //     (see "tensor-core PTX" below): `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}` and
-//     `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].b16` are warp collectives whose lane-to-element
-//     maps are the PTX ISA's tables; `cp.async.{ca,cg}.shared.global` (4/8/16 bytes, zero-fill)
-//     with `commit_group` / `wait_group` reads its source when issued, poisons its destination
-//     (0xFF) at once and writes it only when a `wait_group` retires its group: a read before the
-//     wait, or of a buffer refilled while another warp still reads it, sees the poison.
+//     `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}[.trans].b16` are warp collectives whose
+//     lane-to-element maps are the PTX ISA's tables. `cp.async.{ca,cg}.shared.global` (4/8/16
+//     bytes, zero-fill) with `commit_group` / `wait_group` reads its source when issued, poisons
+//     its destination (0xFF) at once and writes it only when a `wait_group` retires its group: a
+//     read before the wait, or of a buffer refilled while another warp still reads it, sees the
+//     poison.
 //
 // What is not emulated (keep it out of kernels, or behind `#if defined(__CUDA_ARCH__)` with a
 // portable `#else` that runs here): other inline PTX, wmma, TMA, CUB/CUTLASS, clusters,

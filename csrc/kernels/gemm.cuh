@@ -35,6 +35,7 @@
 #include "../common.cuh"
 #include "linear.cuh"
 #include "mma.cuh"
+#include "sampling.cuh"
 
 #include <type_traits>
 
@@ -93,14 +94,74 @@ __device__ __forceinline__ void gemm_load_tile(T* __restrict__ tile, const T* __
   }
 }
 
-template <typename T, typename TOut, int kBM, int kBN, bool kAsync>
+// ---- the LM head's token choice as the GEMM's epilogue -------------------------------------
+// When no row needs its logits, the LM head GEMM (x @ wte.T) never stores them: each block scores
+// its tile, y for a greedy row and y / T + g for a sampled one (g: sampling.cuh gumbel_noise at
+// (seed, token), bit for bit the Philox noise of sampling.py), keeps each row's best (ties to the
+// lowest token) in a workspace, and the block that draws the last ticket of its row tile (the
+// ticket pattern of lm_head.cuh and attention.cuh: fence, barrier, ticket; the last drawer reads
+// through L2) merges the candidates of every column tile and stores the tokens.
+struct GemmChoice {
+  const float* temperature;  // [rows]; < kGreedyBelow: argmax; nullptr: every row's argmax
+  const int64_t* seeds;      // [rows] Philox row seeds, with temperature
+  float* part_score;         // [column tiles, rows] each block's best score per row
+  int* part_token;           // [column tiles, rows] and its token
+  int* counters;             // [row tiles] tickets, 0 on entry and left 0
+  int64_t* out;              // [rows] chosen tokens
+};
+
+struct GemmRowChoice {  // one row's choice settings, read once
+  bool greedy;
+  float temp;
+  uint64_t seed;
+};
+
+__device__ __forceinline__ GemmRowChoice gemm_row_choice(const GemmChoice& c, int row, int rows) {
+  const bool greedy = row >= rows || c.temperature == nullptr ||
+                      static_cast<double>(c.temperature[row]) < kGreedyBelow;
+  return {greedy, greedy ? 1.0f : c.temperature[row],
+          greedy ? 0 : static_cast<uint64_t>(c.seeds[row])};
+}
+
+__device__ __forceinline__ float gemm_choice_score(const GemmRowChoice& r, float y, int col) {
+  return r.greedy ? y : y / r.temp + gumbel_noise(r.seed, col);
+}
+
+// After every block wrote its candidates for rows m0 .. m0 + tile_rows - 1: the ticket, and the
+// last block of the row tile stores their tokens. Every thread of the block calls it.
+__device__ __forceinline__ void gemm_choice_merge(const GemmChoice& c, int m0, int tile_rows,
+                                                  int rows) {
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  if (threadIdx.x == 0) {
+    is_last = atomicAdd(c.counters + blockIdx.y, 1) == static_cast<int>(gridDim.x) - 1;
+    __threadfence();
+  }
+  __syncthreads();
+  if (!is_last) return;  // block-uniform
+  for (int r = 0; r < tile_rows && m0 + r < rows; ++r) {  // block-uniform bounds
+    const int row = m0 + r;
+    ArgMax a{-INFINITY, 0x7fffffff};
+    for (int b = threadIdx.x; b < static_cast<int>(gridDim.x); b += blockDim.x) {
+      const int64_t i = static_cast<int64_t>(b) * rows + row;
+      a = better(a, ArgMax{__ldcg(c.part_score + i), __ldcg(c.part_token + i)});
+    }
+    a = block_argmax(a);
+    if (threadIdx.x == 0) c.out[row] = a.index == 0x7fffffff ? 0 : a.index;
+  }
+  if (threadIdx.x == 0) c.counters[blockIdx.y] = 0;
+}
+
+template <typename T, typename TOut, int kBM, int kBN, bool kAsync, bool kChoice = false>
 __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
     const T* __restrict__ x,         // [rows, k_in], rows x_stride apart
     const T* __restrict__ weight,    // [n_out, k_in], contiguous
     const T* __restrict__ bias,      // [n_out] or nullptr
     const T* __restrict__ residual,  // [rows, n_out], rows res_stride apart, or nullptr
-    TOut* __restrict__ out,          // [rows, n_out], contiguous
-    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu) {
+    TOut* __restrict__ out,          // [rows, n_out], contiguous (unused with kChoice)
+    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu,
+    GemmChoice choice) {             // kChoice: the token choice instead of the stores
   constexpr int kWM = kBM / 2, kWN = kBN / 2;  // a warp's sub-tile
   constexpr int kMT = kWM / 16, kNT = kWN / 8;  // its m16n8 tiles
   static_assert(kNT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
@@ -166,16 +227,57 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
   cp_async_wait<0>();  // nothing is left in flight (the trailing groups are empty)
 
   const int g = lane / 4, q = lane % 4;
+  if constexpr (kChoice) {
+    // Each row's best over the block's columns: a lane's own, then its quad's (xor 1, 2), then the
+    // two warps of the row (wn) through shared memory.
+    __shared__ float cand_score[kBM][2];
+    __shared__ int cand_token[kBM][2];
 #pragma unroll
-  for (int i = 0; i < kMT; ++i) {
+    for (int i = 0; i < kMT; ++i) {
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
+      for (int half = 0; half < 2; ++half) {
+        const int r = wm * kWM + i * 16 + g + 8 * half;
+        const GemmRowChoice rc = gemm_row_choice(choice, m0 + r, rows);
+        ArgMax best{-INFINITY, 0x7fffffff};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = m0 + wm * kWM + i * 16 + g + 8 * (e / 2);
-        const int col = n0 + wn * kWN + j * 8 + 2 * q + e % 2;
-        if (row < rows && col < n_out) {
-          gemm_store(acc[i][j][e], row, col, bias, residual, res_stride, gelu, out, n_out);
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            const int col = n0 + wn * kWN + j * 8 + 2 * q + e % 2;
+            const float score = gemm_choice_score(rc, acc[i][j][e], col);
+            if (col < n_out) best = better(best, ArgMax{score, col});
+          }
+        }
+#pragma unroll
+        for (int offset = 1; offset < 4; offset *= 2) {
+          best = better(best, ArgMax{__shfl_xor_sync(kFullMask, best.value, offset),
+                                     __shfl_xor_sync(kFullMask, best.index, offset)});
+        }
+        if (q == 0) cand_score[r][wn] = best.value, cand_token[r][wn] = best.index;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < kBM && m0 + static_cast<int>(threadIdx.x) < rows) {
+      const int r = threadIdx.x;
+      const ArgMax b = better(ArgMax{cand_score[r][0], cand_token[r][0]},
+                              ArgMax{cand_score[r][1], cand_token[r][1]});
+      const int64_t i = static_cast<int64_t>(blockIdx.x) * rows + m0 + r;
+      choice.part_score[i] = b.value;
+      choice.part_token[i] = b.index;
+    }
+    gemm_choice_merge(choice, m0, kBM, rows);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = m0 + wm * kWM + i * 16 + g + 8 * (e / 2);
+          const int col = n0 + wn * kWN + j * 8 + 2 * q + e % 2;
+          if (row < rows && col < n_out) {
+            gemm_store(acc[i][j][e], row, col, bias, residual, res_stride, gelu, out, n_out);
+          }
         }
       }
     }
@@ -186,15 +288,17 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
 
 constexpr int kSimtTile = 64, kSimtBK = 16, kSimtThreads = 256;
 
+template <bool kChoice>
 __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
     const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const float* __restrict__ residual, float* __restrict__ out, int rows, int n_out, int k_in,
-    int64_t x_stride, int64_t res_stride, bool gelu) {
+    int64_t x_stride, int64_t res_stride, bool gelu, GemmChoice choice) {
   // Tiles stored k-major ([k][row]) so the 4 x 4 outer products read rows as float4s; +4 pads
   // the stores of a column across banks.
   __shared__ __align__(16) float xs[kSimtBK][kSimtTile + 4];
   __shared__ __align__(16) float ws[kSimtBK][kSimtTile + 4];
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // 4 x 4 outputs each: rows 4 ty.., cols 4 tx..
+  // 4 x 4 outputs each: rows 4 ty .. 4 ty + 3, columns 4 tx .. 4 tx + 3
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int m0 = blockIdx.y * kSimtTile, n0 = blockIdx.x * kSimtTile;
   float acc[4][4] = {};
   for (int k0 = 0; k0 < k_in; k0 += kSimtBK) {
@@ -221,34 +325,43 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
     }
     __syncthreads();
   }
+  if constexpr (kChoice) {  // each row's best over the tile: its 16 threads (tx) of one half-warp
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 4; ++i) {
+      const int row = m0 + 4 * ty + i;
+      const GemmRowChoice rc = gemm_row_choice(choice, row, rows);
+      ArgMax best{-INFINITY, 0x7fffffff};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = m0 + 4 * ty + i, col = n0 + 4 * tx + j;
-      if (row < rows && col < n_out)
-        gemm_store(acc[i][j], row, col, bias, residual, res_stride, gelu, out, n_out);
+      for (int j = 0; j < 4; ++j) {
+        const int col = n0 + 4 * tx + j;
+        if (col < n_out) best = better(best, ArgMax{gemm_choice_score(rc, acc[i][j], col), col});
+      }
+#pragma unroll
+      for (int offset = 1; offset < 16; offset *= 2) {
+        best = better(best, ArgMax{__shfl_xor_sync(kFullMask, best.value, offset),
+                                   __shfl_xor_sync(kFullMask, best.index, offset)});
+      }
+      if (tx == 0 && row < rows) {
+        const int64_t at = static_cast<int64_t>(blockIdx.x) * rows + row;
+        choice.part_score[at] = best.value;
+        choice.part_token[at] = best.index;
+      }
+    }
+    gemm_choice_merge(choice, m0, kSimtTile, rows);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int row = m0 + 4 * ty + i, col = n0 + 4 * tx + j;
+        if (row < rows && col < n_out)
+          gemm_store(acc[i][j], row, col, bias, residual, res_stride, gelu, out, n_out);
+      }
     }
   }
 }
 
 // ---- launchers ---------------------------------------------------------------------------------
-
-template <typename T, typename TOut, int kBM, int kBN>
-cudaError_t launch_gemm_mma(const T* x, const T* weight, const T* bias, const T* residual,
-                            TOut* out, int rows, int n_out, int k_in, int64_t x_stride,
-                            int64_t res_stride, bool gelu, cudaStream_t stream) {
-  const dim3 grid(ceil_div(n_out, kBN), ceil_div(rows, kBM)), block(kGemmThreads);
-  const std::size_t smem = gemm_mma_smem<kBM, kBN>(sizeof(T));
-  if (can_vectorize<T>({x, weight}, k_in, {x_stride})) {
-    LAUNCH(grid, block, smem, stream, gemm_mma_kernel<T, TOut, kBM, kBN, true>)(
-        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
-  } else {
-    LAUNCH(grid, block, smem, stream, gemm_mma_kernel<T, TOut, kBM, kBN, false>)(
-        x, weight, bias, residual, out, rows, n_out, k_in, x_stride, res_stride, gelu);
-  }
-  return cudaGetLastError();
-}
 
 // The tile: 128 x 128 once the grid has a block for each of an H100's 132 SMs, else 64 x 64.
 // Tests pin one with set_gemm_tile (64 or 128; 0 restores the rule) to run both on small shapes.
@@ -264,29 +377,73 @@ inline bool set_gemm_tile(int tile) {
   return true;
 }
 
+// The launch grid (column tiles, row tiles) of a GEMM of rows x n_out: what the choice's
+// workspaces and ticket counters are sized by.
+inline dim3 gemm_grid(int rows, int n_out, DType dtype) {
+  const int tile = dtype == DType::kFloat32 ? kSimtTile : gemm_large_tiles(rows, n_out) ? 128 : 64;
+  return dim3(ceil_div(n_out, tile), ceil_div(rows, tile));
+}
+
+// The operands of one GEMM launch.
 template <typename T, typename TOut>
-cudaError_t launch_gemm_typed(const void* x, const void* weight, const void* bias,
-                              const void* residual, void* out, int rows, int n_out, int k_in,
-                              int64_t x_stride, int64_t res_stride, bool gelu,
-                              cudaStream_t stream) {
-  const auto* xt = static_cast<const T*>(x);
-  const auto* wt = static_cast<const T*>(weight);
-  const auto* bt = static_cast<const T*>(bias);
-  const auto* rt = static_cast<const T*>(residual);
-  auto* ot = static_cast<TOut*>(out);
-  if constexpr (std::is_same_v<T, float>) {
-    const dim3 grid(ceil_div(n_out, kSimtTile), ceil_div(rows, kSimtTile)), block(kSimtThreads);
-    LAUNCH(grid, block, 0, stream, gemm_simt_kernel)(xt, wt, bt, rt, ot, rows, n_out, k_in,
-                                                     x_stride, res_stride, gelu);
-    return cudaGetLastError();
+struct GemmArgs {
+  const T* x;
+  const T* weight;
+  const T* bias;
+  const T* residual;
+  TOut* out;
+  int rows, n_out, k_in;
+  int64_t x_stride, res_stride;
+  bool gelu;
+  GemmChoice choice;
+};
+
+template <typename T, typename TOut, int kBM, int kBN, bool kChoice>
+void launch_gemm_mma(const GemmArgs<T, TOut>& a, dim3 grid, cudaStream_t stream) {
+  const std::size_t smem = gemm_mma_smem<kBM, kBN>(sizeof(T));
+  auto launch = [&](auto async) {
+    LAUNCH(grid, dim3(kGemmThreads), smem, stream,
+           gemm_mma_kernel<T, TOut, kBM, kBN, decltype(async)::value, kChoice>)(
+        a.x, a.weight, a.bias, a.residual, a.out, a.rows, a.n_out, a.k_in, a.x_stride,
+        a.res_stride, a.gelu, a.choice);
+  };
+  if (can_vectorize<T>({a.x, a.weight}, a.k_in, {a.x_stride})) {
+    launch(std::true_type{});
   } else {
-    if (gemm_large_tiles(rows, n_out)) {
-      return launch_gemm_mma<T, TOut, 128, 128>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride,
-                                                res_stride, gelu, stream);
-    }
-    return launch_gemm_mma<T, TOut, 64, 64>(xt, wt, bt, rt, ot, rows, n_out, k_in, x_stride,
-                                            res_stride, gelu, stream);
+    launch(std::false_type{});
   }
+}
+
+template <typename T, typename TOut, bool kChoice>
+cudaError_t launch_gemm_typed(const GemmArgs<T, TOut>& a, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    const dim3 grid = gemm_grid(a.rows, a.n_out, DType::kFloat32);
+    LAUNCH(grid, dim3(kSimtThreads), 0, stream, gemm_simt_kernel<kChoice>)(
+        a.x, a.weight, a.bias, a.residual, a.out, a.rows, a.n_out, a.k_in, a.x_stride,
+        a.res_stride, a.gelu, a.choice);
+  } else {
+    const dim3 grid = gemm_grid(a.rows, a.n_out, DType::kFloat16);
+    if (gemm_large_tiles(a.rows, a.n_out)) {
+      launch_gemm_mma<T, TOut, 128, 128, kChoice>(a, grid, stream);
+    } else {
+      launch_gemm_mma<T, TOut, 64, 64, kChoice>(a, grid, stream);
+    }
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename TOut>
+cudaError_t launch_gemm_untyped(const void* x, const void* weight, const void* bias,
+                                const void* residual, void* out, int rows, int n_out, int k_in,
+                                int64_t x_stride, int64_t res_stride, bool gelu,
+                                cudaStream_t stream) {
+  const GemmArgs<T, TOut> a{static_cast<const T*>(x),        static_cast<const T*>(weight),
+                            static_cast<const T*>(bias),     static_cast<const T*>(residual),
+                            static_cast<TOut*>(out),         rows,
+                            n_out,                           k_in,
+                            x_stride,                        res_stride,
+                            gelu,                            GemmChoice{}};
+  return launch_gemm_typed<T, TOut, false>(a, stream);
 }
 
 // out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any number of rows (bias and
@@ -306,20 +463,54 @@ inline cudaError_t gemm(const void* x, const void* weight, const void* bias, con
   const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
   switch (dtype) {
     case DType::kFloat32:
-      return launch_gemm_typed<float, float>(x, weight, bias, residual, out, r, n, k, x_stride,
+      return launch_gemm_untyped<float, float>(x, weight, bias, residual, out, r, n, k, x_stride,
                                              res_stride, gelu, stream);
     case DType::kFloat16:
-      return fp32_out ? launch_gemm_typed<__half, float>(x, weight, bias, residual, out, r, n, k,
+      return fp32_out ? launch_gemm_untyped<__half, float>(x, weight, bias, residual, out, r, n, k,
                                                          x_stride, res_stride, gelu, stream)
-                      : launch_gemm_typed<__half, __half>(x, weight, bias, residual, out, r, n,
+                      : launch_gemm_untyped<__half, __half>(x, weight, bias, residual, out, r, n,
                                                           k, x_stride, res_stride, gelu, stream);
     case DType::kBFloat16:
-      return fp32_out ? launch_gemm_typed<__nv_bfloat16, float>(x, weight, bias, residual, out, r,
+      return fp32_out ? launch_gemm_untyped<__nv_bfloat16, float>(x, weight, bias, residual, out, r,
                                                                 n, k, x_stride, res_stride, gelu,
                                                                 stream)
-                      : launch_gemm_typed<__nv_bfloat16, __nv_bfloat16>(
+                      : launch_gemm_untyped<__nv_bfloat16, __nv_bfloat16>(
                             x, weight, bias, residual, out, r, n, k, x_stride, res_stride, gelu,
                             stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// out[t] = argmax_n (logit[t, n] / T_t + g(seed_t, n)), logit = x[t] . wte[n] (T_t <
+// GREEDY_BELOW or temperature nullptr: argmax_n logit[t, n]), ties to the lowest n, for any number
+// of rows, through the GEMM with the choice as its epilogue (the logits are never stored).
+// Workspaces part_score / part_token [gemm_grid.x, rows]; counters [gemm_grid.y], zero (left zero).
+inline cudaError_t gemm_choice(const void* x, const void* wte, const float* temperature,
+                               const int64_t* seeds, float* part_score, int* part_token,
+                               int* counters, int64_t* out, int64_t rows, int64_t vocab,
+                               int64_t width, int64_t x_stride, DType dtype, cudaStream_t stream) {
+  if (rows < 0 || rows > 0x7fffffff || vocab < 1 || vocab > 0x7fff0000 || width < 1 ||
+      width > 0x7fffffff || x_stride < width || counters == nullptr ||
+      (temperature == nullptr) != (seeds == nullptr) ||
+      ceil_div(static_cast<int>(rows), 64) > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  const GemmChoice choice{temperature, seeds, part_score, part_token, counters, out};
+  auto typed = [&](auto zero) -> cudaError_t {
+    using T = decltype(zero);
+    const GemmArgs<T, float> a{static_cast<const T*>(x), static_cast<const T*>(wte), nullptr,
+                               nullptr, nullptr, static_cast<int>(rows), static_cast<int>(vocab),
+                               static_cast<int>(width), x_stride, 0, false, choice};
+    return launch_gemm_typed<T, float, true>(a, stream);
+  };
+  switch (dtype) {
+    case DType::kFloat32:
+      return typed(float{});
+    case DType::kFloat16:
+      return typed(__half{});
+    case DType::kBFloat16:
+      return typed(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

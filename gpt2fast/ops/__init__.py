@@ -226,7 +226,7 @@ def cuda_ops(device: torch.device) -> Ops:
     prologue; a prefill: the LayerNorm kernel, then the GEMM); attention and write_kv_attention (decode: split-K
     over the pages, merged in the launch; prefill: flash attention on tensor cores, fp32 through the decode
     kernel per query); the LM head's logits (the GEMM, fp32 out) and token choice (a decode batch: argmax /
-    Gumbel-max fused into the GEMV; more rows: the GEMM's logits, then the sampler kernel); the
+    Gumbel-max fused into the GEMV; more rows: into the GEMM's epilogue, the logits never stored); the
     top-k/top-p/min-p sampler. Only ``attention_with_probs`` (inspection, never the hot path) is the fallback's:
     Triton on a GPU, the PyTorch ``torch`` backend on the CPU, where the CUDA kernels run emulated (tests).
 

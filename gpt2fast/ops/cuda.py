@@ -768,9 +768,10 @@ def ln_linear(
 
 
 def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
-    """``reference.lm_head_argmax``: the token of the largest logit of each row (ties to the lowest id). A decode
-    batch (``T <= 16`` rows) takes one launch that never writes the logits (csrc/kernels/lm_head.cuh); more rows
-    take ``lm_head``'s GEMM, then the sampler kernel's argmax over the logits (two launches).
+    """``reference.lm_head_argmax``: the token of the largest logit of each row (ties to the lowest id), in one
+    launch that never writes the logits: a decode batch (``T <= 16`` rows) through the GEMV
+    (csrc/kernels/lm_head.cuh), more rows through ``lm_head``'s GEMM with the choice as its epilogue
+    (csrc/kernels/gemm.cuh).
 
     ``x``: ``(T, C)``, rows may be strided; ``wte``: ``(V, C)`` contiguous, x's dtype. Returns ``(T,)`` int64. The
     logits are fp32 sums in another order than the reference's, so two logits within a few ulps may swap.
@@ -788,8 +789,8 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor
                    ) -> torch.Tensor:
     """``reference.lm_head_gumbel``: row ``t``'s token is ``argmax(logits / temperature[t] + g)``, ``g`` the Gumbel
     noise of ``sampling.philox_uniform`` at ``seeds[t]`` (the argmax where ``temperature[t] <
-    sampling.GREEDY_BELOW``). One launch that never writes the logits for a decode batch (``T <= 16`` rows); more
-    rows: ``lm_head``'s GEMM, then the sampler kernel's Gumbel-max.
+    sampling.GREEDY_BELOW``). One launch that never writes the logits: the GEMV for a decode batch (``T <= 16``
+    rows), the GEMM with the choice as its epilogue for more.
 
     ``temperature``: ``(T,)`` float32; ``seeds``: ``(T,)`` int64 Philox row seeds (``sampling.row_seed``). Else as
     ``lm_head_argmax``; near-ties (a few fp32 ulps apart, logits or noise) may pick the other token.
@@ -827,12 +828,15 @@ def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
     if rows == 0:
         return out
     module = module_for(x.device)
-    if rows > LINEAR_MAX_ROWS:  # a prefill's rows: the GEMM's logits, then the sampler's argmax / Gumbel-max
-        logits = lm_head(x, wte)  # (T, V) fp32
+    if rows > LINEAR_MAX_ROWS:  # the GEMM with the choice as its epilogue: one launch, no logits
+        col_tiles, row_tiles = module.gemm_grid(rows, vocab, _dtype_code(module, x.dtype))
+        part_score = _empty((col_tiles, rows), torch.float32, x.device)  # (tiles, T) each tile's best per row
+        part_token = _empty((col_tiles, rows), torch.int32, x.device)  # (tiles, T) and its token
         with _on(x.device):
-            module.sample_top_k_top_p(logits.data_ptr(), 0 if temperature is None else temperature.data_ptr(), 0, 0,
-                                      0, 0 if seeds is None else seeds.data_ptr(), out.data_ptr(), rows, vocab,
-                                      _stream(x.device))  # fmt: skip
+            module.gemm_choice(x.data_ptr(), wte.data_ptr(), 0 if temperature is None else temperature.data_ptr(),
+                               0 if seeds is None else seeds.data_ptr(), part_score.data_ptr(), part_token.data_ptr(),
+                               ticket_counters(x.device, row_tiles).data_ptr(), out.data_ptr(), rows, vocab, width,
+                               _row_stride(x), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
         return out
     blocks = module.lm_head_blocks(vocab)
     part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
