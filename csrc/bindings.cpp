@@ -169,20 +169,21 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       [](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature, std::uintptr_t seeds,
          std::uintptr_t part_score, std::uintptr_t part_token, std::uintptr_t counter,
          std::uintptr_t out, int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
-         int dtype, std::uintptr_t stream) {
-        check(gpt2fast::lm_head_choice(ptr(x), ptr(wte), ptr<const float>(temperature),
-                                       ptr<const int64_t>(seeds), ptr<float>(part_score),
-                                       ptr<int>(part_token), ptr<int>(counter), ptr<int64_t>(out),
-                                       rows, vocab, width, x_stride, dtype_of(dtype),
-                                       stream_of(stream)),
+         int dtype, std::uintptr_t stream, std::uintptr_t w_scale) {
+        check(gpt2fast::lm_head_choice(ptr(x), ptr(wte), ptr<const float>(w_scale),
+                                       ptr<const float>(temperature), ptr<const int64_t>(seeds),
+                                       ptr<float>(part_score), ptr<int>(part_token),
+                                       ptr<int>(counter), ptr<int64_t>(out), rows, vocab, width,
+                                       x_stride, dtype_of(dtype), stream_of(stream)),
               "lm_head_choice");
       },
       py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
       py::arg("part_score"), py::arg("part_token"), py::arg("counter"), py::arg("out"),
       py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("stream"), py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
       "out[t] = the LM head's token for row t (argmax, or Gumbel-max at temperature[t]), rows <= "
-      "LINEAR_MAX_ROWS, the logits never written");
+      "LINEAR_MAX_ROWS, the logits never written; w_scale: wte is int8, row n scaled by "
+      "w_scale[n]");
   m.attr("LINEAR_MAX_ROWS") = gpt2fast::kGemvMaxRows;
   m.def("gemv_warps", &gpt2fast::gemv_warps, py::arg("num_vecs"),
         "warps per block of the decode GEMV for rows of num_vecs vectors (3 or 4)");
@@ -190,18 +191,19 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       "linear",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
          std::uintptr_t out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
-         int64_t res_stride, bool gelu, int dtype, std::uintptr_t stream) {
-        check(gpt2fast::linear(ptr(x), ptr(weight), ptr(bias), ptr(residual), nullptr, nullptr,
-                               ptr(out), rows, n_out, k_in, x_stride, res_stride, gelu, 0.0f,
-                               dtype_of(dtype), stream_of(stream)),
+         int64_t res_stride, bool gelu, int dtype, std::uintptr_t stream, std::uintptr_t w_scale) {
+        check(gpt2fast::linear(ptr(x), ptr(weight), ptr<const float>(w_scale), ptr(bias),
+                               ptr(residual), nullptr, nullptr, ptr(out), rows, n_out, k_in,
+                               x_stride, res_stride, gelu, 0.0f, dtype_of(dtype),
+                               stream_of(stream)),
               "linear");
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
       py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("x_stride"),
       py::arg("res_stride"), py::arg("gelu"), py::arg("dtype"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]], rows <= LINEAR_MAX_ROWS; bias and "
-      "residual 0 when absent");
+      "residual 0 when absent; w_scale: weight is int8, its row n scaled by w_scale[n]");
   m.def(
       "gemm",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
@@ -253,16 +255,16 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       [](std::uintptr_t x, std::uintptr_t ln_weight, std::uintptr_t ln_bias, float eps,
          std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t out, int64_t rows,
          int64_t n_out, int64_t k_in, int64_t x_stride, bool gelu, int dtype,
-         std::uintptr_t stream) {
-        check(gpt2fast::linear(ptr(x), ptr(weight), ptr(bias), nullptr, ptr(ln_weight),
-                               ptr(ln_bias), ptr(out), rows, n_out, k_in, x_stride, n_out, gelu,
-                               eps, dtype_of(dtype), stream_of(stream)),
+         std::uintptr_t stream, std::uintptr_t w_scale) {
+        check(gpt2fast::linear(ptr(x), ptr(weight), ptr<const float>(w_scale), ptr(bias), nullptr,
+                               ptr(ln_weight), ptr(ln_bias), ptr(out), rows, n_out, k_in,
+                               x_stride, n_out, gelu, eps, dtype_of(dtype), stream_of(stream)),
               "ln_linear");
       },
       py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("weight"),
       py::arg("bias"), py::arg("out"), py::arg("rows"), py::arg("n_out"), py::arg("k_in"),
       py::arg("x_stride"), py::arg("gelu"), py::arg("dtype"), py::arg("stream"),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](LayerNorm(x[t]) @ weight.T + bias) in one launch, rows <= LINEAR_MAX_ROWS; "
       "bias 0 when absent");
 

@@ -44,6 +44,7 @@ __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b)
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(int8_t v) { return static_cast<float>(v); }  // int8 weights
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);

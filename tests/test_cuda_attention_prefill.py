@@ -9,7 +9,6 @@ in random order; the caches must equal the reference's bit for bit.
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -37,17 +36,6 @@ STEPS = {
     "mixed": [(33, 33), (90, 1), (150, 77)],
 }
 
-# Thread orders: forward, reverse, and warp by warp (3: a warp runs ahead to the next block barrier, so a
-# cp.async refilling a stage another warp still reads shows up); the sanitized run looks for memory errors only.
-ORDERS = [0] if os.environ.get(cuda.SANITIZE_ENV) == "1" else [0, 1, 3]
-
-
-@pytest.fixture(params=ORDERS, ids=lambda o: f"order{o}")
-def order(request, emu) -> int:
-    emu.set_order(request.param)
-    yield request.param
-    emu.set_order(-1)
-
 
 @pytest.fixture(autouse=True)
 def _poisoned(poisoned_cuda_outputs):
@@ -74,7 +62,7 @@ def _case(step: list[tuple[int, int]], n_head: int, block_size: int, dtype: torc
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("step", list(STEPS), ids=str)
-def test_write_kv_attention_prefill_matches_reference(step, dtype, order):
+def test_write_kv_attention_prefill_matches_reference(step, dtype, warp_order):
     q, k, v, k_cache, v_cache, meta = _case(STEPS[step], 3, 16, dtype, seed=len(step))
     kc, vc = k_cache.clone(), v_cache.clone()
     out = cuda.write_kv_attention(q, k, v, kc, vc, meta, SCALE)
@@ -88,7 +76,7 @@ def test_write_kv_attention_prefill_matches_reference(step, dtype, order):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size", [8, 32])
-def test_other_page_sizes_and_one_head(block_size, dtype, order):
+def test_other_page_sizes_and_one_head(block_size, dtype, warp_order):
     q, k, v, k_cache, v_cache, meta = _case([(100, 37), (45, 45)], 1, block_size, dtype, seed=block_size)
     rk, rv = k_cache.clone(), v_cache.clone()
     expected = reference.write_kv_attention(q, k, v, rk, rv, meta, SCALE)
@@ -98,7 +86,7 @@ def test_other_page_sizes_and_one_head(block_size, dtype, order):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_rows_with_slot_minus_one_store_nothing_and_read_the_cache(dtype, order):
+def test_rows_with_slot_minus_one_store_nothing_and_read_the_cache(dtype, warp_order):
     """A padding row (slot -1) is not stored, and its position is attended from the cache as it is."""
     q, k, v, k_cache, v_cache, meta = _case([(80, 30), (20, 20)], 2, 16, dtype, seed=5)
     slots = meta.slot_mapping.clone()

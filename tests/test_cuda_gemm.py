@@ -13,8 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import misaligned
-from test_cuda_linear import EPILOGUES, _expected_close, _linear_inputs, _run_epilogue
+from test_cuda_linear import EPILOGUES, _expected_close, _linear_inputs, _run_epilogue, check_strided_and_misaligned
 
 from gpt2fast.ops import cuda, cuda_build, reference
 
@@ -32,17 +31,6 @@ SHAPES = [(17, 64, 40), (130, 96, 200), (300, 104, 72), (33, 97, 50)]
 GPT2_SHAPES = [(17, 768, 2304), (40, 3072, 768), (23, 1024, 4096), (19, 1280, 3840), (17, 1600, 6400),
                (18, 6400, 1600), (21, 5120, 1280), (25, 4096, 1024)]  # fmt: skip
 
-# Thread orders: forward, reverse, and warp by warp (3: a warp runs ahead to the next block barrier, so a
-# cp.async refilling a stage another warp still reads shows up); the sanitized run looks for memory errors only.
-ORDERS = [0] if os.environ.get(cuda.SANITIZE_ENV) == "1" else [0, 1, 3]
-
-
-@pytest.fixture(params=ORDERS, ids=lambda o: f"order{o}")
-def order(request, emu) -> int:
-    emu.set_order(request.param)
-    yield request.param
-    emu.set_order(-1)
-
 
 @pytest.fixture(autouse=True)
 def _poisoned(poisoned_cuda_outputs):
@@ -58,7 +46,7 @@ def tile(request, emu):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,k,n", SHAPES, ids=str)
-def test_gemm_matches_reference_with_every_epilogue(rows, k, n, dtype, order, tile):
+def test_gemm_matches_reference_with_every_epilogue(rows, k, n, dtype, warp_order, tile):
     x, w, b, residual = _linear_inputs(rows, k, n, dtype, seed=rows * 31 + k + n)
     for epilogue in EPILOGUES.values():
         _run_epilogue(x, w, b, residual, epilogue)
@@ -74,7 +62,7 @@ def test_gemm_gpt2_widths(rows, k, n, dtype, thread_order, emu):
     _run_epilogue(x, w, b, residual, EPILOGUES["bias+gelu" if n > k else "bias+residual"])
 
 
-def test_gemm_fp32_is_within_1e4_of_float64(order):
+def test_gemm_fp32_is_within_1e4_of_float64(warp_order):
     """fp32 runs exact FMAs on CUDA cores (not TF32): the model's fp32 contract."""
     x, w, b, residual = _linear_inputs(70, 768, 136, torch.float32, seed=3)
     y = cuda.linear(x, w, b, gelu=True, residual=residual)
@@ -83,24 +71,10 @@ def test_gemm_fp32_is_within_1e4_of_float64(order):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gemm_strided_rows_and_misaligned_pointers(dtype, order):
-    """x rows a wider stride apart (a multiple of 8: cp.async; not: element-wise), a strided residual, and x or
-    weight one element off a 16-byte boundary (element-wise)."""
-    k, n = 96, 72
-    x, w, b, residual = _linear_inputs(40, k, n, dtype, seed=9)
-    wide = torch.randn(20, 2 * k + 8).to(dtype)
-    odd = torch.randn(20, k + 1).to(dtype)
-    res_wide = torch.randn(20, n + 5).to(dtype)[:, :n]
-    cases = {
-        "x[::2]": (x[::2], w, res_wide),
-        "wide rows": (wide[:, :k], w, residual[:20]),
-        "odd row stride": (odd[:, :k], w, res_wide),
-        "misaligned x": (misaligned(x[:20]), w, residual[:20]),
-        "misaligned weight": (x[:20], misaligned(w), res_wide),
-    }
-    for name, (xs, ws, rs) in cases.items():
-        y = cuda.linear(xs, ws, b, gelu=True, residual=rs)
-        _expected_close(y, xs, ws, b, rs, True)
+def test_gemm_strided_rows_and_misaligned_pointers(dtype, warp_order):
+    """20 rows, K = 96: cp.async for the strided rows whose stride is a multiple of 8, the element-wise loader for
+    the others and for misaligned x or weight."""
+    check_strided_and_misaligned(20, 96, 72, dtype)
 
 
 def test_gemm_is_deterministic_across_calls_and_thread_orders(emu):
@@ -118,7 +92,8 @@ def test_linear_switches_from_the_gemv_to_the_gemm_above_16_rows(emu, monkeypatc
     called = []
     module = cuda.emulated_module()
     for name in ("linear", "gemm"):
-        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name: (called.append(_n), _f(*a))[1])
+        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: (called.append(_n),
+                                                                                                 _f(*a, **k))[1])
     monkeypatch.setattr(cuda, "module_for", lambda device: module)
     x, w, b, _ = _linear_inputs(17, 64, 24, torch.float16, seed=2)
     for rows in (16, 17):
@@ -131,7 +106,7 @@ def test_linear_switches_from_the_gemv_to_the_gemm_above_16_rows(emu, monkeypatc
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 17, 70])
-def test_lm_head_logits_match_reference(rows, dtype, order):
+def test_lm_head_logits_match_reference(rows, dtype, warp_order):
     """fp32 logits of an odd vocabulary (1013: partial tiles), strided rows; the products are exact in fp32 for
     fp16/bf16 inputs, so only the summation order differs from the reference's."""
     g = torch.Generator().manual_seed(rows)

@@ -115,25 +115,30 @@ def test_linear_full_gpt2_widths(k, n, order):
     _run_epilogue(x, w, b, residual, EPILOGUES["bias" if n > k else "bias+residual"])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_linear_strided_rows_and_misaligned_pointers(dtype, order):
-    """Strided x (a multiple of the vector: still 16-byte loads; not a multiple: scalar), a strided residual,
-    and x or weight one element off a 16-byte boundary (scalar path)."""
-    k, n = 768, 44
-    x, w, b, residual = _linear_inputs(6, k, n, dtype, seed=9)
-    wide = torch.randn(3, 2 * k + 8).to(dtype)  # rows 2K + 8 apart: the vector path
-    odd = torch.randn(3, k + 1).to(dtype)  # rows K + 1 apart: the scalar path
-    res_wide = torch.randn(3, n + 5).to(dtype)[:, :n]  # residual rows n + 5 apart
+def check_strided_and_misaligned(rows: int, k: int, n: int, dtype: torch.dtype) -> None:
+    """cuda.linear (bias + GELU + residual) on strided x (rows 2K + 8 apart: still 16-byte loads; K + 1 apart:
+    scalar), a strided residual (rows n + 5 apart), and x or weight one element off a 16-byte boundary (scalar),
+    each against the reference. ``rows``: how many rows each case has (x[::2] has them from 2 x rows)."""
+    x, w, b, residual = _linear_inputs(2 * rows, k, n, dtype, seed=9)
+    wide = torch.randn(rows, 2 * k + 8).to(dtype)
+    odd = torch.randn(rows, k + 1).to(dtype)
+    res_wide = torch.randn(rows, n + 5).to(dtype)[:, :n]
     cases = {
         "x[::2]": (x[::2], w, res_wide),
-        "wide rows": (wide[:, :k], w, residual[:3]),
+        "wide rows": (wide[:, :k], w, residual[:rows]),
         "odd row stride": (odd[:, :k], w, res_wide),
-        "misaligned x": (misaligned(x[:3]), w, residual[:3]),
-        "misaligned weight": (x[:3], misaligned(w), res_wide),
+        "misaligned x": (misaligned(x[:rows]), w, residual[:rows]),
+        "misaligned weight": (x[:rows], misaligned(w), res_wide),
     }
-    for name, (xs, ws, rs) in cases.items():
+    for xs, ws, rs in cases.values():
         y = cuda.linear(xs, ws, b, gelu=True, residual=rs)
         _expected_close(y, xs, ws, b, rs, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_strided_rows_and_misaligned_pointers(dtype, order):
+    """The decode GEMV's vector and scalar paths on strided and misaligned operands (3 rows, K = 768)."""
+    check_strided_and_misaligned(3, 768, 44, dtype)
 
 
 def test_linear_is_deterministic_across_calls_and_thread_orders(emu):
@@ -374,13 +379,14 @@ def test_nvcc_linear_and_embed_kernels_compile_for_both_archs():
     names = {(r.arch, r.name) for r in records if r.entry}
     for arch in (80, 90):
         gemv = [n for a, n in names if a == arch and "linear_gemv_kernel" in n]
-        assert len(gemv) == 36, gemv  # 3 dtypes x (16-byte, scalar) x row buckets 1 / 4 / 16 x LayerNorm or not
+        # 3 dtypes x (vector, scalar) x row buckets 1 / 4 / 16 x LayerNorm or not x (weights in x's dtype, int8)
+        assert len(gemv) == 72, gemv
         assert len([n for a, n in names if a == arch and "embed_kernel" in n]) == 12  # x int32 / int64 ids
     mine = [r for r in records if "linear_gemv_kernel" in r.name or "embed_kernel" in r.name]
     assert not [r for r in mine if r.spill_stores or r.spill_loads or r.stack_frame], cuda_build.format_report(mine)
     gemv = [r for r in mine if "linear_gemv_kernel" in r.name]
-    ln16 = [r for r in gemv if ", 16, true>" in r.name]  # the 16-row LayerNorm variants: __launch_bounds__(128, 3)
-    assert len(ln16) == 12 and all(r.registers <= 168 for r in ln16), cuda_build.format_report(ln16)
+    ln16 = [r for r in gemv if ", 16, true" in r.name]  # the 16-row LayerNorm variants: __launch_bounds__(128, 3)
+    assert len(ln16) == 24 and all(r.registers <= 168 for r in ln16), cuda_build.format_report(ln16)
     assert all(r.registers <= 128 for r in gemv if r not in ln16)  # __launch_bounds__(128, 4)
 
 

@@ -17,6 +17,7 @@ from conftest import misaligned
 
 from gpt2fast.ops import cuda, cuda_build, reference
 from gpt2fast.ops.triton.counters import ticket_counters
+from gpt2fast.quant import Int8Weight, quantize_int8, to_panels
 from gpt2fast.sampling import GREEDY_BELOW, gumbel_from_uniform, philox_uniform
 
 pytestmark = pytest.mark.skipif(
@@ -113,6 +114,12 @@ def test_one_launch_leaves_the_counter_zero_and_empty_batches(emu):
     assert emu.lm_head_blocks(4099) == 65 and emu.lm_head_blocks(64) == 1
 
 
+def to_panels_weight(wte: torch.Tensor) -> Int8Weight:
+    """``wte`` quantized to int8 in the CPU backend's panels."""
+    w = quantize_int8(wte)
+    return Int8Weight(to_panels(w.data), w.scale)
+
+
 def _bad_calls():
     x, wte, temperature, seeds = _inputs(3, 50, 8, torch.float32, seed=0)
     return {
@@ -122,7 +129,8 @@ def _bad_calls():
         "temperature has dtype": lambda: cuda.lm_head_gumbel(x, wte, temperature.double(), seeds),
         "seeds must be (3,)": lambda: cuda.lm_head_gumbel(x, wte, temperature, seeds[:2]),
         "must have a vocabulary and a width": lambda: cuda.lm_head_argmax(x[:, :0], wte[:, :0]),
-        "takes no int8 weights": lambda: cuda.lm_head_argmax(x, object()),
+        "a tensor or an Int8Weight": lambda: cuda.lm_head_argmax(x, object()),
+        "in panels": lambda: cuda.lm_head_argmax(x, to_panels_weight(wte)),
         "temperature and seeds must be (T,) tensors": lambda: cuda.lm_head_gumbel(x, wte, None, seeds),
     }  # fmt: skip
 

@@ -49,6 +49,8 @@
 
 #include "../common.cuh"
 
+#include <type_traits>
+
 namespace gpt2fast {
 
 constexpr int kGemvMaxRows = 16;           // decode batches of at most this many rows
@@ -106,8 +108,8 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&v)[kValues], int lan
 // n0 .. n0 + kGemvOutputsPerBlock - 1, one partial per warp: partials[w * kValues + t * kOut + r]
 // (kValues = kRows * kOut). Every thread of the block calls it; it ends with a barrier, after which
 // threads i < kValues add their column over the warps in warp order.
-template <typename T, int kVec, int kRows, bool kLN>
-__device__ __forceinline__ void gemv_sums(const T* __restrict__ x, const T* __restrict__ weight,
+template <typename T, int kVec, int kRows, bool kLN, typename W = T>
+__device__ __forceinline__ void gemv_sums(const T* __restrict__ x, const W* __restrict__ weight,
                                           const T* __restrict__ ln_weight,
                                           const T* __restrict__ ln_bias, const float* stats,
                                           float* partials, int rows, int n_out, int k_in,
@@ -120,7 +122,7 @@ __device__ __forceinline__ void gemv_sums(const T* __restrict__ x, const T* __re
 
   // Outputs past n_out (the last block of an N that is not a multiple of kOut) re-read the last
   // weight row and are never stored: every thread keeps the same control flow.
-  const T* w_row[kOut];  // [kOut][k_in]
+  const W* w_row[kOut];  // [kOut][k_in]
 #pragma unroll
   for (int r = 0; r < kOut; ++r) {
     const int n = n0 + r < n_out ? n0 + r : n_out - 1;
@@ -134,7 +136,7 @@ __device__ __forceinline__ void gemv_sums(const T* __restrict__ x, const T* __re
   for (int j = threadIdx.x; j < num_vecs; j += blockDim.x) {
     float w[kOut][kVec];
 #pragma unroll
-    for (int r = 0; r < kOut; ++r) load_floats<T, kVec>(w_row[r] + j * kVec, w[r]);
+    for (int r = 0; r < kOut; ++r) load_floats<W, kVec>(w_row[r] + j * kVec, w[r]);
     float g[kLN ? kVec : 1], h[kLN ? kVec : 1];  // this slice of the LayerNorm's weight and bias
     if constexpr (kLN) {
       load_floats<T, kVec>(ln_weight + j * kVec, g);
@@ -182,10 +184,11 @@ constexpr int gemv_min_blocks() {
   return kLN && kRows == kGemvMaxRows ? 3 : 4;
 }
 
-template <typename T, int kVec, int kRows, bool kLN>
+template <typename T, int kVec, int kRows, bool kLN, typename W = T>
 __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kRows, kLN>())) linear_gemv_kernel(
     const T* __restrict__ x,          // [rows, k_in], rows x_stride apart
-    const T* __restrict__ weight,     // [n_out, k_in], contiguous
+    const W* __restrict__ weight,     // [n_out, k_in], contiguous (int8: W ~= weight * w_scale[n])
+    const float* __restrict__ w_scale,  // [n_out] per-output-channel scales (int8 W), else unread
     const T* __restrict__ bias,       // [n_out], or nullptr
     const T* __restrict__ residual,   // [rows, n_out], rows res_stride apart, or nullptr
     const T* __restrict__ ln_weight,  // [k_in] (kLN; else unread)
@@ -232,8 +235,8 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kRows, kLN>()))
   }
 
   float* partials = reinterpret_cast<float*>(dyn_smem);  // [num_warps][kValues]
-  gemv_sums<T, kVec, kRows, kLN>(x, weight, ln_weight, ln_bias, stats, partials, rows, n_out, k_in,
-                                 x_stride, n0);
+  gemv_sums<T, kVec, kRows, kLN, W>(x, weight, ln_weight, ln_bias, stats, partials, rows, n_out,
+                                    k_in, x_stride, n0);
 
   if (threadIdx.x < kValues) {
     const int t = threadIdx.x / kOut;
@@ -241,6 +244,7 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kRows, kLN>()))
     if (t < rows && n < n_out) {
       float y = 0.0f;
       for (int w = 0; w < num_warps; ++w) y += partials[w * kValues + threadIdx.x];
+      if constexpr (!std::is_same_v<W, T>) y *= w_scale[n];  // int8: the channel's scale, once
       if (bias != nullptr) y += to_float(bias[n]);
       if (gelu) y = tanh_gelu(y);
       if (residual != nullptr) y += to_float(residual[t * res_stride + n]);
@@ -251,11 +255,12 @@ __global__ void __launch_bounds__(kGemvThreads, (gemv_min_blocks<kRows, kLN>()))
 
 // ---- launchers ---------------------------------------------------------------------------------
 
-// The operands of one launch, typed.
-template <typename T>
+// The operands of one launch, typed (W: the weight's element type, T or int8_t with w_scale).
+template <typename T, typename W = T>
 struct GemvArgs {
   const T* x;
-  const T* weight;
+  const W* weight;
+  const float* w_scale;
   const T* bias;
   const T* residual;
   const T* ln_weight;
@@ -267,63 +272,67 @@ struct GemvArgs {
   float eps;
 };
 
-template <typename T, int kVec, int kRows, bool kLN>
-void launch_gemv(const GemvArgs<T>& a, cudaStream_t stream) {
+template <typename T, typename W, int kVec, int kRows, bool kLN>
+void launch_gemv(const GemvArgs<T, W>& a, cudaStream_t stream) {
   const int warps = gemv_warps(a.k_in / kVec);
   const dim3 grid(ceil_div(a.n_out, kGemvOutputsPerBlock)), block(warps * kWarpSize);
   const std::size_t smem = warps * kGemvOutputsPerBlock * kRows * sizeof(float);
-  LAUNCH(grid, block, smem, stream, linear_gemv_kernel<T, kVec, kRows, kLN>)(
-      a.x, a.weight, a.bias, a.residual, a.ln_weight, a.ln_bias, a.out, a.rows, a.n_out, a.k_in,
-      a.x_stride, a.res_stride, a.gelu, a.eps);
+  LAUNCH(grid, block, smem, stream, linear_gemv_kernel<T, kVec, kRows, kLN, W>)(
+      a.x, a.weight, a.w_scale, a.bias, a.residual, a.ln_weight, a.ln_bias, a.out, a.rows,
+      a.n_out, a.k_in, a.x_stride, a.res_stride, a.gelu, a.eps);
 }
 
 // Row-count buckets 1, 4, 16: the accumulators are kRows x 4 registers, so a single-row decode
 // does not pay a 16-row register file (occupancy is what hides DRAM latency in a GEMV).
-template <typename T, int kVec, bool kLN>
-cudaError_t launch_linear_rows(const GemvArgs<T>& a, cudaStream_t stream) {
+template <typename T, typename W, int kVec, bool kLN>
+cudaError_t launch_linear_rows(const GemvArgs<T, W>& a, cudaStream_t stream) {
   if (a.rows <= 1) {
-    launch_gemv<T, kVec, 1, kLN>(a, stream);
+    launch_gemv<T, W, kVec, 1, kLN>(a, stream);
   } else if (a.rows <= 4) {
-    launch_gemv<T, kVec, 4, kLN>(a, stream);
+    launch_gemv<T, W, kVec, 4, kLN>(a, stream);
   } else {
-    launch_gemv<T, kVec, 16, kLN>(a, stream);
+    launch_gemv<T, W, kVec, 16, kLN>(a, stream);
   }
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_linear_typed(const void* x, const void* weight, const void* bias,
-                                const void* residual, const void* ln_weight, const void* ln_bias,
-                                void* out, int rows, int n_out, int k_in, int64_t x_stride,
-                                int64_t res_stride, bool gelu, float eps, cudaStream_t stream) {
-  const GemvArgs<T> a{static_cast<const T*>(x),         static_cast<const T*>(weight),
-                      static_cast<const T*>(bias),      static_cast<const T*>(residual),
-                      static_cast<const T*>(ln_weight), static_cast<const T*>(ln_bias),
-                      static_cast<T*>(out),             rows,
-                      n_out,                            k_in,
-                      x_stride,                         res_stride,
-                      gelu,                             eps};
+template <typename T, typename W>
+cudaError_t launch_linear_typed(const void* x, const void* weight, const float* w_scale,
+                                const void* bias, const void* residual, const void* ln_weight,
+                                const void* ln_bias, void* out, int rows, int n_out, int k_in,
+                                int64_t x_stride, int64_t res_stride, bool gelu, float eps,
+                                cudaStream_t stream) {
+  const GemvArgs<T, W> a{static_cast<const T*>(x),         static_cast<const W*>(weight),
+                         w_scale,                          static_cast<const T*>(bias),
+                         static_cast<const T*>(residual),  static_cast<const T*>(ln_weight),
+                         static_cast<const T*>(ln_bias),   static_cast<T*>(out),
+                         rows,                             n_out,
+                         k_in,                             x_stride,
+                         res_stride,                       gelu,
+                         eps};
   const bool ln = ln_weight != nullptr;
-  // x, weight and the LayerNorm's vectors are read in vectors (bias, residual and out are touched
-  // once per output).
-  if (ln ? can_vectorize<T>({x, weight, ln_weight, ln_bias}, k_in, {x_stride})
-         : can_vectorize<T>({x, weight}, k_in, {x_stride})) {
-    return ln ? launch_linear_rows<T, kVecElems<T>, true>(a, stream)
-              : launch_linear_rows<T, kVecElems<T>, false>(a, stream);
+  // x, weight and the LayerNorm's vectors are read in vectors of kVecElems<T> elements (an int8
+  // weight: that many bytes); bias, residual and out are touched once per output.
+  const bool vec = can_vectorize<T>({x, ln_weight, ln_bias}, k_in, {x_stride}) &&
+                   is_aligned(weight, kVecElems<T> * sizeof(W));
+  if (vec) {
+    return ln ? launch_linear_rows<T, W, kVecElems<T>, true>(a, stream)
+              : launch_linear_rows<T, W, kVecElems<T>, false>(a, stream);
   }
-  return ln ? launch_linear_rows<T, 1, true>(a, stream)
-            : launch_linear_rows<T, 1, false>(a, stream);
+  return ln ? launch_linear_rows<T, W, 1, true>(a, stream)
+            : launch_linear_rows<T, W, 1, false>(a, stream);
 }
 
 // out[t] = [gelu](LN(x[t]) @ weight.T + bias) [+ residual[t]] for rows <= kGemvMaxRows, where LN
 // is LayerNorm(ln_weight, ln_bias, eps) when ln_weight is given and the identity when it is
 // nullptr (both LayerNorm vectors, or neither). bias and residual may be nullptr. x rows x_stride
-// apart, residual rows res_stride apart, out contiguous.
-inline cudaError_t linear(const void* x, const void* weight, const void* bias,
-                          const void* residual, const void* ln_weight, const void* ln_bias,
-                          void* out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
-                          int64_t res_stride, bool gelu, float eps, DType dtype,
-                          cudaStream_t stream) {
+// apart, residual rows res_stride apart, out contiguous. With w_scale, weight is int8 (n_out,
+// k_in) and the weight it stands for is weight[n] * w_scale[n] (W8A16: x stays in `dtype`).
+inline cudaError_t linear(const void* x, const void* weight, const float* w_scale,
+                          const void* bias, const void* residual, const void* ln_weight,
+                          const void* ln_bias, void* out, int64_t rows, int64_t n_out,
+                          int64_t k_in, int64_t x_stride, int64_t res_stride, bool gelu, float eps,
+                          DType dtype, cudaStream_t stream) {
   if (rows < 0 || rows > kGemvMaxRows || n_out < 0 || n_out > 0x7fffffff || k_in < 0 ||
       k_in > 0x7fffffff || x_stride < k_in || (residual != nullptr && res_stride < n_out) ||
       (ln_weight == nullptr) != (ln_bias == nullptr) || (ln_weight != nullptr && k_in == 0)) {
@@ -331,17 +340,23 @@ inline cudaError_t linear(const void* x, const void* weight, const void* bias,
   }
   if (rows == 0 || n_out == 0) return cudaSuccess;
   const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
+  auto typed = [&](auto zero) -> cudaError_t {
+    using T = decltype(zero);
+    if (w_scale != nullptr) {
+      return launch_linear_typed<T, int8_t>(x, weight, w_scale, bias, residual, ln_weight,
+                                            ln_bias, out, r, n, k, x_stride, res_stride, gelu,
+                                            eps, stream);
+    }
+    return launch_linear_typed<T, T>(x, weight, nullptr, bias, residual, ln_weight, ln_bias, out,
+                                     r, n, k, x_stride, res_stride, gelu, eps, stream);
+  };
   switch (dtype) {
     case DType::kFloat32:
-      return launch_linear_typed<float>(x, weight, bias, residual, ln_weight, ln_bias, out, r, n,
-                                        k, x_stride, res_stride, gelu, eps, stream);
+      return typed(float{});
     case DType::kFloat16:
-      return launch_linear_typed<__half>(x, weight, bias, residual, ln_weight, ln_bias, out, r, n,
-                                         k, x_stride, res_stride, gelu, eps, stream);
+      return typed(__half{});
     case DType::kBFloat16:
-      return launch_linear_typed<__nv_bfloat16>(x, weight, bias, residual, ln_weight, ln_bias,
-                                                out, r, n, k, x_stride, res_stride, gelu, eps,
-                                                stream);
+      return typed(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

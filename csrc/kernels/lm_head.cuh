@@ -20,6 +20,8 @@
 // head; the candidates are 786 x T x 8 bytes (6 KB at batch 1), read back once from L2.
 #pragma once
 
+#include <type_traits>
+
 #include "../common.cuh"
 #include "linear.cuh"
 #include "sampling.cuh"
@@ -31,11 +33,12 @@ constexpr int kLmHeadTokensPerBlock = kLmHeadGroups * kGemvOutputsPerBlock;
 
 // 3 blocks per SM for 16 rows (as the 16-row LayerNorm GEMV): at 128 registers the fp16/bf16 variant
 // spilled 16 bytes on sm_80 (its running best, seed and temperature beside the GEMV's 64 accumulators).
-template <typename T, int kVec, int kRows>
+template <typename T, int kVec, int kRows, typename W = T>
 __global__ void __launch_bounds__(kGemvThreads, (kRows == kGemvMaxRows ? 3 : 4))
     lm_head_choice_kernel(
     const T* __restrict__ x,              // [rows, width], rows x_stride apart
-    const T* __restrict__ wte,            // [vocab, width], contiguous
+    const W* __restrict__ wte,            // [vocab, width], contiguous (int8: times w_scale[n])
+    const float* __restrict__ w_scale,    // [vocab] per-row scales of an int8 wte, else unread
     const float* __restrict__ temperature,  // [rows]; < GREEDY_BELOW: the argmax; nullptr: all argmax
     const int64_t* __restrict__ seeds,    // [rows] Philox row seeds (sampling.row_seed); with temperature
     float* __restrict__ part_score,       // [gridDim.x, rows] each block's best score per row
@@ -61,12 +64,13 @@ __global__ void __launch_bounds__(kGemvThreads, (kRows == kGemvMaxRows ? 3 : 4))
   for (int group = 0; group < kLmHeadGroups; ++group) {
     const int n0 = first + group * kOut;
     if (n0 >= vocab) break;  // block-uniform
-    gemv_sums<T, kVec, kRows, false>(x, wte, nullptr, nullptr, nullptr, partials, rows, vocab,
-                                     width, x_stride, n0);
+    gemv_sums<T, kVec, kRows, false, W>(x, wte, nullptr, nullptr, nullptr, partials, rows, vocab,
+                                        width, x_stride, n0);
     const int n = n0 + static_cast<int>(threadIdx.x) % kOut;
     if (scorer && n < vocab) {
       float y = 0.0f;
       for (int w = 0; w < num_warps; ++w) y += partials[w * kValues + threadIdx.x];
+      if constexpr (!std::is_same_v<W, T>) y *= w_scale[n];
       const float score = greedy ? y : y / temp + gumbel_noise(seed, n);
       best = better(best, ArgMax{score, n});
     }
@@ -120,8 +124,9 @@ constexpr int lm_head_blocks(int vocab) {
   return (vocab + kLmHeadTokensPerBlock - 1) / kLmHeadTokensPerBlock;
 }
 
-template <typename T, int kVec>
-cudaError_t launch_lm_head_choice_rows(const T* x, const T* wte, const float* temperature,
+template <typename T, int kVec, typename W>
+cudaError_t launch_lm_head_choice_rows(const T* x, const W* wte, const float* w_scale,
+                                       const float* temperature,
                                        const int64_t* seeds, float* part_score, int* part_token,
                                        int* counter, int64_t* out, int rows, int vocab, int width,
                                        int64_t x_stride, cudaStream_t stream) {
@@ -130,9 +135,9 @@ cudaError_t launch_lm_head_choice_rows(const T* x, const T* wte, const float* te
   auto launch = [&](auto rows_constant) {
     constexpr int kRows = decltype(rows_constant)::value;
     const std::size_t smem = warps * kGemvOutputsPerBlock * kRows * sizeof(float);
-    LAUNCH(grid, block, smem, stream, lm_head_choice_kernel<T, kVec, kRows>)(
-        x, wte, temperature, seeds, part_score, part_token, counter, out, rows, vocab, width,
-        x_stride);
+    LAUNCH(grid, block, smem, stream, lm_head_choice_kernel<T, kVec, kRows, W>)(
+        x, wte, w_scale, temperature, seeds, part_score, part_token, counter, out, rows, vocab,
+        width, x_stride);
   };
   if (rows <= 1) {
     launch(std::integral_constant<int, 1>{});
@@ -146,13 +151,13 @@ cudaError_t launch_lm_head_choice_rows(const T* x, const T* wte, const float* te
 
 // out[t] = argmax_n (logit[t, n] / T_t + g(seed_t, n)), logit = x[t] . wte[n] (T_t < GREEDY_BELOW:
 // argmax_n logit[t, n]; every row when temperature and seeds are nullptr), ties to the lowest n, for
-// rows <= kGemvMaxRows. Workspaces part_score /
-// part_token [lm_head_blocks(vocab), rows]; counter [1] zero (left zero).
-inline cudaError_t lm_head_choice(const void* x, const void* wte, const float* temperature,
-                                  const int64_t* seeds, float* part_score, int* part_token,
-                                  int* counter, int64_t* out, int64_t rows, int64_t vocab,
-                                  int64_t width, int64_t x_stride, DType dtype,
-                                  cudaStream_t stream) {
+// rows <= kGemvMaxRows. With w_scale, wte is int8 and row n stands for wte[n] * w_scale[n].
+// Workspaces part_score / part_token [lm_head_blocks(vocab), rows]; counter [1] zero (left zero).
+inline cudaError_t lm_head_choice(const void* x, const void* wte, const float* w_scale,
+                                  const float* temperature, const int64_t* seeds,
+                                  float* part_score, int* part_token, int* counter, int64_t* out,
+                                  int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
+                                  DType dtype, cudaStream_t stream) {
   if (rows < 0 || rows > kGemvMaxRows || vocab < 1 || vocab > 0x7fff0000 || width < 1 ||
       width > 0x7fffffff || x_stride < width || counter == nullptr ||
       (temperature == nullptr) != (seeds == nullptr)) {
@@ -160,25 +165,28 @@ inline cudaError_t lm_head_choice(const void* x, const void* wte, const float* t
   }
   if (rows == 0) return cudaSuccess;
   const int r = static_cast<int>(rows), v = static_cast<int>(vocab), c = static_cast<int>(width);
-  auto typed = [&](auto zero) -> cudaError_t {
+  auto typed = [&](auto zero, auto weight_zero) -> cudaError_t {
     using T = decltype(zero);
+    using W = decltype(weight_zero);
     const auto* xt = static_cast<const T*>(x);
-    const auto* wt = static_cast<const T*>(wte);
-    if (can_vectorize<T>({x, wte}, c, {x_stride})) {
-      return launch_lm_head_choice_rows<T, kVecElems<T>>(xt, wt, temperature, seeds, part_score,
-                                                         part_token, counter, out, r, v, c,
-                                                         x_stride, stream);
+    const auto* wt = static_cast<const W*>(wte);
+    if (can_vectorize<T>({x}, c, {x_stride}) && is_aligned(wte, kVecElems<T> * sizeof(W))) {
+      return launch_lm_head_choice_rows<T, kVecElems<T>, W>(xt, wt, w_scale, temperature, seeds,
+                                                            part_score, part_token, counter, out,
+                                                            r, v, c, x_stride, stream);
     }
-    return launch_lm_head_choice_rows<T, 1>(xt, wt, temperature, seeds, part_score, part_token,
-                                            counter, out, r, v, c, x_stride, stream);
+    return launch_lm_head_choice_rows<T, 1, W>(xt, wt, w_scale, temperature, seeds, part_score,
+                                               part_token, counter, out, r, v, c, x_stride,
+                                               stream);
   };
+  const bool int8 = w_scale != nullptr;
   switch (dtype) {
     case DType::kFloat32:
-      return typed(float{});
+      return int8 ? typed(float{}, int8_t{}) : typed(float{}, float{});
     case DType::kFloat16:
-      return typed(__half{});
+      return int8 ? typed(__half{}, int8_t{}) : typed(__half{}, __half{});
     case DType::kBFloat16:
-      return typed(__nv_bfloat16{});
+      return int8 ? typed(__nv_bfloat16{}, int8_t{}) : typed(__nv_bfloat16{}, __nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

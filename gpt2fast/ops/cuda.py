@@ -22,6 +22,7 @@ import torch
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import cuda_build
+from gpt2fast.quant import Int8Weight
 
 FLOAT_DTYPES = {torch.float32: "DTYPE_FLOAT32", torch.float16: "DTYPE_FLOAT16", torch.bfloat16: "DTYPE_BFLOAT16"}
 MAX_WIDTH = 8192  # csrc/kernels/layer_norm.cuh kLayerNormMaxWidth (the modules export it: LAYER_NORM_MAX_WIDTH)
@@ -622,7 +623,35 @@ def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int
         raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its {t.element_size()}-byte dtype")
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _check_int8_weight(weight: Int8Weight, x: torch.Tensor, k_in: int) -> None:
+    """An int8 weight the CUDA GEMV reads: ``q`` (N, K) int8 contiguous, ``scale`` (N,) fp32, on x's device; and
+    a decode batch (the GEMM takes no int8 weights yet)."""
+    if weight.panels:
+        raise ValueError("weight is an Int8Weight in panels (the CPU backend's layout); the CUDA kernels take (N, K)")
+    q, scale = weight.data, weight.scale
+    if q.dim() != 2 or q.shape[1] != k_in or q.dtype != torch.int8:
+        raise ValueError(f"weight.data must be int8 (N, {k_in}), got {q.dtype} {tuple(q.shape)}")
+    if q.device != x.device or scale.device != x.device:
+        raise ValueError(f"weight is on {q.device} (scale {scale.device}), x on {x.device}")
+    if not q.is_contiguous():
+        raise ValueError(f"weight.data must be contiguous (strides {q.stride()})")
+    if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
+        raise ValueError(f"weight.scale must be a contiguous float32 ({q.shape[0]},), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")  # fmt: skip
+    if x.shape[0] > LINEAR_MAX_ROWS:
+        raise ValueError(f"x has {x.shape[0]} rows and the weight is int8: the CUDA GEMV reads int8 weights for "
+                         f"decode batches of at most {LINEAR_MAX_ROWS} rows; the GEMM takes no int8 weights "
+                         "yet")  # fmt: skip
+
+
+def _weight_pointers(weight: torch.Tensor | Int8Weight) -> tuple[int, int]:
+    """(values, per-row scales) pointers of a weight: the scales' 0 for a plain tensor."""
+    if isinstance(weight, Int8Weight):
+        return weight.data.data_ptr(), weight.scale.data_ptr()
+    return weight.data_ptr(), 0
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None,
                   residual: torch.Tensor | None, max_rows: int = 2**62) -> None:  # fmt: skip
     if x.dim() != 2:
         raise ValueError(f"x must be (T, K), got shape {tuple(x.shape)}")
@@ -635,15 +664,18 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"x has {rows} rows: the CUDA GEMV covers decode batches of at most {max_rows} rows")
     if rows > GEMM_MAX_ROWS:
         raise ValueError(f"x has {rows} rows: the CUDA GEMM takes at most {GEMM_MAX_ROWS} (65535 tiles of 64 rows)")
-    if weight.dim() != 2 or weight.shape[1] != k_in:
+    if len(weight.shape) != 2 or weight.shape[1] != k_in:
         raise ValueError(f"weight must be (N, {k_in}) (nn.Linear's (out, in)), got {tuple(weight.shape)}")
     n_out = weight.shape[0]
     if n_out >= 2**31 or k_in >= 2**31:
         raise ValueError(f"weight {tuple(weight.shape)}: the CUDA linear takes N and K below 2**31")
     _check_operand("x", x, x, (rows, k_in), "linear")
-    _check_operand("weight", weight, x, (n_out, k_in), "linear")
-    if n_out > 1 and weight.stride(0) != k_in:
-        raise ValueError(f"weight must be contiguous (row stride {weight.stride(0)}, K = {k_in})")
+    if isinstance(weight, Int8Weight):
+        _check_int8_weight(weight, x, k_in)
+    else:
+        _check_operand("weight", weight, x, (n_out, k_in), "linear")
+        if n_out > 1 and weight.stride(0) != k_in:
+            raise ValueError(f"weight must be contiguous (row stride {weight.stride(0)}, K = {k_in})")
     if bias is not None:
         _check_operand("bias", bias, x, (n_out,), "linear")
     if residual is not None:
@@ -681,12 +713,13 @@ def linear(
         return out
     module = module_for(x.device)
     res_stride = n_out if residual is None else _row_stride(residual)
-    args = (x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+    values, scales = _weight_pointers(weight)
+    args = (x.data_ptr(), values, 0 if bias is None else bias.data_ptr(),
             0 if residual is None else residual.data_ptr(), out.data_ptr(), rows, n_out, k_in, _row_stride(x),
             res_stride, bool(gelu))  # fmt: skip
     with _on(x.device):
         if rows <= LINEAR_MAX_ROWS:
-            module.linear(*args, _dtype_code(module, x.dtype), _stream(x.device))
+            module.linear(*args, _dtype_code(module, x.dtype), _stream(x.device), w_scale=scales)
         else:
             module.gemm(*args, False, _dtype_code(module, x.dtype), _stream(x.device))
     return out
@@ -758,9 +791,10 @@ def ln_linear(
         return out
     module = module_for(x.device)
     with _on(x.device):
-        module.ln_linear(x.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), weight.data_ptr(),
+        values, scales = _weight_pointers(weight)
+        module.ln_linear(x.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), values,
                          0 if bias is None else bias.data_ptr(), out.data_ptr(), rows, n_out, k_in, _row_stride(x),
-                         bool(gelu), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+                         bool(gelu), _dtype_code(module, x.dtype), _stream(x.device), w_scale=scales)  # fmt: skip
     return out
 
 
@@ -810,9 +844,9 @@ def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
     """The one launch behind both: ``temperature`` and ``seeds`` None for the argmax of every row."""
     from gpt2fast.ops.triton.counters import ticket_counters
 
-    if not isinstance(wte, torch.Tensor):
-        raise ValueError(f"wte must be a tensor, got {type(wte).__name__} (the CUDA LM head takes no int8 weights)")
-    if x.dim() != 2 or wte.dim() != 2 or x.shape[1] != wte.shape[1]:
+    if not isinstance(wte, torch.Tensor | Int8Weight):
+        raise ValueError(f"wte must be a tensor or an Int8Weight, got {type(wte).__name__}")
+    if x.dim() != 2 or len(wte.shape) != 2 or x.shape[1] != wte.shape[1]:
         raise ValueError(f"x (T, C) and wte (V, C) disagree: {tuple(x.shape)}, {tuple(wte.shape)}")
     if x.shape[1] == 0 or wte.shape[0] == 0:
         raise ValueError(f"wte {tuple(wte.shape)} must have a vocabulary and a width")
@@ -838,15 +872,16 @@ def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
                                ticket_counters(x.device, row_tiles).data_ptr(), out.data_ptr(), rows, vocab, width,
                                _row_stride(x), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
         return out
+    values, scales = _weight_pointers(wte)
     blocks = module.lm_head_blocks(vocab)
     part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
     part_token = _empty((blocks, rows), torch.int32, x.device)  # (blocks, T) and its token
     with _on(x.device):
-        module.lm_head_choice(x.data_ptr(), wte.data_ptr(), 0 if temperature is None else temperature.data_ptr(),
+        module.lm_head_choice(x.data_ptr(), values, 0 if temperature is None else temperature.data_ptr(),
                               0 if seeds is None else seeds.data_ptr(),
                               part_score.data_ptr(), part_token.data_ptr(), ticket_counters(x.device, 1).data_ptr(),
                               out.data_ptr(), rows, vocab, width, _row_stride(x), _dtype_code(module, x.dtype),
-                              _stream(x.device))  # fmt: skip
+                              _stream(x.device), w_scale=scales)  # fmt: skip
     return out
 
 

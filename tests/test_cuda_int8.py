@@ -1,0 +1,104 @@
+"""CUDA C++ decode kernels reading int8 weights (W8A16): the GEMV (with and without its LayerNorm prologue) and the
+LM head's token choice, against ``reference`` on the same ``Int8Weight`` (which dequantizes, then runs the fp32
+op).
+
+The kernels read ``q`` int8 ``(N, K)`` and apply each channel's scale once, after the fp32 sum over K; activations
+stay in the model dtype. Run emulated in thread orders 0 and 1 with NaN-poisoned outputs; shapes hit the vector
+path (K a multiple of the vector, aligned ``q``) and the scalar one (odd K, a misaligned ``q``). The tensor-core
+GEMM takes no int8 weights yet: more than 16 rows raise ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from test_cuda_linear import EPILOGUES, TOLERANCE, _expected_close
+from test_cuda_lm_head import _check, _inputs
+
+from gpt2fast.ops import cuda, cuda_build, reference
+from gpt2fast.quant import Int8Weight, quantize_int8
+
+pytestmark = pytest.mark.skipif(
+    bool(cuda_build.emulator_unavailable_reason()), reason=cuda_build.emulator_unavailable_reason() or "available"
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(poisoned_cuda_outputs):
+    """Every output the wrappers allocate starts as NaN, so an element the kernel skips cannot pass."""
+
+
+def _int8_inputs(rows: int, k: int, n: int, dtype: torch.dtype, seed: int):
+    """x ~ N(0.5, 1), an int8 weight of N(0, 1/K) values (scales differ per row), bias and residual."""
+    g = torch.Generator().manual_seed(seed)
+    x = (0.5 + torch.randn(rows, k, generator=g)).to(dtype)
+    w = quantize_int8(torch.randn(n, k, generator=g) / math.sqrt(k) * (1 + torch.rand(n, 1, generator=g)))
+    b = torch.randn(n, generator=g).to(dtype)
+    residual = torch.randn(rows, n, generator=g).to(dtype)
+    return x, w, b, residual
+
+
+def _misaligned_int8(w: Int8Weight) -> Int8Weight:
+    """The same values one byte past a 16-byte boundary (the scalar path)."""
+    buf = torch.empty(w.data.numel() + 32, dtype=torch.int8)
+    shift = (16 - buf.data_ptr() % 16) % 16 + 1
+    view = buf[shift : shift + w.data.numel()].view(w.data.shape)
+    view.copy_(w.data)
+    return Int8Weight(view, w.scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n", [(96, 96), (97, 131), (768, 72)], ids=str)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int8_linear_matches_reference(rows, k, n, dtype, order):
+    x, w, b, residual = _int8_inputs(rows, k, n, dtype, seed=rows + k + n)
+    for epilogue in EPILOGUES.values():
+        bias = b if epilogue.get("bias") else None
+        res = residual if epilogue.get("residual") else None
+        gelu = epilogue.get("gelu", False)
+        y = cuda.linear(x, w, bias, gelu=gelu, residual=res)
+        _expected_close(y, x, w.dequantize(), bias, res, gelu)  # reference.linear on the dequantized weight
+        torch.testing.assert_close(y, reference.linear(x, w, bias, gelu=gelu, residual=res),
+                                   **{key: v * 2 + 1e-5 for key, v in TOLERANCE[dtype].items()})  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_ln_linear_and_a_misaligned_weight(dtype, order):
+    x, w, b, _ = _int8_inputs(5, 768, 40, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    ln_w, ln_b = (1 + 0.3 * torch.randn(768, generator=g)).to(dtype), (0.2 * torch.randn(768, generator=g)).to(dtype)
+    for weight in (w, _misaligned_int8(w)):
+        y = cuda.ln_linear(x, ln_w, ln_b, 1e-5, weight, b, gelu=True)
+        normed = reference.layer_norm(x, ln_w, ln_b, 1e-5)
+        _expected_close(y, normed, w.dequantize(), b, None, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 16])
+def test_int8_lm_head_choice_matches_float64(rows, dtype, order):
+    """The choice over x . (q[n] * scale[n]): every row's pick holds its best float64 score (up to fp32 rounding),
+    and equals the reference's on all but near-tied rows (``_check``)."""
+    x, wte, temperature, seeds = _inputs(rows, 1013, 96, dtype, seed=rows)
+    w = quantize_int8(wte.float())
+    dense = w.dequantize()  # (V, C) fp32: what the int8 weight stands for
+    _check(x.float(), dense, temperature, seeds, cuda.lm_head_gumbel(x, w, temperature, seeds))
+    _check(x.float(), dense, torch.zeros(rows), seeds, cuda.lm_head_argmax(x, w))
+
+
+def test_int8_beyond_the_gemv_and_in_panels_raise_value_error():
+    x, w, b, _ = _int8_inputs(17, 64, 24, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=re.escape("the GEMM takes no int8 weights yet")):
+        cuda.linear(x, w, b)
+    with pytest.raises(ValueError, match=re.escape("the GEMM takes no int8 weights yet")):
+        cuda.lm_head_argmax(x, w)
+    with pytest.raises(ValueError, match="takes no int8 weights"):
+        cuda.lm_head(x[:2], w)
+    with pytest.raises(ValueError, match="weight.scale must be a contiguous float32"):
+        cuda.linear(x[:2], Int8Weight(w.data, w.scale.double()), b)
+    with pytest.raises(ValueError, match="weight.data must be int8"):
+        cuda.linear(x[:2], Int8Weight(w.data.to(torch.int16), w.scale), b)
