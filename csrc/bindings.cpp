@@ -208,16 +208,17 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       "gemm",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t residual,
          std::uintptr_t out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
-         int64_t res_stride, bool gelu, bool fp32_out, int dtype, std::uintptr_t stream) {
-        check(gpt2fast::gemm(ptr(x), ptr(weight), ptr(bias), ptr(residual), ptr(out), rows, n_out,
-                             k_in, x_stride, res_stride, gelu, fp32_out, dtype_of(dtype),
-                             stream_of(stream)),
+         int64_t res_stride, bool gelu, bool fp32_out, int dtype, std::uintptr_t stream,
+         std::uintptr_t w_scale) {
+        check(gpt2fast::gemm(ptr(x), ptr(weight), ptr<const float>(w_scale), ptr(bias),
+                             ptr(residual), ptr(out), rows, n_out, k_in, x_stride, res_stride,
+                             gelu, fp32_out, dtype_of(dtype), stream_of(stream)),
               "gemm");
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
       py::arg("rows"), py::arg("n_out"), py::arg("k_in"), py::arg("x_stride"),
       py::arg("res_stride"), py::arg("gelu"), py::arg("fp32_out"), py::arg("dtype"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("stream"), py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
       "out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any rows (tensor cores for "
       "fp16/bf16); fp32_out: fp32 logits x @ weight.T (no bias, GELU or residual)");
   m.def(
@@ -233,18 +234,18 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       [](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature, std::uintptr_t seeds,
          std::uintptr_t part_score, std::uintptr_t part_token, std::uintptr_t counters,
          std::uintptr_t out, int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
-         int dtype, std::uintptr_t stream) {
-        check(gpt2fast::gemm_choice(ptr(x), ptr(wte), ptr<const float>(temperature),
-                                    ptr<const int64_t>(seeds), ptr<float>(part_score),
-                                    ptr<int>(part_token), ptr<int>(counters), ptr<int64_t>(out),
-                                    rows, vocab, width, x_stride, dtype_of(dtype),
-                                    stream_of(stream)),
+         int dtype, std::uintptr_t stream, std::uintptr_t w_scale) {
+        check(gpt2fast::gemm_choice(ptr(x), ptr(wte), ptr<const float>(w_scale),
+                                    ptr<const float>(temperature), ptr<const int64_t>(seeds),
+                                    ptr<float>(part_score), ptr<int>(part_token),
+                                    ptr<int>(counters), ptr<int64_t>(out), rows, vocab, width,
+                                    x_stride, dtype_of(dtype), stream_of(stream)),
               "gemm_choice");
       },
       py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
       py::arg("part_score"), py::arg("part_token"), py::arg("counters"), py::arg("out"),
       py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("stream"), py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
       "the LM head GEMM with argmax / Gumbel-max as its epilogue, any rows; the logits are never "
       "stored");
   m.def("set_gemm_tile", &gpt2fast::set_gemm_tile, py::arg("tile"),
@@ -273,19 +274,20 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       [](std::uintptr_t ids, std::uintptr_t positions, std::uintptr_t wte, std::uintptr_t wpe,
          std::uintptr_t out, int64_t tokens, int64_t ids_stride, int64_t pos_stride,
          int index_bytes, int64_t vocab, int64_t n_positions, int64_t width, int64_t wte_stride,
-         int64_t wpe_stride, int dtype, std::uintptr_t stream) {
-        check(gpt2fast::embed(ptr(ids), ptr(positions), ptr(wte), ptr(wpe), ptr(out), tokens,
-                              ids_stride, pos_stride, index_bytes, vocab, n_positions, width,
-                              wte_stride, wpe_stride, dtype_of(dtype), stream_of(stream)),
+         int64_t wpe_stride, int dtype, std::uintptr_t stream, std::uintptr_t w_scale) {
+        check(gpt2fast::embed(ptr(ids), ptr(positions), ptr(wte), ptr<const float>(w_scale),
+                              ptr(wpe), ptr(out), tokens, ids_stride, pos_stride, index_bytes,
+                              vocab, n_positions, width, wte_stride, wpe_stride, dtype_of(dtype),
+                              stream_of(stream)),
               "embed");
       },
       py::arg("ids"), py::arg("positions"), py::arg("wte"), py::arg("wpe"), py::arg("out"),
       py::arg("tokens"), py::arg("ids_stride"), py::arg("pos_stride"), py::arg("index_bytes"),
       py::arg("vocab"), py::arg("n_positions"), py::arg("width"), py::arg("wte_stride"),
-      py::arg("wpe_stride"), py::arg("dtype"), py::arg("stream"),
+      py::arg("wpe_stride"), py::arg("dtype"), py::arg("stream"), py::arg("w_scale") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "out[t] = wte[ids[t]] + wpe[positions[t]] (fp32 add); an id or position out of range gives "
-      "a NaN row");
+      "a NaN row; w_scale: wte is int8, row n scaled by w_scale[n]");
 
   m.attr("SAMPLING_GREEDY_BELOW") = gpt2fast::kGreedyBelow;
   m.def(

@@ -122,7 +122,7 @@ def test_gemm_bad_inputs_raise_value_error():
     w = torch.randn(6, 8)
     with pytest.raises(ValueError, match="the CUDA GEMM takes at most"):
         cuda.linear(torch.randn(1, 8).expand(cuda.GEMM_MAX_ROWS + 1, 8), w, None)
-    with pytest.raises(ValueError, match="int8"):
+    with pytest.raises(ValueError, match="a tensor or an Int8Weight"):
         cuda.lm_head(torch.randn(2, 8), object())
     with pytest.raises(ValueError, match="weight must be"):
         cuda.lm_head(torch.randn(2, 8), torch.randn(5, 7))
@@ -143,9 +143,9 @@ def test_nvcc_gemm_emits_the_tensor_core_instructions(tmp_path):
     source = tmp_path / "gemm.cu"
     source.write_text(
         '#include "kernels/gemm.cuh"\n'
-        "template __global__ void gpt2fast::gemm_mma_kernel<__half, __half, 64, 64, true, false>(\n"
-        "    const __half*, const __half*, const __half*, const __half*, __half*, int, int, int, int64_t, int64_t,"
-        " bool, gpt2fast::GemmChoice);\n"
+        "template __global__ void gpt2fast::gemm_mma_kernel<__half, __half, 64, 64, true, false, __half>(\n"
+        "    const __half*, const __half*, const float*, const __half*, const __half*, __half*, int, int, int,"
+        " int64_t, int64_t, bool, gpt2fast::GemmChoice);\n"
     )
     for arch in (80, 90):
         ptx = tmp_path / f"gemm{arch}.ptx"

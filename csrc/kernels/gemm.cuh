@@ -51,9 +51,15 @@ __device__ __forceinline__ int gemm_swizzle(int row, int chunk) {
   return row * kGemmBK + ((chunk ^ ((row >> 1) & (kGemmChunks - 1))) * 8);
 }
 
-template <int kBM, int kBN>
-constexpr std::size_t gemm_mma_smem(int elem_bytes) {
-  return static_cast<std::size_t>(kGemmStages) * (kBM + kBN) * kGemmBK * elem_bytes;
+// Shared memory: kGemmStages A tiles, then kGemmStages B tiles; an int8 weight (W = int8_t) instead
+// has kGemmStages raw int8 tiles (cp.async'd as stored) and one converted B tile.
+template <typename T, typename W, int kBM, int kBN>
+constexpr std::size_t gemm_mma_smem() {
+  constexpr std::size_t a = std::size_t{kGemmStages} * kBM * kGemmBK * sizeof(T);
+  if constexpr (std::is_same_v<W, T>) {
+    return a + std::size_t{kGemmStages} * kBN * kGemmBK * sizeof(T);
+  }
+  return a + std::size_t{kGemmStages} * kBN * kGemmBK + std::size_t{kBN} * kGemmBK * sizeof(T);
 }
 
 // bias -> GELU -> residual for out[row, col] (in range), rounded once to TOut.
@@ -153,10 +159,51 @@ __device__ __forceinline__ void gemm_choice_merge(const GemmChoice& c, int m0, i
   if (threadIdx.x == 0) c.counters[blockIdx.y] = 0;
 }
 
-template <typename T, typename TOut, int kBM, int kBN, bool kAsync, bool kChoice = false>
+// An int8 weight tile of step k0 as stored ([kBN][kGemmBK] bytes, two 16-byte chunks a row; rows
+// from n0, `rows` of them exist), zeros past the edges. kAsync: K % 16 == 0, 16-byte aligned rows.
+template <int kBN, bool kAsync>
+__device__ __forceinline__ void gemm_load_int8_tile(int8_t* __restrict__ tile,
+                                                    const int8_t* __restrict__ src, int rows,
+                                                    int k0, int k_in) {
+#pragma unroll
+  for (int c = threadIdx.x; c < kBN * 2; c += kGemmThreads) {
+    const int r = c / 2, k = k0 + (c % 2) * 16;
+    int8_t* dst = tile + r * kGemmBK + (c % 2) * 16;
+    if constexpr (kAsync) {
+      const bool inside = r < rows && k < k_in;
+      cp_async_16(dst, inside ? src + static_cast<int64_t>(r) * k_in + k : src, inside ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) {
+        dst[e] = r < rows && k + e < k_in ? src[static_cast<int64_t>(r) * k_in + k + e] : 0;
+      }
+    }
+  }
+}
+
+// The raw int8 tile, widened to T (exact: |q| <= 127 fits fp16's and bf16's mantissas) into the B
+// tile's swizzled layout; the scales wait for the epilogue.
+template <typename T, int kBN>
+__device__ __forceinline__ void gemm_widen_int8_tile(T* __restrict__ tile,
+                                                     const int8_t* __restrict__ raw) {
+#pragma unroll
+  for (int c = threadIdx.x; c < kBN * kGemmChunks; c += kGemmThreads) {
+    const int r = c / kGemmChunks, chunk = c % kGemmChunks;
+    const Packed<int8_t, 8> q = *reinterpret_cast<const Packed<int8_t, 8>*>(raw + r * kGemmBK +
+                                                                             chunk * 8);
+    Packed<T, 8> v;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v.v[e] = from_float<T>(static_cast<float>(q.v[e]));
+    *reinterpret_cast<Packed<T, 8>*>(tile + gemm_swizzle(r, chunk)) = v;
+  }
+}
+
+template <typename T, typename TOut, int kBM, int kBN, bool kAsync, bool kChoice = false,
+          typename W = T>
 __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
     const T* __restrict__ x,         // [rows, k_in], rows x_stride apart
-    const T* __restrict__ weight,    // [n_out, k_in], contiguous
+    const W* __restrict__ weight,    // [n_out, k_in], contiguous (int8: times w_scale[n])
+    const float* __restrict__ w_scale,  // [n_out] per-channel scales of an int8 weight, else unread
     const T* __restrict__ bias,      // [n_out] or nullptr
     const T* __restrict__ residual,  // [rows, n_out], rows res_stride apart, or nullptr
     TOut* __restrict__ out,          // [rows, n_out], contiguous (unused with kChoice)
@@ -165,17 +212,29 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
   constexpr int kWM = kBM / 2, kWN = kBN / 2;  // a warp's sub-tile
   constexpr int kMT = kWM / 16, kNT = kWN / 8;  // its m16n8 tiles
   static_assert(kNT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
-  T* smem = reinterpret_cast<T*>(dyn_smem);  // [kGemmStages][(kBM + kBN) * kGemmBK]
+  constexpr bool kInt8 = !std::is_same_v<W, T>;
+  T* a_tiles = reinterpret_cast<T*>(dyn_smem);        // [kGemmStages][kBM * kGemmBK]
+  T* b_tiles = a_tiles + kGemmStages * kBM * kGemmBK;  // [kGemmStages][kBN * kGemmBK] (T weights)
+  auto* raw_tiles = reinterpret_cast<int8_t*>(b_tiles);  // int8: [kGemmStages][kBN * kGemmBK]
+  T* widened = reinterpret_cast<T*>(raw_tiles + kGemmStages * kBN * kGemmBK);  // int8: [kBN * BK]
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int wm = warp / 2, wn = warp % 2;
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   const int steps = ceil_div(k_in, kGemmBK);
 
   auto load_stage = [&](int step) {
-    T* a_tile = smem + (step % kGemmStages) * (kBM + kBN) * kGemmBK;
-    gemm_load_tile<T, kBM, kAsync>(a_tile, x, m0, rows, x_stride, step * kGemmBK, k_in);
-    gemm_load_tile<T, kBN, kAsync>(a_tile + kBM * kGemmBK, weight + static_cast<int64_t>(n0) * k_in,
-                                   0, n_out - n0, k_in, step * kGemmBK, k_in);
+    const int stage = step % kGemmStages;
+    gemm_load_tile<T, kBM, kAsync>(a_tiles + stage * kBM * kGemmBK, x, m0, rows, x_stride,
+                                   step * kGemmBK, k_in);
+    if constexpr (kInt8) {
+      gemm_load_int8_tile<kBN, kAsync>(raw_tiles + stage * kBN * kGemmBK,
+                                       weight + static_cast<int64_t>(n0) * k_in, n_out - n0,
+                                       step * kGemmBK, k_in);
+    } else {
+      gemm_load_tile<T, kBN, kAsync>(b_tiles + stage * kBN * kGemmBK,
+                                     weight + static_cast<int64_t>(n0) * k_in, 0, n_out - n0, k_in,
+                                     step * kGemmBK, k_in);
+    }
   };
 
   float acc[kMT][kNT][4];
@@ -200,8 +259,13 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
     if (step + kGemmStages - 1 < steps) load_stage(step + kGemmStages - 1);
     cp_async_commit();
 
-    const T* a_tile = smem + (step % kGemmStages) * (kBM + kBN) * kGemmBK;
-    const T* b_tile = a_tile + kBM * kGemmBK;
+    const T* a_tile = a_tiles + (step % kGemmStages) * kBM * kGemmBK;
+    const T* b_tile = b_tiles + (step % kGemmStages) * kBN * kGemmBK;
+    if constexpr (kInt8) {  // widen this step's raw tile (no warp reads `widened` now: see above)
+      gemm_widen_int8_tile<T, kBN>(widened, raw_tiles + (step % kGemmStages) * kBN * kGemmBK);
+      __syncthreads();
+      b_tile = widened;
+    }
 #pragma unroll
     for (int kk = 0; kk < kGemmBK / 16; ++kk) {
       uint32_t a[kMT][4], b[kNT][2];
@@ -244,7 +308,8 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
 #pragma unroll
           for (int e = 2 * half; e < 2 * half + 2; ++e) {
             const int col = n0 + wn * kWN + j * 8 + 2 * q + e % 2;
-            const float score = gemm_choice_score(rc, acc[i][j][e], col);
+            const float y = kInt8 && col < n_out ? acc[i][j][e] * w_scale[col] : acc[i][j][e];
+            const float score = gemm_choice_score(rc, y, col);
             if (col < n_out) best = better(best, ArgMax{score, col});
           }
         }
@@ -276,7 +341,8 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
           const int row = m0 + wm * kWM + i * 16 + g + 8 * (e / 2);
           const int col = n0 + wn * kWN + j * 8 + 2 * q + e % 2;
           if (row < rows && col < n_out) {
-            gemm_store(acc[i][j][e], row, col, bias, residual, res_stride, gelu, out, n_out);
+            const float y = kInt8 ? acc[i][j][e] * w_scale[col] : acc[i][j][e];
+            gemm_store(y, row, col, bias, residual, res_stride, gelu, out, n_out);
           }
         }
       }
@@ -288,11 +354,14 @@ __global__ void __launch_bounds__(kGemmThreads) gemm_mma_kernel(
 
 constexpr int kSimtTile = 64, kSimtBK = 16, kSimtThreads = 256;
 
-template <bool kChoice>
+template <bool kChoice, typename W = float>
 __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
-    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
-    const float* __restrict__ residual, float* __restrict__ out, int rows, int n_out, int k_in,
-    int64_t x_stride, int64_t res_stride, bool gelu, GemmChoice choice) {
+    const float* __restrict__ x, const W* __restrict__ weight,
+    const float* __restrict__ w_scale,  // [n_out] scales of an int8 weight, else unread
+    const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ out,
+    int rows, int n_out, int k_in, int64_t x_stride, int64_t res_stride, bool gelu,
+    GemmChoice choice) {
+  constexpr bool kInt8 = !std::is_same_v<W, float>;
   // Tiles stored k-major ([k][row]) so the 4 x 4 outer products read rows as float4s; +4 pads
   // the stores of a column across banks.
   __shared__ __align__(16) float xs[kSimtBK][kSimtTile + 4];
@@ -308,7 +377,7 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
       xs[k][r] = m0 + r < rows && k_in_range ? x[static_cast<int64_t>(m0 + r) * x_stride + k0 + k]
                                              : 0.0f;
       ws[k][r] = n0 + r < n_out && k_in_range
-                     ? weight[static_cast<int64_t>(n0 + r) * k_in + k0 + k]
+                     ? to_float(weight[static_cast<int64_t>(n0 + r) * k_in + k0 + k])
                      : 0.0f;
     }
     __syncthreads();
@@ -334,7 +403,10 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int col = n0 + 4 * tx + j;
-        if (col < n_out) best = better(best, ArgMax{gemm_choice_score(rc, acc[i][j], col), col});
+        if (col < n_out) {
+          const float y = kInt8 ? acc[i][j] * w_scale[col] : acc[i][j];
+          best = better(best, ArgMax{gemm_choice_score(rc, y, col), col});
+        }
       }
 #pragma unroll
       for (int offset = 1; offset < 16; offset *= 2) {
@@ -354,8 +426,10 @@ __global__ void __launch_bounds__(kSimtThreads) gemm_simt_kernel(
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int row = m0 + 4 * ty + i, col = n0 + 4 * tx + j;
-        if (row < rows && col < n_out)
-          gemm_store(acc[i][j], row, col, bias, residual, res_stride, gelu, out, n_out);
+        if (row < rows && col < n_out) {
+          const float y = kInt8 ? acc[i][j] * w_scale[col] : acc[i][j];
+          gemm_store(y, row, col, bias, residual, res_stride, gelu, out, n_out);
+        }
       }
     }
   }
@@ -384,11 +458,12 @@ inline dim3 gemm_grid(int rows, int n_out, DType dtype) {
   return dim3(ceil_div(n_out, tile), ceil_div(rows, tile));
 }
 
-// The operands of one GEMM launch.
-template <typename T, typename TOut>
+// The operands of one GEMM launch (W: the weight's element type, T or int8_t with w_scale).
+template <typename T, typename TOut, typename W = T>
 struct GemmArgs {
   const T* x;
-  const T* weight;
+  const W* weight;
+  const float* w_scale;
   const T* bias;
   const T* residual;
   TOut* out;
@@ -398,119 +473,128 @@ struct GemmArgs {
   GemmChoice choice;
 };
 
-template <typename T, typename TOut, int kBM, int kBN, bool kChoice>
-void launch_gemm_mma(const GemmArgs<T, TOut>& a, dim3 grid, cudaStream_t stream) {
-  const std::size_t smem = gemm_mma_smem<kBM, kBN>(sizeof(T));
+// Whether cp.async can load the tiles: 16-byte chunks of whole rows (K a multiple of a chunk's
+// elements, x's rows and the weight 16-byte aligned).
+template <typename T, typename W>
+bool gemm_async(const void* x, const void* weight, int k_in, int64_t x_stride) {
+  return can_vectorize<T>({x}, k_in, {x_stride}) && is_aligned(weight, kVecBytes) &&
+         k_in % (kVecBytes / static_cast<int>(sizeof(W))) == 0;
+}
+
+template <typename T, typename TOut, typename W, int kBM, int kBN, bool kChoice>
+void launch_gemm_mma(const GemmArgs<T, TOut, W>& a, dim3 grid, cudaStream_t stream) {
+  constexpr std::size_t smem = gemm_mma_smem<T, W, kBM, kBN>();
   auto launch = [&](auto async) {
     LAUNCH(grid, dim3(kGemmThreads), smem, stream,
-           gemm_mma_kernel<T, TOut, kBM, kBN, decltype(async)::value, kChoice>)(
-        a.x, a.weight, a.bias, a.residual, a.out, a.rows, a.n_out, a.k_in, a.x_stride,
+           gemm_mma_kernel<T, TOut, kBM, kBN, decltype(async)::value, kChoice, W>)(
+        a.x, a.weight, a.w_scale, a.bias, a.residual, a.out, a.rows, a.n_out, a.k_in, a.x_stride,
         a.res_stride, a.gelu, a.choice);
   };
-  if (can_vectorize<T>({a.x, a.weight}, a.k_in, {a.x_stride})) {
+  if (gemm_async<T, W>(a.x, a.weight, a.k_in, a.x_stride)) {
     launch(std::true_type{});
   } else {
     launch(std::false_type{});
   }
 }
 
-template <typename T, typename TOut, bool kChoice>
-cudaError_t launch_gemm_typed(const GemmArgs<T, TOut>& a, cudaStream_t stream) {
+template <typename T, typename TOut, typename W, bool kChoice>
+cudaError_t launch_gemm_typed(const GemmArgs<T, TOut, W>& a, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
     const dim3 grid = gemm_grid(a.rows, a.n_out, DType::kFloat32);
-    LAUNCH(grid, dim3(kSimtThreads), 0, stream, gemm_simt_kernel<kChoice>)(
-        a.x, a.weight, a.bias, a.residual, a.out, a.rows, a.n_out, a.k_in, a.x_stride,
+    LAUNCH(grid, dim3(kSimtThreads), 0, stream, gemm_simt_kernel<kChoice, W>)(
+        a.x, a.weight, a.w_scale, a.bias, a.residual, a.out, a.rows, a.n_out, a.k_in, a.x_stride,
         a.res_stride, a.gelu, a.choice);
   } else {
     const dim3 grid = gemm_grid(a.rows, a.n_out, DType::kFloat16);
     if (gemm_large_tiles(a.rows, a.n_out)) {
-      launch_gemm_mma<T, TOut, 128, 128, kChoice>(a, grid, stream);
+      launch_gemm_mma<T, TOut, W, 128, 128, kChoice>(a, grid, stream);
     } else {
-      launch_gemm_mma<T, TOut, 64, 64, kChoice>(a, grid, stream);
+      launch_gemm_mma<T, TOut, W, 64, 64, kChoice>(a, grid, stream);
     }
   }
   return cudaGetLastError();
 }
 
-template <typename T, typename TOut>
-cudaError_t launch_gemm_untyped(const void* x, const void* weight, const void* bias,
-                                const void* residual, void* out, int rows, int n_out, int k_in,
-                                int64_t x_stride, int64_t res_stride, bool gelu,
-                                cudaStream_t stream) {
-  const GemmArgs<T, TOut> a{static_cast<const T*>(x),        static_cast<const T*>(weight),
-                            static_cast<const T*>(bias),     static_cast<const T*>(residual),
-                            static_cast<TOut*>(out),         rows,
-                            n_out,                           k_in,
-                            x_stride,                        res_stride,
-                            gelu,                            GemmChoice{}};
-  return launch_gemm_typed<T, TOut, false>(a, stream);
+// The argument checks gemm and gemm_choice share.
+inline bool gemm_shape_ok(int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride) {
+  return rows >= 0 && rows <= 0x7fffffff && n_out >= 0 && n_out <= 0x7fffffff && k_in >= 0 &&
+         k_in <= 0x7fffffff && x_stride >= k_in && ceil_div(static_cast<int>(rows), 64) <= 65535;
 }
 
 // out[t] = [gelu](x[t] @ weight.T + bias) [+ residual[t]] for any number of rows (bias and
 // residual may be nullptr), out contiguous in x's dtype, or fp32 logits when fp32_out (the LM
-// head: no bias, GELU or residual). x rows x_stride apart, residual rows res_stride apart.
-inline cudaError_t gemm(const void* x, const void* weight, const void* bias, const void* residual,
-                        void* out, int64_t rows, int64_t n_out, int64_t k_in, int64_t x_stride,
-                        int64_t res_stride, bool gelu, bool fp32_out, DType dtype,
-                        cudaStream_t stream) {
-  if (rows < 0 || rows > 0x7fffffff || n_out < 0 || n_out > 0x7fffffff || k_in < 0 ||
-      k_in > 0x7fffffff || x_stride < k_in || (residual != nullptr && res_stride < n_out) ||
-      (fp32_out && (bias != nullptr || residual != nullptr || gelu)) ||
-      ceil_div(static_cast<int>(rows), 64) > 65535) {
+// head: no bias, GELU or residual). x rows x_stride apart, residual rows res_stride apart. With
+// w_scale, weight is int8 (n_out, k_in) standing for weight[n] * w_scale[n] (W8A16).
+inline cudaError_t gemm(const void* x, const void* weight, const float* w_scale, const void* bias,
+                        const void* residual, void* out, int64_t rows, int64_t n_out,
+                        int64_t k_in, int64_t x_stride, int64_t res_stride, bool gelu,
+                        bool fp32_out, DType dtype, cudaStream_t stream) {
+  if (!gemm_shape_ok(rows, n_out, k_in, x_stride) || (residual != nullptr && res_stride < n_out) ||
+      (fp32_out && (bias != nullptr || residual != nullptr || gelu))) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0 || n_out == 0) return cudaSuccess;
-  const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
+  auto typed = [&](auto zero, auto out_zero, auto weight_zero) -> cudaError_t {
+    using T = decltype(zero);
+    using TOut = decltype(out_zero);
+    using W = decltype(weight_zero);
+    const GemmArgs<T, TOut, W> a{static_cast<const T*>(x),        static_cast<const W*>(weight),
+                                 w_scale,                         static_cast<const T*>(bias),
+                                 static_cast<const T*>(residual), static_cast<TOut*>(out),
+                                 static_cast<int>(rows),          static_cast<int>(n_out),
+                                 static_cast<int>(k_in),          x_stride,
+                                 res_stride,                      gelu,
+                                 GemmChoice{}};
+    return launch_gemm_typed<T, TOut, W, false>(a, stream);
+  };
+  auto weights = [&](auto zero, auto out_zero) -> cudaError_t {
+    return w_scale != nullptr ? typed(zero, out_zero, int8_t{}) : typed(zero, out_zero, zero);
+  };
   switch (dtype) {
     case DType::kFloat32:
-      return launch_gemm_untyped<float, float>(x, weight, bias, residual, out, r, n, k, x_stride,
-                                             res_stride, gelu, stream);
+      return weights(float{}, float{});
     case DType::kFloat16:
-      return fp32_out ? launch_gemm_untyped<__half, float>(x, weight, bias, residual, out, r, n, k,
-                                                         x_stride, res_stride, gelu, stream)
-                      : launch_gemm_untyped<__half, __half>(x, weight, bias, residual, out, r, n,
-                                                          k, x_stride, res_stride, gelu, stream);
+      return fp32_out ? weights(__half{}, float{}) : weights(__half{}, __half{});
     case DType::kBFloat16:
-      return fp32_out ? launch_gemm_untyped<__nv_bfloat16, float>(x, weight, bias, residual, out, r,
-                                                                n, k, x_stride, res_stride, gelu,
-                                                                stream)
-                      : launch_gemm_untyped<__nv_bfloat16, __nv_bfloat16>(
-                            x, weight, bias, residual, out, r, n, k, x_stride, res_stride, gelu,
-                            stream);
+      return fp32_out ? weights(__nv_bfloat16{}, float{})
+                      : weights(__nv_bfloat16{}, __nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }
 
 // out[t] = argmax_n (logit[t, n] / T_t + g(seed_t, n)), logit = x[t] . wte[n] (T_t <
 // GREEDY_BELOW or temperature nullptr: argmax_n logit[t, n]), ties to the lowest n, for any number
-// of rows, through the GEMM with the choice as its epilogue (the logits are never stored).
+// of rows, through the GEMM with the choice as its epilogue (the logits are never stored). With
+// w_scale, wte is int8 and row n stands for wte[n] * w_scale[n].
 // Workspaces part_score / part_token [gemm_grid.x, rows]; counters [gemm_grid.y], zero (left zero).
-inline cudaError_t gemm_choice(const void* x, const void* wte, const float* temperature,
-                               const int64_t* seeds, float* part_score, int* part_token,
-                               int* counters, int64_t* out, int64_t rows, int64_t vocab,
-                               int64_t width, int64_t x_stride, DType dtype, cudaStream_t stream) {
-  if (rows < 0 || rows > 0x7fffffff || vocab < 1 || vocab > 0x7fff0000 || width < 1 ||
-      width > 0x7fffffff || x_stride < width || counters == nullptr ||
-      (temperature == nullptr) != (seeds == nullptr) ||
-      ceil_div(static_cast<int>(rows), 64) > 65535) {
+inline cudaError_t gemm_choice(const void* x, const void* wte, const float* w_scale,
+                               const float* temperature, const int64_t* seeds, float* part_score,
+                               int* part_token, int* counters, int64_t* out, int64_t rows,
+                               int64_t vocab, int64_t width, int64_t x_stride, DType dtype,
+                               cudaStream_t stream) {
+  if (!gemm_shape_ok(rows, vocab, width, x_stride) || vocab < 1 || vocab > 0x7fff0000 ||
+      width < 1 || counters == nullptr || (temperature == nullptr) != (seeds == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;
   const GemmChoice choice{temperature, seeds, part_score, part_token, counters, out};
-  auto typed = [&](auto zero) -> cudaError_t {
+  auto typed = [&](auto zero, auto weight_zero) -> cudaError_t {
     using T = decltype(zero);
-    const GemmArgs<T, float> a{static_cast<const T*>(x), static_cast<const T*>(wte), nullptr,
-                               nullptr, nullptr, static_cast<int>(rows), static_cast<int>(vocab),
-                               static_cast<int>(width), x_stride, 0, false, choice};
-    return launch_gemm_typed<T, float, true>(a, stream);
+    using W = decltype(weight_zero);
+    const GemmArgs<T, float, W> a{static_cast<const T*>(x), static_cast<const W*>(wte), w_scale,
+                                  nullptr, nullptr, nullptr, static_cast<int>(rows),
+                                  static_cast<int>(vocab), static_cast<int>(width), x_stride, 0,
+                                  false, choice};
+    return launch_gemm_typed<T, float, W, true>(a, stream);
   };
+  const bool int8 = w_scale != nullptr;
   switch (dtype) {
     case DType::kFloat32:
-      return typed(float{});
+      return int8 ? typed(float{}, int8_t{}) : typed(float{}, float{});
     case DType::kFloat16:
-      return typed(__half{});
+      return int8 ? typed(__half{}, int8_t{}) : typed(__half{}, __half{});
     case DType::kBFloat16:
-      return typed(__nv_bfloat16{});
+      return int8 ? typed(__nv_bfloat16{}, int8_t{}) : typed(__nv_bfloat16{}, __nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

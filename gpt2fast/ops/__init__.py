@@ -133,12 +133,12 @@ def check_quantization_support(ops: Ops, quantization: str | None) -> None:
         >>> check_quantization_support(TORCH, "int4")
         Traceback (most recent call last):
         ...
-        ValueError: backend 'torch' has no int4 kernels; use backend 'cpu' or 'torch' for int4 weights
+        ValueError: backend 'torch' has no int4 kernels; use backend 'cpu', 'torch' or 'cuda' for int4 weights
     """
     if quantization is not None and quantization not in ops.quantizations:
-        soon = " yet (GPU int8 is issue 17)" if ops.name in ("triton", "cuda") else ""
+        soon = " yet (GPU int8 is issue 17)" if ops.name == "triton" else ""
         raise ValueError(f"backend {ops.name!r} has no {quantization} kernels{soon}; "
-                         f"use backend 'cpu' or 'torch' for {quantization} weights")
+                         f"use backend 'cpu', 'torch' or 'cuda' for {quantization} weights")
 
 
 def default_backend() -> str:
@@ -227,7 +227,8 @@ def cuda_ops(device: torch.device) -> Ops:
     over the pages, merged in the launch; prefill: flash attention on tensor cores, fp32 through the decode
     kernel per query); the LM head's logits (the GEMM, fp32 out) and token choice (a decode batch: argmax /
     Gumbel-max fused into the GEMV; more rows: into the GEMM's epilogue, the logits never stored); the
-    top-k/top-p/min-p sampler. Only ``attention_with_probs`` (inspection, never the hot path) is the fallback's:
+    top-k/top-p/min-p sampler. ``quantization="int8"``: the GEMV, the GEMM, the LM head and the embedding read
+    int8 weights with per-channel scales (W8A16). Only ``attention_with_probs`` (inspection) is the fallback's:
     Triton on a GPU, the PyTorch ``torch`` backend on the CPU, where the CUDA kernels run emulated (tests).
 
     Example:
@@ -267,4 +268,6 @@ def cuda_ops(device: torch.device) -> Ops:
         lm_head_argmax=cuda.lm_head_argmax,
         lm_head_gumbel=cuda.lm_head_gumbel,
         sample_top_k_top_p=cuda.sample_top_k_top_p,
+        quantizations=("int8",),  # W8A16: every weight-taking kernel reads int8 (N, K) with per-row scales
+        int8_panels=lambda dtype: False,
     )

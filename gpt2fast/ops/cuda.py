@@ -624,8 +624,7 @@ def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int
 
 
 def _check_int8_weight(weight: Int8Weight, x: torch.Tensor, k_in: int) -> None:
-    """An int8 weight the CUDA GEMV reads: ``q`` (N, K) int8 contiguous, ``scale`` (N,) fp32, on x's device; and
-    a decode batch (the GEMM takes no int8 weights yet)."""
+    """An int8 weight the CUDA kernels read: ``q`` (N, K) int8 contiguous, ``scale`` (N,) fp32, on x's device."""
     if weight.panels:
         raise ValueError("weight is an Int8Weight in panels (the CPU backend's layout); the CUDA kernels take (N, K)")
     q, scale = weight.data, weight.scale
@@ -638,10 +637,6 @@ def _check_int8_weight(weight: Int8Weight, x: torch.Tensor, k_in: int) -> None:
     if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
         raise ValueError(f"weight.scale must be a contiguous float32 ({q.shape[0]},), got {scale.dtype} "
                          f"{tuple(scale.shape)}")  # fmt: skip
-    if x.shape[0] > LINEAR_MAX_ROWS:
-        raise ValueError(f"x has {x.shape[0]} rows and the weight is int8: the CUDA GEMV reads int8 weights for "
-                         f"decode batches of at most {LINEAR_MAX_ROWS} rows; the GEMM takes no int8 weights "
-                         "yet")  # fmt: skip
 
 
 def _weight_pointers(weight: torch.Tensor | Int8Weight) -> tuple[int, int]:
@@ -721,15 +716,16 @@ def linear(
         if rows <= LINEAR_MAX_ROWS:
             module.linear(*args, _dtype_code(module, x.dtype), _stream(x.device), w_scale=scales)
         else:
-            module.gemm(*args, False, _dtype_code(module, x.dtype), _stream(x.device))
+            module.gemm(*args, False, _dtype_code(module, x.dtype), _stream(x.device), w_scale=scales)
     return out
 
 
-def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
     """``reference.lm_head``: fp32 logits ``x @ wte.T`` ``(T, V)`` through the GEMM of ``linear`` (tensor cores
     for fp16/bf16, fp32 products summed in fp32), any number of rows.
 
-    ``x``: ``(T, C)``, rows may be strided; ``wte``: ``(V, C)`` contiguous, x's dtype (no int8 weights).
+    ``x``: ``(T, C)``, rows may be strided; ``wte``: ``(V, C)`` contiguous in x's dtype, or an ``Int8Weight``
+    ``(V, C)`` (each row's scale applied to its fp32 sum).
 
     Example (on CPU this builds the emulated module with g++ on first use, ~20 s):
         >>> from gpt2fast.ops import reference
@@ -737,14 +733,20 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(lm_head(x, wte), reference.lm_head(x, wte), atol=1e-5)  # doctest: +SKIP
         True
     """
-    if not isinstance(wte, torch.Tensor):
-        raise ValueError(f"wte must be a tensor, got {type(wte).__name__} (the CUDA LM head takes no int8 weights)")
+    if not isinstance(wte, torch.Tensor | Int8Weight):
+        raise ValueError(f"wte must be a tensor or an Int8Weight, got {type(wte).__name__}")
     _check_linear(x, wte, None, None)
     rows, width = x.shape
     vocab = wte.shape[0]
     out = _empty((rows, vocab), torch.float32, x.device)  # (T, V)
     if rows == 0 or vocab == 0:
         return out
+    module = module_for(x.device)
+    values, scales = _weight_pointers(wte)
+    with _on(x.device):
+        module.gemm(x.data_ptr(), values, 0, 0, out.data_ptr(), rows, vocab, width, _row_stride(x), vocab,
+                    False, True, _dtype_code(module, x.dtype), _stream(x.device), w_scale=scales)  # fmt: skip
+    return out
     module = module_for(x.device)
     with _on(x.device):
         module.gemm(x.data_ptr(), wte.data_ptr(), 0, 0, out.data_ptr(), rows, vocab, width, _row_stride(x), vocab,
@@ -862,17 +864,18 @@ def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
     if rows == 0:
         return out
     module = module_for(x.device)
+    values, scales = _weight_pointers(wte)
     if rows > LINEAR_MAX_ROWS:  # the GEMM with the choice as its epilogue: one launch, no logits
         col_tiles, row_tiles = module.gemm_grid(rows, vocab, _dtype_code(module, x.dtype))
         part_score = _empty((col_tiles, rows), torch.float32, x.device)  # (tiles, T) each tile's best per row
         part_token = _empty((col_tiles, rows), torch.int32, x.device)  # (tiles, T) and its token
         with _on(x.device):
-            module.gemm_choice(x.data_ptr(), wte.data_ptr(), 0 if temperature is None else temperature.data_ptr(),
+            module.gemm_choice(x.data_ptr(), values, 0 if temperature is None else temperature.data_ptr(),
                                0 if seeds is None else seeds.data_ptr(), part_score.data_ptr(), part_token.data_ptr(),
                                ticket_counters(x.device, row_tiles).data_ptr(), out.data_ptr(), rows, vocab, width,
-                               _row_stride(x), _dtype_code(module, x.dtype), _stream(x.device))  # fmt: skip
+                               _row_stride(x), _dtype_code(module, x.dtype), _stream(x.device),
+                               w_scale=scales)  # fmt: skip
         return out
-    values, scales = _weight_pointers(wte)
     blocks = module.lm_head_blocks(vocab)
     part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
     part_token = _empty((blocks, rows), torch.int32, x.device)  # (blocks, T) and its token
@@ -916,8 +919,10 @@ def _check_embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Te
             raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its dtype")
 
 
-def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor) -> torch.Tensor:
+def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor | Int8Weight,
+          wpe: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Token plus position embedding ``wte[input_ids] + wpe[positions]``, added in fp32 (see ``reference.embed``).
+    An ``Int8Weight`` wte's rows are dequantized on lookup (``q[id] * scale[id]``) and the sum is in wpe's dtype.
 
     ``input_ids``, ``positions``: ``(T,)`` int64 (or both int32), may be strided; ``wte`` ``(V, C)`` and ``wpe``
     ``(P, C)``: one float dtype, contiguous last dim. Returns a contiguous ``(T, C)`` in ``wte.dtype``. Ids are
@@ -931,15 +936,23 @@ def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor, w
         >>> torch.equal(embed(ids, pos, wte, wpe), reference.embed(ids, pos, wte, wpe))  # doctest: +SKIP
         True
     """
-    _check_embed(input_ids, positions, wte, wpe)
-    tokens, width = input_ids.shape[0], wte.shape[1]
-    out = _empty((tokens, width), wte.dtype, wte.device)  # (T, C)
+    if isinstance(wte, Int8Weight):  # rows dequantized on lookup; the sum in wpe's dtype
+        _check_embed(input_ids, positions, wpe, wpe)
+        if len(wte.shape) != 2 or wte.shape[1] != wpe.shape[1]:
+            raise ValueError(f"wte (V, C) and wpe (P, C) disagree: {tuple(wte.shape)}, {tuple(wpe.shape)}")
+        _check_int8_weight(wte, wpe, wpe.shape[1])
+    else:
+        _check_embed(input_ids, positions, wte, wpe)
+    tokens, width, vocab = input_ids.shape[0], wpe.shape[1], wte.shape[0]
+    out = _empty((tokens, width), wpe.dtype, wpe.device)  # (T, C)
     if tokens == 0 or width == 0:
         return out
-    module = module_for(wte.device)
-    with _on(wte.device):
-        module.embed(input_ids.data_ptr(), positions.data_ptr(), wte.data_ptr(), wpe.data_ptr(), out.data_ptr(),
-                     tokens, input_ids.stride(0), positions.stride(0), INDEX_BYTES[input_ids.dtype], wte.shape[0],
-                     wpe.shape[0], width, _row_stride(wte), _row_stride(wpe), _dtype_code(module, wte.dtype),
-                     _stream(wte.device))  # fmt: skip
+    module = module_for(wpe.device)
+    values, scales = _weight_pointers(wte)
+    wte_stride = width if isinstance(wte, Int8Weight) else _row_stride(wte)
+    with _on(wpe.device):
+        module.embed(input_ids.data_ptr(), positions.data_ptr(), values, wpe.data_ptr(), out.data_ptr(),
+                     tokens, input_ids.stride(0), positions.stride(0), INDEX_BYTES[input_ids.dtype], vocab,
+                     wpe.shape[0], width, wte_stride, _row_stride(wpe), _dtype_code(module, wpe.dtype),
+                     _stream(wpe.device), w_scale=scales)  # fmt: skip
     return out
