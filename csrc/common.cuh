@@ -40,6 +40,21 @@ constexpr int kWarpSize = 32;
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
+// Calls typed(T{}, W{}) for the element type of `dtype` and the weight type (int8_t when the
+// weight is int8, else T): the dispatch every launcher of a weight-reading kernel shares.
+template <typename F>
+cudaError_t with_weight_types(DType dtype, bool int8, F&& typed) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return int8 ? typed(float{}, int8_t{}) : typed(float{}, float{});
+    case DType::kFloat16:
+      return int8 ? typed(__half{}, int8_t{}) : typed(__half{}, __half{});
+    case DType::kBFloat16:
+      return int8 ? typed(__nv_bfloat16{}, int8_t{}) : typed(__nv_bfloat16{}, __nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // ---- fp32 <-> storage types: math in fp32, one rounding (to nearest even) at each store -----
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

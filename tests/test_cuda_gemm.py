@@ -13,7 +13,14 @@ import os
 
 import pytest
 import torch
-from test_cuda_linear import EPILOGUES, _expected_close, _linear_inputs, _run_epilogue, check_strided_and_misaligned
+from test_cuda_linear import (
+    EPILOGUES,
+    _expected_close,
+    _linear_inputs,
+    _run_epilogue,
+    check_deterministic,
+    check_strided_and_misaligned,
+)
 
 from gpt2fast.ops import cuda, cuda_build, reference
 
@@ -78,13 +85,7 @@ def test_gemm_strided_rows_and_misaligned_pointers(dtype, warp_order):
 
 
 def test_gemm_is_deterministic_across_calls_and_thread_orders(emu):
-    x, w, b, residual = _linear_inputs(70, 200, 90, torch.float16, seed=4)
-    results = []
-    for order in (0, 1, 2, 0):
-        emu.set_order(order)
-        results.append(cuda.linear(x, w, b, gelu=True, residual=residual))
-    emu.set_order(-1)
-    assert all(torch.equal(results[0], r) for r in results[1:])
+    check_deterministic(emu, 70, 200, 90, torch.float16)
 
 
 def test_linear_switches_from_the_gemv_to_the_gemm_above_16_rows(emu, monkeypatch):

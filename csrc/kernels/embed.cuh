@@ -99,26 +99,11 @@ cudaError_t launch_embed(const void* ids, const void* positions, const void* wte
                          int64_t ids_stride, int64_t pos_stride, int64_t vocab,
                          int64_t n_positions, int width, int64_t wte_stride, int64_t wpe_stride,
                          DType dtype, cudaStream_t stream) {
-  auto typed = [&](auto zero) -> cudaError_t {
-    using T = decltype(zero);
-    if (w_scale != nullptr) {
-      return launch_embed_typed<T, Index, int8_t>(ids, positions, wte, w_scale, wpe, out, tokens,
-                                                  ids_stride, pos_stride, vocab, n_positions,
-                                                  width, wte_stride, wpe_stride, stream);
-    }
-    return launch_embed_typed<T, Index, T>(ids, positions, wte, nullptr, wpe, out, tokens,
-                                           ids_stride, pos_stride, vocab, n_positions, width,
-                                           wte_stride, wpe_stride, stream);
-  };
-  switch (dtype) {
-    case DType::kFloat32:
-      return typed(float{});
-    case DType::kFloat16:
-      return typed(__half{});
-    case DType::kBFloat16:
-      return typed(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
+  return with_weight_types(dtype, w_scale != nullptr, [&](auto zero, auto weight_zero) {
+    return launch_embed_typed<decltype(zero), Index, decltype(weight_zero)>(
+        ids, positions, wte, w_scale, wpe, out, tokens, ids_stride, pos_stride, vocab, n_positions,
+        width, wte_stride, wpe_stride, stream);
+  });
 }
 
 // out[t] = wte[ids[t]] + wpe[positions[t]] in `dtype` (wpe's and out's), added in fp32; an id or

@@ -340,25 +340,11 @@ inline cudaError_t linear(const void* x, const void* weight, const float* w_scal
   }
   if (rows == 0 || n_out == 0) return cudaSuccess;
   const int r = static_cast<int>(rows), n = static_cast<int>(n_out), k = static_cast<int>(k_in);
-  auto typed = [&](auto zero) -> cudaError_t {
-    using T = decltype(zero);
-    if (w_scale != nullptr) {
-      return launch_linear_typed<T, int8_t>(x, weight, w_scale, bias, residual, ln_weight,
-                                            ln_bias, out, r, n, k, x_stride, res_stride, gelu,
-                                            eps, stream);
-    }
-    return launch_linear_typed<T, T>(x, weight, nullptr, bias, residual, ln_weight, ln_bias, out,
-                                     r, n, k, x_stride, res_stride, gelu, eps, stream);
-  };
-  switch (dtype) {
-    case DType::kFloat32:
-      return typed(float{});
-    case DType::kFloat16:
-      return typed(__half{});
-    case DType::kBFloat16:
-      return typed(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
+  return with_weight_types(dtype, w_scale != nullptr, [&](auto zero, auto weight_zero) {
+    return launch_linear_typed<decltype(zero), decltype(weight_zero)>(
+        x, weight, w_scale, bias, residual, ln_weight, ln_bias, out, r, n, k, x_stride, res_stride,
+        gelu, eps, stream);
+  });
 }
 
 }  // namespace gpt2fast

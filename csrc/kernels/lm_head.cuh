@@ -179,16 +179,7 @@ inline cudaError_t lm_head_choice(const void* x, const void* wte, const float* w
                                                part_token, counter, out, r, v, c, x_stride,
                                                stream);
   };
-  const bool int8 = w_scale != nullptr;
-  switch (dtype) {
-    case DType::kFloat32:
-      return int8 ? typed(float{}, int8_t{}) : typed(float{}, float{});
-    case DType::kFloat16:
-      return int8 ? typed(__half{}, int8_t{}) : typed(__half{}, __half{});
-    case DType::kBFloat16:
-      return int8 ? typed(__nv_bfloat16{}, int8_t{}) : typed(__nv_bfloat16{}, __nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
+  return with_weight_types(dtype, w_scale != nullptr, typed);
 }
 
 }  // namespace gpt2fast
