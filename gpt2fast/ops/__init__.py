@@ -215,13 +215,10 @@ def triton_ops() -> Ops:
     )
 
 
-CUDA_MAX_LINEAR_ROWS = 16  # the CUDA GEMV's row limit (ln_linear's LayerNorm prologue): more rows take the GEMM
-
-
 def cuda_ops(device: torch.device) -> Ops:
     """The CUDA C++ kernels' op table (``gpt2fast.ops.cuda``): every op of a prefill and a decode step.
 
-    embed, layer_norm, add_layer_norm, write_kv; linear (the decode GEMV up to ``CUDA_MAX_LINEAR_ROWS`` rows,
+    embed, layer_norm, add_layer_norm, write_kv; linear (the decode GEMV up to ``cuda.LINEAR_MAX_ROWS`` rows,
     the tensor-core GEMM above: fp16/bf16 mma.sync, fp32 on CUDA cores); ln_linear (the GEMV with its LayerNorm
     prologue; a prefill: the LayerNorm kernel, then the GEMM); attention and write_kv_attention (decode: split-K
     over the pages, merged in the launch; prefill: flash attention on tensor cores, fp32 through the decode
@@ -242,7 +239,7 @@ def cuda_ops(device: torch.device) -> Ops:
     fallback = triton_ops() if device.type == "cuda" and triton_backend.available() else TORCH
 
     def ln_linear(x, ln_weight, ln_bias, eps, weight, bias, *, gelu=False):
-        if x.shape[0] <= CUDA_MAX_LINEAR_ROWS:  # one launch: the GEMV with its LayerNorm prologue
+        if x.shape[0] <= cuda.LINEAR_MAX_ROWS:  # one launch: the GEMV with its LayerNorm prologue
             return cuda.ln_linear(x, ln_weight, ln_bias, eps, weight, bias, gelu=gelu)
         # a prefill: the LayerNorm kernel, then the GEMM
         return cuda.linear(cuda.layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu=gelu)
