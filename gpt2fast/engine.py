@@ -235,8 +235,8 @@ class Engine:
     on the device for it; step N's text, stop checks and outputs are done while N+1 runs, and a sequence
     found finished drops the one token it got too many. Each ``step()`` still returns one step's outputs
     (the first overlapped one launches two steps). ``quantization="int8"``
-    quantizes the weights as they load (``gpt2fast.quant``; ``GPT2.from_state_dict``); a backend without
-    int8 kernels (today: triton, cuda) refuses it here.
+    quantizes the weights as they load (``gpt2fast.quant``; ``GPT2.from_state_dict``); every backend has int8
+    kernels, and a table without them (``Ops.quantizations``) would be refused here, before any weight loads.
 
     Example:
         >>> engine = Engine('random:{"n_layer": 1, "n_embd": 32, "n_head": 2}')

@@ -170,6 +170,31 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scale)
 
 
+def check_int8_weight(weight: Int8Weight, x: torch.Tensor, k: int, kernels: str) -> None:
+    """Raise ``ValueError`` unless ``weight`` is what the GPU kernels read: ``q`` (N, ``k``) int8, contiguous, not in
+    panels, and ``scale`` a contiguous fp32 (N,), both on ``x``'s device (``kernels`` names them in the message).
+
+    Example:
+        >>> check_int8_weight(quantize_int8(torch.randn(3, 4)), torch.randn(2, 4), 4, "the CUDA kernels")
+        >>> check_int8_weight(quantize_int8(torch.randn(3, 4)), torch.randn(2, 5), 5, "the CUDA kernels")
+        Traceback (most recent call last):
+        ...
+        ValueError: weight.data must be int8 (N, 5), got torch.int8 (3, 4)
+    """
+    if weight.panels:
+        raise ValueError(f"weight is an Int8Weight in panels (the CPU backend's layout); {kernels} take (N, K)")
+    q, scale = weight.data, weight.scale
+    if q.dim() != 2 or q.shape[1] != k or q.dtype != torch.int8:
+        raise ValueError(f"weight.data must be int8 (N, {k}), got {q.dtype} {tuple(q.shape)}")
+    if q.device != x.device or scale.device != x.device:
+        raise ValueError(f"weight is on {q.device} (scale {scale.device}), x on {x.device}")
+    if not q.is_contiguous():
+        raise ValueError(f"weight.data must be contiguous (strides {q.stride()})")
+    if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
+        raise ValueError(f"weight.scale must be a contiguous float32 ({q.shape[0]},), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")  # fmt: skip
+
+
 def check_quantization(quantization: str | None) -> str | None:
     """``None`` (or ``"none"``) or one of ``QUANTIZATIONS``; anything else raises ``ValueError``.
 

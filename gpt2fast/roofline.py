@@ -56,16 +56,28 @@ class KernelBytes:
         return self.dram_bytes / bandwidth
 
 
+def matrix_bytes(n: int, k: int, size: int, quantization: str | None = None) -> int:
+    """Bytes of an ``(n, k)`` weight matrix: ``size`` per element, or (``"int8"``) one byte per element plus a
+    4-byte fp32 scale per output row (``gpt2fast.quant``).
+
+    Example:
+        >>> matrix_bytes(768, 3072, 2), matrix_bytes(768, 3072, 2, "int8")
+        (4718592, 2362368)
+    """
+    return n * k + n * FP32 if quantization == "int8" else size * n * k
+
+
 def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int, ln: bool = False,
-            residual: bool = False) -> KernelBytes:
+            residual: bool = False, quantization: str | None = None) -> KernelBytes:
     """A decode linear (rows <= 64): one split-K GEMV launch that merges its partials and applies the epilogue,
     as ``ops/triton/linear.py`` launches it. ``ln``: ``ln_linear``, the LayerNorm in the prologue (its weight
     and bias read; every one of the ``cdiv(n, 32) x splits`` programs reads the rows twice more, from L2, for
-    the statistics). ``residual``: the epilogue adds a ``(rows, n)`` residual."""
+    the statistics). ``residual``: the epilogue adds a ``(rows, n)`` residual. ``quantization="int8"``: the
+    weight is int8 with per-row scales (``matrix_bytes``); activations, bias and sums stay as they were."""
     from gpt2fast.ops.triton.linear import BLOCK_K_DECODE, BLOCK_N_DECODE, decode_split
 
     splits, _ = decode_split(n, k, BLOCK_K_DECODE["fp16"])
-    dram = size * (n * k + n + rows * k + rows * n)  # weight, bias, x, y
+    dram = matrix_bytes(n, k, size, quantization) + size * (n + rows * k + rows * n)  # weight, bias, x, y
     dram += size * (2 * k if ln else 0) + size * (rows * n if residual else 0)  # LayerNorm weight + bias; residual
     workspace = 2 * splits * rows * n * FP32 if splits > 1 else 0  # one split keeps its tile in registers
     if ln:
@@ -76,11 +88,14 @@ def _linear(name: str, calls: int, rows: int, k: int, n: int, size: int, ln: boo
 
 
 def decode_step(
-    config: GPT2Config, batch: int, context: int, dtype_bytes: int = 2, fused_choice: bool = True
+    config: GPT2Config, batch: int, context: int, dtype_bytes: int = 2, fused_choice: bool = True,
+    quantization: str | None = None,
 ) -> list[KernelBytes]:
     """Every kernel of one decode step of ``batch`` sequences at ``context`` tokens each (fp16: 2 bytes).
 
     ``fused_choice``: the LM head picks the token (argmax / Gumbel-max) instead of writing fp32 logits.
+    ``quantization="int8"``: W8A16, every weight matrix (the four linears of each layer, the tied embedding / LM
+    head) read as int8 plus an fp32 scale per output row; activations, KV cache, biases and LayerNorms stay fp16.
 
     Example:
         >>> [k.name for k in decode_step(PRESETS["gpt2"], 1, 16)][:3]
@@ -97,20 +112,23 @@ def decode_step(
     tables = INT32 * b * (max_blocks + 2)  # block tables, seq_lens, cu_seqlens
     v_tiles = -(-v // _tiles("fp16", b)[1])
     head_out = b * v_tiles * (FP32 + INT32) + b * INT64 if fused_choice else b * v * FP32
+    q = quantization
+    wte_rows = matrix_bytes(b, c, s, q)  # the batch's rows of wte (int8: each with its scale)
     return [
-        KernelBytes("embed", 1, s * 3 * b * c + 2 * b * INT64, dram_trips=2),  # wte, wpe rows, out; ids (first)
-        _linear("ln_1 + linear qkv", n_layer, b, c, 3 * c, s, ln=True),
+        KernelBytes("embed", 1, wte_rows + s * 2 * b * c + 2 * b * INT64, dram_trips=2),  # wte, wpe rows, out; ids
+        _linear("ln_1 + linear qkv", n_layer, b, c, 3 * c, s, ln=True, quantization=q),
         # one launch: the newest position's split stores k, v and attends to them from registers (the other
         # context - 1 positions' K, V from the pages); the last split merges
         KernelBytes("write_kv + attention decode", n_layer,
                     s * (2 * b * (context - 1) * c + 2 * b * c + 2 * b * c + 2 * b * c) + b * INT64 + tables,
                     workspace_bytes=attn_workspace,  # cached K, V; k, v in; k, v into pages; q, out; slots
                     dram_trips=2, l2_trips=2 if splits > 1 else 0),  # block table, then pages; ticket, partials
-        _linear("linear attn proj + residual", n_layer, b, c, c, s, residual=True),
-        _linear("ln_2 + linear fc + gelu", n_layer, b, c, f, s, ln=True),
-        _linear("linear mlp proj + residual", n_layer, b, f, c, s, residual=True),
+        _linear("linear attn proj + residual", n_layer, b, c, c, s, residual=True, quantization=q),
+        _linear("ln_2 + linear fc + gelu", n_layer, b, c, f, s, ln=True, quantization=q),
+        _linear("linear mlp proj + residual", n_layer, b, f, c, s, residual=True, quantization=q),
         KernelBytes("layer_norm ln_f", 1, s * (2 * b * c + 2 * c)),  # x, y, weight + bias
-        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1, s * (v * c + b * c) + head_out,
+        KernelBytes("lm_head" + (" + choice" if fused_choice else ""), 1,
+                    matrix_bytes(v, c, s, q) + s * b * c + head_out,
                     l2_trips=2 if fused_choice else 0),  # each row tile's ticket, then the tiles' bests merged
     ]
 
@@ -241,14 +259,15 @@ def prediction_table(config: GPT2Config, batches: list[int], context: int) -> st
     return "\n".join(lines)
 
 
-def table(config: GPT2Config, batch: int, context: int, bandwidth: float = H100_BANDWIDTH) -> str:
+def table(config: GPT2Config, batch: int, context: int, bandwidth: float = H100_BANDWIDTH,
+          quantization: str | None = None) -> str:
     """A markdown table of one decode step, per kernel: calls, MB per call, extra L2 KB, launches, roofline us.
 
     Example:
         >>> print(table(PRESETS["gpt2"], 1, 128).splitlines()[0])
         | kernel | calls | MB / call | L2 extra KB / call | launches | us / call | us / step |
     """
-    kernels = decode_step(config, batch, context)
+    kernels = decode_step(config, batch, context, quantization=quantization)
     lines = ["| kernel | calls | MB / call | L2 extra KB / call | launches | us / call | us / step |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for k in kernels:
@@ -344,6 +363,25 @@ def prefill_table(config: GPT2Config, batch: int, prompt_len: int) -> str:
     return "\n".join(lines)
 
 
+def floor_table(batch: int, context: int, bandwidth: float = H100_BANDWIDTH) -> str:
+    """A markdown table of every preset's decode-step floor, fp16 weights against int8 (W8A16): MB a step moves,
+    roofline us at ``bandwidth``, and their ratio.
+
+    Example:
+        >>> print(floor_table(1, 128).splitlines()[2])
+        | gpt2 | 252.4 | 75.4 | 129.4 | 38.6 | 0.513 |
+    """
+    lines = ["| model | fp16 MB / step | fp16 us | int8 MB / step | int8 us | int8 / fp16 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, config in PRESETS.items():
+        fp16, int8 = (decode_step(config, batch, context, quantization=q) for q in (None, "int8"))
+        fp16_bytes, int8_bytes = (sum(k.calls * k.dram_bytes for k in step) for step in (fp16, int8))
+        lines.append(f"| {name} | {fp16_bytes / 1e6:.1f} | {step_time(fp16, bandwidth) * 1e6:.1f} | "
+                     f"{int8_bytes / 1e6:.1f} | {step_time(int8, bandwidth) * 1e6:.1f} | "
+                     f"{int8_bytes / fp16_bytes:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Bytes and roofline time of one decode step, per kernel.")
     parser.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
@@ -358,6 +396,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### Predicted decode step, {args.model}, fp16, context {args.context[0]}: a latency model, not a "
           "measurement (its constants are assumptions in gpt2fast/roofline.py; hold it against the first GPU run)\n")
     print(prediction_table(config, args.batch, args.context[0]))
+    batch, context = args.batch[0], args.context[0]
+    print(f"\n### Int8 weights (W8A16), every preset, batch {batch}, context {context} (H100: 3.35 TB/s): the "
+          "decode floor against fp16\n")
+    print(floor_table(batch, context))
+    print(f"\n### {args.model}, int8 weights (W8A16), fp16 activations, batch {batch}, context {context}\n")
+    print(table(config, batch, context, quantization="int8"))
     for batch, prompt_len in ((1, 128), (1, 1024), (8, 512)):
         print(f"\n### Prefill, {args.model}, fp16, batch {batch}, prompts of {prompt_len} tokens (H100: "
               f"{H100_FP16_FLOPS / 1e12:.0f} TFLOP/s fp16, 3.35 TB/s): roofline predictions, not measurements\n")

@@ -594,7 +594,7 @@ def test_quantization_axis_names_int8_rows(monkeypatch):
 def test_a_backend_refusing_int8_is_skipped_with_the_reason(monkeypatch):
     real_llm = bench.LLM
 
-    def llm(model: str, **kwargs):  # a backend without int8 kernels (triton and cuda refuse it like this)
+    def llm(model: str, **kwargs):  # a backend without int8 kernels (check_quantization_support refuses it so)
         if kwargs.get("quantization") == "int8":
             raise ValueError("backend 'torch' has no int8 kernels yet")
         return real_llm(model, **kwargs)

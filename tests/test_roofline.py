@@ -13,6 +13,7 @@ from gpt2fast.roofline import (
     LAUNCH_GAP_S,
     PDL_LAUNCHES,
     decode_step,
+    floor_table,
     op_bytes,
     predict_step,
     prefill_step,
@@ -32,6 +33,24 @@ def test_a_batch_of_one_reads_every_weight_once_plus_the_kv_cache(name):
     assert weights + kv <= total < (weights + kv) * 1.005
     if name == "gpt2":
         assert 73e-6 < weights / H100_BANDWIDTH < 75e-6
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("batch", [1, 8])
+def test_int8_weights_save_a_byte_per_matrix_element_less_a_scale_per_row(name, batch):
+    """W8A16: every matrix element (the tied wte read by the LM head, the batch's wte rows by the embedding, the four
+    linears of each layer) costs 1 byte instead of 2, plus 4 per output row; nothing else changes. At batch 1 the
+    floor of every preset halves, to within the KV cache, activations and scales."""
+    cfg = PRESETS[name]
+    c, f, v, layers = cfg.n_embd, cfg.mlp_width, cfg.vocab_size, cfg.n_layer
+    mats = v * c + batch * c + layers * (3 * c * c + c * c + c * f + f * c)
+    rows = v + batch + layers * (3 * c + c + f + c)
+    fp16, int8 = (sum(k.calls * k.dram_bytes for k in decode_step(cfg, batch, 128, quantization=q))
+                  for q in (None, "int8"))
+    assert fp16 - int8 == mats - 4 * rows
+    if batch == 1:
+        assert 0.5 < int8 / fp16 < 0.52
+        assert floor_table(1, 128).count(f"| {name} |") == 1
 
 
 def test_activations_and_kv_grow_with_the_batch_and_the_weights_do_not():

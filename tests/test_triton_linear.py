@@ -105,7 +105,7 @@ def test_linear_strided_rows(rows, dtype):
 @pytest.mark.parametrize("tile", sorted(set(PREFILL_TILES["fp16"])) if available() else [], ids=str)
 def test_every_half_prefill_tile_matches_reference(tile, monkeypatch):
     """Each tile the shape rule can pick, forced on a 111-row prefill with bias + GELU + residual."""
-    monkeypatch.setattr(linear_module, "prefill_tile", lambda etype, t, n: tile)
+    monkeypatch.setattr(linear_module, "prefill_tile", lambda etype, t, n, w_int8=False: tile)
     x, w, b, r = _inputs(111, 97, 131, torch.float16, seed=11)
     _check(x, w, b, r, torch.float16, EPILOGUES["gelu_residual"])
 

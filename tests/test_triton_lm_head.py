@@ -254,7 +254,7 @@ def _tied_inputs(rows, pairs, v=1013, c=40, seed=9):
 
 def _merge_two_tiles_a_step(monkeypatch):
     """The in-kernel merge takes 2 vocab tiles a step instead of all 16 (fp32, 16 rows) or 32 (64 rows) at once."""
-    monkeypatch.setattr(lm_head_module, "_merge_tiles", lambda etype, block_m, warps: 2)
+    monkeypatch.setattr(lm_head_module, "_merge_tiles", lambda etype, block_m, warps, w_int8=False: 2)
 
 
 @needs_interpreter

@@ -35,6 +35,12 @@
 //     flight per K step, and need no fp32 workspace and no second launch. (At N = 768, 192
 //     blocks leave 60 SMs with two and 72 with one; kGemvOutputsPerBlock = 2 would even that
 //     out at twice the x reads: a choice for a GPU to measure.)
+//   - Int8 weights (W8A16, W = int8_t): the same vectors of kVec elements, so an int8 weight load
+//     is kVec bytes (8 beside fp16/bf16 x, 4 beside fp32), not 16. That keeps the split above:
+//     K = 768 is 96 vectors, one per thread of 3 warps, where 16-byte int8 vectors would be 48
+//     and idle half the block unless a block took 8 rows. At GPT-2's widths a block requests its
+//     whole 4-row slab at once (3 KB of int8 at K = 768), so the load width does not bound the
+//     bytes in flight; 16-byte loads with 8 rows a block at K = 3072 are for a GPU to measure.
 //
 // Napkin math, GPT-2 124M fp16 (2 bytes), bytes one call moves (weight + bias + x + out, + the
 // residual of the two projections), and the time at an H100's 3.35 TB/s:

@@ -133,12 +133,11 @@ def check_quantization_support(ops: Ops, quantization: str | None) -> None:
         >>> check_quantization_support(TORCH, "int4")
         Traceback (most recent call last):
         ...
-        ValueError: backend 'torch' has no int4 kernels; use backend 'cpu', 'torch' or 'cuda' for int4 weights
+        ValueError: backend 'torch' has no int4 kernels (it takes float weights or int8)
     """
     if quantization is not None and quantization not in ops.quantizations:
-        soon = " yet (GPU int8 is issue 17)" if ops.name == "triton" else ""
-        raise ValueError(f"backend {ops.name!r} has no {quantization} kernels{soon}; "
-                         f"use backend 'cpu', 'torch' or 'cuda' for {quantization} weights")
+        takes = " or ".join(("float weights", *ops.quantizations))
+        raise ValueError(f"backend {ops.name!r} has no {quantization} kernels (it takes {takes})")
 
 
 def default_backend() -> str:
@@ -212,6 +211,8 @@ def triton_ops() -> Ops:
         lm_head_argmax=lm_head.lm_head_argmax,
         lm_head_gumbel=lm_head.lm_head_gumbel,
         sample_top_k_top_p=torch_native.sample_top_k_top_p,  # no Triton sampler; torch's without a sync (graphs)
+        quantizations=("int8",),  # W8A16: the linears, the LM head and the embedding read int8 (N, K) + scales
+        int8_panels=lambda dtype: False,
     )
 
 

@@ -22,7 +22,7 @@ import torch
 
 from gpt2fast.metadata import AttentionMetadata
 from gpt2fast.ops import cuda_build
-from gpt2fast.quant import Int8Weight
+from gpt2fast.quant import Int8Weight, check_int8_weight
 
 FLOAT_DTYPES = {torch.float32: "DTYPE_FLOAT32", torch.float16: "DTYPE_FLOAT16", torch.bfloat16: "DTYPE_BFLOAT16"}
 MAX_WIDTH = 8192  # csrc/kernels/layer_norm.cuh kLayerNormMaxWidth (the modules export it: LAYER_NORM_MAX_WIDTH)
@@ -623,22 +623,6 @@ def _check_operand(name: str, t: torch.Tensor, x: torch.Tensor, shape: tuple[int
         raise ValueError(f"{name}'s data pointer {t.data_ptr():#x} is not aligned to its {t.element_size()}-byte dtype")
 
 
-def _check_int8_weight(weight: Int8Weight, x: torch.Tensor, k_in: int) -> None:
-    """An int8 weight the CUDA kernels read: ``q`` (N, K) int8 contiguous, ``scale`` (N,) fp32, on x's device."""
-    if weight.panels:
-        raise ValueError("weight is an Int8Weight in panels (the CPU backend's layout); the CUDA kernels take (N, K)")
-    q, scale = weight.data, weight.scale
-    if q.dim() != 2 or q.shape[1] != k_in or q.dtype != torch.int8:
-        raise ValueError(f"weight.data must be int8 (N, {k_in}), got {q.dtype} {tuple(q.shape)}")
-    if q.device != x.device or scale.device != x.device:
-        raise ValueError(f"weight is on {q.device} (scale {scale.device}), x on {x.device}")
-    if not q.is_contiguous():
-        raise ValueError(f"weight.data must be contiguous (strides {q.stride()})")
-    if scale.dtype != torch.float32 or scale.shape != (q.shape[0],) or not scale.is_contiguous():
-        raise ValueError(f"weight.scale must be a contiguous float32 ({q.shape[0]},), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")  # fmt: skip
-
-
 def _weight_pointers(weight: torch.Tensor | Int8Weight) -> tuple[int, int]:
     """(values, per-row scales) pointers of a weight: the scales' 0 for a plain tensor."""
     if isinstance(weight, Int8Weight):
@@ -666,7 +650,7 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torc
         raise ValueError(f"weight {tuple(weight.shape)}: the CUDA linear takes N and K below 2**31")
     _check_operand("x", x, x, (rows, k_in), "linear")
     if isinstance(weight, Int8Weight):
-        _check_int8_weight(weight, x, k_in)
+        check_int8_weight(weight, x, k_in, "the CUDA kernels")
     else:
         _check_operand("weight", weight, x, (n_out, k_in), "linear")
         if n_out > 1 and weight.stride(0) != k_in:
@@ -940,7 +924,7 @@ def embed(input_ids: torch.Tensor, positions: torch.Tensor, wte: torch.Tensor | 
         _check_embed(input_ids, positions, wpe, wpe)
         if len(wte.shape) != 2 or wte.shape[1] != wpe.shape[1]:
             raise ValueError(f"wte (V, C) and wpe (P, C) disagree: {tuple(wte.shape)}, {tuple(wpe.shape)}")
-        _check_int8_weight(wte, wpe, wpe.shape[1])
+        check_int8_weight(wte, wpe, wpe.shape[1], "the CUDA kernels")
     else:
         _check_embed(input_ids, positions, wte, wpe)
     tokens, width, vocab = input_ids.shape[0], wpe.shape[1], wte.shape[0]

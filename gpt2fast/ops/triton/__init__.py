@@ -108,6 +108,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def weight_operands(weight, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(values, scales, w_int8)`` a kernel takes for ``weight``: an ``Int8Weight``'s int8 ``(N, k)`` values and fp32
+    scales (checked: ``quant.check_int8_weight``), or a float weight and itself again (a valid pointer, unread).
+
+    Example:
+        >>> import torch
+        >>> from gpt2fast.quant import quantize_int8
+        >>> w = quantize_int8(torch.randn(3, 4))
+        >>> q, scale, w_int8 = weight_operands(w, torch.randn(2, 4), 4)
+        >>> q.dtype, scale.dtype, w_int8
+        (torch.int8, torch.float32, True)
+    """
+    from gpt2fast.quant import Int8Weight, check_int8_weight
+
+    if isinstance(weight, Int8Weight):
+        check_int8_weight(weight, x, k, "the Triton kernels")
+        return weight.data, weight.scale, True
+    return weight, weight, False
+
+
 # torch dtype name -> Triton signature element type; the dtypes our kernels are compiled for.
 FLOAT_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 INDEX_TYPES = {"int32": "i32", "int64": "i64"}

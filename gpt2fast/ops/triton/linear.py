@@ -56,6 +56,11 @@ runs the LayerNorm kernel, then the tiles.
 fp16/bf16 inputs take the default tensor-core path (fp32 accumulation). The interpreter gets bf16
 ``tl.dot`` wrong, so under ``TRITON_INTERPRET`` bf16 tiles are upcast to fp32 first (exact there).
 
+``weight`` may be an ``Int8Weight`` (``quantization="int8"``, W8A16): both kernels then load int8 tiles (half
+the bytes), widen them to x's dtype in registers for the same ``tl.dot`` (exact: |q| <= 127), and multiply each
+output channel's fp32 scale into the fp32 sum once, in the epilogue (after the split-K merge, before bias, GELU
+and residual). The ``W_INT8`` constexpr selects it; fp32 prefill takes ``PREFILL_TILES_W8``.
+
 ``x`` may have strided rows (``x[::2]``); ``weight``, ``bias`` and ``residual`` must have a contiguous
 last dim, and all tensors one dtype (fp32, fp16 or bf16). ``bias=None`` and ``residual=None`` are
 runtime flags (the epilogue is a few ops per output, so no compiled variant is spent on them); GELU is
@@ -71,7 +76,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting, pdl_enabled
+from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting, pdl_enabled, weight_operands
 from gpt2fast.ops.triton.counters import ticket_counters
 
 DECODE_MAX_ROWS = 64  # at most this many rows: the split-K GEMV path (row tile 16, or 64 above 16 rows)
@@ -97,6 +102,9 @@ def decode_warps(block_m: int, ln: bool) -> int:
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the prefill tiles per element type, largest first
 _HALF_TILES = ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4))
 PREFILL_TILES = {"fp32": ((64, 64, 32, 4),), "fp16": _HALF_TILES, "bf16": _HALF_TILES}
+# With int8 weights: fp32's FMA path also holds the widened (BK, BN) tile, so K steps of 16 over 8 warps (~128
+# registers; 64x64x32 on 4 warps spills ~0.6 KB on sm_80 and sm_90); fp16/bf16 keep their tiles
+PREFILL_TILES_W8 = {**PREFILL_TILES, "fp32": ((64, 64, 16, 8),)}
 
 
 @triton.jit
@@ -112,18 +120,22 @@ def _tanh_gelu(y):
 
 @triton.jit
 def _w_tile(w_ptr, cols, col_ok, K, k0, BLOCK_K: tl.constexpr):
-    """The (BK, BN) tile ``w[cols, k0:k0 + BK].T`` (zeros past K and N)."""
+    """The (BK, BN) tile ``w[cols, k0:k0 + BK].T`` in w's dtype, float or int8 (zeros past K and N)."""
     ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
     return tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None], mask=(ks < K)[:, None] & col_ok[None, :],
-                   other=0.0)
+                   other=0)
 
 
 @triton.jit
 def _dot_tile(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` in fp32 (``IEEE``: exact fp32 products; ``UPCAST``: the interpreter's bf16 dot is wrong)."""
+    """``acc + a @ b`` in fp32 (``IEEE``: exact fp32 products; ``UPCAST``: the interpreter's bf16 dot is wrong).
+
+    An int8 weight tile ``b`` is widened to ``a``'s dtype first: exact (|q| <= 127 fits fp16's and bf16's 8-bit
+    significands), so the dot sums ``x * q`` as the fp16/bf16 tensor-core path would sum ``x * w``, and the
+    per-channel scale waits for the epilogue (one multiply per output instead of one per weight)."""
     if UPCAST:
         a = a.to(tl.float32)
-        b = b.to(tl.float32)
+    b = b.to(a.dtype)
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
@@ -239,6 +251,7 @@ def _ln_x_times_w_t(
 def _epilogue_loads(
     b_ptr,  # (N,) bias (HAS_BIAS; else unread)
     res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
+    scale_ptr,  # (N,) fp32 per-channel scale of an int8 weight (W_INT8; else unread)
     rows,  # (BM,) row ids of the tile
     cols,  # (BN,) output columns of the tile
     row_ok,  # (BM,) rows < M
@@ -246,10 +259,15 @@ def _epilogue_loads(
     res_row_stride,
     HAS_BIAS,
     HAS_RESIDUAL,
+    W_INT8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The epilogue's inputs of one tile, fp32: the bias ``(BN,)`` and the residual ``(BM, BN)`` (zeros when absent)."""
+    """The epilogue's inputs of one tile, fp32: the weight's scales ``(BN,)`` (ones for a float weight), the bias
+    ``(BN,)`` and the residual ``(BM, BN)`` (zeros when absent)."""
+    scale = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    if W_INT8:
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     res = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
@@ -257,12 +275,13 @@ def _epilogue_loads(
     if HAS_RESIDUAL:
         res_ptrs = res_ptr + rows[:, None].to(tl.int64) * res_row_stride + cols[None, :]
         res = tl.load(res_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    return bias, res
+    return scale, bias, res
 
 
 @triton.jit
 def _epilogue_apply_store(
-    acc,  # (BM, BN) fp32 tile of x @ w.T
+    acc,  # (BM, BN) fp32 tile of x @ w.T (int8: x @ q.T)
+    scale,  # (BN,) fp32 (_epilogue_loads; W_INT8)
     bias,  # (BN,) fp32 (_epilogue_loads)
     res,  # (BM, BN) fp32 (_epilogue_loads)
     y_ptr,  # (M, N) output, contiguous
@@ -274,8 +293,12 @@ def _epilogue_apply_store(
     HAS_BIAS,
     HAS_RESIDUAL,
     GELU: tl.constexpr,
+    W_INT8: tl.constexpr,
 ):
-    """Bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (prefill and decode)."""
+    """The int8 weight's scales, bias, tanh-GELU, residual on the fp32 tile, then the one cast at the store (prefill
+    and decode)."""
+    if W_INT8:
+        acc *= scale[None, :]
     if HAS_BIAS:
         acc += bias[None, :]
     if GELU:
@@ -289,7 +312,8 @@ def _epilogue_apply_store(
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
 def _linear_kernel(
     x_ptr,  # (M, K) input rows, row stride x_row_stride, last dim contiguous
-    w_ptr,  # (N, K) weight, contiguous
+    w_ptr,  # (N, K) weight, contiguous: x's dtype, or int8 (W_INT8)
+    scale_ptr,  # (N,) fp32 per-channel scale of an int8 weight (W_INT8; else unread)
     b_ptr,  # (N,) bias (HAS_BIAS; else any valid pointer, unread)
     res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
     y_ptr,  # (M, N) output, contiguous
@@ -301,6 +325,7 @@ def _linear_kernel(
     HAS_BIAS,  # i32 0/1
     HAS_RESIDUAL,  # i32 0/1
     GELU: tl.constexpr,
+    W_INT8: tl.constexpr,  # w is int8 (N, K) with per-channel scales: W8A16, dequantized in registers
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
     UPCAST: tl.constexpr,  # interpreter + bf16: dot in fp32
     BLOCK_M: tl.constexpr,
@@ -315,9 +340,10 @@ def _linear_kernel(
     col_ok = cols < N
     acc = x_times_w_t(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptr, w_ptr, rows, cols, row_ok, col_ok,
                       x_row_stride, K, 0, K, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # (BM, BN) fp32
-    bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
-                                BLOCK_M, BLOCK_N)  # (BN,), (BM, BN) fp32
-    _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
+    scale, bias, res = _epilogue_loads(b_ptr, res_ptr, scale_ptr, rows, cols, row_ok, col_ok, res_row_stride,
+                                       HAS_BIAS, HAS_RESIDUAL, W_INT8, BLOCK_M, BLOCK_N)  # (BN,) x 2, (BM, BN) fp32
+    _epilogue_apply_store(acc, scale, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU,
+                          W_INT8)
 
 
 PDL_PREFETCH_ONLY: tl.constexpr = tl.constexpr(2)  # _linear_decode_kernel's PDL without griddepcontrol (tests)
@@ -326,7 +352,8 @@ PDL_PREFETCH_ONLY: tl.constexpr = tl.constexpr(2)  # _linear_decode_kernel's PDL
 @triton.jit(do_not_specialize=["M", "HAS_BIAS", "HAS_RESIDUAL"])
 def _linear_decode_kernel(
     x_ptr,  # (M, K) input rows, M <= BLOCK_M, row stride x_row_stride, last dim contiguous
-    w_ptr,  # (N, K) weight, contiguous
+    w_ptr,  # (N, K) weight, contiguous: x's dtype, or int8 (W_INT8)
+    scale_ptr,  # (N,) fp32 per-channel scale of an int8 weight (W_INT8; else unread)
     b_ptr,  # (N,) bias (HAS_BIAS; else unread)
     res_ptr,  # (M, N) residual, row stride res_row_stride (HAS_RESIDUAL; else unread)
     y_ptr,  # (M, N) output, contiguous
@@ -345,6 +372,7 @@ def _linear_decode_kernel(
     eps,  # fp32 LayerNorm epsilon (LN; else unused)
     LN: tl.constexpr,  # y = LayerNorm(x) @ w.T ...: every program computes its rows' stats over the full K
     GELU: tl.constexpr,
+    W_INT8: tl.constexpr,  # w is int8 (N, K) with per-channel scales, applied after the merge
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # 16 (tl.dot's smallest M) or 64; rows >= M are masked
@@ -373,7 +401,7 @@ def _linear_decode_kernel(
         # tests/test_triton_compile.py, which checks that nothing else is loaded before the wait).
         ks = k_start + tl.arange(0, BLOCK_K)  # (BK,)
         w_first = tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None],
-                          mask=(ks < K)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+                          mask=(ks < K)[:, None] & col_ok[None, :], other=0, eviction_policy="evict_first")
         if PDL != PDL_PREFETCH_ONLY:
             gdc_wait()
     if LN:
@@ -399,8 +427,8 @@ def _linear_decode_kernel(
         gdc_launch_dependents()
     # The epilogue's bias and residual, loaded before the ticket (by every split, the later ones from L2): their
     # memory round trip overlaps the partial's store and the ticket's, instead of following the last ticket.
-    bias, res = _epilogue_loads(b_ptr, res_ptr, rows, cols, row_ok, col_ok, res_row_stride, HAS_BIAS, HAS_RESIDUAL,
-                                BLOCK_M, BLOCK_N)  # (BN,), (BM, BN) fp32
+    scale, bias, res = _epilogue_loads(b_ptr, res_ptr, scale_ptr, rows, cols, row_ok, col_ok, res_row_stride,
+                                       HAS_BIAS, HAS_RESIDUAL, W_INT8, BLOCK_M, BLOCK_N)  # (BN,) x 2, (BM, BN) fp32
     if num_splits > 1:
         tile = rows[:, None].to(tl.int64) * N + cols[None, :]  # (BM, BN) offsets in one split's (M, N) slab
         tile_mask = row_ok[:, None] & col_ok[None, :]
@@ -426,7 +454,8 @@ def _linear_decode_kernel(
         # Every ticket of this tile is drawn, so nothing else touches the counter in this launch: a plain
         # store leaves it 0 for the next launch (or graph replay), which kernel order on the stream publishes.
         tl.store(counter_ptr + pid_n, 0)
-    _epilogue_apply_store(acc, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU)
+    _epilogue_apply_store(acc, scale, bias, res, y_ptr, rows, cols, row_ok, col_ok, N, HAS_BIAS, HAS_RESIDUAL, GELU,
+                          W_INT8)
 
 
 def pdl_launch(device: torch.device, etype: str) -> dict:
@@ -441,15 +470,16 @@ def pdl_launch(device: torch.device, etype: str) -> dict:
     return dict(PDL=True, launch_pdl=True) if etype != "fp32" and pdl_enabled(device) else {}
 
 
-def prefill_tile(etype: str, t: int, n: int) -> tuple[int, int, int, int]:
+def prefill_tile(etype: str, t: int, n: int, w_int8: bool = False) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` for a ``(t, n)`` prefill output: the largest tile of
-    ``PREFILL_TILES[etype]`` giving at least one program per H100 SM, else the smallest.
+    ``PREFILL_TILES[etype]`` (int8 weights: ``PREFILL_TILES_W8``) giving at least one program per H100 SM, else the
+    smallest.
 
     Example:
         >>> prefill_tile("fp16", 1024, 3072), prefill_tile("fp16", 512, 2304), prefill_tile("fp16", 100, 768)
         ((128, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 4))
     """
-    tiles = PREFILL_TILES[etype]
+    tiles = (PREFILL_TILES_W8 if w_int8 else PREFILL_TILES)[etype]
     for bm, bn, bk, warps in tiles:
         if triton.cdiv(t, bm) * triton.cdiv(n, bn) >= TARGET_PROGRAMS // 2:
             return bm, bn, bk, warps
@@ -472,22 +502,24 @@ def decode_split(n: int, k: int, block_k: int = 128) -> tuple[int, int]:
     return triton.cdiv(k_steps, steps_per_split), steps_per_split * block_k
 
 
-def _check(x, weight, bias, residual) -> str:
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+def _check(x, weight, bias, residual) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
+    """``(etype, w, scale, w_int8)``: x's element type and the weight's kernel operands (``weight_operands``)."""
+    if x.dim() != 2 or len(weight.shape) != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear: x must be (T, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
     etype = element_type(x.dtype, FLOAT_TYPES, "linear: x")
     t, n = x.shape[0], weight.shape[0]
-    named = {"weight": weight, "bias": bias, "residual": residual}
+    w, scale, w_int8 = weight_operands(weight, x, x.shape[1])
+    named = {"weight": None if w_int8 else w, "bias": bias, "residual": residual}
     for name, tensor in named.items():
         if tensor is not None and tensor.dtype != x.dtype:
             raise ValueError(f"linear: {name} has dtype {tensor.dtype}, x has {x.dtype}; they must match")
-    if x.stride(1) != 1 or weight.stride(1) != 1 or weight.stride(0) != weight.shape[1]:
+    if x.stride(1) != 1 or w.stride(1) != 1 or w.stride(0) != w.shape[1]:
         raise ValueError("linear: x needs a contiguous last dim and weight must be contiguous")
     if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
         raise ValueError(f"linear: bias must be a contiguous ({n},), got {tuple(bias.shape)}")
     if residual is not None and (residual.shape != (t, n) or residual.stride(1) != 1):
         raise ValueError(f"linear: residual must be ({t}, {n}) with a contiguous last dim, got {tuple(residual.shape)}")
-    return etype
+    return etype, w, scale, w_int8
 
 
 def linear(
@@ -510,10 +542,10 @@ def linear(
         ...     x, w, b = (torch.randn(*s, device=default_device()) for s in ((3, 8), (5, 8), (5,)))
         ...     assert torch.allclose(linear(x, w, b, gelu=True), reference.linear(x, w, b, gelu=True), atol=1e-5)
     """
-    etype = _check(x, weight, bias, residual)
+    operands = _check(x, weight, bias, residual)
     if x.shape[0] > DECODE_MAX_ROWS:
-        return _prefill(x, weight, bias, gelu, residual, etype)
-    return _decode(x, weight, bias, gelu, residual, etype, None)
+        return _prefill(x, operands, bias, gelu, residual)
+    return _decode(x, operands, bias, gelu, residual, None)
 
 
 def ln_linear(
@@ -556,37 +588,40 @@ def ln_linear(
     """
     from gpt2fast.ops.triton.layer_norm import layer_norm
 
-    etype = _check(x, weight, bias, None)
+    operands = _check(x, weight, bias, None)
     k = x.shape[1]
     for name, tensor in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if tensor.shape != (k,) or tensor.stride(0) != 1 or tensor.dtype != x.dtype:
             raise ValueError(f"ln_linear: {name} must be a contiguous ({k},) of x's dtype {x.dtype}, "
                              f"got {tuple(tensor.shape)} {tensor.dtype}")
     if x.shape[0] > DECODE_MAX_ROWS:
-        return _prefill(layer_norm(x, ln_weight, ln_bias, eps), weight, bias, gelu, None, etype)
-    return _decode(x, weight, bias, gelu, None, etype, (ln_weight, ln_bias, eps))
+        return _prefill(layer_norm(x, ln_weight, ln_bias, eps), operands, bias, gelu, None)
+    return _decode(x, operands, bias, gelu, None, (ln_weight, ln_bias, eps))
 
 
-def _prefill(x, weight, bias, gelu, residual, etype) -> torch.Tensor:
-    """The ``tl.dot`` tile kernel for ``T > DECODE_MAX_ROWS`` rows (arguments checked by the caller)."""
+def _prefill(x, operands, bias, gelu, residual) -> torch.Tensor:
+    """The ``tl.dot`` tile kernel for ``T > DECODE_MAX_ROWS`` rows (arguments checked by the caller: ``_check``'s
+    ``operands``)."""
+    etype, weight, scale, w_int8 = operands
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)  # (T, N)
     if n == 0:
         return y
-    bm, bn, bk, warps = prefill_tile(etype, t, n)
+    bm, bn, bk, warps = prefill_tile(etype, t, n, w_int8)
     _linear_kernel[(triton.cdiv(t, bm), triton.cdiv(n, bn))](
-        x, weight, weight if bias is None else bias, y if residual is None else residual, y, t, n, k, x.stride(0),
+        x, weight, scale, y if bias is None else bias, y if residual is None else residual, y, t, n, k, x.stride(0),
         0 if residual is None else residual.stride(0), int(bias is not None), int(residual is not None), GELU=gelu,
-        IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps,
+        W_INT8=w_int8, IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, num_warps=warps,
     )
     return y
 
 
-def _decode(x, weight, bias, gelu, residual, etype, ln) -> torch.Tensor:
+def _decode(x, operands, bias, gelu, residual, ln) -> torch.Tensor:
     """The one-launch split-K GEMV for ``T <= DECODE_MAX_ROWS`` rows; ``ln = (ln_weight, ln_bias, eps)`` normalises
     x in the kernel (``LN``), ``None`` takes x as it is."""
+    etype, weight, scale, w_int8 = operands
     t, k = x.shape
     n = weight.shape[0]
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)  # (T, N)
@@ -596,34 +631,38 @@ def _decode(x, weight, bias, gelu, residual, etype, ln) -> torch.Tensor:
     n_tiles = triton.cdiv(n, BLOCK_N_DECODE)
     # (S, T, N) fp32 workspace when K is split; one split applies the epilogue to its own tile (no workspace)
     partials = torch.empty((splits, t, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
-    ln_w, ln_b, eps = (weight, weight, 0.0) if ln is None else ln  # unread without LN
+    ln_w, ln_b, eps = (y, y, 0.0) if ln is None else ln  # unread without LN
     block_m = 16 if t <= 16 else 64
     _linear_decode_kernel[(n_tiles, splits)](
-        x, weight, weight if bias is None else bias, y if residual is None else residual, y, partials,
+        x, weight, scale, y if bias is None else bias, y if residual is None else residual, y, partials,
         ticket_counters(x.device, n_tiles if splits > 1 else 1), ln_w, ln_b, t, n, k, x.stride(0),
         0 if residual is None else residual.stride(0), k_per_split, int(bias is not None), int(residual is not None),
-        float(eps), LN=ln is not None, GELU=gelu, IEEE=etype == "fp32", UPCAST=etype == "bf16" and interpreting(),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype],
-        num_warps=decode_warps(block_m, ln is not None), **pdl_launch(x.device, etype),
+        float(eps), LN=ln is not None, GELU=gelu, W_INT8=w_int8, IEEE=etype == "fp32",
+        UPCAST=etype == "bf16" and interpreting(), BLOCK_M=block_m, BLOCK_N=BLOCK_N_DECODE,
+        BLOCK_K=BLOCK_K_DECODE[etype], num_warps=decode_warps(block_m, ln is not None), **pdl_launch(x.device, etype),
     )
     return y
 
 
 def _variants() -> list[dict]:
     out = []
-    for etype in ("fp32", "fp16", "bf16"):
+    for etype, w8 in ((etype, w8) for w8 in (False, True) for etype in ("fp32", "fp16", "bf16")):
         ptr = "*" + etype
         ieee = etype == "fp32"
+        # an int8 weight: *i8 values and *fp32 scales; a float one: the weight again in the unread scale slot
+        weights = dict(x_ptr=ptr, w_ptr="*i8" if w8 else ptr, scale_ptr="*fp32" if w8 else ptr, b_ptr=ptr,
+                       res_ptr=ptr, y_ptr=ptr)
         for gelu in (False, True):
-            suffix = f"{etype}_{'gelu' if gelu else 'plain'}"
-            for bm, bn, bk, warps in PREFILL_TILES[etype]:
+            suffix = f"{etype}{'_w8' if w8 else ''}_{'gelu' if gelu else 'plain'}"
+            for bm, bn, bk, warps in (PREFILL_TILES_W8 if w8 else PREFILL_TILES)[etype]:
                 out.append(dict(
                     name=f"linear_{suffix}_{bm}x{bn}", fn=_linear_kernel,
-                    signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr, M="i32", N="i32",
-                                   K="i32", x_row_stride="i64", res_row_stride="i64", HAS_BIAS="i32",
-                                   HAS_RESIDUAL="i32", GELU="constexpr", IEEE="constexpr", UPCAST="constexpr",
-                                   BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                    constexprs=dict(GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                    signature=dict(**weights, M="i32", N="i32", K="i32", x_row_stride="i64", res_row_stride="i64",
+                                   HAS_BIAS="i32", HAS_RESIDUAL="i32", GELU="constexpr", W_INT8="constexpr",
+                                   IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                                   BLOCK_K="constexpr"),
+                    constexprs=dict(GELU=gelu, W_INT8=w8, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
+                                    BLOCK_K=bk),
                     num_warps=warps, divisible_by_16=("N", "K", "x_row_stride", "res_row_stride"),
                 ))
             for ln in (False, True):
@@ -633,14 +672,14 @@ def _variants() -> list[dict]:
                         out.append(dict(
                             name=f"linear_decode_{'ln_' if ln else ''}{suffix}_m{block_m}{'_pdl' if pdl else ''}",
                             fn=_linear_decode_kernel,
-                            signature=dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, y_ptr=ptr,
-                                           part_ptr="*fp32", counter_ptr="*i32", ln_w_ptr=ptr, ln_b_ptr=ptr, M="i32",
-                                           N="i32", K="i32", x_row_stride="i64", res_row_stride="i64",
-                                           k_per_split="i32", HAS_BIAS="i32", HAS_RESIDUAL="i32", eps="fp32",
-                                           LN="constexpr", GELU="constexpr", IEEE="constexpr", UPCAST="constexpr",
+                            signature=dict(**weights, part_ptr="*fp32", counter_ptr="*i32", ln_w_ptr=ptr,
+                                           ln_b_ptr=ptr, M="i32", N="i32", K="i32", x_row_stride="i64",
+                                           res_row_stride="i64", k_per_split="i32", HAS_BIAS="i32",
+                                           HAS_RESIDUAL="i32", eps="fp32", LN="constexpr", GELU="constexpr",
+                                           W_INT8="constexpr", IEEE="constexpr", UPCAST="constexpr",
                                            BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr",
                                            PDL="constexpr"),
-                            constexprs=dict(LN=ln, GELU=gelu, IEEE=ieee, UPCAST=False, BLOCK_M=block_m,
+                            constexprs=dict(LN=ln, GELU=gelu, W_INT8=w8, IEEE=ieee, UPCAST=False, BLOCK_M=block_m,
                                             BLOCK_N=BLOCK_N_DECODE, BLOCK_K=BLOCK_K_DECODE[etype], PDL=pdl),
                             num_warps=decode_warps(block_m, ln),
                             divisible_by_16=("N", "K", "x_row_stride", "res_row_stride", "k_per_split"),
@@ -649,8 +688,8 @@ def _variants() -> list[dict]:
     return out
 
 
-# Every configuration linear() and ln_linear() can launch: per dtype, with and without GELU, each prefill
-# tile and the decode kernel, plain and with the LayerNorm prologue (LN), at row tiles 16 and 64, and for fp16 and
-# bf16 on sm_90 with programmatic dependent launch too (PDL). GPT-2's
+# Every configuration linear() and ln_linear() can launch: per dtype, with float or int8 weights (_w8), with and
+# without GELU, each prefill tile and the decode kernel, plain and with the LayerNorm prologue (LN), at row tiles 16
+# and 64, and for fp16 and bf16 on sm_90 with programmatic dependent launch too (PDL). GPT-2's
 # widths (768, 2304, 3072, ... 6400) and strides are multiples of 16, as the JIT will see them on the GPU.
 COMPILE_VARIANTS: list[dict] = _variants()

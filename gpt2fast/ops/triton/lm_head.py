@@ -49,9 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting
+from gpt2fast.ops.triton import FLOAT_TYPES, element_type, interpreting, weight_operands
 from gpt2fast.ops.triton.counters import ticket_counters
 from gpt2fast.ops.triton.linear import x_times_w_t
+from gpt2fast.quant import Int8Weight
 from gpt2fast.sampling import GREEDY_BELOW
 
 MODE_LOGITS, MODE_ARGMAX, MODE_GUMBEL = 0, 1, 2
@@ -73,8 +74,14 @@ MERGE_PER_THREAD = {("fp32", 16): 8, ("fp32", 64): 8, ("fp16", 16): 4, ("fp16", 
 FLT_MIN = 1.1754943508222875e-38  # the smallest normal fp32: where an exact-zero uniform is lifted to
 
 
-def _merge_tiles(etype: str, block_m: int, warps: int) -> int:
-    """Vocab tiles per step of the in-kernel merge (``BLOCK_T``): ``MERGE_PER_THREAD`` pairs per thread.
+# With int8 embeddings, fp16/bf16 at BLOCK_M 16 widen each weight tile in registers the merge used: 2 pairs a thread
+# (4 spills 8 B on sm_80 in bf16), V = 50257 in 13 steps
+MERGE_PER_THREAD_W8 = {**MERGE_PER_THREAD, ("fp16", 16): 2, ("bf16", 16): 2}
+
+
+def _merge_tiles(etype: str, block_m: int, warps: int, w_int8: bool = False) -> int:
+    """Vocab tiles per step of the in-kernel merge (``BLOCK_T``): ``MERGE_PER_THREAD`` pairs per thread
+    (``MERGE_PER_THREAD_W8`` for an int8 embedding).
 
     A pair costs a thread two loaded values and two 64-bit addresses; more pairs a step mean fewer serial
     L2 round trips, but a merge that needs more registers than the ``tl.dot`` phase lowers the blocks
@@ -83,7 +90,8 @@ def _merge_tiles(etype: str, block_m: int, warps: int) -> int:
     64 registers allow. At BLOCK_M 64 the fp16 ``tl.dot`` phase already holds more than 16 pairs a thread
     take. fp16: 16 x 64 or 64 x 64 pairs a step, V = 50257's 393 tiles in 7 steps.
     """
-    return max(1, MERGE_PER_THREAD[etype, block_m] * 32 * warps // block_m)
+    per_thread = (MERGE_PER_THREAD_W8 if w_int8 else MERGE_PER_THREAD)[etype, block_m]
+    return max(1, per_thread * 32 * warps // block_m)
 
 
 def _tiles(etype: str, n: int) -> tuple[int, int, int, int]:
@@ -95,7 +103,8 @@ def _tiles(etype: str, n: int) -> tuple[int, int, int, int]:
 @triton.jit(do_not_specialize=["N", "num_v_tiles", "num_m_tiles"])
 def _lm_head_kernel(
     x_ptr,  # (N, C) hidden rows, row stride x_row_stride, last dim contiguous
-    w_ptr,  # (V, C) tied token embedding, contiguous
+    w_ptr,  # (V, C) tied token embedding, contiguous: x's dtype, or int8 (W_INT8)
+    scale_ptr,  # (V,) fp32 per-token scale of an int8 embedding (W_INT8; else unread)
     out_ptr,  # (N, V) fp32 logits (MODE 0; else unused)
     val_ptr,  # (N, num_v_tiles) fp32 workspace: best score of each vocab tile (MODE 1, 2)
     idx_ptr,  # (N, num_v_tiles) i32 workspace: lowest token id with that score (MODE 1, 2)
@@ -112,6 +121,7 @@ def _lm_head_kernel(
     MODE: tl.constexpr,
     GREEDY_T: tl.constexpr,  # temperatures below this are greedy (sampling.GREEDY_BELOW)
     TINY: tl.constexpr,  # FLT_MIN
+    W_INT8: tl.constexpr,  # w is int8 with per-row scales, applied to each logit before anything reads it
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -128,6 +138,8 @@ def _lm_head_kernel(
     col_ok = cols < V
     acc = x_times_w_t(tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32), x_ptr, w_ptr, rows, cols, row_ok, col_ok,
                       x_row_stride, C, 0, C, IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV) fp32 logits
+    if W_INT8:  # x . q[v] * scale[v]: the logits of the dequantized embedding
+        acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if MODE == 0:
         out = out_ptr + rows[:, None].to(tl.int64) * V + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
@@ -180,21 +192,23 @@ def _lm_head_kernel(
         tl.store(counter_ptr + pid_m, 0)
 
 
-def _check(x: torch.Tensor, wte: torch.Tensor) -> str:
-    if x.dim() != 2 or wte.dim() != 2 or x.shape[1] != wte.shape[1]:
+def _check(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
+    """``(etype, w, scale, w_int8)``: x's element type and the embedding's kernel operands (``weight_operands``)."""
+    if x.dim() != 2 or len(wte.shape) != 2 or x.shape[1] != wte.shape[1]:
         raise ValueError(f"lm_head: x must be (N, C) and wte (V, C), got {tuple(x.shape)} and {tuple(wte.shape)}")
-    if x.dtype != wte.dtype:
-        raise ValueError(f"lm_head: x has dtype {x.dtype} and wte {wte.dtype}; they must match")
-    if x.stride(1) != 1 or not wte.is_contiguous():
+    w, scale, w_int8 = weight_operands(wte, x, x.shape[1])
+    if not w_int8 and x.dtype != w.dtype:
+        raise ValueError(f"lm_head: x has dtype {x.dtype} and wte {w.dtype}; they must match")
+    if x.stride(1) != 1 or not w.is_contiguous():
         raise ValueError("lm_head: x needs a contiguous last dim and wte must be contiguous")
-    return element_type(x.dtype, FLOAT_TYPES, "lm_head: x")
+    return element_type(x.dtype, FLOAT_TYPES, "lm_head: x"), w, scale, w_int8
 
 
 def _launch(x, wte, mode, out=None, vals=None, ids=None, token_ids=None, temperature=None, seeds=None):
     """Run ``_lm_head_kernel`` once (MODE 1, 2: partials and their merge, ``token_ids`` written)."""
-    etype = _check(x, wte)
+    etype, w, scale, w_int8 = _check(x, wte)
     n, c = x.shape
-    v = wte.shape[0]
+    v = w.shape[0]
     block_m, block_v, block_k, warps = _tiles(etype, n)
     num_v_tiles, num_m_tiles = triton.cdiv(v, block_v), triton.cdiv(n, block_m)
     if n == 0:
@@ -205,19 +219,20 @@ def _launch(x, wte, mode, out=None, vals=None, ids=None, token_ids=None, tempera
     i64 = token_ids if token_ids is not None else f32
     counters = ticket_counters(x.device, num_m_tiles) if mode != MODE_LOGITS else i32
     _lm_head_kernel[(num_v_tiles * num_m_tiles,)](
-        x, wte, f32 if out is None else out, f32, i32, counters, i64,
+        x, w, scale, f32 if out is None else out, f32, i32, counters, i64,
         f32 if temperature is None else temperature, i64 if seeds is None else seeds,
         n, v, c, x.stride(0), num_v_tiles, num_m_tiles,
-        MODE=mode, GREEDY_T=GREEDY_BELOW, TINY=FLT_MIN, IEEE=etype == "fp32",
+        MODE=mode, GREEDY_T=GREEDY_BELOW, TINY=FLT_MIN, W_INT8=w_int8, IEEE=etype == "fp32",
         UPCAST=etype == "bf16" and interpreting(), BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
-        BLOCK_T=_merge_tiles(etype, block_m, warps), num_warps=warps,
+        BLOCK_T=_merge_tiles(etype, block_m, warps, w_int8), num_warps=warps,
     )
 
 
-def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
     """Logits ``x @ wte.T`` as fp32 ``(N, V)``, like ``reference.lm_head``.
 
-    ``x``: (N, C) (rows may be strided); ``wte``: (V, C) in the same dtype.
+    ``x``: (N, C) (rows may be strided); ``wte``: (V, C) in the same dtype, or an ``Int8Weight`` (its int8 rows
+    widened in registers, each logit scaled once).
 
     Example (runs where ``available()``: a GPU, or ``TRITON_INTERPRET=1``):
         >>> from gpt2fast.ops import reference
@@ -233,7 +248,7 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
 
 
 def _choose(x, wte, mode, temperature=None, seeds=None) -> torch.Tensor:
-    etype = _check(x, wte)
+    etype = _check(x, wte)[0]
     n, v = x.shape[0], wte.shape[0]
     num_v_tiles = triton.cdiv(v, _tiles(etype, n)[1])
     vals = torch.empty((n, num_v_tiles), dtype=torch.float32, device=x.device)  # (N, tiles) partial maxima
@@ -243,7 +258,7 @@ def _choose(x, wte, mode, temperature=None, seeds=None) -> torch.Tensor:
     return token_ids
 
 
-def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
     """Greedy token ids ``argmax(x @ wte.T, -1)`` ((N,) int64), ties to the lowest id, without the logits.
 
     Only for rows with no logits processor (penalties, logprobs...): those need ``lm_head``'s logits.
@@ -258,7 +273,9 @@ def lm_head_argmax(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     return _choose(x, wte, MODE_ARGMAX)
 
 
-def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def lm_head_gumbel(
+    x: torch.Tensor, wte: torch.Tensor | Int8Weight, temperature: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
     """One token per row drawn from ``softmax(x @ wte.T / T)`` by Gumbel-max, without the logits: (N,) int64.
 
     ``temperature``: (N,) fp32 (rows below ``sampling.GREEDY_BELOW`` are greedy); ``seeds``: (N,) int64
@@ -287,25 +304,28 @@ def lm_head_gumbel(x: torch.Tensor, wte: torch.Tensor, temperature: torch.Tensor
 
 def _variants() -> list[dict]:
     out = []
-    for etype in ("fp32", "fp16", "bf16"):
+    for etype, w8 in ((etype, w8) for w8 in (False, True) for etype in ("fp32", "fp16", "bf16")):
         for mode, mode_name in ((MODE_LOGITS, "logits"), (MODE_ARGMAX, "argmax"), (MODE_GUMBEL, "gumbel")):
             for block_m in (16, 64):
                 block_v, block_k, warps = TILES[etype, block_m]
                 out.append(dict(
-                    name=f"lm_head_{mode_name}_{etype}_m{block_m}", fn=_lm_head_kernel,
-                    signature=dict(x_ptr="*" + etype, w_ptr="*" + etype, out_ptr="*fp32", val_ptr="*fp32",
+                    name=f"lm_head_{mode_name}_{etype}{'_w8' if w8 else ''}_m{block_m}", fn=_lm_head_kernel,
+                    signature=dict(x_ptr="*" + etype, w_ptr="*i8" if w8 else "*" + etype,
+                                   scale_ptr="*fp32" if w8 else "*" + etype, out_ptr="*fp32", val_ptr="*fp32",
                                    idx_ptr="*i32", counter_ptr="*i32", token_ptr="*i64", temp_ptr="*fp32",
                                    seed_ptr="*i64", N="i32", V="i32", C="i32", x_row_stride="i64",
                                    num_v_tiles="i32", num_m_tiles="i32", MODE="constexpr", GREEDY_T="constexpr",
-                                   TINY="constexpr", IEEE="constexpr", UPCAST="constexpr", BLOCK_M="constexpr",
-                                   BLOCK_V="constexpr", BLOCK_K="constexpr", BLOCK_T="constexpr"),
-                    constexprs=dict(MODE=mode, GREEDY_T=GREEDY_BELOW, TINY=FLT_MIN, IEEE=etype == "fp32",
+                                   TINY="constexpr", W_INT8="constexpr", IEEE="constexpr", UPCAST="constexpr",
+                                   BLOCK_M="constexpr", BLOCK_V="constexpr", BLOCK_K="constexpr",
+                                   BLOCK_T="constexpr"),
+                    constexprs=dict(MODE=mode, GREEDY_T=GREEDY_BELOW, TINY=FLT_MIN, W_INT8=w8, IEEE=etype == "fp32",
                                     UPCAST=False, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
-                                    BLOCK_T=_merge_tiles(etype, block_m, warps)),
+                                    BLOCK_T=_merge_tiles(etype, block_m, warps, w8)),
                     num_warps=warps, divisible_by_16=("C", "x_row_stride"),  # V = 50257 is not
                 ))
     return out
 
 
-# Every configuration the three launchers can launch: mode x dtype x row tile (MODE 1/2 merge in-kernel).
+# Every configuration the three launchers can launch: mode x dtype x float or int8 (_w8) embedding x row tile
+# (MODE 1/2 merge in-kernel).
 COMPILE_VARIANTS: list[dict] = _variants()
