@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU acceptance run (issue 15): on a machine with one NVIDIA GPU (H100 or H200) whose python3 already holds
 # PyTorch with CUDA and Triton, build gpt2fast in place (nvcc builds gpt2fast._C), run every `gpu`-marked test,
-# then `gpt2fast bench` for the triton and cuda backends, fp16 and bf16, batch 1 / 8 / 64, beside hf and
-# hf-static; everything lands in one folder:
+# then `gpt2fast bench` for the triton and cuda backends, fp16 weights and int8 (W8A16, issue 17: half the bytes),
+# batch 1 / 8 / 64, beside hf and hf-static (bf16 is in the gpu-marked tests); everything lands in one folder:
 #   env.txt        the GPU, driver, nvcc and package versions
 #   gpu-tests.log  pytest's output for the gpu-marked tests (and gpu-tests.xml, its JUnit report)
 #   bench/         bench.json, bench.md and the plots
@@ -55,8 +55,8 @@ if [ "$status" -eq 124 ]; then
 fi
 
 bench_status=0
-timeout -k 10 240 "$py" -m gpt2fast bench --model random:gpt2 --backends triton cuda --dtypes float16 bfloat16 \
-    --batch-sizes 1 8 64 --baselines hf hf-static --out "$out/bench" || bench_status=$?
+timeout -k 10 240 "$py" -m gpt2fast bench --model random:gpt2 --backends triton cuda --dtypes float16 \
+    --quantization none int8 --batch-sizes 1 8 64 --baselines hf hf-static --out "$out/bench" || bench_status=$?
 if [ "$bench_status" -eq 124 ]; then
     echo "gpu_check.sh: bench ran past 240 s and was cut off (its results are written at the end: none)" >&2
 fi

@@ -92,10 +92,12 @@ def _count_emulated(seen: Launches) -> Iterator[None]:
         seen.count += sum(m.launch_count() for m in modules) - before
 
 
-def decode_launches(backend: str, device: torch.device | str = "cpu", batch: int = 2) -> tuple[int, int] | None:
+def decode_launches(backend: str, device: torch.device | str = "cpu", batch: int = 2,
+                    quantization: str | None = None) -> tuple[int, int] | None:
     """``(per_layer, fixed)`` kernel launches of one eager decode step of ``batch`` sequences on ``backend``
-    (no CUDA graphs), measured on random 1- and 2-layer models of head dim 64; ``None`` for the torch
-    and reference backends on a CPU (no kernels). GPT-2 124M's step launches ``per_layer * 12 + fixed``.
+    (no CUDA graphs), measured on random 1- and 2-layer models of head dim 64 (``quantization="int8"``: with
+    int8 weights); ``None`` for the torch and reference backends on a CPU (no kernels). GPT-2 124M's step
+    launches ``per_layer * 12 + fixed``.
 
     Example:
         >>> decode_launches("torch", "cpu") is None
@@ -104,16 +106,18 @@ def decode_launches(backend: str, device: torch.device | str = "cpu", batch: int
     device = torch.device(device)
     if backend in ("torch", "reference") and device.type == "cpu":
         return None
-    counts = [_decode_step_launches(backend, device, batch, n_layer) for n_layer in (1, 2)]
+    counts = [_decode_step_launches(backend, device, batch, n_layer, quantization) for n_layer in (1, 2)]
     return counts[1] - counts[0], 2 * counts[0] - counts[1]
 
 
-def _decode_step_launches(backend: str, device: torch.device, batch: int, n_layer: int) -> int:
+def _decode_step_launches(backend: str, device: torch.device, batch: int, n_layer: int,
+                          quantization: str | None = None) -> int:
     from gpt2fast.engine import Engine
     from gpt2fast.sampling import SamplingParams
 
     model = f'random:{{"n_layer": {n_layer}, "n_embd": 128, "n_head": 2, "vocab_size": 97, "n_positions": 64}}'
-    engine = Engine(model, backend=backend, device=device, cuda_graphs=False, kv_cache_tokens=256)
+    engine = Engine(model, backend=backend, device=device, cuda_graphs=False, kv_cache_tokens=256,
+                    quantization=quantization)
     for i in range(batch):
         engine.add_request(str(i), [1 + i, 2, 3], SamplingParams(max_tokens=4, temperature=0))
     engine.step()  # the prefills (and the kernels' compiles)

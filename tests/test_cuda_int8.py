@@ -126,6 +126,20 @@ def test_int8_weights_the_kernels_cannot_read_raise_value_error():
         cuda.linear(x, Int8Weight(torch.zeros(24, 128, dtype=torch.int8)[:, ::2], w.scale), b)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.parametrize("k,n", [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1600, 6400), (6400, 1600)])
+def test_gpu_int8_linear_matches_reference(k, n, rows, dtype):
+    """The compiled GEMV (up to 16 rows) and tensor-core GEMM (64) on GPT-2 124M / 1.5B int8 projections."""
+    x, w, b, residual = (t.cuda() if isinstance(t, torch.Tensor) else t
+                         for t in _int8_inputs(rows, k, n, dtype, seed=rows + k + n))  # fmt: skip
+    w = Int8Weight(w.data.cuda(), w.scale.cuda())
+    y = cuda.linear(x, w, b, gelu=True, residual=residual)
+    _expected_close(y, x, w.dequantize(), b, residual, True)
+
+
 # ---- the whole model: LLM(..., backend="cuda", quantization="int8") -------------------------------------------
 
 # Head dim 64 (the CUDA attention kernels'), odd everything else

@@ -79,6 +79,13 @@ def test_torch_on_a_cpu_launches_nothing():
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
                                      pytest.param("cuda", marks=needs_emulator)])
+def test_int8_weights_launch_nothing_more(backend):
+    """W8A16 dequantizes inside the kernels that read the weights: no dequantize launch, the same 5 per layer + 3."""
+    assert decode_launches(backend, "cpu", quantization="int8") == (5, 3) == BACKEND_LAUNCHES[backend]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
+                                     pytest.param("cuda", marks=needs_emulator)])
 def test_a_decode_step_is_linear_in_depth(backend):
     per_layer, fixed = decode_launches(backend, "cpu")
     assert per_layer > 0 and fixed > 0

@@ -164,6 +164,27 @@ def test_int8_weights_the_kernels_cannot_read_raise_value_error():
                                                                      w.scale), torch.randn(4, 64))
 
 
+GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1600, 4800), (1600, 6400), (6400, 1600)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 64, 512])
+def test_int8_linear_and_lm_head_gpt2_shapes_gpu(rows, dtype):
+    """GPT-2 124M and 1.5B projections and the 50257-token LM head on a GPU, against the reference: the compiled
+    kernels (tensor-core tl.dot on widened int8 tiles), not the interpreter."""
+    for k, n in GPT2_LINEARS:
+        x, w, b, residual = _int8_inputs(rows, k, n, dtype, seed=k + n)
+        _assert_close(linear(x, w, b, gelu=True, residual=residual),
+                      reference.linear(x, w, b, gelu=True, residual=residual), dtype)  # fmt: skip
+    x, wte, temperature, seeds = _lm_head_inputs(min(rows, 64), 50257, 768, dtype, seed=rows)
+    x, w = x.cuda(), quantize_int8(wte.float().cuda())
+    torch.testing.assert_close(lm_head.lm_head(x, w), reference.lm_head(x, w), atol=2e-2, rtol=1e-2)
+    _check_choice(x.float().cpu(), w.dequantize().cpu(), torch.zeros(x.shape[0]), seeds,
+                  lm_head.lm_head_argmax(x, w).cpu())  # fmt: skip
+
+
 # ---- the whole model: LLM(..., backend="triton", quantization="int8") ----------------------------------------
 
 # Odd sizes: 5 heads of 12, an MLP of 100, a vocabulary of 777 (as tests/test_triton_model.py)
