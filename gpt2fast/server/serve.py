@@ -9,12 +9,16 @@ import re
 import signal
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from gpt2fast.errors import CheckpointError
 from gpt2fast.http_limits import ConnectionLimits, LimitedServer, add_arguments, check_port, uvicorn_config
 from gpt2fast.ops import BACKENDS
 from gpt2fast.quant import QUANTIZATIONS
-from gpt2fast.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
+from gpt2fast.server.app import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, make_app
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 API_KEY_ENV = "GPT2FAST_API_KEY"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]  # as the Host header names them (IPv6 in brackets)
@@ -56,20 +60,18 @@ def as_flags(message: str) -> str:
     return re.sub(r"\b(" + "|".join(ENGINE_FLAGS) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """``gpt2fast serve`` arguments.
+def add_app_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine's and the app's options, shared by ``gpt2fast serve`` and the Ray Serve application
+    (``gpt2fast.ray_serve``); ``app_from_args`` builds the app from them.
 
     Example:
-        >>> args = build_parser().parse_args(["--model", "random:gpt2", "--max-num-seqs", "8"])
-        >>> args.host, args.port, args.max_num_seqs, args.max_queue
-        ('127.0.0.1', 8000, 8, 256)
+        >>> p = argparse.ArgumentParser()
+        >>> add_app_arguments(p)
+        >>> p.parse_args(["--model", "m", "--quantization", "int8"]).quantization
+        'int8'
     """
-    p = argparse.ArgumentParser(prog="gpt2fast serve", description="OpenAI-compatible completions server on the "
-                                "gpt2fast engine (POST /v1/completions, GET /v1/models, /health, /metrics).")
     p.add_argument("--model", required=True, help="random:<preset>, a Hugging Face or OpenAI folder, or a Hub id")
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}, else no key)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
@@ -82,10 +84,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quantization", default="none", choices=["none", *QUANTIZATIONS],
-                   help="int8: weight-only int8, quantized as it loads (cpu, torch backends)")
+                   help="int8: weight-only int8, quantized as it loads (every backend)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 on a CPU shared with other busy processes)")
+
+
+def app_from_args(args: argparse.Namespace, *, allowed_hosts: list[str] | None = None,
+                  body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
+    """The engine and the OpenAI app that ``add_app_arguments``' options describe (``--cpu-threads`` applied first).
+    Bad options raise ``ValueError`` (``CheckpointError`` for a model that cannot load), named as the flags.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_app_arguments(p)
+        >>> app_from_args(p.parse_args(["--model", 'random:{"n_layer": 1, "n_embd": 8, "n_head": 2}'])).title
+        'gpt2fast'
+    """
+    import torch
+
+    from gpt2fast.engine import Engine
+
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        engine = Engine(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs,
+                        quantization=args.quantization)
+        return make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
+                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, allowed_hosts=allowed_hosts,
+                        body_timeout=body_timeout)
+    except ValueError as e:
+        raise ValueError(as_flags(str(e))) from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``gpt2fast serve`` arguments.
+
+    Example:
+        >>> args = build_parser().parse_args(["--model", "random:gpt2", "--max-num-seqs", "8"])
+        >>> args.host, args.port, args.max_num_seqs, args.max_queue
+        ('127.0.0.1', 8000, 8, 256)
+    """
+    p = argparse.ArgumentParser(prog="gpt2fast serve", description="OpenAI-compatible completions server on the "
+                                "gpt2fast engine (POST /v1/completions, GET /v1/models, /health, /metrics).")
+    add_app_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds SIGTERM/SIGINT waits for open connections before cancelling them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -132,28 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"gpt2fast serve: error: {e}", file=sys.stderr)
         return 2
-    import torch
-
-    from gpt2fast.engine import Engine
-
-    if args.cpu_threads is not None:
-        if args.cpu_threads < 1:
-            print(f"gpt2fast serve: error: --cpu-threads must be >= 1, got {args.cpu_threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.cpu_threads)
-
     try:
-        engine = Engine(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs,
-                        quantization=args.quantization)
-        app = make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
-                       max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                       allowed_hosts=loopback_host_names(args.host), body_timeout=limits.body_timeout)
+        app = app_from_args(args, allowed_hosts=loopback_host_names(args.host), body_timeout=limits.body_timeout)
     except (ValueError, CheckpointError) as e:
         print(f"gpt2fast serve: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
-    if engine.is_random:
+    if app.state.frontend.loop.engine.is_random:
         print(f"gpt2fast serve: warning: {args.model} has random weights: completions are gibberish.", file=sys.stderr)
     if loopback_host_names(args.host) is None and not args.api_key:
         print(f"gpt2fast serve: warning: listening on {args.host} without --api-key: anyone who reaches it can use it",
