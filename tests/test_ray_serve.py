@@ -24,7 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpt2fast import LLM, SamplingParams
 from gpt2fast.engine import Engine
-from gpt2fast.ray_serve import DEPLOYMENT_NAME, REPLICA_HEADER, build_app, deployment_options, parse_options
+from gpt2fast.ray_serve import (
+    DEPLOYMENT_NAME,
+    REPLICA_HEADER,
+    OpenAIReplica,
+    build_app,
+    deployment_options,
+    parse_options,
+    replica_app,
+)
 from gpt2fast.server import make_app
 from tests.serverproc import TINY_MODEL, free_port
 
@@ -279,3 +287,19 @@ def test_options_take_servers_flags_as_key_values_and_name_bad_ones():
                          ({}, "the following arguments are required: --model")]:
         with pytest.raises(ValueError, match=message):
             parse_options(bad)
+
+
+def test_health_check_fails_once_the_engine_thread_has_died(monkeypatch):
+    """The replica's health check (what Serve calls, here without Ray): fine while the engine thread runs; once an
+    unexpected exception outside a step (here the idle pool check) ends the thread, the check raises, naming it."""
+    replica = OpenAIReplica()
+    replica.app = replica_app(parse_options({"model": TINY_MODEL, "cpu_threads": 1}))
+    engine = replica.app.state.frontend.loop.engine
+    with TestClient(replica.app) as http:
+        replica.check_health()
+        assert http.get("/health").headers[REPLICA_HEADER].startswith("pid-")  # outside Serve: the process id
+        monkeypatch.setattr(engine.scheduler, "check", lambda: (_ for _ in ()).throw(MemoryError("the device is gone")))
+        http.post("/v1/completions", json={"model": TINY_MODEL, "prompt": "a", "max_tokens": 3})
+        wait_until(lambda: not replica.app.state.frontend.loop.alive, 10, "the engine thread to end")
+        with pytest.raises(RuntimeError, match="the engine thread has ended.*the device is gone"):
+            replica.check_health()
