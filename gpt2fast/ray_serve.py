@@ -16,9 +16,11 @@ has GPUs, else none; one CPU);
 Each replica is a Ray actor process holding one ``Engine`` and the very app ``gpt2fast serve`` runs
 (``server.serve.app_from_args``): the same request parsing and validation, the same OpenAI errors, SSE and
 ``/metrics``; Ray Serve's proxy owns the HTTP port and routes each request to a lightly loaded replica (power of two
-choices over their ongoing requests), streaming included. A replica admits ``max_num_seqs + max_queue`` sequences
-(its own 503 + Retry-After beyond that) and tells Serve the same number as ``max_ongoing_requests``, so Serve does not
-queue in front of continuous batching at Serve's small default. A client that hangs up is cancelled through the proxy
+choices over their ongoing requests), streaming included. Each replica takes ``max_ongoing_requests`` requests at a
+time (default ``max_num_seqs``: a full batch); Serve holds the rest in its own queue and hands each to the first
+replica with room, rather than each replica queueing its share behind its own batch while another idles (a replica's
+own admission, ``max_num_seqs + max_queue`` sequences then 503 + Retry-After, still bounds requests with large ``n``).
+A client that hangs up is cancelled through the proxy
 and the replica aborts its request and frees its blocks, as the plain server does. ``check_health`` fails once the
 replica's engine thread has ended (it died, or ``stop_engine`` stopped it): Serve then replaces the replica. Every
 response names its replica in ``x-gpt2fast-replica``.
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoscaling: requests per replica Serve aims for")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 where Ray has GPUs)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests a replica takes at a time; Serve queues the rest (default: max_num_seqs)")
     p.add_argument("--health-check-period-s", type=float, default=10.0, help="seconds between replica health checks")
     return p
 
@@ -104,7 +108,7 @@ def parse_options(options: dict[str, Any]) -> argparse.Namespace:
     if autoscaling and args.num_replicas is not None:
         raise ValueError(f"gpt2fast.ray_serve: num_replicas is fixed; {', '.join(autoscaling)} are for autoscaling: "
                          "give one or the other")
-    for key in ("num_replicas", "min_replicas", "max_replicas"):
+    for key in ("num_replicas", "min_replicas", "max_replicas", "max_ongoing_requests"):
         value = getattr(args, key)
         if value is not None and value < (0 if key == "min_replicas" else 1):
             raise ValueError(f"gpt2fast.ray_serve: {key} must be at least {0 if key == 'min_replicas' else 1}, "
@@ -113,16 +117,16 @@ def parse_options(options: dict[str, Any]) -> argparse.Namespace:
 
 
 def deployment_options(args: argparse.Namespace, gpus_available: bool) -> dict[str, Any]:
-    """``serve.deployment`` options for ``args``: replicas or autoscaling, resources, the concurrency each replica
-    admits (``max_num_seqs + max_queue``) and the health-check period.
+    """``serve.deployment`` options for ``args``: replicas or autoscaling, resources, the requests each replica takes
+    at a time (``max_ongoing_requests``, default ``max_num_seqs``) and the health-check period.
 
     Example:
         >>> opts = deployment_options(parse_options({"model": "m", "num_replicas": 2, "max_num_seqs": 4}), False)
         >>> opts["num_replicas"], opts["ray_actor_options"], opts["max_ongoing_requests"]
-        (2, {'num_cpus': 1.0, 'num_gpus': 0.0}, 260)
+        (2, {'num_cpus': 1.0, 'num_gpus': 0.0}, 4)
     """
-    options: dict[str, Any] = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": args.max_num_seqs + args.max_queue,
-                               "health_check_period_s": args.health_check_period_s}
+    options: dict[str, Any] = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": args.max_ongoing_requests or
+                               args.max_num_seqs, "health_check_period_s": args.health_check_period_s}
     if any(getattr(args, k) is not None for k in AUTOSCALING_KEYS):
         options["autoscaling_config"] = {k: getattr(args, k) for k in AUTOSCALING_KEYS if getattr(args, k) is not None}
     else:

@@ -194,9 +194,10 @@ async def _streams(endpoint: str, count: int, hang_up_after: int | None = None, 
 
 @pytest.mark.ray
 def test_two_replicas_share_32_concurrent_streams(endpoint, llm):
+    """Each replica takes a batch of 16 (max_ongoing_requests = max_num_seqs): 32 streams at once fill both."""
     results = asyncio.run(_streams(endpoint, 32))
     per_replica = Counter(replica for replica, _, _ in results)
-    assert len(per_replica) == 2 and min(per_replica.values()) >= 4, per_replica
+    assert len(per_replica) == 2 and min(per_replica.values()) >= 8, per_replica
     for i, (_, text, finished) in enumerate(results):
         params = SamplingParams(max_tokens=24, temperature=1.0, seed=i)
         assert finished and text == llm.generate(f"Stream number {i}", params)[0].outputs[0].text
@@ -204,12 +205,13 @@ def test_two_replicas_share_32_concurrent_streams(endpoint, llm):
 
 @pytest.mark.ray
 def test_hang_ups_mid_stream_leave_every_replica_with_no_blocks_used(endpoint):
-    """16 streams of up to 900 tokens, each hung up after two chunks: every replica aborts its requests (counted by
-    finish reason) and its KV pool ends with no block used and no sequence admitted."""
+    """24 streams of up to 900 tokens (more than one replica takes at a time), each hung up after two chunks: every
+    replica aborts its requests (counted by finish reason) and its KV pool ends with no block used and no sequence
+    admitted."""
     aborted = lambda: sum(m.get("gpt2fast_finished_sequences_total{reason=abort}", 0)  # noqa: E731
                           for m in replica_metrics(endpoint, 2).values())
     before = aborted()
-    results = asyncio.run(_streams(endpoint, 16, hang_up_after=2, max_tokens=900))
+    results = asyncio.run(_streams(endpoint, 24, hang_up_after=2, max_tokens=900))
     assert not any(finished for _, _, finished in results)
     assert len({replica for replica, _, _ in results}) == 2
 
@@ -218,7 +220,7 @@ def test_hang_ups_mid_stream_leave_every_replica_with_no_blocks_used(endpoint):
                    for m in replica_metrics(endpoint, 2).values())  # fmt: skip
 
     wait_until(pools_empty, 30, "every replica's KV pool to free the hung-up streams' blocks")
-    assert aborted() - before == 16
+    assert aborted() - before == 24
 
 
 @pytest.mark.ray
@@ -241,16 +243,16 @@ def test_a_replica_whose_engine_stopped_is_replaced(endpoint):
 
 @pytest.mark.ray
 def test_a_killed_replica_process_fails_its_requests_clearly_and_is_replaced(endpoint):
-    """SIGKILL one replica's process while 16 streams run: every request ends, finished or with a clear error (an
-    HTTP error status, or a stream the proxy breaks off: an incomplete chunked body), none hangs and none is cut short
-    silently; the endpoint keeps answering; Serve brings up a replacement."""
+    """SIGKILL one replica's process while 24 streams run (both replicas busy): every request ends, finished or with
+    a clear error (an HTTP error status, or a stream the proxy breaks off: an incomplete chunked body), none hangs and
+    none is cut short silently; the endpoint keeps answering; Serve brings up a replacement."""
     replicas = replica_pids()
     assert len(replicas) == 2, replicas
     before = set(replica_metrics(endpoint, 2))
 
     async def run() -> list:
         async with httpx.AsyncClient(base_url=endpoint, timeout=60) as http:
-            tasks = [asyncio.create_task(_stream(http, f"Killed {i}", i)) for i in range(16)]
+            tasks = [asyncio.create_task(_stream(http, f"Killed {i}", i, max_tokens=200)) for i in range(24)]
             await asyncio.sleep(0.5)
             os.kill(replicas[0], signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)  # none may hang
@@ -260,7 +262,7 @@ def test_a_killed_replica_process_fails_its_requests_clearly_and_is_replaced(end
     for error in failed:  # an error status (the assertion in _stream), or a stream the proxy broke off
         assert isinstance(error, (AssertionError, httpx.HTTPError)), repr(error)
     assert all(r[2] for r in results if not isinstance(r, BaseException)), "a stream ended early with no error"
-    assert len(failed) < 16
+    assert len(failed) < 24
     r = httpx.post(endpoint + "/v1/completions", json={"model": TINY_MODEL, "prompt": "a", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200
     wait_until(lambda: healthy_replicas() == 2 and set(replica_metrics(endpoint, 2)) != before, 90,
@@ -277,11 +279,14 @@ def test_options_take_servers_flags_as_key_values_and_name_bad_ones():
     opts = deployment_options(args, gpus_available=True)
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3.0}
     assert "num_replicas" not in opts and opts["ray_actor_options"]["num_gpus"] == 1.0
-    assert opts["max_ongoing_requests"] == 8 + 256  # the replica's own admission limit: Serve does not queue first
+    assert opts["max_ongoing_requests"] == 8  # a full batch per replica; Serve queues the rest
+    five = deployment_options(parse_options({"model": "m", "max_ongoing_requests": 5}), gpus_available=False)
+    assert five["max_ongoing_requests"] == 5
     for bad, message in [({"model": "m", "max_num_seqs": "many"}, "--max-num-seqs: invalid int value: 'many'"),
                          ({"model": "m", "backend": "gpu"}, "--backend: invalid choice: 'gpu'"),
                          ({"model": "m", "replicas": 2}, "unknown option replicas"),
                          ({"model": "m", "num_replicas": 0}, "num_replicas must be at least 1"),
+                         ({"model": "m", "max_ongoing_requests": 0}, "max_ongoing_requests must be at least 1"),
                          ({"model": "m", "num_replicas": 2, "max_replicas": 3}, "num_replicas is fixed"),
                          ({"model": "m", "cuda_graphs": "maybe"}, "cuda_graphs must be true or false"),
                          ({}, "the following arguments are required: --model")]:
