@@ -1,32 +1,23 @@
 """The OpenAI-compatible server as a Ray Serve application: ``gpt2fast serve``'s app in every replica, one endpoint.
 
-Ray Serve's own CLI runs it (``pip install -e ".[ray]"``)::
+    serve run gpt2fast.ray_serve:app model=random:gpt2 num_replicas=2 max_num_seqs=16   # pip install -e ".[ray]"
 
-    serve run gpt2fast.ray_serve:app model=random:gpt2 num_replicas=2 max_num_seqs=16
-
-and so does Python: ``serve.run(build_app({"model": "random:gpt2", "num_replicas": 2}))``. The options are
-``gpt2fast serve``'s engine and app flags written ``key=value`` (``model``, ``served_model_name``, ``api_key``,
-``backend``, ``dtype``, ``device``, ``quantization``, ``max_num_seqs``, ``max_queue``, ``max_num_batched_tokens``,
-``kv_cache_tokens``, ``max_body_bytes``, ``cuda_graphs``, ``cpu_threads``) plus the deployment's: ``num_replicas``
-(default 1), or autoscaling on queue depth with ``min_replicas`` / ``max_replicas`` / ``target_ongoing_requests``;
-``num_gpus`` and ``num_cpus`` per replica (default: one GPU where the cluster, or before Ray starts this machine,
-has GPUs, else none; one CPU);
+or from Python ``serve.run(build_app({"model": "random:gpt2", "num_replicas": 2}))``. Options: ``gpt2fast serve``'s
+engine and app flags as ``key=value`` (``model``, ``backend``, ``dtype``, ``quantization``, ``max_num_seqs``,
+``kv_cache_tokens``, ``api_key``, ...: ``server.serve.add_app_arguments``) and the deployment's (``build_parser``):
+``num_replicas``, or autoscaling with ``min_replicas`` / ``max_replicas`` / ``target_ongoing_requests``;
+``num_gpus`` / ``num_cpus`` per replica (default: a GPU where the cluster has GPUs); ``max_ongoing_requests``;
 ``health_check_period_s``. A bad or unknown option is a ``ValueError`` naming it.
 
 Each replica is a Ray actor process holding one ``Engine`` and the very app ``gpt2fast serve`` runs
-(``server.serve.app_from_args``): the same request parsing and validation, the same OpenAI errors, SSE and
-``/metrics``; Ray Serve's proxy owns the HTTP port and routes each request to a lightly loaded replica (power of two
-choices over their ongoing requests), streaming included. Each replica takes ``max_ongoing_requests`` requests at a
-time (default ``max_num_seqs``: a full batch); Serve holds the rest in its own queue and hands each to the first
-replica with room, rather than each replica queueing its share behind its own batch while another idles (a replica's
-own admission, ``max_num_seqs + max_queue`` sequences then 503 + Retry-After, still bounds requests with large ``n``).
-A client that hangs up is cancelled through the proxy
-and the replica aborts its request and frees its blocks, as the plain server does. ``check_health`` fails once the
-replica's engine thread has ended (it died, or ``stop_engine`` stopped it): Serve then replaces the replica. Every
-response names its replica in ``x-gpt2fast-replica``.
-
-Not done here: one request never spans replicas (no tensor or pipeline parallelism), replicas share no KV cache or
-prefix cache, and ``/metrics`` is the answering replica's alone (scrape each replica, or Ray's own metrics).
+(``app_from_args``): the same parsing, validation, OpenAI errors, SSE and ``/metrics``. Serve's proxy owns the port
+and routes each request, streams included, to a lightly loaded replica. A replica takes ``max_ongoing_requests`` at a
+time (default ``max_num_seqs``, a full batch); Serve queues the rest and hands each to the first replica with room,
+instead of replicas queueing behind their own batches while another idles (a replica's own admission still bounds
+requests with a large ``n``). A client that hangs up is cancelled through the proxy: the replica aborts the request
+and frees its blocks. ``check_health`` fails once the engine thread has ended, and Serve replaces the replica. Every
+response names its replica in ``x-gpt2fast-replica``. Not done: a request never spans replicas (no tensor or pipeline
+parallelism), replicas share no KV or prefix cache, and ``/metrics`` is the answering replica's alone.
 """
 
 from __future__ import annotations

@@ -142,18 +142,20 @@ def test_gpu_int8_linear_matches_reference(k, n, rows, dtype):
 
 # ---- the whole model: LLM(..., backend="cuda", quantization="int8") -------------------------------------------
 
-# Head dim 64 (the CUDA attention kernels'), odd everything else
-TINY = 'random:{"n_layer": 2, "n_embd": 128, "n_head": 2, "n_inner": 200, "vocab_size": 555, "n_positions": 96}'
+# A random Hugging Face GPT2LMHeadModel (save_pretrained): head dim 64 (the CUDA attention kernels'), odd everything
+# else
+HF_ODD = dict(n_layer=2, n_embd=128, n_head=2, n_inner=200, vocab_size=555, n_positions=96)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_model_logits_and_tokens_equal_the_int8_reference(dtype):
+def test_int8_model_logits_and_tokens_equal_the_int8_reference(dtype, hf_folder):
     """Prefill (the GEMM, 37 and 61 tokens) and decode (the GEMV, the LM head's fused choice) read int8 weights:
     logits within 1e-4 of the int8 reference in fp32 (bf16: 1.5e-1, every activation rounded in both), greedy tokens
     equal in fp32."""
-    common = dict(device="cpu", seed=3, kv_cache_tokens=256, dtype=dtype, quantization="int8")
-    fast = LLM(TINY, backend="cuda", **common)
-    reference_llm = LLM(TINY, backend="reference", **common)
+    folder = str(hf_folder(HF_ODD)[1])
+    common = dict(device="cpu", kv_cache_tokens=256, dtype=dtype, quantization="int8")
+    fast = LLM(folder, backend="cuda", **common)
+    reference_llm = LLM(folder, backend="reference", **common)
     assert fast.engine.model.quantization == "int8" and fast.backend == "cuda"
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 555, (61,), generator=gen).tolist()

@@ -187,17 +187,19 @@ def test_int8_linear_and_lm_head_gpt2_shapes_gpu(rows, dtype):
 
 # ---- the whole model: LLM(..., backend="triton", quantization="int8") ----------------------------------------
 
-# Odd sizes: 5 heads of 12, an MLP of 100, a vocabulary of 777 (as tests/test_triton_model.py)
-TINY = 'random:{"n_layer": 2, "n_embd": 60, "n_head": 5, "n_inner": 100, "vocab_size": 777, "n_positions": 96}'
+# A random Hugging Face GPT2LMHeadModel (save_pretrained) of odd sizes: 5 heads of 12, an MLP of 100, a vocabulary
+# of 777 (as tests/test_triton_model.py's)
+HF_ODD = dict(n_layer=2, n_embd=60, n_head=5, n_inner=100, vocab_size=777, n_positions=96)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_model_logits_and_tokens_equal_the_int8_reference(dtype):
+def test_int8_model_logits_and_tokens_equal_the_int8_reference(dtype, hf_folder):
     """A 70-token prefill (the tl.dot tiles) and a 40-token one (the split-K GEMV) give the int8 reference's logits
     (fp32: within 1e-4; bf16: 1.5e-1, every activation rounded in both); generation -- prefill, then decode steps
     through the fused LM head -- gives its greedy tokens and, in fp32, its logprobs within 1e-4 at every step."""
-    common = dict(device="cpu", seed=4, kv_cache_tokens=256, dtype=dtype, quantization="int8")
-    fast, reference_llm = LLM(TINY, backend="triton", **common), LLM(TINY, backend="reference", **common)
+    folder = str(hf_folder(HF_ODD)[1])
+    common = dict(device="cpu", kv_cache_tokens=256, dtype=dtype, quantization="int8")
+    fast, reference_llm = LLM(folder, backend="triton", **common), LLM(folder, backend="reference", **common)
     assert fast.engine.model.quantization == "int8" and fast.backend == "triton"
     gen = torch.Generator().manual_seed(5)
     tol = 1e-4 if dtype == "float32" else 1.5e-1
