@@ -310,8 +310,11 @@ def uvicorn_config(app: Any, limits: ConnectionLimits, **kwargs: Any) -> uvicorn
     fd_limit = raise_fd_limit()
     cap = connection_cap(limits.max_connections, fd_limit)
     protocol = functools.partial(LimitedH11Protocol, guard=_Guard(limits, cap))
-    # ws="none": no route speaks WebSocket, and an upgraded connection would leave the cap's count
-    config = uvicorn.Config(app, http=protocol, ws="none",  # type: ignore[arg-type]
+    # ws="none": no route speaks WebSocket, and an upgraded connection would leave the cap's count. loop="asyncio":
+    # LimitedServer learns of failed accept()s from asyncio's loop exception handler; uvloop (which uvicorn's "auto"
+    # picks once installed: ray[serve] and uvicorn[standard] bring it) reports none, so descriptor exhaustion would pass
+    # unlogged
+    config = uvicorn.Config(app, http=protocol, ws="none", loop="asyncio",  # type: ignore[arg-type]
                             timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES, **kwargs)
     if cap < limits.max_connections:  # after Config: it sets up uvicorn's logging
