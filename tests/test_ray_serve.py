@@ -2,8 +2,9 @@
 and stops: two replicas of the tiny model behind Serve's proxy, driven by the official ``openai`` client and raw
 HTTP; answers checked against offline ``LLM.generate`` and errors against ``gpt2fast serve``'s own app.
 
-Marked ``ray`` (``pytest -m "not ray"`` skips them). Without Ray installed they skip, unless ``GPT2FAST_REQUIRE_RAY``
-is set (CI sets it): then they fail. The option parsing at the end needs no Ray.
+Marked ``ray`` (``pytest -m "not gpu and not ray"`` leaves them out). Without Ray installed they skip, unless
+``GPT2FAST_REQUIRE_RAY`` is set (CI sets it): then they fail. The option parsing and health check at the end need no
+Ray.
 """
 
 from __future__ import annotations
