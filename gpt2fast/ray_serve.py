@@ -38,7 +38,7 @@ DEPLOYMENT_NAME = "OpenAIServer"
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "target_ongoing_requests")
 
 
-class _OptionError(argparse.ArgumentParser):
+class _RaisingParser(argparse.ArgumentParser):
     """A parser that raises ``ValueError`` instead of printing usage and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["--model", "m", "--num-replicas", "2"]).num_replicas
         2
     """
-    p = _OptionError(prog="gpt2fast.ray_serve", add_help=False)
+    p = _RaisingParser(prog="gpt2fast.ray_serve", add_help=False)
     add_app_arguments(p)
     p.add_argument("--num-replicas", type=int, default=None, help="replicas (default 1; not with autoscaling)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas")
