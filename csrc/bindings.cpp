@@ -52,6 +52,33 @@ T* ptr(std::uintptr_t address) {
 
 cudaStream_t stream_of(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
+// The LM head's token choice, fused into the decode GEMV (lm_head_choice) or into the GEMM's
+// epilogue (gemm_choice): the same operands, so one binding shape for both.
+using ChooseFn = cudaError_t (*)(const void*, const void*, const float*, const float*,
+                                 const int64_t*, float*, int*, int*, int64_t*, int64_t, int64_t,
+                                 int64_t, int64_t, DType, cudaStream_t);
+
+template <ChooseFn kChoose>
+void def_choice(py::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [name](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature,
+             std::uintptr_t seeds, std::uintptr_t part_score, std::uintptr_t part_token,
+             std::uintptr_t counters, std::uintptr_t out, int64_t rows, int64_t vocab,
+             int64_t width, int64_t x_stride, int dtype, std::uintptr_t stream,
+             std::uintptr_t w_scale) {
+        check(kChoose(ptr(x), ptr(wte), ptr<const float>(w_scale), ptr<const float>(temperature),
+                      ptr<const int64_t>(seeds), ptr<float>(part_score), ptr<int>(part_token),
+                      ptr<int>(counters), ptr<int64_t>(out), rows, vocab, width, x_stride,
+                      dtype_of(dtype), stream_of(stream)),
+              name);
+      },
+      py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
+      py::arg("part_score"), py::arg("part_token"), py::arg("counters"), py::arg("out"),
+      py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
+      py::arg("stream"), py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(), doc);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
@@ -164,23 +191,8 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
 
   m.def("lm_head_blocks", &gpt2fast::lm_head_blocks, py::arg("vocab"),
         "blocks of the decode LM head (candidates per row in its workspaces)");
-  m.def(
-      "lm_head_choice",
-      [](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature, std::uintptr_t seeds,
-         std::uintptr_t part_score, std::uintptr_t part_token, std::uintptr_t counter,
-         std::uintptr_t out, int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
-         int dtype, std::uintptr_t stream, std::uintptr_t w_scale) {
-        check(gpt2fast::lm_head_choice(ptr(x), ptr(wte), ptr<const float>(w_scale),
-                                       ptr<const float>(temperature), ptr<const int64_t>(seeds),
-                                       ptr<float>(part_score), ptr<int>(part_token),
-                                       ptr<int>(counter), ptr<int64_t>(out), rows, vocab, width,
-                                       x_stride, dtype_of(dtype), stream_of(stream)),
-              "lm_head_choice");
-      },
-      py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
-      py::arg("part_score"), py::arg("part_token"), py::arg("counter"), py::arg("out"),
-      py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
-      py::arg("stream"), py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
+  def_choice<gpt2fast::lm_head_choice>(
+      m, "lm_head_choice",
       "out[t] = the LM head's token for row t (argmax, or Gumbel-max at temperature[t]), rows <= "
       "LINEAR_MAX_ROWS, the logits never written; w_scale: wte is int8, row n scaled by "
       "w_scale[n]");
@@ -229,23 +241,8 @@ PYBIND11_MODULE(GPT2FAST_MODULE_NAME, m) {
       },
       py::arg("rows"), py::arg("n_out"), py::arg("dtype"),
       "(column tiles, row tiles) of the GEMM's grid: gemm_choice's workspace and counter sizes");
-  m.def(
-      "gemm_choice",
-      [](std::uintptr_t x, std::uintptr_t wte, std::uintptr_t temperature, std::uintptr_t seeds,
-         std::uintptr_t part_score, std::uintptr_t part_token, std::uintptr_t counters,
-         std::uintptr_t out, int64_t rows, int64_t vocab, int64_t width, int64_t x_stride,
-         int dtype, std::uintptr_t stream, std::uintptr_t w_scale) {
-        check(gpt2fast::gemm_choice(ptr(x), ptr(wte), ptr<const float>(w_scale),
-                                    ptr<const float>(temperature), ptr<const int64_t>(seeds),
-                                    ptr<float>(part_score), ptr<int>(part_token),
-                                    ptr<int>(counters), ptr<int64_t>(out), rows, vocab, width,
-                                    x_stride, dtype_of(dtype), stream_of(stream)),
-              "gemm_choice");
-      },
-      py::arg("x"), py::arg("wte"), py::arg("temperature"), py::arg("seeds"),
-      py::arg("part_score"), py::arg("part_token"), py::arg("counters"), py::arg("out"),
-      py::arg("rows"), py::arg("vocab"), py::arg("width"), py::arg("x_stride"), py::arg("dtype"),
-      py::arg("stream"), py::arg("w_scale") = 0, py::call_guard<py::gil_scoped_release>(),
+  def_choice<gpt2fast::gemm_choice>(
+      m, "gemm_choice",
       "the LM head GEMM with argmax / Gumbel-max as its epilogue, any rows; the logits are never "
       "stored");
   m.def("set_gemm_tile", &gpt2fast::set_gemm_tile, py::arg("tile"),

@@ -849,26 +849,20 @@ def _lm_head_choice(x, wte, temperature, seeds) -> torch.Tensor:
         return out
     module = module_for(x.device)
     values, scales = _weight_pointers(wte)
+    dtype = _dtype_code(module, x.dtype)
     if rows > LINEAR_MAX_ROWS:  # the GEMM with the choice as its epilogue: one launch, no logits
-        col_tiles, row_tiles = module.gemm_grid(rows, vocab, _dtype_code(module, x.dtype))
-        part_score = _empty((col_tiles, rows), torch.float32, x.device)  # (tiles, T) each tile's best per row
-        part_token = _empty((col_tiles, rows), torch.int32, x.device)  # (tiles, T) and its token
-        with _on(x.device):
-            module.gemm_choice(x.data_ptr(), values, 0 if temperature is None else temperature.data_ptr(),
-                               0 if seeds is None else seeds.data_ptr(), part_score.data_ptr(), part_token.data_ptr(),
-                               ticket_counters(x.device, row_tiles).data_ptr(), out.data_ptr(), rows, vocab, width,
-                               _row_stride(x), _dtype_code(module, x.dtype), _stream(x.device),
-                               w_scale=scales)  # fmt: skip
-        return out
-    blocks = module.lm_head_blocks(vocab)
-    part_score = _empty((blocks, rows), torch.float32, x.device)  # (blocks, T) each block's best score per row
-    part_token = _empty((blocks, rows), torch.int32, x.device)  # (blocks, T) and its token
+        tiles, row_tiles = module.gemm_grid(rows, vocab, dtype)  # a candidate per row per column tile
+        choose, counters = module.gemm_choice, ticket_counters(x.device, row_tiles)
+    else:  # the decode GEMV's fused choice: a candidate per row per block
+        tiles = module.lm_head_blocks(vocab)
+        choose, counters = module.lm_head_choice, ticket_counters(x.device, 1)
+    part_score = _empty((tiles, rows), torch.float32, x.device)  # (tiles, T) each tile's best score per row
+    part_token = _empty((tiles, rows), torch.int32, x.device)  # (tiles, T) and its token
     with _on(x.device):
-        module.lm_head_choice(x.data_ptr(), values, 0 if temperature is None else temperature.data_ptr(),
-                              0 if seeds is None else seeds.data_ptr(),
-                              part_score.data_ptr(), part_token.data_ptr(), ticket_counters(x.device, 1).data_ptr(),
-                              out.data_ptr(), rows, vocab, width, _row_stride(x), _dtype_code(module, x.dtype),
-                              _stream(x.device), w_scale=scales)  # fmt: skip
+        choose(x.data_ptr(), values, 0 if temperature is None else temperature.data_ptr(),
+               0 if seeds is None else seeds.data_ptr(), part_score.data_ptr(), part_token.data_ptr(),
+               counters.data_ptr(), out.data_ptr(), rows, vocab, width, _row_stride(x), dtype, _stream(x.device),
+               w_scale=scales)  # fmt: skip
     return out
 
 

@@ -93,7 +93,8 @@ def add_app_arguments(p: argparse.ArgumentParser) -> None:
 def app_from_args(args: argparse.Namespace, *, allowed_hosts: list[str] | None = None,
                   body_timeout: float = DEFAULT_BODY_TIMEOUT) -> FastAPI:
     """The engine and the OpenAI app that ``add_app_arguments``' options describe (``--cpu-threads`` applied first).
-    Bad options raise ``ValueError`` (``CheckpointError`` for a model that cannot load), named as the flags.
+    Bad options raise ``ValueError`` (``CheckpointError`` for a model that cannot load) naming the engine's fields
+    (``kv_cache_tokens``: the Ray Serve application's option names; ``main`` writes them as flags).
 
     Example:
         >>> p = argparse.ArgumentParser()
@@ -109,16 +110,12 @@ def app_from_args(args: argparse.Namespace, *, allowed_hosts: list[str] | None =
         if args.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
         torch.set_num_threads(args.cpu_threads)
-    try:
-        engine = Engine(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs,
-                        quantization=args.quantization)
-        return make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
-                        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, allowed_hosts=allowed_hosts,
-                        body_timeout=body_timeout)
-    except ValueError as e:
-        raise ValueError(as_flags(str(e))) from e
+    engine = Engine(args.model, backend=args.backend, dtype=args.dtype, device=args.device,
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    kv_cache_tokens=args.kv_cache_tokens, cuda_graphs=args.cuda_graphs, quantization=args.quantization)
+    return make_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
+                    max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, allowed_hosts=allowed_hosts,
+                    body_timeout=body_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -204,9 +204,10 @@ def _check(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> tuple[str, torch.
     return element_type(x.dtype, FLOAT_TYPES, "lm_head: x"), w, scale, w_int8
 
 
-def _launch(x, wte, mode, out=None, vals=None, ids=None, token_ids=None, temperature=None, seeds=None):
-    """Run ``_lm_head_kernel`` once (MODE 1, 2: partials and their merge, ``token_ids`` written)."""
-    etype, w, scale, w_int8 = _check(x, wte)
+def _launch(x, operands, mode, out=None, vals=None, ids=None, token_ids=None, temperature=None, seeds=None):
+    """Run ``_lm_head_kernel`` once on ``_check``'s ``operands`` (MODE 1, 2: partials and their merge, ``token_ids``
+    written)."""
+    etype, w, scale, w_int8 = operands
     n, c = x.shape
     v = w.shape[0]
     block_m, block_v, block_k, warps = _tiles(etype, n)
@@ -241,20 +242,20 @@ def lm_head(x: torch.Tensor, wte: torch.Tensor | Int8Weight) -> torch.Tensor:
         ...     x, wte = torch.randn(2, 8, device=default_device()), torch.randn(37, 8, device=default_device())
         ...     assert torch.allclose(lm_head(x, wte), reference.lm_head(x, wte), atol=1e-5)
     """
-    _check(x, wte)
+    operands = _check(x, wte)
     out = torch.empty((x.shape[0], wte.shape[0]), dtype=torch.float32, device=x.device)  # (N, V)
-    _launch(x, wte, MODE_LOGITS, out=out)
+    _launch(x, operands, MODE_LOGITS, out=out)
     return out
 
 
 def _choose(x, wte, mode, temperature=None, seeds=None) -> torch.Tensor:
-    etype = _check(x, wte)[0]
+    operands = _check(x, wte)
     n, v = x.shape[0], wte.shape[0]
-    num_v_tiles = triton.cdiv(v, _tiles(etype, n)[1])
+    num_v_tiles = triton.cdiv(v, _tiles(operands[0], n)[1])
     vals = torch.empty((n, num_v_tiles), dtype=torch.float32, device=x.device)  # (N, tiles) partial maxima
     ids = torch.empty((n, num_v_tiles), dtype=torch.int32, device=x.device)  # (N, tiles) their lowest ids
     token_ids = torch.empty((n,), dtype=torch.int64, device=x.device)  # (N,)
-    _launch(x, wte, mode, vals=vals, ids=ids, token_ids=token_ids, temperature=temperature, seeds=seeds)
+    _launch(x, operands, mode, vals=vals, ids=ids, token_ids=token_ids, temperature=temperature, seeds=seeds)
     return token_ids
 
 
